@@ -242,6 +242,24 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate: bool = False
+    """Also score greedy generations against the eval file's reference answers (exact match,
+    token F1, ROUGE-L) before and after training; the quickstart turns this on."""
+    max_examples: int = 64
+    """Eval examples used for generation scores (the first N of the eval file)."""
+    max_new_tokens: int = 128
+    """Generation length limit for generation scores."""
+    batch_size: int = 8
+    """Rows per forward pass for held-out loss and generation."""
+
+    def validate(self) -> None:
+        for key in ("max_examples", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(f"eval.{key}", f"must be >= 1, got {getattr(self, key)!r}")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, adapter/, summary.json."""
@@ -250,9 +268,10 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.model, self.data, self.peft, self.optim, self.train):
+        for section in (self.model, self.data, self.peft, self.optim, self.train, self.eval):
             section.validate()
         if not self.output_dir:
             _fail("output_dir", "is empty")
@@ -260,7 +279,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "peft": PeftConfig,
-            "optim": OptimConfig, "train": TrainConfig}
+            "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 def from_dict(raw: dict) -> RunConfig:

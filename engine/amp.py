@@ -1,0 +1,99 @@
+"""Mixed precision: resolving the precision, autocast, and dynamic loss scaling for fp16.
+
+fp16 has 5 exponent bits: gradients of small losses underflow to 0 and large activations
+overflow to inf. Dynamic loss scaling (Micikevicius et al. 2018, "Mixed Precision Training")
+multiplies the loss by `scale` before backward so small gradients stay representable, divides
+the gradients by `scale` before the optimizer sees them, and when a step's gradients hold
+inf/NaN it skips the step and halves `scale`. After `growth_interval` clean steps it doubles.
+
+Ours rather than torch.amp.GradScaler because we want two things it does not give: the names of
+the parameters that overflowed (for the diagnosis when the run has to stop), and a state that is
+plain numbers, so checkpoints need no pickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Fp16Overflow(RuntimeError):
+    """fp16 training overflowed too many steps in a row; the message says where."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 where the GPU has it, fp16 on older GPUs (a T4), fp32 on CPU.
+
+    bf16 asked of a GPU without it falls back to fp16, with a warning that says so."""
+    if device.type != "cuda":
+        return "fp32" if precision == "auto" else precision
+    has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        return "bf16" if has_bf16 else "fp16"
+    if precision == "bf16" and not has_bf16:
+        warnings.warn(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16: "
+                      "falling back to fp16 with dynamic loss scaling")
+        return "fp16"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class DynamicLossScaler:
+    """Loss scaling for fp16; with enabled=False every method is the identity (scale 1, no skips)."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval, self.min_scale = growth_interval, min_scale
+        self.good_steps = 0  # clean steps since the last change of scale
+        self.consecutive_skips = 0
+
+    def unscale_(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
+        """Divide grads by the scale in place; return the names of params with inf/NaN grads.
+
+        One host sync for the whole model (the stacked finiteness flags), not one per tensor."""
+        grads = [(n, p.grad) for n, p in named_params if p.grad is not None]
+        if not grads:
+            return []
+        if self.enabled:
+            inv = 1.0 / self.scale
+            for _, g in grads:
+                g.mul_(inv)
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
+        if bool(finite.all()):  # sync: needed to decide whether to step
+            return []
+        return [n for (n, _), ok in zip(grads, finite.tolist()) if not ok]
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.consecutive_skips += 1
+            self.good_steps = 0
+            if self.enabled:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            return
+        self.consecutive_skips = 0
+        self.good_steps += 1
+        if self.enabled and self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps,
+                "consecutive_skips": self.consecutive_skips, "enabled": self.enabled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])
+        self.consecutive_skips = int(state["consecutive_skips"])

@@ -1,0 +1,97 @@
+"""Data parallelism on PyTorch's own runtime: torchrun starts the processes, we read its env.
+
+`torchrun --nproc_per_node=N -m engine.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK (and the
+rendezvous for several nodes); a plain `python -m engine.train` is world size 1 and never touches
+torch.distributed. NCCL on GPUs, gloo on CPU.
+
+Why no DDP wrapper: only the LoRA weights train, a few MB of gradients. After the whole step's
+micro-batches are done we all-reduce (sum) the flattened LoRA gradients once. The loss of every
+micro-batch is divided by the *global* count of loss-carrying tokens (itself all-reduced first), so
+the summed gradient is exactly the gradient of the mean token loss over the global batch: N ranks
+at micro-batch b equal one rank at micro-batch N*b (FIELD.md bug 1, across ranks). It also
+sidesteps DDP + reentrant checkpointing failing on QLoRA (trl #921): nothing hooks backward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes in the environment (no-op for one process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def all_reduce_sum_int(value: int, ctx: DistContext) -> int:
+    """Sum a python int over ranks (one small collective; a sync by nature)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def all_reduce_grads_(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Sum the gradients of `params` over ranks, in one flattened collective."""
+    if not ctx.enabled:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def all_reduce_sum_tensor(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,400 @@
+"""`python -m engine.train +experiment=NAME`: the Hydra entry point and the training loop.
+
+Setup lives in small helpers; `run_training` holds the loop and reads top to bottom: fetch the
+step's micro-batches, count their loss tokens, forward/backward each under autocast, unscale and
+check for overflow, clip, step, schedule, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from engine import amp, checkpoint
+from engine.config import ConfigError, RunConfig
+from engine.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_tensor,
+                                barrier, init_distributed, shutdown)
+
+
+# ---------------------------------------------------------------- small helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """GPU: max_memory_allocated. CPU: the process's peak RSS (ru_maxrss is KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def base_dtype(model_dtype: str, precision: str, device: torch.device) -> torch.dtype:
+    """Dtype of the frozen base weights: fp32 on CPU; the precision's half type on a GPU."""
+    if model_dtype != "auto":
+        return amp.DTYPES[model_dtype]
+    if device.type != "cuda" or precision == "fp32":
+        return torch.float32
+    return amp.DTYPES[precision]
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON record per logged step; on resume, records past the step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------- setup
+def build_everything(cfg: RunConfig, ctx: DistContext):
+    """Model, tokenizer, data, loader, optimizer, schedule, scaler: everything the loop needs."""
+    from engine.data import load_dataset, make_loader
+    from engine.model import build_model, enable_activation_checkpointing
+    from engine.optim import build_optimizer, build_scheduler
+
+    device = ctx.device
+    precision = amp.resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
+    model, tokenizer = build_model(cfg.model, cfg.peft, device=device,
+                                   dtype=base_dtype(cfg.model.dtype, precision, device),
+                                   compute_dtype=amp.DTYPES[precision if cfg.peft.compute_dtype == "auto"
+                                                            else cfg.peft.compute_dtype])
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
+
+    train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
+    eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
+    micro_batch_size = cfg.train.micro_batch_size
+    if micro_batch_size == "auto":
+        from engine.plan import auto_micro_batch_size
+        micro_batch_size = auto_micro_batch_size(cfg, model)
+    loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
+                         packing=cfg.data.packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
+                         rank=ctx.rank, world_size=ctx.world_size)
+    optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
+    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision
+
+
+def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
+               resume_point: dict, counters: dict) -> Path:
+    from engine.adapter import save_adapter
+
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng": resume_point["rng"], "loader": resume_point["loader"],
+             "counters": counters, "step": step}
+    return checkpoint.save_checkpoint(
+        Path(cfg.output_dir) / "checkpoints", step, state=state,
+        trainable={n: p for n, p in trainable_parameters(model)},
+        write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path),
+        keep_last=cfg.train.keep_last)
+
+
+def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader) -> tuple[int, dict]:
+    """Restore the newest complete checkpoint (train.resume=auto) or the one named; else step 0."""
+    if cfg.train.resume == "never":
+        return 0, {}
+    path = (checkpoint.find_resume_checkpoint(Path(cfg.output_dir) / "checkpoints")
+            if cfg.train.resume == "auto" else Path(cfg.train.resume))
+    if path is None:
+        return 0, {}
+    state, trainable = checkpoint.load_checkpoint(path)
+    params = dict(trainable_parameters(model))
+    if set(params) != set(trainable):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} does not match this model's trainable parameters "
+            f"(missing: {sorted(set(params) - set(trainable))[:3]}, unexpected: {sorted(set(trainable) - set(params))[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(trainable[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    checkpoint.restore_rng(state["rng"])
+    print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
+    return int(state["step"]), dict(state["counters"])
+
+
+# ---------------------------------------------------------------- the loop
+def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
+    """Train per `cfg`; return the summary (also written to output_dir/summary.json)."""
+    from tqdm import tqdm
+
+    from engine.evaluate import heldout_loss
+    from engine.loss import causal_lm_loss
+
+    ctx = ctx or init_distributed(cfg.train.device)
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out / "config.yaml")
+    (model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler,
+     precision) = build_everything(cfg, ctx)
+    device, tc = ctx.device, cfg.train
+    params = trainable_parameters(model)
+    start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader)
+    counters = {"tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0,
+                "eval_loss_before": None, **counters}
+    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main)
+    plotter = make_plotter(cfg, out, ctx)
+
+    def evaluate(step: int) -> float | None:
+        if eval_set is None:
+            return None
+        result = heldout_loss(model, eval_set, max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
+                              packing=cfg.data.packing, precision=precision, device=device,
+                              pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk, ctx=ctx)
+        metrics.write({"step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
+        return result["loss"]
+
+    loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
+    if start_step == 0 and counters["eval_loss_before"] is None:
+        counters["eval_loss_before"] = evaluate(0)
+    batches = iter(loader)
+    resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
+    step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0}
+    model.train()
+    with StopOnCtrlC() as stop:
+        for step in range(start_step + 1, tc.max_steps + 1):
+            t0 = time.perf_counter()
+            # 1. The step's micro-batches, and the global count of loss-carrying tokens: every
+            #    token loss is divided by it, so accumulation and ranks never weight a short
+            #    sequence more than a long one (FIELD.md bug 1).
+            micro = [next(batches) for _ in range(tc.grad_accum)]
+            n_loss = all_reduce_sum_int(sum(b["num_loss_tokens"] for b in micro), ctx)
+            if n_loss == 0:
+                raise RuntimeError(f"step {step}: no micro-batch on any rank has a loss-carrying token")
+            # 2. Forward / backward. loss_sum is a sum over tokens in fp32, times the fp16 loss
+            #    scale (1 otherwise). A micro-batch without targets adds zero gradients, not NaN.
+            step_loss = torch.zeros((), device=device)
+            for batch in micro:
+                batch = to_device(batch, device)
+                with amp.autocast(precision, device):
+                    loss_sum, _ = causal_lm_loss(model, batch, chunk_size=loss_chunk)
+                (loss_sum * (scaler.scale / n_loss)).backward()
+                step_loss += loss_sum.detach()
+            all_reduce_grads_([p for _, p in params], ctx)
+            # 3. Unscale; a step with inf/NaN grads is skipped: the optimizer never sees it.
+            overflowed = scaler.unscale_(params)
+            scaler.update(found_inf=bool(overflowed))
+            if overflowed:
+                counters["skipped_steps"] += 1
+                check_overflow(step, overflowed, scaler, tc.max_consecutive_skips)
+                grad_norm = float("nan")
+            else:
+                # 4. Clip (unscaled grads), step.
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
+
+            # 5. Book-keeping. Token counts come from the host-side batches (no sync).
+            tokens = all_reduce_sum_int(sum(b["num_tokens"] for b in micro), ctx)
+            elapsed = time.perf_counter() - t0
+            counters["tokens"] += tokens
+            counters["loss_tokens"] += n_loss
+            counters["train_seconds"] += elapsed
+            window["tokens"] += tokens
+            window["seconds"] += elapsed
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                # sync: the loss leaves the device only on logging steps
+                last_loss = float(all_reduce_sum_tensor(step_loss, ctx).item()) / n_loss
+                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "tokens": counters["tokens"],
+                          "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                          "loss_scale": scaler.scale, "peak_mem_gib": peak_memory_bytes(device) / 2**30}
+                metrics.write(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
+                window = {"tokens": 0, "seconds": 0.0}
+            if step == tc.max_steps:
+                break
+            if tc.eval_every and step % tc.eval_every == 0:
+                evaluate(step)
+                plotter()
+            if (tc.save_every and step % tc.save_every == 0) or stop.requested:
+                if ctx.is_main:
+                    path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters)
+                barrier(ctx)
+                if stop.requested:
+                    bar.close()
+                    if ctx.is_main:
+                        print(f"\ninterrupted at step {step}: checkpoint written to {path}; "
+                              "rerun the same command to resume", file=sys.stderr)
+                    raise KeyboardInterrupt
+    bar.close()
+
+    eval_loss_after = evaluate(tc.max_steps)
+    if ctx.is_main:
+        save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters)
+        from engine.adapter import save_adapter
+        save_adapter(model, out / "adapter", cfg.peft, base_model_name_or_path=cfg.model.path)
+    summary = {
+        "steps": tc.max_steps, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
+        "useful_tokens_per_s": counters["tokens"] / max(counters["train_seconds"], 1e-9),
+        "final_train_loss": last_loss, "eval_loss_before": counters["eval_loss_before"],
+        "eval_loss_after": eval_loss_after, "skipped_steps": counters["skipped_steps"],
+        "peak_memory_gib": peak_memory_bytes(device) / 2**30, "train_seconds": counters["train_seconds"],
+        "precision": precision, "world_size": ctx.world_size,
+    }
+    if cfg.eval.generate and eval_set is not None:
+        from engine.evaluate import before_after_scores
+        summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
+    if ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plotter()
+        print_summary(summary)
+    return summary
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop at the end of the current step (which then writes a
+    checkpoint); a second one interrupts at once."""
+
+    def __enter__(self):
+        import signal
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C as it is
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to abort without a checkpoint)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def check_overflow(step: int, overflowed: list[str], scaler: amp.DynamicLossScaler, max_skips: int) -> None:
+    """Warn about a skipped fp16 step; after `max_skips` in a row, stop with a diagnosis."""
+    warnings.warn(f"step {step}: inf/NaN gradients in {len(overflowed)} tensors, step skipped, "
+                  f"loss scale lowered to {scaler.scale:g}")
+    if scaler.consecutive_skips >= max_skips:
+        raise amp.Fp16Overflow(
+            f"{scaler.consecutive_skips} steps in a row overflowed (loss scale now {scaler.scale:g}). "
+            f"Parameters with inf/NaN gradients: {', '.join(overflowed[:8])}{' ...' if len(overflowed) > 8 else ''}. "
+            "Try train.precision=bf16 (if the GPU has it) or fp32, a lower optim.lr, or look for "
+            "degenerate samples in the data (python -m engine.data FILE).")
+
+
+# ---------------------------------------------------------------- output
+def write_config(cfg: RunConfig, path: Path) -> None:
+    from omegaconf import OmegaConf
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
+
+
+def make_plotter(cfg: RunConfig, out: Path, ctx: DistContext):
+    """A callable that redraws loss.png (a no-op without matplotlib or when plots are off)."""
+    if not (cfg.train.plots and ctx.is_main):
+        return lambda: None
+    try:
+        from engine.plot import plot_run
+    except ImportError:
+        print("plots are off: matplotlib is not installed (pip install 'engine[plot]')", file=sys.stderr)
+        return lambda: None
+    return lambda: plot_run(out)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def print_summary(summary: dict) -> None:
+    print("\n| metric | before | after |\n|---|---|---|")
+    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    print(f"| held-out loss | {fmt(before)} | {fmt(after)} |")
+    if before is not None and after is not None:
+        print(f"| held-out perplexity | {math.exp(before):.2f} | {math.exp(after):.2f} |")
+    for name, pair in (summary.get("scores") or {}).get("table", {}).items():
+        print(f"| {name} | {fmt(pair['before'])} | {fmt(pair['after'])} |")
+    print(f"\n{summary['steps']} steps, {summary['tokens']:,} tokens, "
+          f"{summary['useful_tokens_per_s']:.0f} useful tokens/s, peak memory {summary['peak_memory_gib']:.2f} GiB, "
+          f"train time {summary['train_seconds']:.0f} s")
+
+
+# ---------------------------------------------------------------- entry point
+def _hydra_main():
+    import hydra
+    from omegaconf import OmegaConf
+
+    from engine.config import from_dict, register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+                config_name="config")
+    def main(dcfg) -> None:
+        try:
+            cfg = from_dict(OmegaConf.to_container(dcfg, resolve=True)).validate()
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        ctx = init_distributed(cfg.train.device)
+        try:
+            run_training(cfg, ctx)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except Exception as e:
+            prefix = f"rank {ctx.rank}: " if ctx.enabled else ""
+            print(f"error: {prefix}{type(e).__name__}: {e}", file=sys.stderr)
+            if os.environ.get("ENGINE_TRACEBACK"):
+                raise
+            sys.exit(1)
+        finally:
+            shutdown(ctx)
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
