@@ -1,0 +1,59 @@
+"""Precision resolution and the dynamic loss scaler."""
+
+import math
+
+import pytest
+import torch
+
+from engine.amp import DynamicLossScaler, autocast, resolve_precision
+
+
+def test_auto_is_fp32_on_cpu_and_explicit_fp16_stays():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("fp16", cpu) == "fp16"
+    with autocast("fp16", cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+
+
+def _params():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    a.grad, b.grad = torch.full((3,), 8.0), torch.full((2,), 4.0)
+    return [("a", a), ("b", b)]
+
+
+def test_unscale_divides_by_scale():
+    s = DynamicLossScaler(enabled=True, init_scale=4.0)
+    params = _params()
+    assert s.unscale_(params) == []
+    assert torch.equal(params[0][1].grad, torch.full((3,), 2.0))
+
+
+def test_inf_grad_is_named_and_scale_halves():
+    s = DynamicLossScaler(enabled=True, init_scale=1024.0)
+    params = _params()
+    params[1][1].grad[0] = math.inf
+    assert s.unscale_(params) == ["b"]
+    s.update(found_inf=True)
+    assert s.scale == 512.0 and s.consecutive_skips == 1
+    s.update(found_inf=False)
+    assert s.consecutive_skips == 0
+
+
+def test_scale_grows_after_interval_and_state_round_trips():
+    s = DynamicLossScaler(enabled=True, init_scale=8.0, growth_interval=3)
+    for _ in range(3):
+        s.update(found_inf=False)
+    assert s.scale == 16.0
+    t = DynamicLossScaler(enabled=True)
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict()
+
+
+def test_disabled_scaler_is_identity_but_still_detects_nan():
+    s = DynamicLossScaler(enabled=False)
+    params = _params()
+    params[0][1].grad[1] = float("nan")
+    assert s.scale == 1.0
+    assert s.unscale_(params) == ["a"]
+    assert params[1][1].grad[0] == 4.0
