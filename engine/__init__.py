@@ -1,0 +1,1 @@
+"""engine: a hand-rolled LoRA / QLoRA fine-tuning engine for causal LMs."""

@@ -1,0 +1,330 @@
+"""LoRA: a low-rank trainable update around a frozen linear layer (float or 4-bit bitsandbytes).
+
+    y = W x + b + s * B (A (dropout(x)))        A: [r, in], B: [out, r], s = alpha / r
+                                                 (or alpha / sqrt(r) with rsLoRA)
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685);
+QLoRA (W stored in 4 bits): Dettmers et al. 2023 (arXiv:2305.14314); rsLoRA scaling:
+Kalajdzievski 2023 (arXiv:2312.03732).
+
+The swap is explicit: `inject_lora` replaces each targeted linear by a `LoRALinear` that keeps
+the original module as `base_layer`, so module paths and state-dict keys stay the ones PEFT uses
+(`<path>.base_layer.weight`, `<path>.lora_A.weight`, `<path>.lora_B.weight`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from engine.quant import dequantize_weight, is_linear4bit, logical_numel
+
+
+class LoRATargetError(ValueError):
+    """`targets` matched nothing, or named something that cannot carry LoRA."""
+
+
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + s * B(A(dropout(x))), with A, B trainable and fp32, base_layer frozen.
+
+    `base_layer` is an `nn.Linear` (any float dtype) or a bitsandbytes `Linear4bit`; the forward
+    is the same for both because the LoRA branch never touches W.
+    Init (as PEFT / the paper): A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter adds
+    exactly 0 and leaves the base output bit-identical.
+    Precision: A and B are fp32 whatever the base dtype. Under autocast the branch runs in the
+    autocast dtype like every other matmul; outside autocast the input is cast to fp32 for the
+    branch and the update back to the base output's dtype (PEFT does the same).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):  # Linear4bit subclasses nn.Linear
+            raise LoRATargetError(f"LoRA wraps nn.Linear or bitsandbytes Linear4bit, got {type(base_layer).__name__}")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be > 0, got {r}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _real_device(base_layer)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.reset_lora_parameters()
+        self.merged = False
+        # When merging into a weight shared with another module (tied lm_head / embeddings) the
+        # merged weight gets its own tensor and the shared one waits here to be put back.
+        self._shared_weight: nn.Parameter | None = None
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # transformers reads/ties `lm_head.weight`; route those through to the frozen base layer so
+    # a wrapped lm_head keeps sharing its weight with the input embeddings.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)                                        # [..., out]
+        if self.merged:
+            return out
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)                          # fp32 branch
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # [..., r] -> [..., out]
+        return out + update.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A in fp32, shape [out, in]: what merging adds to W."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merge(self, untie: bool = False) -> None:
+        """W <- W + s*B@A for a float base (sum in fp32, stored in W's dtype). `untie=True` gives
+        the merged weight its own tensor so a module sharing W (tied embeddings) is unchanged."""
+        if is_linear4bit(self.base_layer):
+            raise TypeError("a 4-bit base cannot be merged in place; use merged_linear() (merge_lora does)")
+        if self.merged:
+            raise RuntimeError("LoRA is already merged into this layer; unmerge() first")
+        weight = self.base_layer.weight
+        merged = (weight.detach().float() + self.delta_weight().detach()).to(weight.dtype)
+        if untie:
+            self._shared_weight = weight
+            self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
+        else:
+            with torch.no_grad():
+                weight.copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - s*B@A (exact in fp32 up to rounding; a weight untied by merge() is restored exactly)."""
+        if not self.merged:
+            raise RuntimeError("LoRA is not merged into this layer")
+        if self._shared_weight is not None:
+            self.base_layer.weight = self._shared_weight
+            self._shared_weight = None
+        else:
+            weight = self.base_layer.weight
+            with torch.no_grad():
+                weight.copy_((weight.float() - self.delta_weight().detach()).to(weight.dtype))
+        self.merged = False
+
+    def merged_linear(self) -> nn.Linear:
+        """A new float nn.Linear holding dequantize(W) + s*B@A (for a 4-bit base: QLoRA merge,
+        in the dtype the weight was quantized from) or W + s*B@A (float base, same dtype)."""
+        weight = dequantize_weight(self.base_layer)
+        bias = self.base_layer.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            delta = 0.0 if self.merged else self.delta_weight()
+            linear.weight.copy_((weight.float() + delta).to(weight.dtype))
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linear.requires_grad_(False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def _real_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# ----------------------------------------------------------------------------- target matching
+
+def _decoder_block_types(model: nn.Module) -> set[str]:
+    # transformers lists the decoder block classes in `_no_split_modules` (e.g. LlamaDecoderLayer).
+    return set(getattr(model, "_no_split_modules", None) or ())
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear / Linear4bit not already inside a LoRALinear, with its full name."""
+    inside_lora = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(name.startswith(p + ".") for p in inside_lora)]
+
+
+def _in_decoder_blocks(model: nn.Module) -> set[str]:
+    """Names of linears inside a decoder block (fallback: every linear but the output layer)."""
+    block_types = _decoder_block_types(model)
+    blocks = [name for name, m in model.named_modules() if type(m).__name__ in block_types]
+    linears = _linears(model)
+    if blocks:
+        return {n for n, _ in linears if any(n.startswith(b + ".") for b in blocks)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in linears if m is not head}
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Full names of the linears `targets` selects, in module order.
+
+    targets: "all-linear" (every linear in the decoder blocks; lm_head only if also named),
+    "re:<regex>" (re.fullmatch on the full module name), or a list of module-name suffixes
+    (matching whole dotted components: "q_proj" matches "model.layers.0.self_attn.q_proj"),
+    which may include "all-linear". A suffix that matches no linear is an error.
+    """
+    linears = _linears(model)
+    names = [n for n, _ in linears]
+    if isinstance(targets, str):
+        if targets.startswith("re:"):
+            try:
+                pattern = re.compile(targets[3:])
+            except re.error as err:
+                raise LoRATargetError(f"targets regex {targets[3:]!r} does not compile: {err}") from None
+            chosen = {n for n in names if pattern.fullmatch(n)}
+            if not chosen:
+                raise LoRATargetError(f"targets regex {targets[3:]!r} matches no linear layer "
+                                      f"(linears look like {names[:3]})")
+            return [n for n in names if n in chosen]
+        targets = [targets]
+    chosen: set[str] = set()
+    for target in targets:
+        if target == "all-linear":
+            hits = _in_decoder_blocks(model)
+        else:
+            hits = {n for n in names if n == target or n.endswith("." + target)}
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise LoRATargetError(f"target {target!r} matches no linear layer (linear names end in {leaves})")
+        chosen |= hits
+    return [n for n in names if n in chosen]
+
+
+def target_modules_for_config(model: nn.Module, targets: str | Iterable[str]) -> str | list[str]:
+    """What PEFT's `target_modules` must hold to wrap exactly the LoRALinears in `model`.
+
+    A regex target stays the regex (PEFT fullmatches a str the same way). Otherwise: the leaf
+    names (e.g. "q_proj") whose every linear is wrapped, plus full paths for the rest.
+    """
+    if isinstance(targets, str) and targets.startswith("re:"):
+        return targets[3:]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    unwrapped = [n for n, _ in _linears(model) if not n.endswith(".base_layer")]
+    out: set[str] = set()
+    for name in wrapped:
+        leaf = name.rsplit(".", 1)[-1]
+        clash = any(u == leaf or u.endswith("." + leaf) for u in unwrapped)
+        out.add(name if clash else leaf)
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------- injection
+
+def inject_lora(model: nn.Module, targets: str | Iterable[str], r: int, alpha: float,
+                dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+    """Replace every targeted linear (see `find_targets`) by a `LoRALinear`; returns their names.
+
+    A and B are drawn from the global torch RNG in module order, so seed before calling.
+    Does not freeze anything: call `mark_only_lora_trainable` after.
+    """
+    names = find_targets(model, targets)
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, leaf)
+        setattr(parent, leaf, LoRALinear(base, r, alpha, dropout, use_rslora))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<module path>.lora_A.weight": [r, in], "<module path>.lora_B.weight": [out, r]} (fp32)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight
+    return out
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """requires_grad=True for LoRA A/B, False for every other parameter (the frozen base)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in lora_modules(model).values():
+        m.lora_A.weight.requires_grad_(True)
+        m.lora_B.weight.requires_grad_(True)
+
+
+class ParameterReport(NamedTuple):
+    trainable: int
+    total: int
+    percent: float
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+                f"|| trainable%: {self.percent:.2f}")
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    """(trainable, total, percent). Shared (tied) tensors count once; 4-bit weights count their
+    logical out*in elements, not the packed bytes that store them."""
+    trainable = total = 0
+    for p in model.parameters():  # deduplicates tied parameters
+        n = logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return ParameterReport(trainable, total, 100.0 * trainable / total if total else 0.0)
+
+
+# ----------------------------------------------------------------------------- merge
+
+def _shared_param_ids(model: nn.Module) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Fold every adapter into its base: W <- W + s*B@A.
+
+    Float bases are merged in place (the flag stops a second merge; `unmerge_lora` undoes it). A
+    weight shared with another module (lm_head tied to the embeddings) gets its own merged copy
+    so the embeddings stay untouched. 4-bit bases cannot hold the sum: their LoRALinear is
+    replaced by a float nn.Linear with dequantize(W) + s*B@A (QLoRA merge; note FIELD.md bug 7:
+    this is not the 16-bit model the adapter was trained against). `unload=True` also replaces
+    the float LoRALinears by their merged base layers, leaving a plain model.
+    """
+    shared = _shared_param_ids(model)
+    for name, module in lora_modules(model).items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if is_linear4bit(module.base_layer):
+            setattr(parent, leaf, module.merged_linear())
+            continue
+        if not module.merged:
+            module.merge(untie=shared.get(id(module.base_layer.weight), 1) > 1)
+        if unload:
+            setattr(parent, leaf, module.base_layer)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora` (without unload) on every merged float-base LoRALinear."""
+    for module in lora_modules(model).values():
+        if module.merged:
+            module.unmerge()
+    return model

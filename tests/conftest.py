@@ -1,0 +1,138 @@
+"""Shared tiny-model fixtures.
+
+`make_tiny_model_dir(tmp_path, family)` writes a seeded random tiny causal LM (hidden 64,
+2 layers) with `save_pretrained` plus a real fast tokenizer into `tmp_path/tiny-<family>`.
+
+The tokenizer is a byte-level BPE trained in code on a few sentences (vocab ~330, no download,
+built once per session in well under a second), wrapped in a fast tokenizer with a ChatML
+chat template; eos == pad == "<|im_end|>" like SmolLM2. Byte-level means any text encodes.
+The model's vocab_size equals len(tokenizer), so every token id is valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "phi3", "qwen2", "mistral", "gemma")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "You are a helpful assistant. Answer the question in one sentence.",
+    "system user assistant: hello, how are you today? I am fine, thank you!",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ( ) [ ] { } \" '",
+    "def add(a, b):\n    return a + b\n",
+]
+_TOKENIZER = None
+
+
+def make_tiny_tokenizer():
+    """A fast tokenizer (byte-level BPE, ChatML template, eos = pad = <|im_end|>); cached per session."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_CORPUS * 4, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                       bos_token=None, unk_token=None)
+        fast.chat_template = CHATML_TEMPLATE
+        _TOKENIZER = fast
+    return copy.deepcopy(_TOKENIZER)
+
+
+def tiny_config(family: str, vocab_size: int, tie_word_embeddings: bool | None = None, **overrides):
+    """A transformers config of `family` with hidden 64, 2 layers, 4 heads (2 KV heads)."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    classes = {"llama": transformers.LlamaConfig, "phi3": transformers.Phi3Config,
+               "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig,
+               "gemma": transformers.GemmaConfig}
+    if family not in classes:
+        raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES}")
+    if family == "gemma":
+        common["head_dim"] = 16
+    if tie_word_embeddings is not None:
+        common["tie_word_embeddings"] = tie_word_embeddings
+    common.update(overrides)
+    return classes[family](**common)
+
+
+def make_tiny_model(family: str, seed: int = 0, tie_word_embeddings: bool | None = None, **overrides):
+    """(model, tokenizer): a seeded random tiny model in fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tiny_tokenizer()
+    config = tiny_config(family, len(tokenizer), tie_word_embeddings, **overrides)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():  # transformers' init std (0.02) is tiny; larger weights make diffs visible
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    return model.eval(), tokenizer
+
+
+def make_tiny_model_dir(tmp_path, family: str = "llama", seed: int = 0, tie_word_embeddings: bool | None = None,
+                        max_shard_size: str | None = None, **overrides) -> Path:
+    """Write a tiny seeded model + tokenizer to tmp_path/tiny-<family>[...] and return the dir.
+
+    max_shard_size (e.g. "100KB") makes a sharded checkpoint with model.safetensors.index.json.
+    """
+    model, tokenizer = make_tiny_model(family, seed, tie_word_embeddings, **overrides)
+    suffix = "" if tie_word_embeddings is None else ("-tied" if tie_word_embeddings else "-untied")
+    out = Path(tmp_path) / f"tiny-{family}{suffix}{'-sharded' if max_shard_size else ''}"
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    return make_tiny_model_dir(tmp_path, "llama")
+
+
+@pytest.fixture
+def tiny_llama_tied_dir(tmp_path):
+    return make_tiny_model_dir(tmp_path, "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture
+def tiny_phi3_dir(tmp_path):
+    return make_tiny_model_dir(tmp_path, "phi3")
+
+
+@pytest.fixture
+def tiny_qwen2_dir(tmp_path):
+    return make_tiny_model_dir(tmp_path, "qwen2")
+
+
+@pytest.fixture(params=["llama", "phi3", "qwen2"])
+def tiny_model_dir(request, tmp_path):
+    return make_tiny_model_dir(tmp_path, request.param)
