@@ -1,0 +1,60 @@
+"""`python -m engine.data FILE [FILE ...]`: the data report (see engine/data/report.py).
+
+Bad input prints one line on stderr (file, line, field, why) and exits with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from engine.config import ConfigError, DataConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.data", description="Report on a JSONL training file.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="JSONL file(s)")
+    p.add_argument("--tokenizer", default="default",
+                   help="HF model/tokenizer directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--max-seq-len", type=int, default=DataConfig.max_seq_len)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--loss-on", default="assistant")
+    p.add_argument("--length-policy", default="truncate")
+    p.add_argument("--on-bad-line", default="error")
+    p.add_argument("--cache", action="store_true", help="use (and fill) the tokenized-data cache")
+    args = p.parse_args(argv)
+
+    from engine.data.formats import DataError, load_examples
+    from engine.data.report import format_report
+
+    try:
+        cfg = DataConfig(train_path=args.paths[0], format=args.format, max_seq_len=args.max_seq_len,
+                         loss_on=args.loss_on, length_policy=args.length_policy, on_bad_line=args.on_bad_line)
+        for path in args.paths:  # fail fast on bad files, before loading a tokenizer
+            dataclasses.replace(cfg, train_path=path).validate()
+            load_examples(path, cfg.format, cfg.on_bad_line)
+        tokenizer = _load_tokenizer(args.tokenizer)
+        from engine.data.tokenized import load_dataset
+
+        for i, path in enumerate(args.paths):
+            ds = load_dataset(path, tokenizer, dataclasses.replace(cfg, train_path=path), cache=args.cache)
+            examples = load_examples(path, cfg.format, cfg.on_bad_line)
+            print(("\n" if i else "") + format_report(ds.stats, examples, args.tokenizer, cfg.length_policy))
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _load_tokenizer(spec: str):
+    from engine.model import load_tokenizer
+
+    try:
+        return load_tokenizer(spec)
+    except Exception as e:  # missing path, missing package, unreadable files: one line, no traceback
+        raise ConfigError(f"--tokenizer {spec!r}: cannot load ({type(e).__name__}: {e})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
