@@ -175,13 +175,14 @@ def _in_decoder_blocks(model: nn.Module) -> set[str]:
     return {n for n, m in linears if m is not head}
 
 
-def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+def find_targets(model: nn.Module, targets: str | Iterable[str], require_each: bool = True) -> list[str]:
     """Full names of the linears `targets` selects, in module order.
 
     targets: "all-linear" (every linear in the decoder blocks; lm_head only if also named),
     "re:<regex>" (re.fullmatch on the full module name), or a list of module-name suffixes
     (matching whole dotted components: "q_proj" matches "model.layers.0.self_attn.q_proj"),
-    which may include "all-linear". A suffix that matches no linear is an error.
+    which may include "all-linear". A suffix that matches no linear is an error, unless
+    `require_each=False` (PEFT's rule, used for adapter configs: only matching nothing at all is).
     """
     linears = _linears(model)
     names = [n for n, _ in linears]
@@ -203,11 +204,16 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
             hits = _in_decoder_blocks(model)
         else:
             hits = {n for n in names if n == target or n.endswith("." + target)}
-        if not hits:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise LoRATargetError(f"target {target!r} matches no linear layer (linear names end in {leaves})")
+        if not hits and require_each:
+            raise LoRATargetError(f"target {target!r} matches no linear layer (linear names end in {_leaves(names)})")
         chosen |= hits
+    if not chosen:
+        raise LoRATargetError(f"targets {list(targets)} match no linear layer (linear names end in {_leaves(names)})")
     return [n for n in names if n in chosen]
+
+
+def _leaves(names: list[str]) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
 
 
 def target_modules_for_config(model: nn.Module, targets: str | Iterable[str]) -> str | list[str]:
@@ -231,13 +237,13 @@ def target_modules_for_config(model: nn.Module, targets: str | Iterable[str]) ->
 # ----------------------------------------------------------------------------- injection
 
 def inject_lora(model: nn.Module, targets: str | Iterable[str], r: int, alpha: float,
-                dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+                dropout: float = 0.0, use_rslora: bool = False, require_each: bool = True) -> list[str]:
     """Replace every targeted linear (see `find_targets`) by a `LoRALinear`; returns their names.
 
     A and B are drawn from the global torch RNG in module order, so seed before calling.
     Does not freeze anything: call `mark_only_lora_trainable` after.
     """
-    names = find_targets(model, targets)
+    names = find_targets(model, targets, require_each)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

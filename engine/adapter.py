@@ -1,0 +1,188 @@
+"""Adapter files in the PEFT layout, so PEFT, vLLM and llama.cpp's converters can read them (FIELD.md bug 8).
+
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  [r, in]   fp32
+                                base_model.model.<module path>.lora_B.weight  [out, r]  fp32
+    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
+
+PEFT writes the same keys (no adapter name); `load_adapter` also accepts keys without the
+`base_model.model.` prefix or with an adapter name (`lora_A.default.weight`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+from torch import nn
+
+from engine.config import PeftConfig
+from engine.lora import inject_lora, lora_modules, mark_only_lora_trainable, target_modules_for_config
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+
+
+class AdapterError(ValueError):
+    """An adapter file does not fit the model; the message names the file and key."""
+
+
+class AdapterNotFoundError(FileNotFoundError):
+    """The adapter directory or one of its files is missing."""
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
+
+
+def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_model_name_or_path: str) -> None:
+    """Write adapter_model.safetensors + adapter_config.json for every LoRALinear in `model`."""
+    from safetensors.torch import save_file
+
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("save_adapter: the model has no LoRA layers")
+    for name, m in modules.items():
+        if m.r != peft_cfg.r or m.alpha != peft_cfg.alpha or m.use_rslora != peft_cfg.use_rslora:
+            raise AdapterError(f"save_adapter: layer {name} has r={m.r}, alpha={m.alpha}, rslora={m.use_rslora} but "
+                               f"peft config says r={peft_cfg.r}, alpha={peft_cfg.alpha}, rslora={peft_cfg.use_rslora}")
+        if m.merged:
+            raise AdapterError(f"save_adapter: layer {name} is merged; unmerge before saving the adapter")
+    tensors = {}
+    for name, m in modules.items():
+        # one sync per tensor, deliberate: files need CPU memory; contiguous fp32 copies
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": peft_cfg.r,
+        "lora_alpha": peft_cfg.alpha,
+        "lora_dropout": peft_cfg.dropout,
+        "target_modules": target_modules_for_config(model, peft_cfg.targets),
+        "bias": "none",
+        "use_rslora": peft_cfg.use_rslora,
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+        "revision": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    _atomic_write(os.path.join(out_dir, CONFIG_NAME), write_config)
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """adapter_config.json as a dict, checked for the fields and options this engine supports."""
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isdir(adapter_dir):
+        raise AdapterNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
+    if not os.path.isfile(path):
+        raise AdapterNotFoundError(f"{path} does not exist")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise AdapterError(f"{path}: missing field {key!r}")
+    unsupported = {"peft_type": (config.get("peft_type", "LORA"), "LORA"),
+                   "use_dora": (config.get("use_dora") or False, False),
+                   "bias": (config.get("bias") or "none", "none"),
+                   "modules_to_save": (config.get("modules_to_save") or None, None),
+                   "fan_in_fan_out": (config.get("fan_in_fan_out") or False, False),
+                   "rank_pattern": (config.get("rank_pattern") or {}, {}),
+                   "alpha_pattern": (config.get("alpha_pattern") or {}, {}),
+                   "layers_to_transform": (config.get("layers_to_transform"), None)}
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise AdapterError(f"{path}: {key}={value!r} is not supported (only {supported!r})")
+    return config
+
+
+def _targets_from_config(target_modules) -> str | list[str]:
+    # PEFT: a str is a regex fullmatched against module names; a list holds name suffixes.
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return "re:" + target_modules
+    return target_modules
+
+
+def _is_unchanged_base_weight(params: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> bool:
+    """True if `name` is a frozen base parameter of the model holding exactly `tensor`."""
+    param = params.get(name, params.get(name.replace(".weight", ".base_layer.weight")))
+    return (param is not None and tensor.shape == param.shape
+            and torch.equal(tensor.to(param.device, param.dtype), param.detach()))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
+    """Load an adapter written by `save_adapter` or by PEFT into `model` (in place; returns it).
+
+    Injects LoRA per adapter_config.json when the model has none yet (otherwise checks the
+    existing layers have the config's scaling), then copies every A/B tensor in, checking that
+    each key names a LoRA layer, each shape fits and every LoRA layer gets both tensors.
+    `is_trainable` leaves A/B trainable (resume); otherwise the whole model is frozen.
+    """
+    from safetensors import safe_open
+
+    config = read_adapter_config(adapter_dir)
+    weights_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise AdapterNotFoundError(f"{weights_path} does not exist")
+    r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    modules = lora_modules(model)
+    if not modules:
+        inject_lora(model, _targets_from_config(config["target_modules"]), r, alpha,
+                    float(config.get("lora_dropout") or 0.0), rslora, require_each=False)
+        modules = lora_modules(model)
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    for name, m in modules.items():
+        if not math.isclose(m.scaling, scaling):
+            raise AdapterError(f"{adapter_dir}: layer {name} has LoRA scaling {m.scaling:g}, the adapter config "
+                               f"gives {scaling:g} (r={r}, lora_alpha={alpha}, use_rslora={rslora})")
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[tuple[str, str]] = set()
+    with safe_open(weights_path, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            match = _KEY.fullmatch(key.removeprefix(PREFIX))
+            if match is None and _is_unchanged_base_weight(params, key.removeprefix(PREFIX), f.get_tensor(key)):
+                continue  # PEFT saves a targeted (tied) embedding / lm_head's base weight alongside
+            module = modules.get(match["module"]) if match else None
+            if module is None:
+                raise AdapterError(f"{weights_path}: key {key!r} matches no LoRA layer of the model "
+                                   f"(LoRA layers look like {sorted(modules)[:2]})")
+            target = getattr(module, match["which"]).weight
+            tensor = f.get_tensor(key)
+            if tensor.shape != target.shape:
+                raise AdapterError(f"{weights_path}: key {key!r} has shape {tuple(tensor.shape)}, the model's "
+                                   f"{match['module']}.{match['which']}.weight has {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            seen.add((match["module"], match["which"]))
+    missing = [f"{PREFIX}{n}.{w}.weight" for n in modules for w in ("lora_A", "lora_B") if (n, w) not in seen]
+    if missing:
+        raise AdapterError(f"{weights_path}: no tensor for key {missing[0]!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if is_trainable:
+        mark_only_lora_trainable(model)
+    else:
+        model.requires_grad_(False)
+    return model
