@@ -1,0 +1,196 @@
+"""Causal-LM loss: lm_head + cross-entropy, as a token *sum*, optionally chunked.
+
+Conventions (docs/DESIGN.md): `labels` are already shifted (`labels[b, t]` is the token to
+predict from position t, or -100), so the loss is a plain cross-entropy of `logits[b, t]`
+against `labels[b, t]`:
+
+    loss_sum = sum_{b,t: labels[b,t] != -100}  -log softmax(f(h[b,t] W^T))[labels[b,t]]
+
+with `h` the decoder's last hidden state, `W` the lm_head and `f` the model's logit transform
+(`logit_scale` multiply (Cohere), `logits_scaling` divide (Granite), Gemma-2 soft-capping
+`cap * tanh(z / cap)`). It is returned as a fp32 sum together with the number of labelled
+tokens; the training step divides once by the total count over all micro-batches (never a mean
+of means: transformers #34191).
+
+Chunked loss (the memory trick, `train.chunked_loss`): a vocabulary of 128k makes the fp32
+logits of a 2,048-token row 1.05 GB, the largest tensor of a QLoRA step. The chunked path first
+keeps only the labelled positions (`h[labels != -100]`, [N, H]: prompts and padding cost
+nothing), then runs lm_head + cross-entropy `chunk_size` rows at a time inside one autograd
+Function that computes each chunk's gradients right away (the fused linear-cross-entropy idea of
+Liger-Kernel / Apple's CCE, here in plain PyTorch). Only one chunk's [chunk, V] logits (and their
+gradient) exist at any time, in forward and in backward; what is kept for backward is the
+[N, H] gradient of the hidden states and the lm_head's trainable-parameter gradients, no logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
+    """The model's map from lm_head outputs to logits, or None when it is the identity.
+
+    Applied in the order the HF models do: `* logit_scale` (Cohere), `/ logits_scaling`
+    (Granite), then soft-capping `cap * tanh(z / cap)` with `final_logit_softcapping` (Gemma 2/3).
+    """
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if scale is None and divide is None and cap is None:
+        return None
+
+    def transform(z: Tensor) -> Tensor:
+        if scale is not None:
+            z = z * scale
+        if divide is not None:
+            z = z / divide
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        return z
+
+    return transform
+
+
+def _logits_fp32(head: nn.Module, hidden: Tensor, transform) -> Tensor:
+    # The matmul may run in fp16/bf16 under autocast; the transform and the softmax run in fp32.
+    logits = head(hidden).float()
+    return transform(logits) if transform is not None else logits
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum CE(f(head(hidden)), labels) over rows, chunk by chunk, gradients computed in forward.
+
+    forward(hidden [N, H], labels [N], head, transform, chunk_size, *params) -> 0-dim fp32 sum.
+    `params` are the head's trainable parameters (e.g. LoRA A/B on a targeted lm_head): they are
+    inputs of the Function so autograd routes their gradients. For each chunk the forward runs
+    the head under `enable_grad` on a detached slice, the cross-entropy and its gradient
+    `softmax - onehot` by hand (one [C, V] buffer), and `torch.autograd.grad` through the head at
+    once, so the chunk's logits are freed before the next chunk starts: the peak is about two
+    [C, V] fp32 tensors (logits and their gradient).
+    Backward only scales the stored gradients by the incoming gradient (the loss is linear in
+    its own output, so e.g. a GradScaler's scale is applied exactly).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, transform, chunk_size, *params):
+        need_hidden = ctx.needs_input_grad[0]
+        need_params = [ctx.needs_input_grad[5 + i] for i in range(len(params))]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # parameter gradients accumulate over chunks: keep them in fp32, cast once at the end
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) if need else None
+                       for p, need in zip(params, need_params)]
+        wrt = [p for p, need in zip(params, need_params) if need]
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].detach().requires_grad_(need_hidden)  # [C, H]
+            y = labels[start:start + chunk_size]  # [C]
+            with torch.set_grad_enabled(need_hidden or bool(wrt)):
+                logits = _logits_fp32(head, h, transform)  # [C, V] fp32: the only big tensor
+            # cross-entropy by hand so its gradient needs one [C, V] buffer, not three:
+            # loss_i = logsumexp(z_i) - z_i[y_i];  dloss/dz_i = softmax(z_i) - onehot(y_i)
+            z = logits.detach()
+            lse = torch.logsumexp(z, dim=-1)  # [C]
+            loss = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            inputs = ([h] if need_hidden else []) + wrt
+            if inputs:
+                grad_z = (z - lse[:, None]).exp_()  # softmax, [C, V]
+                grad_z[torch.arange(len(y), device=y.device), y] -= 1.0
+                grads = list(torch.autograd.grad(logits, inputs, grad_outputs=grad_z))
+                del grad_z
+                if need_hidden:
+                    grad_hidden[start:start + chunk_size] = grads.pop(0)
+                for i, need in enumerate(need_params):
+                    if need:
+                        grad_params[i] += grads.pop(0)
+            total += loss
+            del logits, z  # free this chunk's [C, V] before the next one is made
+        grad_params = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_params, params)]
+        ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
+        ctx.need_hidden, ctx.need_params = need_hidden, need_params
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = list(ctx.saved_tensors)
+        grad_hidden = saved.pop(0)
+        out = [grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.need_hidden else None,
+               None, None, None, None]
+        for need in ctx.need_params:
+            out.append(saved.pop(0) * grad_output if need else None)
+        return tuple(out)
+
+
+def lm_head_loss(hidden: Tensor, labels: Tensor, head: nn.Module, *, transform=None,
+                 chunk_size: int | None = None) -> Tensor:
+    """Summed fp32 cross-entropy of `f(head(hidden))` against already-shifted `labels`.
+
+    hidden [B, T, H], labels [B, T] (-100 = no loss). chunk_size None: full logits [B, T, V];
+    else labelled rows only, `chunk_size` at a time (see module docstring). A batch without
+    labelled tokens gives an exact 0 that is still connected to the graph (zero grads, no NaN).
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"lm_head_loss: hidden states {tuple(hidden.shape)} do not match "
+                         f"labels {tuple(labels.shape)} (expected [B, T, H] and [B, T])")
+    labels = labels.to(hidden.device)
+    if chunk_size is None:
+        logits = _logits_fp32(head, hidden, transform)  # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+                               ignore_index=IGNORE_INDEX)
+    if chunk_size < 1:
+        raise ValueError(f"lm_head_loss: chunk_size must be >= 1 or None, got {chunk_size} "
+                         "(config key train.loss_chunk_size)")
+    keep = labels != IGNORE_INDEX  # [B, T]
+    # boolean indexing has a data-dependent shape: one host sync per micro-batch, deliberate
+    selected = hidden[keep]  # [N, H]
+    targets = labels[keep]   # [N]
+    params = [p for p in head.parameters() if p.requires_grad]
+    return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, *params)
+
+
+def _decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
+    """Last hidden state [B, T, H] of the decoder body (no lm_head, no KV cache)."""
+    if "input_ids" not in batch or "labels" not in batch:
+        raise KeyError(f"causal_lm_loss: batch needs 'input_ids' and 'labels', has {sorted(batch)}")
+    inputs = {"input_ids": batch["input_ids"]}
+    for key in ("position_ids", "attention_mask"):
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
+    # use_cache=False: with a cache transformers 5 ignores the restarted position_ids of packed
+    # rows and lets documents attend to each other (FIELD.md bug 2).
+    out = model.get_decoder()(**inputs, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None) -> tuple[Tensor, int]:
+    """(loss_sum, n_loss_tokens) for one micro-batch: fp32 0-dim sum and a python int.
+
+    Runs `model.get_decoder()` on input_ids / position_ids / attention_mask (those present) with
+    `use_cache=False`, then `lm_head_loss` with `model.get_output_embeddings()` (called as a
+    module, so a LoRA-wrapped lm_head works) and the config's logit transform.
+    """
+    hidden = _decoder_hidden(model, batch)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"causal_lm_loss: {type(model).__name__} has no output embeddings (lm_head)")
+    loss_sum = lm_head_loss(hidden, batch["labels"], head, transform=logit_transform(model.config),
+                            chunk_size=chunk_size)
+    n = batch.get("num_loss_tokens")
+    if n is None:
+        n = int((batch["labels"] != IGNORE_INDEX).sum())  # host sync; engine.data provides it
+    return loss_sum, int(n)
+
+
+def per_token_losses(model: nn.Module, batch: dict) -> Tensor:
+    """Cross-entropy of every position, [B, T] fp32, 0 where the label is -100 (tests, evaluation)."""
+    hidden = _decoder_hidden(model, batch)
+    labels = batch["labels"].to(hidden.device)
+    logits = _logits_fp32(model.get_output_embeddings(), hidden, logit_transform(model.config))
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
+                             ignore_index=IGNORE_INDEX)
+    return losses.view(labels.shape)
