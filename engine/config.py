@@ -1,7 +1,7 @@
 """Typed run configuration: defined once here, registered with Hydra's ConfigStore, validated once.
 
 YAML files under `conf/` only choose values; every key, its type, default and meaning lives in
-the dataclasses below (the config reference in the README is generated from these docstrings).
+the dataclasses below (docs/CONFIG.md is generated from these docstrings).
 Code below the entry points takes these dataclasses (or plain arguments), never a DictConfig.
 """
 

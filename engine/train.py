@@ -52,15 +52,6 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def base_dtype(model_dtype: str, precision: str, device: torch.device) -> torch.dtype:
-    """Dtype of the frozen base weights: fp32 on CPU; the precision's half type on a GPU."""
-    if model_dtype != "auto":
-        return amp.DTYPES[model_dtype]
-    if device.type != "cuda" or precision == "fp32":
-        return torch.float32
-    return amp.DTYPES[precision]
-
-
 class MetricsLog:
     """metrics.jsonl, one JSON record per logged step; on resume, records past the step are dropped."""
 
@@ -70,14 +61,23 @@ class MetricsLog:
             return
         kept = []
         if resume_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line half-written when the process was killed
+                    continue
         path.write_text("".join(line + "\n" for line in kept))
+        from engine.tensorboard import maybe_tensorboard
+        self.tensorboard = maybe_tensorboard(path.parent, enabled=True,
+                                             purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.write(record)
 
 
 # ---------------------------------------------------------------- setup
@@ -90,12 +90,9 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     device = ctx.device
     precision = amp.resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
-    model, tokenizer = build_model(cfg.model, cfg.peft, device=device,
-                                   dtype=base_dtype(cfg.model.dtype, precision, device),
-                                   compute_dtype=amp.DTYPES[precision if cfg.peft.compute_dtype == "auto"
-                                                            else cfg.peft.compute_dtype])
+    model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
+        enable_activation_checkpointing(model)
 
     train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
     eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
@@ -152,13 +149,31 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader) ->
     return int(state["step"]), dict(state["counters"])
 
 
+def forward_backward(model, micro: list[dict], *, n_loss: int, scale: float, precision: str,
+                     device: torch.device, chunk_size: int | None) -> torch.Tensor:
+    """Accumulate into .grad the gradient of  scale * sum(token losses) / n_loss  over `micro`.
+
+    n_loss is the step's global count of loss-carrying tokens, so micro-batch 8 x accumulation 1
+    and micro-batch 1 x accumulation 8 give the same gradient. Returns the summed token loss
+    (detached, on the device: no sync)."""
+    from engine.loss import causal_lm_loss
+
+    step_loss = torch.zeros((), device=device)
+    for batch in micro:
+        batch = to_device(batch, device)
+        with amp.autocast(precision, device):
+            loss_sum, _ = causal_lm_loss(model, batch, chunk_size=chunk_size)
+        (loss_sum * (scale / n_loss)).backward()
+        step_loss += loss_sum.detach()
+    return step_loss
+
+
 # ---------------------------------------------------------------- the loop
 def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     """Train per `cfg`; return the summary (also written to output_dir/summary.json)."""
     from tqdm import tqdm
 
     from engine.evaluate import heldout_loss
-    from engine.loss import causal_lm_loss
 
     ctx = ctx or init_distributed(cfg.train.device)
     out = Path(cfg.output_dir)
@@ -204,13 +219,8 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
                 raise RuntimeError(f"step {step}: no micro-batch on any rank has a loss-carrying token")
             # 2. Forward / backward. loss_sum is a sum over tokens in fp32, times the fp16 loss
             #    scale (1 otherwise). A micro-batch without targets adds zero gradients, not NaN.
-            step_loss = torch.zeros((), device=device)
-            for batch in micro:
-                batch = to_device(batch, device)
-                with amp.autocast(precision, device):
-                    loss_sum, _ = causal_lm_loss(model, batch, chunk_size=loss_chunk)
-                (loss_sum * (scaler.scale / n_loss)).backward()
-                step_loss += loss_sum.detach()
+            step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
+                                         device=device, chunk_size=loss_chunk)
             all_reduce_grads_([p for _, p in params], ctx)
             # 3. Unscale; a step with inf/NaN grads is skipped: the optimizer never sees it.
             overflowed = scaler.unscale_(params)
@@ -342,7 +352,13 @@ def make_plotter(cfg: RunConfig, out: Path, ctx: DistContext):
     except ImportError:
         print("plots are off: matplotlib is not installed (pip install 'engine[plot]')", file=sys.stderr)
         return lambda: None
-    return lambda: plot_run(out)
+
+    def redraw() -> None:  # a picture must never stop a training run
+        try:
+            plot_run(out)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"could not draw {out / 'loss.png'}: {e}")
+    return redraw
 
 
 def fmt(x) -> str:
