@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from engine.config import ConfigError, DataConfig
@@ -48,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_tokenizer(spec: str):
-    from engine.model import load_tokenizer
-
+    """'default' / a .gguf file / a model directory (engine.model.load_tokenizer), or a directory
+    holding only tokenizer files (tokenizer.json + tokenizer_config.json)."""
     try:
+        if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(spec)
+        from engine.model import load_tokenizer
+
         return load_tokenizer(spec)
     except Exception as e:  # missing path, missing package, unreadable files: one line, no traceback
         raise ConfigError(f"--tokenizer {spec!r}: cannot load ({type(e).__name__}: {e})") from None

@@ -1,0 +1,74 @@
+"""The data report and `python -m engine.data`: output, degenerate-sample detection, error exits."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.data.__main__ import main
+from engine.data.report import degenerate_reason, find_degenerate, histogram
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_degenerate_detection():
+    assert degenerate_reason("The answer is 30 hours, as clause 9.5 says. " * 2) is None
+    why = degenerate_reason("The answer is " + "agos" * 30)
+    assert "'agos' repeated" in why or "'agosagos' repeated" in why
+    assert degenerate_reason("x" + " " * 300) is None  # whitespace runs are not flagged by the repeat rule
+    varied = "".join(f"related {'to ' if i % 3 else ''}intellectual property; b. " for i in range(40))
+    assert "compression ratio" in degenerate_reason(varied)
+    prose = open("/work/shared/seed/formatted_test_set.jsonl").read()[:3000]
+    assert degenerate_reason(prose) is None
+
+
+def test_seed_train_degenerate_lines():
+    from engine.data import load_examples
+
+    found = find_degenerate(load_examples("/work/shared/seed/formatted_train_set.jsonl"))
+    assert [line for line, _, _ in found] == [3, 6, 18, 21, 45]
+    assert all(role == "assistant" for _, role, _ in found)
+    assert find_degenerate(load_examples("/work/shared/seed/formatted_test_set.jsonl")) == []
+
+
+def test_histogram():
+    out = histogram([100, 120, 300, 900])
+    assert sum(int(line.split()[-1]) for line in out) == 4
+
+
+def test_cli_report(tok, tmp_path, write_jsonl, capsys):
+    tok.save_pretrained(tmp_path / "tok")
+    path = write_jsonl([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a " * k}]}
+                        for k in (1, 5, 60)] + [{"messages": [{"role": "user", "content": "only"}]}])
+    rc = main([path, "--tokenizer", str(tmp_path / "tok"), "--max-seq-len", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "examples: 4 (4 conversations)" in out
+    assert "truncated: 1 [3]; of which the answer itself was cut: 1 [3]" in out
+    assert "examples with no trainable token: 1 [4]" in out
+    assert "packing at max_seq_len 64" in out and "length histogram" in out
+
+
+def test_cli_bad_line_exits_nonzero_without_traceback(write_jsonl, capsys):
+    path = write_jsonl([{"text": "ok"}, "{broken"])
+    assert main([path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:2: field '(line)': not valid JSON") and "\n" not in err
+
+
+def test_cli_bad_option_and_tokenizer(write_jsonl, tmp_path, capsys):
+    path = write_jsonl([{"text": "ok"}])
+    assert main([path, "--loss-on", "nothing"]) == 2
+    assert "config key 'data.loss_on'" in capsys.readouterr().err
+    assert main([path, "--tokenizer", str(tmp_path / "missing")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_cli_subprocess_exit_code(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = subprocess.run([sys.executable, "-m", "engine.data", str(empty)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert f"{empty}:0: field '(file)': file is empty" in r.stderr and "Traceback" not in r.stderr
