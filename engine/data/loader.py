@@ -100,7 +100,10 @@ class Loader:
         self.rank, self.world_size = rank, world_size
         self._epoch, self._index = 0, 0
         self._plan_cache: tuple[int, list[list[list[int]]]] | None = None
-        if not self.docs or len(self) == 0:
+        # Batches per epoch do not depend on the epoch: best-fit decreasing sees the lengths in
+        # sorted order, and the shuffle only swaps equal-length documents.
+        self._len = len(self.plan(0)) if self.docs else 0
+        if self._len == 0:
             raise ValueError(f"the dataset ({len(self.docs)} documents) makes fewer batches than "
                              f"world_size={world_size} (micro_batch_size={micro_batch_size}, drop_last={drop_last})")
 
@@ -130,7 +133,7 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        return len(self.plan(0))
+        return self._len
 
     @property
     def epoch(self) -> int:

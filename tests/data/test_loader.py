@@ -167,3 +167,11 @@ def test_drop_last_and_bad_arguments():
         _loader(max_seq_len=20)
     with pytest.raises(ValueError, match="pad_token_id is None"):
         _loader(pad_token_id=None)
+
+
+def test_batches_per_epoch_is_the_same_every_epoch():
+    rng = random.Random(3)
+    lengths = [rng.choice([4, 8, 8, 12, 16, 31]) for _ in range(200)]
+    for packing in (True, False):
+        loader = _loader(Docs(lengths), packing=packing, micro_batch_size=3)
+        assert {len(loader.plan(e)) for e in range(6)} == {len(loader)}
