@@ -100,3 +100,17 @@ def test_peft_adapter_loads_in_ours(tmp_path, family, with_head):
     ids = _ids(base)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_init_as_peft():
+    base, _ = _base("qwen2")
+    ours = copy.deepcopy(base)
+    torch.manual_seed(0)
+    inject_lora(ours, ["q_proj", "down_proj"], r=4, alpha=8.0)
+    torch.manual_seed(0)
+    reference = _peft_model(copy.deepcopy(base), ["q_proj", "down_proj"], 4, 8.0)
+    ref_state = peft.get_peft_model_state_dict(reference)
+    ours_state = lora_state_dict(ours)
+    assert set(ref_state) == {"base_model.model." + k for k in ours_state}
+    for key, value in ours_state.items():
+        assert torch.equal(ref_state["base_model.model." + key], value), key
