@@ -14,9 +14,10 @@ the original module as `base_layer`, so module paths and state-dict keys stay th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -60,6 +61,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.reset_lora_parameters()
         self.merged = False
+        self.disabled = False  # set by `adapters_disabled`: forward is the base layer alone
         # When merging into a weight shared with another module (tied lm_head / embeddings) the
         # merged weight gets its own tensor and the shared one waits here to be put back.
         self._shared_weight: nn.Parameter | None = None
@@ -86,7 +88,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)                                        # [..., out]
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                          # fp32 branch
@@ -254,6 +256,25 @@ def inject_lora(model: nn.Module, targets: str | Iterable[str], r: int, alpha: f
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every LoRALinear computes its base layer alone (y = W x + b): the base
+    model's outputs without unloading anything (evaluation's "before" column, merge drift).
+    A merged layer cannot be switched off (its W already holds s*B@A): that is an error."""
+    modules = lora_modules(model)
+    merged = [n for n, m in modules.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"adapters_disabled: layer {merged[0]} is merged; unmerge_lora() first")
+    previous = {n: m.disabled for n, m in modules.items()}
+    for m in modules.values():
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for n, m in modules.items():
+            m.disabled = previous[n]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
