@@ -208,6 +208,11 @@ class TrainConfig:
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N."""
+    fsdp: bool = False
+    """Shard the frozen base (and the LoRA weights) over the ranks with FSDP2 (one fully_shard
+    group per decoder block, 4-bit weights sharded in their quant_storage dtype) so a model larger
+    than one GPU trains on several; launch with torchrun, also on one GPU. Off: every rank holds
+    the whole model and the LoRA gradients are all-reduced (docs/DISTRIBUTED.md)."""
     memory_budget_gib: float = 14.7
     """Budget for the memory planner and micro_batch_size=auto (a T4 shows 14.7 GiB)."""
     plots: bool = True
