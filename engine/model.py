@@ -6,7 +6,7 @@ HF directory (config.json + model.safetensors, or shards listed in model.safeten
   2. for QLoRA, swap every linear of the decoder blocks for an empty 4-bit layer;
   3. open one shard at a time with safetensors `safe_open` and move each tensor into its slot,
      quantizing a 4-bit layer's weight as it arrives (on the GPU when there is one);
-  so peak CPU memory is about the model being built plus one tensor of one shard.
+  so peak CPU memory is about the model being built plus one shard (its memory-mapped pages).
 GGUF file: transformers dequantizes it (`from_pretrained(dir, gguf_file=...)`), then the
 decoder linears are quantized in place for QLoRA.
 """
@@ -183,11 +183,14 @@ def _stream_weights(model: nn.Module, files: list[str], device: torch.device) ->
                                      f"expects {expected}")
             if is_linear4bit(module) and name == "weight":
                 set_4bit_weight(module, tensor.to(device=device, dtype=current.dtype), device)
-            elif is_param:
-                module._parameters[name] = nn.Parameter(tensor.to(device=device, dtype=current.dtype),
-                                                        requires_grad=False)
             else:
-                module._buffers[name] = tensor.to(device=device, dtype=current.dtype)
+                # safetensors hands out views of the memory-mapped file: copy, so the model owns
+                # its memory and each shard's mapping (and its resident pages) goes when it closes.
+                value = tensor.to(device=device, dtype=current.dtype, copy=True)
+                if is_param:
+                    module._parameters[name] = nn.Parameter(value, requires_grad=False)
+                else:
+                    module._buffers[name] = value
             loaded.add(key)
             del tensor
     missing = [k for k in slots if k not in loaded and k not in tied]
