@@ -1,0 +1,290 @@
+"""Fold a LoRA adapter into its base and export a plain Hugging Face model (and optionally a GGUF).
+
+    python -m engine.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf f16]
+
+    W_merged = W + s * B @ A          (s = alpha / r, or alpha / sqrt(r) with rsLoRA; Hu et al. 2021)
+
+Which W (FIELD.md bug 7, transformers #31293). A QLoRA adapter was trained on top of
+W_hat = dequantize(quantize_nf4(W)), not W. Two choices:
+  * default: W is the *original 16-bit* weight, read again from disk tensor by tensor (for a
+    GGUF base: the GGUF's tensors as transformers dequantizes them). The merged model is a clean
+    16-bit model, but the adapter never saw W - W_hat, so it is not exactly what was trained.
+  * --from-dequantized: W = W_hat. Exactly the trained function up to the output dtype's
+    rounding, but the merged weights keep the 4-bit quantization error.
+Either way the command measures how far the merged model (loaded back from the written files
+with plain `AutoModelForCausalLM.from_pretrained`) drifts from base + adapter *as trained* (4-bit
+base + LoRA for QLoRA): mean KL(p_trained || p_merged) per position and the max |logit
+difference|, over --drift-examples or a few built-in chats; printed and saved as merge_report.json.
+
+The output directory holds config.json, model.safetensors (or shards + index beyond
+--max-shard-size), the tokenizer files and generation_config.json (stopping at the chat
+template's end of turn). It must not exist or be empty: nothing is ever overwritten (the files
+are written into a temporary sibling directory and moved into place at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DRIFT_CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Write a haiku about the sea."},
+     {"role": "assistant", "content": "Waves fold into foam, salt wind carries gull voices, the tide keeps its time."}],
+    [{"role": "user", "content": "Add 17 and 25, then explain the steps."},
+     {"role": "assistant", "content": "17 + 25 = 42: 7 + 5 = 12, write 2 carry 1; 1 + 2 + 1 = 4."}],
+    [{"role": "user", "content": "Translate 'good morning' to German and Spanish."},
+     {"role": "assistant", "content": "German: Guten Morgen. Spanish: Buenos dias."}],
+]
+
+
+class MergeError(ValueError):
+    """Bad merge input (output directory, options, adapter vs base); the message says which."""
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """`out` must not exist, or be an empty directory: a merge never overwrites anything."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise MergeError(f"output path {str(out)!r} exists and is not a directory")
+        if any(out.iterdir()):
+            raise MergeError(f"output directory {str(out)!r} exists and is not empty; give a new or empty "
+                             "directory (nothing is overwritten)")
+    return out
+
+
+# ----------------------------------------------------------------------------- merged model
+
+def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequantized: bool, drift_inputs=None,
+                 trust_remote_code: bool = False):
+    """(plain HF model with the adapter folded in (fp32), reference logits of base + adapter as
+    trained on `drift_inputs` (or None), "what W was")."""
+    from engine.adapter import load_adapter
+    from engine.lora import lora_modules, merge_lora
+    from engine.model import load_base_model
+    from engine.quant import QuantSpec
+
+    qlora = info["method"] == "qlora"
+    if from_dequantized and not qlora:
+        raise MergeError("--from-dequantized applies to QLoRA adapters only (this adapter was trained on a "
+                         "float base; pass --method qlora if it was not)")
+    quant = QuantSpec(info.get("quant_type", "nf4"), bool(info.get("double_quant", True)), torch.float32)
+
+    def load(quantized: bool):
+        model = load_base_model(model_path, dtype=torch.float32, quant=quant if quantized else None,
+                                trust_remote_code=trust_remote_code)
+        return load_adapter(model, adapter_dir)
+
+    model = load(quantized=qlora and from_dequantized)
+    reference = None
+    if drift_inputs is not None:
+        if qlora and not from_dequantized:  # the trained model is the 4-bit one: load it just for this
+            trained = load(quantized=True)
+            reference = all_logits(trained, drift_inputs)
+            del trained
+            gc.collect()
+        else:
+            reference = all_logits(model, drift_inputs)
+    tied_head = _lm_head_is_tied(model) and any(n.split(".")[-1] == "lm_head" for n in lora_modules(model))
+    merge_lora(model, unload=True)
+    if tied_head:  # the merged lm_head now differs from the input embeddings: save both
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    into = ("NF4-dequantized 4-bit weights" if from_dequantized else
+            "original 16-bit weights (not the 4-bit weights the adapter was trained on)" if qlora else "base weights")
+    return model, reference, into
+
+
+def _lm_head_is_tied(model) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and emb is not None and head.weight is emb.weight
+
+
+# ----------------------------------------------------------------------------- drift
+
+def drift_inputs(tokenizer, path: str | None, max_examples: int = 8, max_tokens: int = 256) -> list[list[int]]:
+    """Token ids of up to max_examples documents: the conversations (or texts) of a JSONL file,
+    rendered whole with the chat template, or the built-in chats; each cut to max_tokens."""
+    from engine.generate import chat_template
+
+    if path is None:
+        docs = [{"messages": chat} for chat in DRIFT_CHATS]
+    else:
+        from engine.data import load_examples
+        docs = load_examples(path)[:max_examples]
+    template = None
+    out = []
+    for doc in docs[:max_examples]:
+        if "messages" in doc:
+            template = template or chat_template(tokenizer)
+            text = tokenizer.apply_chat_template(doc["messages"], chat_template=template, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(doc["text"])["input_ids"]
+        if len(ids) >= 2:
+            out.append(ids[:max_tokens])
+    if not out:
+        raise MergeError(f"{path}: no example gives at least 2 tokens to measure drift on")
+    return out
+
+
+@torch.no_grad()
+def all_logits(model, inputs: list[list[int]]) -> list[torch.Tensor]:
+    """fp32 logits [T, V] of every document, one forward each (no padding, no cache)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float().cpu()
+            for ids in inputs]
+
+
+def logit_drift(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
+    """mean / max over positions of KL(p_ref || p_other) = sum_v p_ref (log p_ref - log p_other),
+    and the max |logit difference|, with p = softmax(logits) in fp64."""
+    kls, max_abs, positions = [], 0.0, 0
+    for a, b in zip(reference, other):
+        la, lb = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
+        kls.append((la.exp() * (la - lb)).sum(-1))                  # [T]
+        max_abs = max(max_abs, float((a - b).abs().max()))
+        positions += a.shape[0]
+    kl = torch.cat(kls)
+    return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "max_abs_logit_diff": max_abs,
+            "positions": positions, "examples": len(reference)}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_hf_dir(model, tokenizer, out: Path, *, dtype: torch.dtype, max_shard_size: str) -> None:
+    """config.json, safetensors (sharded with an index past max_shard_size), tokenizer files and
+    generation_config.json (eos = the template's stop tokens) into `out` (must be new or empty)."""
+    from transformers import GenerationConfig
+
+    from engine.generate import stop_token_ids
+
+    model.to(dtype)
+    model.config.use_cache = True
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    stops = stop_token_ids(tokenizer)
+    gen.eos_token_id = stops[0] if len(stops) == 1 else stops
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(out)
+
+
+def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None = None,
+          from_dequantized: bool = False, dtype: str = "fp16", max_shard_size: str = "2GB",
+          gguf: str | None = None, drift_examples: str | None = None) -> dict:
+    """Merge, write `out_dir`, measure drift; returns the report (also out_dir/merge_report.json)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.adapter import read_adapter_config
+    from engine.generate import adapter_training_info
+    from engine.model import _resolve, load_tokenizer
+
+    out = check_output_dir(out_dir)
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if gguf is not None:
+        from engine.export_gguf import GGUF_TYPES
+        if gguf not in GGUF_TYPES:
+            raise MergeError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}")
+    read_adapter_config(adapter_dir)
+    _resolve(model_path)  # a missing model fails here, before anything is loaded
+    info = {"method": "lora", **adapter_training_info(adapter_dir)}
+    if method is not None:
+        info["method"] = method
+    tokenizer = load_tokenizer(model_path)
+    inputs = drift_inputs(tokenizer, drift_examples)
+    model, reference, into = merged_model(model_path, adapter_dir, info=info, from_dequantized=from_dequantized,
+                                          drift_inputs=inputs)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_hf_dir(model, tokenizer, tmp, dtype=DTYPES[dtype], max_shard_size=max_shard_size)
+        gguf_file = None
+        if gguf is not None:
+            from engine.export_gguf import export_gguf
+            gguf_file = f"model-{gguf}.gguf"
+            export_gguf(model, tokenizer, tmp / gguf_file, gguf)
+        del model
+        gc.collect()
+        # Drift of the files as written, loaded the plainest way (computed in fp32).
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        report = {"model": model_path, "adapter": adapter_dir, "method": info["method"], "merged_into": into,
+                  "dtype": dtype, "reference": ("4-bit base + LoRA, as trained" if info["method"] == "qlora"
+                                                else "base + LoRA"),
+                  "drift_examples": drift_examples or "built-in chats",
+                  "drift": logit_drift(reference, all_logits(merged, inputs))}
+        del merged
+        if gguf_file is not None:
+            back = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file, dtype=torch.float32)
+            report["gguf"] = {"file": gguf_file, "type": gguf, "drift": logit_drift(reference, all_logits(back, inputs))}
+            del back
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
+        check_output_dir(out)  # still new or empty: then move the finished files into place
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def print_report(report: dict, out: str) -> None:
+    d = report["drift"]
+    print(f"merged {report['adapter']} into the {report['merged_into']} of {report['model']} -> {out} ({report['dtype']})")
+    print(f"drift vs {report['reference']} over {d['examples']} examples / {d['positions']} positions: "
+          f"mean KL {d['mean_kl']:.3e}, max KL {d['max_kl']:.3e}, max |logit diff| {d['max_abs_logit_diff']:.3e}")
+    if "gguf" in report:
+        g = report["gguf"]["drift"]
+        print(f"GGUF {report['gguf']['file']}: mean KL {g['mean_kl']:.3e}, max |logit diff| {g['max_abs_logit_diff']:.3e}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.merge", description="Fold a LoRA adapter into its base model.")
+    p.add_argument("--model", default="default", help="HF model dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--method", choices=("lora", "qlora"), default=None,
+                   help="how the adapter was trained; default: what its run's config says, else lora")
+    p.add_argument("--from-dequantized", action="store_true",
+                   help="QLoRA: merge into the NF4-dequantized weights instead of the original 16-bit ones")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--gguf", choices=("f16", "q8_0"), default=None, help="also write a GGUF file (llama architecture)")
+    p.add_argument("--drift-examples", default=None, help="JSONL file whose first 8 examples measure the drift")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = merge(args.model, args.adapter, args.out, method=args.method, from_dequantized=args.from_dequantized,
+                       dtype=args.dtype, max_shard_size=args.max_shard_size, gguf=args.gguf,
+                       drift_examples=args.drift_examples)
+        print_report(report, args.out)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line on stderr, no traceback (ENGINE_TRACEBACK=1 for one)
+        if os.environ.get("ENGINE_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
