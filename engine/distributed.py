@@ -10,6 +10,14 @@ micro-batch is divided by the *global* count of loss-carrying tokens (itself all
 the summed gradient is exactly the gradient of the mean token loss over the global batch: N ranks
 at micro-batch b equal one rank at micro-batch N*b (FIELD.md bug 1, across ranks). It also
 sidesteps DDP + reentrant checkpointing failing on QLoRA (trl #921): nothing hooks backward.
+With `train.fsdp=true` (engine/fsdp.py) FSDP2 reduce-scatters the gradients itself, with SUM, and
+`all_reduce_grads_` leaves them alone.
+
+What each rank owns: rank 0 writes logs, checkpoints and the adapter; every rank reads the
+checkpoint on resume. The loader state is rank-independent (epoch, index into this rank's share,
+the same on every rank), so rank 0's copy restores every rank; the RNG states are per rank
+(dropout draws different masks for different shapes) and are gathered to rank 0 for the checkpoint.
+See docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    fsdp: bool = False
+    """Parameters are FSDP2-sharded DTensors (engine/fsdp.py): FSDP reduces the gradients."""
 
     @property
     def is_main(self) -> bool:
@@ -66,9 +76,20 @@ def all_reduce_sum_int(value: int, ctx: DistContext) -> int:
     return int(t.item())
 
 
-def all_reduce_grads_(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Sum the gradients of `params` over ranks, in one flattened collective."""
+def all_reduce_sum_ints(values: list[int], ctx: DistContext) -> list[int]:
+    """Sum several python ints over ranks in one collective (e.g. a token count and a stop flag)."""
     if not ctx.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]  # sync, deliberate: the loop needs them on the host
+
+
+def all_reduce_grads_(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Sum the gradients of `params` over ranks, in one flattened collective.
+
+    Under FSDP (ctx.fsdp) the gradients are already summed shards (reduce-scatter in backward)."""
+    if not ctx.enabled or ctx.fsdp:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -87,11 +108,32 @@ def all_reduce_sum_tensor(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+def local_scalar(x) -> float:
+    """A python float of a scalar tensor (sync), also of a DTensor: under FSDP clip_grad_norm_
+    returns the total norm as a DTensor, which full_tensor() reduces over the shards."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor):
+        x = x.full_tensor()
+    return float(x)
+
+
+def gather_to_main(obj, ctx: DistContext) -> list | None:
+    """Every rank's `obj` (picklable, e.g. its RNG states), as a list indexed by rank on rank 0;
+    None on the other ranks. A plain [obj] without a process group."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
+    """Leave the process group (also the one FSDP creates at world size 1)."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -12,18 +12,21 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 import warnings
 from dataclasses import asdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from engine import amp, checkpoint
 from engine.config import ConfigError, RunConfig
-from engine.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_tensor,
-                                barrier, init_distributed, shutdown)
+from engine.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_ints,
+                                all_reduce_sum_tensor, barrier, gather_to_main, init_distributed, local_scalar,
+                                shutdown)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -93,6 +96,11 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
+        from engine.fsdp import apply_fsdp
+        apply_fsdp(model, ctx)
+    if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
+        seed_everything(cfg.train.seed + ctx.rank)
 
     train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
     eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
@@ -110,21 +118,40 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
-               resume_point: dict, counters: dict) -> Path:
+               resume_point: dict, counters: dict, ctx: DistContext) -> Path | None:
+    """Collective: every rank calls it, rank 0 writes (and gets the path; the others None).
+
+    Every rank's RNG state is gathered (dropout draws differ per rank). The loader state is
+    rank 0's: it is the same on every rank (epoch, index into each rank's own share). Under FSDP
+    the sharded LoRA weights and Adam moments are gathered to full tensors first."""
     from engine.adapter import save_adapter
 
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    rng_ranks = gather_to_main(resume_point["rng"], ctx)
+    weights = nullcontext()
+    if ctx.fsdp:
+        from engine.fsdp import full_lora_weights, full_trainable_state
+        trainable, optim_state = full_trainable_state(model, optimizer)
+        if ctx.is_main:
+            weights = full_lora_weights(model, trainable)  # save_adapter reads the full tensors
+    else:
+        trainable, optim_state = {n: p for n, p in trainable_parameters(model)}, optimizer.state_dict()
+    if not ctx.is_main:
+        return None
+    state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "rng": resume_point["rng"], "loader": resume_point["loader"],
              "counters": counters, "step": step}
-    return checkpoint.save_checkpoint(
-        Path(cfg.output_dir) / "checkpoints", step, state=state,
-        trainable={n: p for n, p in trainable_parameters(model)},
-        write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path),
-        keep_last=cfg.train.keep_last)
+    if ctx.enabled:
+        state["rng_ranks"] = rng_ranks
+    with weights:
+        return checkpoint.save_checkpoint(
+            Path(cfg.output_dir) / "checkpoints", step, state=state, trainable=trainable,
+            write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path),
+            keep_last=cfg.train.keep_last)
 
 
-def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader) -> tuple[int, dict]:
-    """Restore the newest complete checkpoint (train.resume=auto) or the one named; else step 0."""
+def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ctx: DistContext) -> tuple[int, dict]:
+    """Restore the newest complete checkpoint (train.resume=auto) or the one named; else step 0.
+    Every rank reads the checkpoint itself (output_dir must be shared by all nodes)."""
     if cfg.train.resume == "never":
         return 0, {}
     path = (checkpoint.find_resume_checkpoint(Path(cfg.output_dir) / "checkpoints")
@@ -137,14 +164,22 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader) ->
         raise checkpoint.CheckpointError(
             f"checkpoint {path} does not match this model's trainable parameters "
             f"(missing: {sorted(set(params) - set(trainable))[:3]}, unexpected: {sorted(set(trainable) - set(params))[:3]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(trainable[name])
-    optimizer.load_state_dict(state["optimizer"])
+    if ctx.fsdp:  # every rank keeps its shard of the full tensors
+        from engine.fsdp import load_full_trainable_state
+        load_full_trainable_state(model, optimizer, trainable, state["optimizer"])
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(trainable[name])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    loader.load_state_dict(state["loader"])
-    checkpoint.restore_rng(state["rng"])
+    loader.load_state_dict(state["loader"])  # checks world_size; the position is the same on every rank
+    rng_ranks = state.get("rng_ranks", [state["rng"]])
+    if len(rng_ranks) != ctx.world_size:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds RNG states of {len(rng_ranks)} rank(s), "
+                                         f"this run has {ctx.world_size}: resume with the same number of processes")
+    checkpoint.restore_rng(rng_ranks[ctx.rank])
     print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
     return int(state["step"]), dict(state["counters"])
 
@@ -176,6 +211,9 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     from engine.evaluate import heldout_loss
 
     ctx = ctx or init_distributed(cfg.train.device)
+    if cfg.train.fsdp:
+        from engine.fsdp import ensure_process_group
+        ctx = ensure_process_group(ctx)
     out = Path(cfg.output_dir)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +222,7 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
      precision) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
-    start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader)
+    start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader, ctx)
     counters = {"tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0,
                 "eval_loss_before": None, **counters}
     metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main)
@@ -238,8 +276,10 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
             scheduler.step()
             resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
 
-            # 5. Book-keeping. Token counts come from the host-side batches (no sync).
-            tokens = all_reduce_sum_int(sum(b["num_tokens"] for b in micro), ctx)
+            # 5. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides
+            #    along so every rank stops (and checkpoints) at the same step.
+            tokens, stops = all_reduce_sum_ints([sum(b["num_tokens"] for b in micro), int(stop.requested)], ctx)
+            stop_now = stops > 0
             elapsed = time.perf_counter() - t0
             counters["tokens"] += tokens
             counters["loss_tokens"] += n_loss
@@ -251,7 +291,7 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
                 # sync: the loss leaves the device only on logging steps
                 last_loss = float(all_reduce_sum_tensor(step_loss, ctx).item()) / n_loss
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "tokens": counters["tokens"],
+                          "grad_norm": local_scalar(grad_norm), "tokens": counters["tokens"],
                           "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                           "loss_scale": scaler.scale, "peak_mem_gib": peak_memory_bytes(device) / 2**30}
                 metrics.write(record)
@@ -263,11 +303,10 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
             if tc.eval_every and step % tc.eval_every == 0:
                 evaluate(step)
                 plotter()
-            if (tc.save_every and step % tc.save_every == 0) or stop.requested:
-                if ctx.is_main:
-                    path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters)
+            if (tc.save_every and step % tc.save_every == 0) or stop_now:
+                path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
                 barrier(ctx)
-                if stop.requested:
+                if stop_now:
                     bar.close()
                     if ctx.is_main:
                         print(f"\ninterrupted at step {step}: checkpoint written to {path}; "
@@ -276,10 +315,9 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     bar.close()
 
     eval_loss_after = evaluate(tc.max_steps)
-    if ctx.is_main:
-        save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters)
-        from engine.adapter import save_adapter
-        save_adapter(model, out / "adapter", cfg.peft, base_model_name_or_path=cfg.model.path)
+    path = save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
+    if ctx.is_main:  # the final adapter is the last checkpoint's (already gathered under FSDP)
+        shutil.copytree(path / "adapter", out / "adapter", dirs_exist_ok=True)
     summary = {
         "steps": tc.max_steps, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
         "useful_tokens_per_s": counters["tokens"] / max(counters["train_seconds"], 1e-9),
