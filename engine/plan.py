@@ -593,3 +593,285 @@ def measure_step(model, batch: dict, *, chunk_size: int | None, precision: str =
 
 def batch_tensors(batch: dict) -> list:
     return [v for v in batch.values() if hasattr(v, "untyped_storage")]
+
+
+# ----------------------------------------------------------------------------- run config -> plan
+
+MAX_AUTO_MICRO_BATCH = 64
+"""micro_batch_size=auto never goes above this: past it, grad_accum is the lever."""
+
+
+def plan_settings(cfg, *, precision: str | None = None, base_dtype: str | None = None, cuda: bool = True) -> dict:
+    """predict() keyword arguments (all but seq_len / micro_batch) from a RunConfig.
+
+    precision "auto" plans for a T4 (fp16) unless `precision` says otherwise; model.dtype
+    "auto" means the precision's dtype. `packing` decides whether a mask exists (see
+    `predict_for`)."""
+    p = precision or (cfg.train.precision if cfg.train.precision != "auto" else "fp16")
+    base = base_dtype or (cfg.model.dtype if cfg.model.dtype != "auto" else p)
+    return dict(method=cfg.peft.method, r=cfg.peft.r, targets=cfg.peft.targets, precision=p,
+                base_dtype=base, activation_checkpointing=cfg.train.activation_checkpointing,
+                offload_activations=cfg.train.offload_activations, chunked_loss=cfg.train.chunked_loss,
+                loss_chunk_size=cfg.train.loss_chunk_size, optimizer=cfg.optim.name,
+                dropout=cfg.peft.dropout, double_quant=cfg.peft.double_quant, cuda=cuda,
+                packing=cfg.data.packing)
+
+
+def predict_for(model_config, seq_len: int, micro_batch: int, *, packing: bool = True, **settings) -> Breakdown:
+    """predict() where the mask follows the data layout: packed rows always carry a
+    block-diagonal mask; padded rows carry one when there is more than one row (padding)."""
+    return predict(model_config, seq_len=seq_len, micro_batch=micro_batch,
+                   masked=packing or micro_batch > 1, **settings)
+
+
+def max_micro_batch(model_config, seq_len: int, budget: int, *, limit: int = 4096, **settings) -> int:
+    """Largest micro-batch whose predicted total fits `budget` bytes at `seq_len` (0: none)."""
+    def fits(b: int) -> bool:
+        return predict_for(model_config, seq_len, b, **settings).total <= budget
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def max_seq_len(model_config, micro_batch: int, budget: int, *, step: int = 256, limit: int = 2**20,
+                **settings) -> int:
+    """Longest sequence (a multiple of `step`) whose predicted total fits `budget` (0: none)."""
+    def fits(t: int) -> bool:
+        return predict_for(model_config, t * step, micro_batch, **settings).total <= budget
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high * step <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit // step + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step
+
+
+def auto_micro_batch_size(cfg, model) -> int:
+    """train.micro_batch_size=auto: the largest micro-batch the planner fits in
+    train.memory_budget_gib at data.max_seq_len, for the model as built (its device decides the
+    precision; on a CPU the same budget is used without CUDA context and slack), capped at
+    MAX_AUTO_MICRO_BATCH. If even 1 does not fit, warns and returns 1."""
+    import torch
+
+    from engine import amp
+
+    device = next(model.parameters()).device
+    precision = amp.resolve_precision(cfg.train.precision, device)
+    embed = model.get_input_embeddings().weight
+    base = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(embed.dtype, precision)
+    settings = plan_settings(cfg, precision=precision, base_dtype=base, cuda=device.type == "cuda")
+    budget = int(cfg.train.memory_budget_gib * GIB)
+    best = max_micro_batch(model.config, cfg.data.max_seq_len, budget, limit=MAX_AUTO_MICRO_BATCH, **settings)
+    if best == 0:
+        need = predict_for(model.config, cfg.data.max_seq_len, 1, **settings).total
+        warnings.warn(f"train.micro_batch_size=auto: even one row of {cfg.data.max_seq_len} tokens is predicted "
+                      f"to need {need / GIB:.2f} GiB > train.memory_budget_gib={cfg.train.memory_budget_gib}; "
+                      "using 1. Try train.activation_checkpointing=true, train.chunked_loss=true, "
+                      "train.offload_activations=true or a smaller data.max_seq_len "
+                      "(python -m engine.plan shows the breakdown)")
+        return 1
+    print(f"micro_batch_size=auto: {best} rows of {cfg.data.max_seq_len} tokens "
+          f"(budget {cfg.train.memory_budget_gib} GiB, {precision}, {device.type})", file=sys.stderr)
+    return best
+
+
+# ----------------------------------------------------------------------------- report
+
+ROWS = (("quantized_weights", "base weights, 4-bit packed"), ("quant_state", "4-bit quantization state"),
+        ("float_weights", "16/32-bit weights (embeddings, norms, lm_head; all for lora)"),
+        ("lora_params", "LoRA params (fp32)"), ("lora_grads", "LoRA grads (fp32)"),
+        ("optimizer_state", "optimizer state"),
+        ("activations", "saved activations at end of forward"),
+        ("attention_masks", "  of which attention masks"),
+        ("loss_peak", "loss peak (lm_head + cross-entropy)"),
+        ("recompute_peak", "one block recomputed in backward"),
+        ("backward_transient", "backward transient of one block"),
+        ("allocator_slack", f"allocator slack ({ALLOCATOR_SLACK:.0%})"), ("cuda_context", "CUDA context"))
+SWITCHES = (("none", dict(activation_checkpointing=False, chunked_loss=False, offload_activations=False)),
+            ("checkpointing", dict(activation_checkpointing=True, chunked_loss=False, offload_activations=False)),
+            ("+ chunked loss", dict(activation_checkpointing=True, chunked_loss=True, offload_activations=False)),
+            ("+ offload", dict(activation_checkpointing=True, chunked_loss=True, offload_activations=True)))
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def make_report(model_config, *, seq_len: int, micro_batch: int, budget: int, settings: dict) -> dict:
+    """Everything `python -m engine.plan` prints, as a JSON-able dict."""
+    b = predict_for(model_config, seq_len, micro_batch, **settings)
+    switches = {}
+    for name, flags in SWITCHES:
+        s = {**settings, **flags}
+        switches[name] = {"total": predict_for(model_config, seq_len, micro_batch, **s).total,
+                          "max_micro_batch": max_micro_batch(model_config, seq_len, budget, **s),
+                          "max_seq_len": max_seq_len(model_config, micro_batch, budget, **s)}
+    return {"model_type": model_config.model_type, "seq_len": seq_len, "micro_batch": micro_batch,
+            "budget": budget, "settings": settings, "breakdown": b.as_dict(), "fits": b.total <= budget,
+            "max_micro_batch": max_micro_batch(model_config, seq_len, budget, **settings),
+            "max_seq_len": max_seq_len(model_config, micro_batch, budget, **settings), "switches": switches}
+
+
+def format_report(report: dict) -> str:
+    s, b = report["settings"], report["breakdown"]
+    lines = [f"{report['model_type']}: {s['method']} r={s['r']} targets={s['targets']} {s['precision']} "
+             f"{s['optimizer']}, {report['micro_batch']} x {report['seq_len']} tokens, "
+             f"{'packed' if s['packing'] else 'padded'}, checkpointing={s['activation_checkpointing']} "
+             f"chunked_loss={s['chunked_loss']} offload={s['offload_activations']}", "",
+             f"| {'component':<60} | GiB    |", f"|{'-' * 62}|--------|"]
+    lines += [f"| {label:<60} | {gib(b[key]):>6} |" for key, label in ROWS if b[key]]
+    lines += [f"| {'static (weights, LoRA, optimizer)':<60} | {gib(b['static']):>6} |",
+              f"| {'dynamic (activations + max(loss, backward); peak in ' + b['peak_phase'] + ')':<60} | {gib(b['dynamic']):>6} |",
+              f"| {'**predicted peak**':<60} | {gib(b['total']):>6} |"]
+    if b["host_offloaded"]:
+        lines.append(f"| {'(pinned CPU memory for offloaded activations)':<60} | {gib(b['host_offloaded']):>6} |")
+    verdict = "fits" if report["fits"] else "does NOT fit"
+    lines += ["", f"{verdict} in the budget of {gib(report['budget'])} GiB; largest micro-batch at "
+              f"{report['seq_len']} tokens: {report['max_micro_batch']}; longest sequence at micro-batch "
+              f"{report['micro_batch']}: {report['max_seq_len']} tokens", "",
+              "| switches | peak GiB | fits | max micro-batch | max seq len |", "|---|---|---|---|---|"]
+    for name, row in report["switches"].items():
+        lines.append(f"| {name} | {gib(row['total'])} | {'yes' if row['total'] <= report['budget'] else 'no'} "
+                     f"| {row['max_micro_batch']} | {row['max_seq_len']} |")
+    return "\n".join(lines)
+
+
+def _validate_for_planning(cfg) -> None:
+    """RunConfig.validate without the checks that need files the planner does not read."""
+    from engine.config import ConfigError
+
+    for section in (cfg.peft, cfg.optim, cfg.train, cfg.eval):
+        section.validate()
+    if not cfg.model.path.startswith("shape:"):
+        cfg.model.validate()
+    if not isinstance(cfg.data.max_seq_len, int) or cfg.data.max_seq_len < 8:
+        raise ConfigError(f"config key 'data.max_seq_len': must be an integer >= 8, got {cfg.data.max_seq_len!r}")
+
+
+def run_plan(raw: dict) -> dict:
+    """Plan from a raw config dict (Hydra's, resolved); `plan_json` (optional) names a JSON output file."""
+    from engine.config import from_dict
+
+    raw = dict(raw)
+    json_path = raw.pop("plan_json", None)
+    cfg = from_dict(raw)
+    _validate_for_planning(cfg)
+    model_config = load_model_config(cfg.model.path)
+    settings = plan_settings(cfg)
+    budget = int(cfg.train.memory_budget_gib * GIB)
+    micro_batch = cfg.train.micro_batch_size
+    if micro_batch == "auto":
+        micro_batch = max(1, min(MAX_AUTO_MICRO_BATCH,
+                                 max_micro_batch(model_config, cfg.data.max_seq_len, budget, **settings)))
+    report = make_report(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch,
+                         budget=budget, settings=settings)
+    report["model_path"] = cfg.model.path
+    print(format_report(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {json_path}", file=sys.stderr)
+    return report
+
+
+# ----------------------------------------------------------------------------- docs/PLANNER.md tables
+
+def _qlora(**over) -> dict:
+    base = dict(method="qlora", r=16, targets="all-linear", precision="fp16", base_dtype="fp16",
+                optimizer="paged_adamw_32bit", loss_chunk_size=1024, dropout=0.0, double_quant=True,
+                cuda=True, packing=True, activation_checkpointing=False, chunked_loss=False,
+                offload_activations=False)
+    return {**base, **over}
+
+
+def answers_markdown(budget_gib: float = 14.7) -> str:
+    """The prediction tables of docs/PLANNER.md (`python -m engine.plan --answers`)."""
+    budget = int(budget_gib * GIB)
+    out = []
+    llama = known_config("llama-3.1-8b")
+    for packing, title in ((True, "packed rows (block-diagonal mask, the engine's default)"),
+                           (False, "one document per row (no mask: SDPA is_causal, GQA not repeated)")):
+        out += [f"#### Llama-3.1-8B QLoRA, r16 all-linear, fp16, paged AdamW 32-bit, micro-batch 1, {title}", "",
+                "| tokens | " + " | ".join(n for n, _ in SWITCHES) + " |", "|---|" + "---|" * len(SWITCHES)]
+        for t in (2048, 8192, 16384, 32768):
+            cells = []
+            for _, flags in SWITCHES:
+                b = predict_for(llama, t, 1, **_qlora(packing=packing, **flags))
+                cells.append(f"{gib(b.total)} {'yes' if b.total <= budget else '**no**'}")
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        out.append("")
+    phi = known_config("phi-3-mini")
+    seed = dict(r=32, targets=["o_proj", "qkv_proj", "gate_up_proj", "down_proj", "lm_head"], optimizer="adamw",
+                packing=False, activation_checkpointing=True)
+    out += ["#### Phi-3-mini seed recipe: QLoRA nf4 r32 (o/qkv/gate_up/down/lm_head), fp16, checkpointing, "
+            "micro-batch 2, padded", "", "| tokens per row | loss | peak GiB | fits | loss peak GiB | largest micro-batch |",
+            "|---|---|---|---|---|---|"]
+    for t in (4096, 4608):
+        for chunked in (False, True):
+            s = _qlora(**seed, chunked_loss=chunked)
+            b = predict_for(phi, t, 2, **s)
+            out.append(f"| {t} | {'chunked' if chunked else 'full logits (as HF)'} | {gib(b.total)} | "
+                       f"{'yes' if b.total <= budget else '**no**'} | {gib(b.loss_peak)} | "
+                       f"{max_micro_batch(phi, t, budget, **s)} |")
+    out += ["", "#### T4 recipes (checkpointing + chunked loss, packed, fp16; QLoRA r16 all-linear, "
+            "paged AdamW 32-bit; SmolLM2: 16-bit LoRA)", "",
+            "| model | seq len | micro-batch | predicted peak GiB | switches | longest seq at micro-batch 1 (+ offload) |",
+            "|---|---|---|---|---|---|"]
+    for name in KNOWN_SHAPE_NAMES:
+        cfg = known_config(name)
+        method = "lora" if name == "smollm2-135m" else "qlora"
+        s = _qlora(method=method, activation_checkpointing=True, chunked_loss=True)
+        longest = max_seq_len(cfg, 1, budget, **s)
+        longest_off = max_seq_len(cfg, 1, budget, **{**s, "offload_activations": True})
+        for t in (2048, 4096, 8192):
+            mb = max_micro_batch(cfg, t, budget, limit=MAX_AUTO_MICRO_BATCH, **s)
+            if mb == 0:
+                out.append(f"| {name} | {t} | - | does not fit | ckpt + chunked | {longest} ({longest_off}) |")
+                continue
+            b = predict_for(cfg, t, mb, **s)
+            out.append(f"| {name} | {t} | {mb} | {gib(b.total)} | ckpt + chunked | {longest} ({longest_off}) |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _hydra_main():
+    import hydra
+    from omegaconf import OmegaConf
+
+    from engine.config import ConfigError, register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+                config_name="config")
+    def main(dcfg) -> None:
+        try:
+            run_plan(OmegaConf.to_container(dcfg, resolve=True))
+        except (ConfigError, PlanError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    main()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--answers"]:
+        print(answers_markdown())
+    else:
+        # the planner writes nothing: keep Hydra from creating the run's output_dir
+        if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
+            sys.argv.append("hydra.run.dir=.")
+        _hydra_main()
