@@ -349,6 +349,22 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes the base model only (every LoRA branch skipped)."""
+    modules = list(lora_modules(model).values())
+    if any(m.merged for m in modules):
+        raise RuntimeError("adapters_disabled: LoRA is merged into the base weights; unmerge_lora first")
+    previous = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.disabled = was
+
+
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo `merge_lora` (without unload) on every merged float-base LoRALinear."""
     for module in lora_modules(model).values():

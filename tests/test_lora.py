@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_model
-from engine.lora import (LoRALinear, LoRATargetError, find_targets, inject_lora, lora_modules, lora_state_dict,
+from engine.lora import (LoRALinear, adapters_disabled, LoRATargetError, find_targets, inject_lora, lora_modules, lora_state_dict,
                          mark_only_lora_trainable, merge_lora, parameter_report, target_modules_for_config,
                          unmerge_lora)
 
@@ -206,3 +206,20 @@ def test_parameter_report():
 def test_wraps_only_linears():
     with pytest.raises(LoRATargetError, match="Embedding"):
         LoRALinear(nn.Embedding(4, 4), r=2, alpha=4)
+
+
+def test_adapters_disabled_gives_the_base_model():
+    base, _ = make_tiny_model("phi3")
+    model = copy.deepcopy(base)
+    inject_lora(model, "all-linear", r=4, alpha=8)
+    _randomize_lora(model)
+    ids = _ids(base.config.vocab_size)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with adapters_disabled(model):
+            assert torch.equal(model(ids).logits, base(ids).logits)
+        assert torch.equal(model(ids).logits, adapted)
+        merge_lora(model)
+        with pytest.raises(RuntimeError, match="merged into the base weights"):
+            with adapters_disabled(model):
+                pass
