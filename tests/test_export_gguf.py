@@ -1,0 +1,93 @@
+"""GGUF export round-trips through transformers' GGUF reader: weights, logits, tokenizer, template."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.export_gguf import GGUFExportError, export_gguf, permute_qk
+from tests.conftest import make_tiny_model
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61, 120, 8, 77, 30, 2]])
+
+
+def test_permutation_is_undone_by_the_reader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.randn(4 * 16, 64)
+    for heads, kv in ((4, 4), (4, 2)):
+        rows = 16 * kv
+        permuted = permute_qk(w[:rows], kv).numpy()
+        back = LlamaTensorProcessor({})._reverse_permute_weights(permuted, heads, kv)
+        assert np.array_equal(back, w[:rows].numpy())
+        assert not np.array_equal(permuted, w[:rows].numpy())
+
+
+def _roundtrip(tmp_path, qtype: str, tie: bool):
+    model, tokenizer = make_tiny_model("llama", tie_word_embeddings=tie)
+    path = export_gguf(model, tokenizer, tmp_path / f"m-{qtype}.gguf", qtype)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected, got = model(input_ids=IDS).logits, back(input_ids=IDS).logits
+    return model, tokenizer, back, path, expected, got
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_f16_roundtrip_through_transformers(tmp_path, tie):
+    model, tokenizer, back, path, expected, got = _roundtrip(tmp_path, "f16", tie)
+    # every weight comes back as its f16 rounding (so names, permutation and layout are right)
+    theirs = back.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(theirs[name], tensor.half().float()), name
+    assert back.config.tie_word_embeddings is tie
+    assert (got - expected).abs().max() < 2e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    import gguf
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert ("output.weight" in names) is (not tie)
+
+
+def test_q8_0_roundtrip(tmp_path):
+    model, tokenizer, back, path, expected, got = _roundtrip(tmp_path, "q8_0", False)
+    import gguf
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert (got - expected).abs().max() < 0.1  # 8-bit blocks: looser than f16, far below the logit scale
+    assert expected.abs().max() > 1.0
+
+
+def test_tokenizer_and_template_roundtrip(tmp_path):
+    model, tokenizer = make_tiny_model("llama")
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ("The quick brown fox, 42!", "<|im_start|>user\nhello<|im_end|>\n", "déjà vu ünïcode"):
+        assert back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert back.eos_token == "<|im_end|>"
+    assert back.chat_template == tokenizer.chat_template
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    model, tokenizer = make_tiny_model("phi3")
+    with pytest.raises(GGUFExportError, match="llama-architecture .* 'phi3'"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+    model, tokenizer = make_tiny_model("llama")
+    with pytest.raises(GGUFExportError, match="one of f16, q8_0"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k")
+
+
+@pytest.mark.slow
+def test_merge_cli_writes_gguf_and_reports_its_drift(tmp_path):
+    from engine.merge import merge
+    from tests.conftest import make_tiny_model_dir
+    from tests.test_merge import make_adapter
+
+    model_dir = make_tiny_model_dir(tmp_path, "llama")
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    report = merge(str(model_dir), str(adapter), str(tmp_path / "out"), dtype="fp32", gguf="q8_0")
+    assert (tmp_path / "out" / "model-q8_0.gguf").is_file()
+    assert report["gguf"]["type"] == "q8_0"
+    assert 0 < report["gguf"]["drift"]["max_abs_logit_diff"] < 0.2
