@@ -285,21 +285,25 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | torc
     return model, tokenizer
 
 
-def enable_activation_checkpointing(model: nn.Module, offload: bool = False) -> None:
+def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
     """Recompute each decoder block in backward (torch.utils.checkpoint, use_reentrant=False).
 
     Non-reentrant checkpointing tracks grads into the LoRA weights inside a block even when the
     block's input (the frozen embeddings' output) does not require grad, so the
     `enable_input_require_grads` hook transformers adds is removed again (it would only make
     autograd compute a useless grad for the embeddings' output). Non-reentrant is also the
-    DDP-safe variant (FIELD.md bug 10). offload: transformers keeps the saved block inputs in
-    (pinned) CPU memory.
+    DDP-safe variant (FIELD.md bug 10).
+    offload: the saved block inputs (the checkpoints) go to pinned CPU memory through
+    `engine.offload.OffloadCheckpoints` (asynchronous side-stream copies on a GPU); returns that
+    offloader (its `stats` count what moved), else None.
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        if offload:
-            raise ValueError("activation offload needs transformers >= 5 (activation_checkpointing_enable)")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.disable_input_require_grads()
+    if not offload:
+        return None
+    from engine.offload import install_offload
+    return install_offload(model, **kwargs)

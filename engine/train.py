@@ -95,7 +95,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
         from engine.fsdp import apply_fsdp
         apply_fsdp(model, ctx)
