@@ -297,7 +297,7 @@ class Breakdown:
     static: quantized_weights + quant_state + float_weights + lora_params + lora_grads +
     optimizer_state. dynamic: activations (at the end of forward, on the GPU) plus the larger of
     loss_peak and recompute_peak + backward_transient. total = (static + dynamic) * (1 + slack)
-    + cuda_context. host_offloaded is pinned CPU memory, not part of total.
+    + cuda_context. host_offloaded is the pinned CPU memory of offloaded checkpoints, not in total.
     """
     quantized_weights: int = 0
     quant_state: int = 0
@@ -366,6 +366,9 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
         raise PlanError(f"peft.method: {method!r} is not lora or qlora")
     if precision not in DTYPE_BYTES:
         raise PlanError(f"train.precision: {precision!r} is not fp32, fp16 or bf16")
+    if offload_activations and not activation_checkpointing:
+        raise PlanError("train.offload_activations needs train.activation_checkpointing=true "
+                        "(what is offloaded are the block checkpoints, engine/offload.py)")
     if seq_len < 1 or micro_batch < 1:
         raise PlanError(f"seq_len and micro_batch must be >= 1, got {seq_len} and {micro_batch}")
     shape = model_shape(model_config)
@@ -411,16 +414,16 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     final = N * (4 * h + 4 + rs * h) if grad_on else 0  # final norm's fp32 copy + last hidden
     if activation_checkpointing:
         checkpoint = N * h * rs                     # each block's input, kept for the recompute
+        # offloaded (engine/offload.py): every checkpoint gets a pinned host copy; the GPU holds
+        # about two at a time (one being copied out in forward, one coming back in backward)
         on_gpu = min(L, 2) if offload_activations else L
-        out.host_offloaded = (L - on_gpu) * checkpoint
+        out.host_offloaded = L * checkpoint if offload_activations else 0
         out.attention_masks = bool_mask
         out.activations = on_gpu * checkpoint + bool_mask + rope + final
         out.recompute_peak = max(blocks) + (float_mask if grad_blocks else 0)
     else:
         out.attention_masks = grad_blocks * float_mask
-        kept = blocks if not offload_activations else sorted(blocks)[-2:]
-        out.host_offloaded = (sum(blocks) - sum(kept)) if offload_activations else 0
-        out.activations = sum(kept) + out.attention_masks + rope + final
+        out.activations = sum(blocks) + out.attention_masks + rope + final
     transient = block_backward_transient_per_token(shape, a=a, rs=rs) * N
     if method == "qlora":   # bitsandbytes dequantizes the whole weight for dX = dY W
         transient += max(fin * fout for _, fin, fout, _ in shape.linears) * a

@@ -254,8 +254,21 @@ def test_offload_moves_checkpoints_to_host():
     off = plan.predict_for(config, 16384, 1, **plan._qlora(activation_checkpointing=True, chunked_loss=True,
                                                            offload_activations=True))
     checkpoint = 16384 * 4096 * 2
-    assert on.activations - off.activations == 30 * checkpoint
-    assert off.host_offloaded == 30 * checkpoint
+    assert on.activations - off.activations == 30 * checkpoint   # 2 of 32 stay on the GPU
+    assert off.host_offloaded == 32 * checkpoint and on.host_offloaded == 0
+
+
+def test_host_offload_bytes_match_the_offloader():
+    from engine.offload import OffloadCheckpoints, install_offload
+
+    config = tiny(num_hidden_layers=3)
+    model = build(config, checkpointing=True)
+    offloader = install_offload(model, OffloadCheckpoints(min_bytes=1, copy_on_cpu=True))
+    batch = make_batch(config.vocab_size, 2, 128, packed=True)
+    model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    predicted = predict(config, seq_len=128, micro_batch=2, method="lora", r=8, precision="fp32",
+                        activation_checkpointing=True, offload_activations=True, cuda=False)
+    assert predicted.host_offloaded == offloader.stats["offloaded_bytes"] == 3 * 2 * 128 * 64 * 4
 
 
 def test_max_micro_batch_and_seq_len_are_the_boundary():
@@ -317,6 +330,7 @@ def test_bad_targets_are_named(targets, message):
     (dict(precision="fp8"), r"train.precision: 'fp8' is not fp32, fp16 or bf16"),
     (dict(optimizer="sgd"), r"optim.name: 'sgd' is not adamw"),
     (dict(seq_len=0), r"seq_len and micro_batch must be >= 1"),
+    (dict(offload_activations=True), r"train.offload_activations needs train.activation_checkpointing=true"),
 ])
 def test_bad_settings_are_named(kwargs, message):
     args = {"seq_len": 8, "micro_batch": 1, **kwargs}
