@@ -99,6 +99,7 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
             reference = all_logits(model, drift_inputs)
     tied_head = _lm_head_is_tied(model) and any(n.split(".")[-1] == "lm_head" for n in lora_modules(model))
     merge_lora(model, unload=True)
+    _drop_gguf_quantizer(model)
     if tied_head:  # the merged lm_head now differs from the input embeddings: save both
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
@@ -106,6 +107,20 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
     into = ("NF4-dequantized 4-bit weights" if from_dequantized else
             "original 16-bit weights (not the 4-bit weights the adapter was trained on)" if qlora else "base weights")
     return model, reference, into
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A GGUF base comes with transformers' GGUF quantizer attached, which refuses
+    save_pretrained. Its weights were dequantized on load (plain float tensors), so the merged
+    model is an ordinary float model: detach the quantizer and its config."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise MergeError("the GGUF base was loaded with its weights still in GGUF blocks (a GGUF kernel is "
+                         f"installed); merging needs them dequantized (e.g. {packed[0]})")
+    quantizer.remove_quantization_config(model)
 
 
 def _lm_head_is_tied(model) -> bool:

@@ -252,3 +252,20 @@ def test_cli_error_has_no_traceback(tmp_path, llama_and_adapter):
     assert proc.returncode == 1
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "not empty" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_gguf_base_merges_into_its_dequantized_tensors(tmp_path):
+    """A GGUF base (here a tiny Llama written by our exporter; the default SmolLM2 is one too):
+    the "original weights" are the GGUF tensors as transformers dequantizes them."""
+    from engine.export_gguf import export_gguf
+    from tests.conftest import make_tiny_model
+
+    model, tokenizer = make_tiny_model("llama")
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    path = export_gguf(model, tokenizer, gguf_dir / "tiny.gguf", "f16")
+    adapter = make_adapter(path, tmp_path / "adapter")
+    report = merge(str(path), str(adapter), str(tmp_path / "merged"), dtype="fp32")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert (plain_logits(tmp_path / "merged") - ours_logits(path, adapter)).abs().max() < 1e-4
+    assert report["drift"]["max_abs_logit_diff"] < 1e-4
