@@ -124,8 +124,27 @@ def gather_to_main(obj, ctx: DistContext) -> list | None:
     if not ctx.enabled:
         return [obj]
     out = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+    # tensors travel as numpy arrays: torch 2.13's gather_object fails to unpickle CPU tensors
+    # ("UntypedStorage has no attribute dtype")
+    dist.gather_object(_map_tensors(obj, lambda t: _AsNumpy(t.cpu().numpy())), out, dst=0)
+    if out is None:
+        return None
+    return [_map_tensors(o, lambda a: torch.from_numpy(a.array), leaf=_AsNumpy) for o in out]
+
+
+class _AsNumpy:
+    def __init__(self, array):
+        self.array = array
+
+
+def _map_tensors(obj, fn, leaf=torch.Tensor):
+    if isinstance(obj, leaf):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn, leaf) for v in obj)
+    return obj
 
 
 def barrier(ctx: DistContext) -> None:
