@@ -32,7 +32,7 @@ import re
 import sys
 import warnings
 import weakref
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 GIB = 2**30

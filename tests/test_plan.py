@@ -9,7 +9,6 @@ context, no allocator slack).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
