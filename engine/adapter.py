@@ -2,10 +2,18 @@
 
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  [r, in]   fp32
                                 base_model.model.<module path>.lora_B.weight  [out, r]  fp32
-    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
+                                base_model.model.<module path>.lora_magnitude_vector  [out]  fp32 (DoRA)
+    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, use_dora, ...
 
 PEFT writes the same keys (no adapter name); `load_adapter` also accepts keys without the
-`base_model.model.` prefix or with an adapter name (`lora_A.default.weight`).
+`base_model.model.` prefix or with an adapter name (`lora_A.default.weight`,
+`lora_magnitude_vector.default.weight`).
+
+Variants: DoRA adapters are saved as PEFT saves them (`use_dora: true` + the magnitudes). A PiSSA
+adapter is saved *converted* to the plain rank-2r LoRA it amounts to on the original base
+weights (engine/pissa.py; PEFT's `path_initial_model_for_weight_conversion`), so it loads
+wherever a LoRA adapter does. Adapters that still need a mutated base (PEFT files saved with
+init_lora_weights = "pissa", "olora", "corda", "loftq", ... without conversion) are refused.
 """
 
 from __future__ import annotations
@@ -19,12 +27,17 @@ import torch
 from torch import nn
 
 from engine.config import PeftConfig
-from engine.lora import inject_lora, lora_modules, mark_only_lora_trainable, target_modules_for_config
+from engine.lora import inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable, target_modules_for_config
+from engine.pissa import converted_alpha, is_pissa, pissa_to_lora
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+_KEY = re.compile(r"(?P<module>.+)\.(?:(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+                 r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)")
+# init_lora_weights values of PEFT methods that change the base weights: such a file only works
+# on that changed base (PEFT converts them to plain LoRA with path_initial_model_for_weight_conversion).
+_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class AdapterError(ValueError):
@@ -42,28 +55,46 @@ def _atomic_write(path: str, write) -> None:
 
 
 def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_model_name_or_path: str) -> None:
-    """Write adapter_model.safetensors + adapter_config.json for every LoRALinear in `model`."""
+    """Write adapter_model.safetensors + adapter_config.json for every LoRALinear in `model`.
+
+    DoRA layers add their magnitudes (`use_dora: true`). PiSSA layers (peft_cfg.init == "pissa")
+    are written converted: A' = [A; A0], B' = [B, -B0], r' = 2r, alpha' = `converted_alpha`,
+    `init_lora_weights: true`, i.e. a plain LoRA adapter for the original base weights."""
     from safetensors.torch import save_file
 
     modules = lora_modules(model)
     if not modules:
         raise AdapterError("save_adapter: the model has no LoRA layers")
+    pissa = peft_cfg.init == "pissa"
     for name, m in modules.items():
         if m.r != peft_cfg.r or m.alpha != peft_cfg.alpha or m.use_rslora != peft_cfg.use_rslora:
             raise AdapterError(f"save_adapter: layer {name} has r={m.r}, alpha={m.alpha}, rslora={m.use_rslora} but "
                                f"peft config says r={peft_cfg.r}, alpha={peft_cfg.alpha}, rslora={peft_cfg.use_rslora}")
         if m.merged:
             raise AdapterError(f"save_adapter: layer {name} is merged; unmerge before saving the adapter")
+        dora = getattr(m, "lora_magnitude_vector", None) is not None
+        if dora != peft_cfg.use_dora:
+            raise AdapterError(f"save_adapter: layer {name} is {'a DoRA' if dora else 'a plain LoRA'} layer but "
+                               f"peft config says use_dora={peft_cfg.use_dora}")
+        if is_pissa(m) != pissa:
+            raise AdapterError(f"save_adapter: layer {name} {'has' if is_pissa(m) else 'has no'} PiSSA initial "
+                               f"weights but peft config says init={peft_cfg.init!r}")
     tensors = {}
-    for name, m in modules.items():
+    for key, value in lora_state_dict(model).items():
         # one sync per tensor, deliberate: files need CPU memory; contiguous fp32 copies
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+        tensors[PREFIX + key] = value.detach().float().contiguous().cpu()
+    r, alpha = peft_cfg.r, peft_cfg.alpha
+    if pissa:  # the change to the original W, as a rank-2r plain LoRA (engine/pissa.py)
+        for name, m in modules.items():
+            a, b = pissa_to_lora(m)
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
+        r, alpha = 2 * r, converted_alpha(alpha, peft_cfg.use_rslora)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": peft_cfg.r,
-        "lora_alpha": peft_cfg.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": peft_cfg.dropout,
         "target_modules": target_modules_for_config(model, peft_cfg.targets),
         "bias": "none",
@@ -72,7 +103,7 @@ def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_mode
         "base_model_name_or_path": base_model_name_or_path,
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": peft_cfg.use_dora,
         "inference_mode": True,
         "revision": None,
         "layers_to_transform": None,
@@ -105,7 +136,6 @@ def read_adapter_config(adapter_dir: str) -> dict:
         if key not in config:
             raise AdapterError(f"{path}: missing field {key!r}")
     unsupported = {"peft_type": (config.get("peft_type", "LORA"), "LORA"),
-                   "use_dora": (config.get("use_dora") or False, False),
                    "bias": (config.get("bias") or "none", "none"),
                    "modules_to_save": (config.get("modules_to_save") or None, None),
                    "fan_in_fan_out": (config.get("fan_in_fan_out") or False, False),
@@ -115,6 +145,11 @@ def read_adapter_config(adapter_dir: str) -> dict:
     for key, (value, supported) in unsupported.items():
         if value != supported:
             raise AdapterError(f"{path}: {key}={value!r} is not supported (only {supported!r})")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+        raise AdapterError(f"{path}: init_lora_weights={init!r}: this adapter applies to base weights that "
+                           f"{init!r} initialisation changed, not to the original model; convert it to a plain "
+                           "LoRA adapter first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     return config
 
 
@@ -135,10 +170,11 @@ def _is_unchanged_base_weight(params: dict[str, torch.Tensor], name: str, tensor
 def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
     """Load an adapter written by `save_adapter` or by PEFT into `model` (in place; returns it).
 
-    Injects LoRA per adapter_config.json when the model has none yet (otherwise checks the
-    existing layers have the config's scaling), then copies every A/B tensor in, checking that
-    each key names a LoRA layer, each shape fits and every LoRA layer gets both tensors.
-    `is_trainable` leaves A/B trainable (resume); otherwise the whole model is frozen.
+    Injects LoRA (DoRA with `use_dora: true`) per adapter_config.json when the model has none yet
+    (otherwise checks the existing layers have the config's scaling and variant), then copies
+    every tensor in, checking that each key names a LoRA layer, each shape fits and every LoRA
+    layer gets all its tensors (A, B, and the magnitude for DoRA).
+    `is_trainable` leaves the adapter trainable (resume); otherwise the whole model is frozen.
     """
     from safetensors import safe_open
 
@@ -147,16 +183,20 @@ def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False)
     if not os.path.isfile(weights_path):
         raise AdapterNotFoundError(f"{weights_path} does not exist")
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    dora = bool(config.get("use_dora") or False)
     modules = lora_modules(model)
     if not modules:
         inject_lora(model, _targets_from_config(config["target_modules"]), r, alpha,
-                    float(config.get("lora_dropout") or 0.0), rslora, require_each=False)
+                    float(config.get("lora_dropout") or 0.0), rslora, require_each=False, use_dora=dora)
         modules = lora_modules(model)
     scaling = alpha / math.sqrt(r) if rslora else alpha / r
     for name, m in modules.items():
         if not math.isclose(m.scaling, scaling):
             raise AdapterError(f"{adapter_dir}: layer {name} has LoRA scaling {m.scaling:g}, the adapter config "
                                f"gives {scaling:g} (r={r}, lora_alpha={alpha}, use_rslora={rslora})")
+        if (getattr(m, "lora_magnitude_vector", None) is not None) != dora:
+            raise AdapterError(f"{adapter_dir}: layer {name} is {'not ' if dora else ''}a DoRA layer but the adapter "
+                               f"config has use_dora={dora}")
 
     params = dict(model.named_parameters(remove_duplicate=False))
     seen: set[tuple[str, str]] = set()
@@ -169,15 +209,21 @@ def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False)
             if module is None:
                 raise AdapterError(f"{weights_path}: key {key!r} matches no LoRA layer of the model "
                                    f"(LoRA layers look like {sorted(modules)[:2]})")
-            target = getattr(module, match["which"]).weight
+            which = match["which"] or match["magnitude"]
+            if which == "lora_magnitude_vector" and not dora:
+                raise AdapterError(f"{weights_path}: key {key!r} is a DoRA magnitude but {CONFIG_NAME} has "
+                                   "use_dora=false")
+            target = module.lora_magnitude_vector if match["magnitude"] else getattr(module, which).weight
             tensor = f.get_tensor(key)
             if tensor.shape != target.shape:
+                slot = which if match["magnitude"] else which + ".weight"
                 raise AdapterError(f"{weights_path}: key {key!r} has shape {tuple(tensor.shape)}, the model's "
-                                   f"{match['module']}.{match['which']}.weight has {tuple(target.shape)}")
+                                   f"{match['module']}.{slot} has {tuple(target.shape)}")
             with torch.no_grad():
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-            seen.add((match["module"], match["which"]))
-    missing = [f"{PREFIX}{n}.{w}.weight" for n in modules for w in ("lora_A", "lora_B") if (n, w) not in seen]
+            seen.add((match["module"], which))
+    kinds = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
+    missing = [f"{PREFIX}{n}.{k}" for n in modules for k in kinds if (n, k.removesuffix(".weight")) not in seen]
     if missing:
         raise AdapterError(f"{weights_path}: no tensor for key {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

@@ -7,6 +7,11 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106
 QLoRA (W stored in 4 bits): Dettmers et al. 2023 (arXiv:2305.14314); rsLoRA scaling:
 Kalajdzievski 2023 (arXiv:2312.03732).
 
+Research variants, each one config switch (PeftConfig) and one small file:
+  DoRA (use_dora)      engine/dora.py: `DoRALinear(LoRALinear)`, magnitude x direction
+  PiSSA (init=pissa)   engine/pissa.py: A, B from the top-r SVD of W, base keeps the residual
+  LoRA+ (loraplus_ratio) engine/optim.py: B's learning rate is ratio x A's
+
 The swap is explicit: `inject_lora` replaces each targeted linear by a `LoRALinear` that keeps
 the original module as `base_layer`, so module paths and state-dict keys stay the ones PEFT uses
 (`<path>.base_layer.weight`, `<path>.lora_A.weight`, `<path>.lora_B.weight`).
@@ -86,18 +91,38 @@ class LoRALinear(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    fused: bool = True
+    """Speed switch (train.fused_lora): add the update inside B's GEMM, out + s * (xA^T) B^T as one
+    addmm, instead of three passes over [tokens, out] (B's matmul, the scale, the add) and their
+    backward counterparts. Same math; used when `out` and the branch share a dtype."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)                                        # [..., out]
         if self.merged or self.disabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                          # fp32 branch
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # [..., r] -> [..., out]
+        xa = self.lora_A(self.lora_dropout(x))                          # [..., r]
+        if self.fused and xa.dtype == out.dtype:
+            # addmm(out, xa, B^T, alpha=s) = out + s * xa @ B^T; under autocast it runs in the
+            # autocast dtype like the plain path. In backward the scale lands on the [r]-wide
+            # gradients (of xa and of B), never on a [tokens, out] tensor.
+            flat = torch.addmm(out.reshape(-1, self.out_features), xa.reshape(-1, self.r),
+                               self.lora_B.weight.t(), alpha=self.scaling)
+            return flat.view(out.shape)
+        update = self.lora_B(xa) * self.scaling                         # [..., r] -> [..., out]
         return out + update.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """s * B @ A in fp32, shape [out, in]: what merging adds to W."""
+        """s * B @ A in fp32, shape [out, in]: what merging adds to W (DoRA also rescales the rows)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    # What merge stores in place of W, and how unmerge gets W back; DoRALinear overrides both.
+    def _merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float() + self.delta_weight().detach()             # W + s*B@A, fp32
+
+    def _unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        return merged.float() - self.delta_weight().detach()
 
     def merge(self, untie: bool = False) -> None:
         """W <- W + s*B@A for a float base (sum in fp32, stored in W's dtype). `untie=True` gives
@@ -107,7 +132,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRA is already merged into this layer; unmerge() first")
         weight = self.base_layer.weight
-        merged = (weight.detach().float() + self.delta_weight().detach()).to(weight.dtype)
+        merged = self._merged_weight(weight.detach()).to(weight.dtype)
         if untie:
             self._shared_weight = weight
             self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
@@ -126,19 +151,20 @@ class LoRALinear(nn.Module):
         else:
             weight = self.base_layer.weight
             with torch.no_grad():
-                weight.copy_((weight.float() - self.delta_weight().detach()).to(weight.dtype))
+                weight.copy_(self._unmerged_weight(weight).to(weight.dtype))
         self.merged = False
 
     def merged_linear(self) -> nn.Linear:
         """A new float nn.Linear holding dequantize(W) + s*B@A (for a 4-bit base: QLoRA merge,
-        in the dtype the weight was quantized from) or W + s*B@A (float base, same dtype)."""
+        in the dtype the weight was quantized from) or W + s*B@A (float base, same dtype);
+        for DoRA the rescaled sum (see `_merged_weight`)."""
         weight = dequantize_weight(self.base_layer)
         bias = self.base_layer.bias
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                            device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            delta = 0.0 if self.merged else self.delta_weight()
-            linear.weight.copy_((weight.float() + delta).to(weight.dtype))
+            merged = weight.float() if self.merged else self._merged_weight(weight)
+            linear.weight.copy_(merged.to(weight.dtype))
             if bias is not None:
                 linear.bias.copy_(bias)
         linear.requires_grad_(False)
@@ -239,60 +265,56 @@ def target_modules_for_config(model: nn.Module, targets: str | Iterable[str]) ->
 # ----------------------------------------------------------------------------- injection
 
 def inject_lora(model: nn.Module, targets: str | Iterable[str], r: int, alpha: float,
-                dropout: float = 0.0, use_rslora: bool = False, require_each: bool = True) -> list[str]:
-    """Replace every targeted linear (see `find_targets`) by a `LoRALinear`; returns their names.
+                dropout: float = 0.0, use_rslora: bool = False, require_each: bool = True,
+                use_dora: bool = False) -> list[str]:
+    """Replace every targeted linear (see `find_targets`) by a `LoRALinear` (a `DoRALinear` with
+    use_dora); returns their names.
 
     A and B are drawn from the global torch RNG in module order, so seed before calling.
     Does not freeze anything: call `mark_only_lora_trainable` after.
     """
+    layer_cls = LoRALinear
+    if use_dora:
+        from engine.dora import DoRALinear  # engine.dora imports this module
+        layer_cls = DoRALinear
     names = find_targets(model, targets, require_each)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, leaf)
-        setattr(parent, leaf, LoRALinear(base, r, alpha, dropout, use_rslora))
+        setattr(parent, leaf, layer_cls(base, r, alpha, dropout, use_rslora))
     return names
+
+
+def set_fused_lora(model: nn.Module, fused: bool) -> None:
+    """Turn the fused addmm forward of every LoRALinear on or off (train.fused_lora)."""
+    for m in lora_modules(model).values():
+        m.fused = fused
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block every LoRALinear computes its base layer alone (y = W x + b): the base
-    model's outputs without unloading anything (evaluation's "before" column, merge drift).
-    A merged layer cannot be switched off (its W already holds s*B@A): that is an error."""
-    modules = lora_modules(model)
-    merged = [n for n, m in modules.items() if m.merged]
-    if merged:
-        raise RuntimeError(f"adapters_disabled: layer {merged[0]} is merged; unmerge_lora() first")
-    previous = {n: m.disabled for n, m in modules.items()}
-    for m in modules.values():
-        m.disabled = True
-    try:
-        yield model
-    finally:
-        for n, m in modules.items():
-            m.disabled = previous[n]
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<module path>.lora_A.weight": [r, in], "<module path>.lora_B.weight": [out, r]} (fp32)."""
+    """{"<module path>.lora_A.weight": [r, in], "<module path>.lora_B.weight": [out, r]} (fp32),
+    plus "<module path>.lora_magnitude_vector": [out] for DoRA layers (PEFT's key names)."""
     out = {}
     for name, m in lora_modules(model).items():
         out[f"{name}.lora_A.weight"] = m.lora_A.weight
         out[f"{name}.lora_B.weight"] = m.lora_B.weight
+        if getattr(m, "lora_magnitude_vector", None) is not None:
+            out[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
     return out
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad=True for LoRA A/B, False for every other parameter (the frozen base)."""
+    """requires_grad=True for the adapter tensors (LoRA A/B, DoRA magnitude), False for every
+    other parameter (the frozen base)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in lora_modules(model).values():
-        m.lora_A.weight.requires_grad_(True)
-        m.lora_B.weight.requires_grad_(True)
+    for p in lora_state_dict(model).values():
+        p.requires_grad_(True)
 
 
 class ParameterReport(NamedTuple):
@@ -351,18 +373,35 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes the base model only (every LoRA branch skipped)."""
+    """Inside the block the model computes the base model only (evaluation's "before" column,
+    merge drift) without unloading anything: every LoRA branch is skipped (y = W x + b).
+
+    A PiSSA layer's base holds the residual W_res = W - s*B0@A0 (engine/pissa.py), so instead
+    of being skipped it runs with its initial A0, B0: W_res + s*B0@A0 = W up to fp32 rounding
+    (for QLoRA: quantize(W_res) + s*B0@A0). A merged layer cannot be switched off (its W already
+    holds s*B@A): that is an error."""
     modules = list(lora_modules(model).values())
     if any(m.merged for m in modules):
         raise RuntimeError("adapters_disabled: LoRA is merged into the base weights; unmerge_lora first")
     previous = [m.disabled for m in modules]
-    for m in modules:
-        m.disabled = True
+    swapped = []  # (module, trained A, trained B) of PiSSA layers running their initial adapter
+    with torch.no_grad():
+        for m in modules:
+            if getattr(m, "pissa_A0", None) is not None:
+                swapped.append((m, m.lora_A.weight.clone(), m.lora_B.weight.clone()))
+                m.lora_A.weight.copy_(m.pissa_A0)
+                m.lora_B.weight.copy_(m.pissa_B0)
+            else:
+                m.disabled = True
     try:
         yield model
     finally:
         for m, was in zip(modules, previous):
             m.disabled = was
+        with torch.no_grad():
+            for m, a, b in swapped:
+                m.lora_A.weight.copy_(a)
+                m.lora_B.weight.copy_(b)
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:

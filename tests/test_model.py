@@ -191,8 +191,8 @@ def test_build_model(tmp_path, method):
 
 
 def test_build_model_rejects_unsupported_options(tmp_path):
-    with pytest.raises(ValueError, match="use_dora=True"):
-        build_model(ModelConfig(path=str(tmp_path)), PeftConfig(use_dora=True), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="use_dora=True with peft.init='pissa' is not supported"):
+        build_model(ModelConfig(path=str(tmp_path)), PeftConfig(use_dora=True, init="pissa"), "cpu", torch.float32)
 
 
 def test_activation_checkpointing_gives_the_same_grads(tmp_path):
