@@ -124,8 +124,10 @@ from engine.fsdp import apply_fsdp, full_trainable_state, load_full_trainable_st
 from engine.loss import causal_lm_loss
 from engine.model import build_model
 
+# also run by scripts/gpu_check_fsdp.sh with device cuda (python -c "...WORKER..." > worker.py)
 model_dir, out = sys.argv[1], sys.argv[2]
-ctx = ensure_process_group(init_distributed("cpu"))
+device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+ctx = ensure_process_group(init_distributed(device))
 rank, W = ctx.rank, ctx.world_size
 report = {}
 
@@ -134,15 +136,15 @@ def batch(r):
     ids = torch.randint(3, 300, (2, 12), generator=g)
     labels = torch.roll(ids, -1, 1); labels[:, -1] = -100; labels[0, :3 + r] = -100
     pos = torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    return {"input_ids": ids.to(ctx.device), "labels": labels.to(ctx.device), "position_ids": pos.to(ctx.device)}
 
 def make(method):
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(path=model_dir), PeftConfig(method=method, r=4, alpha=8), "cpu", torch.float32)
+    model, _ = build_model(ModelConfig(path=model_dir), PeftConfig(method=method, r=4, alpha=8), ctx.device, torch.float32)
     with torch.no_grad():  # non-zero B: every LoRA weight gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()))) * 0.1)
     model.train()
     return model
 
@@ -174,9 +176,10 @@ for method in ("lora", "qlora"):
     params, optim = full_trainable_state(model, opt)
     if rank == 0:
         assert set(params) == set(ref_grads), "full state dict holds exactly the LoRA weights"
-        upd_diff = max((params[n] - (p.detach() - 0.5 * ref_grads[n])).abs().max().item()
+        upd_diff = max((params[n] - (p.detach().cpu() - 0.5 * ref_grads[n].cpu())).abs().max().item()
                        for n, p in ref.named_parameters() if p.requires_grad)
-        report[method] = {"loss_diff": loss_diff, "grad_max_abs_diff": grad_diff, "update_max_abs_diff": upd_diff,
+        storage = {str(m.weight.dtype) for m in model.modules() if type(m).__name__ == "Linear4bit"}
+        report[method] = {"quant_storage": sorted(storage), "loss_diff": loss_diff, "grad_max_abs_diff": grad_diff, "update_max_abs_diff": upd_diff,
                           "n_trainable": len(params)}
     # round trip: every rank loads rank 0's full dicts (as after reading a checkpoint)
     shared = [params, optim]
@@ -220,4 +223,5 @@ def test_two_process_fsdp_step_equals_unsharded_step(tmp_path):
         assert r["grad_max_abs_diff"] < 1e-6, r
         assert r["update_max_abs_diff"] < 1e-6, r
         assert r["round_trip_equal"], r
+        assert r["quant_storage"] == (["torch.float32"] if method == "qlora" else []), r  # the base dtype
     assert len(report["errors"]) == 2 and "trainable state does not match the model" in report["errors"][0]
