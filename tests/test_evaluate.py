@@ -226,3 +226,24 @@ def test_cli_bad_inputs(cli_setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_training_run_reports_generation_scores(tmp_path, capsys):
+    """engine.train with eval.generate=true (QLoRA: generation on a 4-bit base) puts the table in
+    the summary, prints it, and writes the generations next to the run."""
+    from engine.config import OptimConfig, TrainConfig
+    from engine.train import run_training
+
+    model_dir = make_tiny_model_dir(tmp_path, "llama")
+    train, evalf = write_chats(tmp_path / "train.jsonl", 16, seed=1), write_chats(tmp_path / "eval.jsonl", 4, seed=2)
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=ModelConfig(path=str(model_dir)),
+                    data=DataConfig(train_path=str(train), eval_path=str(evalf), max_seq_len=64),
+                    peft=PeftConfig(method="qlora", r=4, alpha=8), optim=OptimConfig(lr=3e-2),
+                    train=TrainConfig(max_steps=3, micro_batch_size=2, plots=False),
+                    eval=EvalConfig(generate=True, max_examples=4, max_new_tokens=6)).validate()
+    summary = run_training(cfg)
+    table = summary["scores"]["table"]
+    assert set(table) == {"exact_match", "token_f1", "rouge_l"} and summary["scores"]["examples"] == 4
+    assert "| rouge_l |" in capsys.readouterr().out
+    assert len((tmp_path / "run" / "generations.jsonl").read_text().splitlines()) == 4
