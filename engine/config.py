@@ -204,6 +204,9 @@ class TrainConfig:
     the full [tokens, vocab] logits never exist."""
     loss_chunk_size: int = 1024
     """Tokens per lm_head/cross-entropy chunk."""
+    fused_lora: bool = True
+    """LoRA forward as one addmm, out + s * (x A^T) B^T, instead of B's matmul, a scale and an add
+    over [tokens, out] (speed only, same math; benchmarks/results/throughput_*.md has the row)."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"
