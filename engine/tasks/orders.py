@@ -1,7 +1,7 @@
 """The quickstart task: free-text shop orders -> one canonical JSON object.
 
-A user writes an order in free text ("Hi, this is Anna Berg. Could you send 3 blue mugs and a
-grey scarf to 12 Elm Street, Oslo? Express please."); the assistant answers with the order in a
+A user writes an order in free text ("Hi, could you send 3 blue mugs and a grey scarf to Anna
+Berg, 12 Elm Street, Oslo? Express please."); the assistant answers with the order in a
 fixed JSON shape, compact separators, fixed key order, items in the order they are mentioned:
 
     {"customer":"Anna Berg","items":[{"product":"mug","color":"blue","qty":3},
@@ -15,8 +15,11 @@ express / overnight / rush delivery and "standard" otherwise (said or unsaid). T
 held-out examples are new combinations. Everything is drawn from `random.Random(seed)`: the same
 (n, seed) gives the same examples on every machine and Python version.
 
-SmolLM2-135M-Instruct gets ~0% exact match zero-shot; a few minutes of LoRA on a CPU lifts it
-far above that (see README), which is what makes it a quickstart.
+Measured (HF + PEFT as the oracle, CPU, greedy, first 30 held-out examples): SmolLM2-135M-Instruct
+zero-shot gets 0% exact match (3% valid JSON); LoRA r=16 alpha=32 on all linears, lr 2e-3
+cosine, assistant-only loss, 8 examples (~1.2k tokens) per step: 70% after 20 steps and 80%
+after 30 steps (100% valid JSON; customer, city, shipping 100%; items 80%, mostly "a pair of" -> 2).
+Examples are ~148 tokens with the ChatML template (44 system, ~37 user, ~52 answer incl. <|im_end|>).
 """
 
 from __future__ import annotations
