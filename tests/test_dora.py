@@ -365,3 +365,37 @@ def test_inject_plain_lora_is_not_dora():
     inject_lora(model, ["q_proj"], r=2, alpha=4)
     assert all(type(m) is LoRALinear for m in lora_modules(model).values())
     assert not any("magnitude" in k for k in lora_state_dict(model))
+
+
+def test_run_training_trains_and_saves_the_magnitudes(tmp_path):
+    """Through engine.train.run_training: the magnitudes train, land in the checkpoint and in the
+    adapter, and PEFT loads the adapter with the same logits as ours."""
+    from engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from engine.config import DataConfig, RunConfig, TrainConfig
+    from engine.model import load_base_model
+    from engine.train import run_training
+    model_dir = make_tiny_model_dir(tmp_path, "llama")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i}"},
+                                             {"role": "assistant", "content": " ".join(map(str, range(i + 1)))}]}) + "\n")
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=ModelConfig(path=str(model_dir)),
+                    data=DataConfig(train_path=str(tmp_path / "train.jsonl"), max_seq_len=64,
+                                    cache_dir=str(tmp_path / "cache")),
+                    peft=PeftConfig(r=4, alpha=8.0, use_dora=True), optim=OptimConfig(lr=1e-2),
+                    train=TrainConfig(max_steps=3, micro_batch_size=2, plots=False)).validate()
+    run_training(cfg)
+    _, trainable = load_checkpoint(find_resume_checkpoint(tmp_path / "run" / "checkpoints"))
+    magnitudes = {k: v for k, v in trainable.items() if k.endswith("lora_magnitude_vector")}
+    assert len(magnitudes) == 14
+    base = load_base_model(str(model_dir))
+    initial = base.get_submodule("model.layers.0.self_attn.q_proj").weight.norm(dim=1)
+    assert not torch.allclose(magnitudes["model.layers.0.self_attn.q_proj.lora_magnitude_vector"], initial)
+    adapter = str(tmp_path / "run" / "adapter")
+    ours = load_adapter(copy.deepcopy(base), adapter)
+    assert torch.equal(ours.get_submodule("model.layers.0.self_attn.q_proj").lora_magnitude_vector,
+                       magnitudes["model.layers.0.self_attn.q_proj.lora_magnitude_vector"])
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
+    ids = _ids(base.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)

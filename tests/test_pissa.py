@@ -267,3 +267,38 @@ def test_build_model_pissa_is_deterministic_and_unchanged(tmp_path):
     ids = _ids(base.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(models[0](ids).logits, base(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_run_training_writes_the_converted_adapter(tmp_path):
+    """Through engine.train.run_training: the adapter the run writes, applied to the ORIGINAL base
+    (our loader and PEFT's), equals the trained PiSSA model rebuilt from its checkpoint."""
+    from engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from engine.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+    from engine.model import build_model, load_base_model
+    from engine.train import run_training
+    model_dir = make_tiny_model_dir(tmp_path, "llama")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i}"},
+                                             {"role": "assistant", "content": " ".join(map(str, range(i + 1)))}]}) + "\n")
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=ModelConfig(path=str(model_dir)),
+                    data=DataConfig(train_path=str(tmp_path / "train.jsonl"), max_seq_len=64,
+                                    cache_dir=str(tmp_path / "cache")),
+                    peft=PeftConfig(r=4, alpha=8.0, init="pissa"), optim=OptimConfig(lr=1e-2),
+                    train=TrainConfig(max_steps=3, micro_batch_size=2, plots=False)).validate()
+    run_training(cfg)
+    _, trainable = load_checkpoint(find_resume_checkpoint(tmp_path / "run" / "checkpoints"))
+    torch.manual_seed(cfg.train.seed)
+    trained, _ = build_model(cfg.model, cfg.peft, "cpu", torch.float32)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                p.copy_(trainable[name])
+    adapter = str(tmp_path / "run" / "adapter")
+    ours = load_adapter(load_base_model(str(model_dir)), adapter)
+    reference = peft.PeftModel.from_pretrained(load_base_model(str(model_dir)), adapter).eval()
+    ids = _ids(trained.config.vocab_size)
+    with torch.no_grad():
+        expected = trained(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reference(ids).logits, expected, atol=1e-5, rtol=0)
