@@ -43,6 +43,8 @@ class ModelConfig:
     def validate(self) -> None:
         _one_of("model.dtype", self.dtype, ("auto", "fp32", "fp16", "bf16"))
         _one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        if self.path in ("", "???", "required"):
+            _fail("model.path", "is not set: pass model.path=<HF model directory or .gguf file>")
         if self.path != "default" and not os.path.exists(self.path):
             _fail("model.path", f"{self.path!r} does not exist (an HF model directory or a .gguf file)")
 

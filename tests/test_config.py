@@ -111,6 +111,24 @@ def test_hydra_rejects_unknown_keys(compose):
         from_dict(OmegaConf.to_container(dcfg, resolve=True))
 
 
+@pytest.mark.parametrize("overrides", [["+experiment=seed_msa_qlora"], ["model=hf_dir"]])
+def test_model_path_the_user_must_set_is_required(compose, train_file, overrides):
+    from omegaconf import OmegaConf
+
+    dcfg = compose(*overrides, f"data.train_path={train_file}", "data.eval_path=null")
+    with pytest.raises(ConfigError, match="config key 'model.path': is not set"):
+        from_dict(OmegaConf.to_container(dcfg, resolve=True)).validate()
+
+
+def test_every_experiment_composes(compose, train_file):
+    from omegaconf import OmegaConf
+
+    for exp in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
+        dcfg = compose(f"+experiment={exp}", "model.path=default", f"data.train_path={train_file}",
+                       "data.eval_path=null")
+        from_dict(OmegaConf.to_container(dcfg, resolve=True)).validate()
+
+
 # ---------------------------------------------------------------- docs and the reference
 def test_every_field_has_a_doc_string():
     assert load_generator().undocumented(CONFIG_PY.read_text()) == []
