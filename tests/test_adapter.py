@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model
+from tests.conftest import make_tiny_model
 from engine.adapter import AdapterError, AdapterNotFoundError, load_adapter, read_adapter_config, save_adapter
 from engine.config import PeftConfig
 from engine.lora import inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora

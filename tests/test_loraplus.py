@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import make_tiny_model_dir
+from tests.conftest import make_tiny_model_dir
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig
 from engine.distributed import init_distributed
 from engine.train import build_everything

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import make_tiny_model_dir
+from tests.conftest import make_tiny_model_dir
 from engine.config import ModelConfig, PeftConfig
 from engine.lora import LoRALinear, lora_state_dict
 from engine.model import (ModelLoadError, ModelNotFoundError, build_model, default_model_path,

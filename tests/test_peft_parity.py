@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from tests.conftest import make_tiny_model
 from engine.adapter import load_adapter, save_adapter
 from engine.config import PeftConfig
 from engine.lora import inject_lora, lora_state_dict, target_modules_for_config

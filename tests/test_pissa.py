@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_model, make_tiny_model_dir
+from tests.conftest import make_tiny_model, make_tiny_model_dir
 from engine.adapter import AdapterError, load_adapter, save_adapter
 from engine.config import ModelConfig, PeftConfig
 from engine.lora import LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict

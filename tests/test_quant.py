@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_model_dir
+from tests.conftest import make_tiny_model_dir
 from engine.adapter import load_adapter, save_adapter
 from engine.config import PeftConfig
 from engine.lora import (LoRALinear, inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable,

@@ -122,3 +122,136 @@ def test_tiny_model_step_same_loss_and_grads_with_fused_lora(tmp_path):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-6)
     for key, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][key], grad, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- train.packed_attention
+
+def _packed_inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 30), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(10), torch.arange(12), torch.arange(8)]),
+                       torch.cat([torch.arange(5), torch.arange(25)])])  # rows packed differently
+    return ids, pos
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen2"])
+def test_packed_attention_equals_masked_sdpa(family):
+    from engine.attention import NAME, set_packed_attention
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model(family)
+    model.set_attn_implementation("sdpa")
+    packed = copy.deepcopy(model)
+    set_packed_attention(packed, True)
+    assert packed.config._attn_implementation == NAME
+    ids, pos = _packed_inputs(model.config.vocab_size)
+    outs = []
+    for m in (model, packed):
+        m.train()
+        logits = m(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits
+        logits.square().mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=2e-5, rtol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, atol=1e-6, rtol=1e-4)
+    set_packed_attention(packed, False)
+    assert packed.config._attn_implementation == "sdpa"
+
+
+def test_packed_attention_runs_one_causal_call_per_document(monkeypatch):
+    """The per-document path is really taken for packed rows (2 + 3 documents x 2 layers), and
+    not for rows holding one document (transformers' SDPA path, bit-identical)."""
+    import engine.attention as attention
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    plain = copy.deepcopy(model)
+    attention.set_packed_attention(model, True)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[2], kw.get("is_causal"), kw.get("attn_mask")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    ids, pos = _packed_inputs(model.config.vocab_size)
+    pos[1] = torch.cat([torch.arange(12), torch.arange(18)])
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+    assert sorted(n for n, _, _ in calls) == sorted([10, 12, 8, 12, 18] * 2)
+    assert all(causal and mask is None for _, causal, mask in calls)
+    assert attention.document_lengths(pos) == [[10, 12, 8], [12, 18]]
+
+    calls.clear()
+    single = torch.arange(30).repeat(2, 1)
+    with torch.no_grad():
+        a = model(input_ids=ids, position_ids=single, use_cache=False).logits
+        b = plain(input_ids=ids, position_ids=single, use_cache=False).logits
+    assert not calls and attention.document_lengths(single) is None
+    assert torch.equal(a, b)
+
+
+def test_packed_attention_padded_batch_and_generation_fall_back():
+    """Padded mode (attention_mask, one document per row) and cached generation take
+    transformers' SDPA path: the same outputs as a plain SDPA model."""
+    from engine.attention import set_packed_attention
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    packed = copy.deepcopy(model)
+    set_packed_attention(packed, True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                                   model(input_ids=ids, attention_mask=mask, use_cache=False).logits, atol=0, rtol=0)
+        gen = [m.generate(input_ids=ids[:1], max_new_tokens=5, do_sample=False, use_cache=True,
+                          pad_token_id=model.config.eos_token_id) for m in (model, packed)]
+    assert torch.equal(gen[0], gen[1])
+
+
+def test_packed_attention_keeps_eager_and_sliding_window_models_as_they_are():
+    from engine.attention import _needs_dense_mask, set_packed_attention
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")  # built with attn_implementation="eager"
+    set_packed_attention(model, True)
+    assert model.config._attn_implementation == "eager"
+
+    class Windowed(nn.Module):
+        sliding_window = 4
+    assert _needs_dense_mask(Windowed())
+
+
+def test_packed_attention_with_checkpointing_and_through_build_model(tmp_path):
+    """Real path: build_model + apply_speed_switches + activation checkpointing (the recompute
+    reuses the cached boundaries) gives the plain model's loss and LoRA grads."""
+    from engine.config import TrainConfig
+    from engine.model import apply_speed_switches, enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(path=str(make_tiny_model_dir(tmp_path, "llama")), attn_implementation="sdpa"),
+                           PeftConfig(r=4, alpha=8.0), "cpu", torch.float32)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.normal_(0, 0.1)
+    ids, pos = _packed_inputs(model.config.vocab_size)
+    labels = torch.roll(ids, -1, 1)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    results = []
+    for on, ckpt in ((False, False), (True, False), (True, True)):
+        m = copy.deepcopy(model).train()
+        apply_speed_switches(m, TrainConfig(packed_attention=on, fused_lora=True))
+        if ckpt:
+            enable_activation_checkpointing(m)
+        loss, _ = causal_lm_loss(m, {**batch, "position_ids": pos.clone()}, chunk_size=None)
+        loss.backward()
+        results.append((loss.detach(), {k: v.grad for k, v in lora_state_dict(m).items()}))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-4, rtol=1e-6)
+        for key, grad in results[0][1].items():
+            torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-4)
