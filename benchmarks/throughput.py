@@ -9,8 +9,10 @@
 Configurations (`--configs`, run in this order, rotated every repeat so none always runs first
 or last; each run is a fresh subprocess, so peak RSS is per configuration):
   engine          this engine's real step: build_model, engine.data (packed rows of --seq-len),
-                  engine.train.forward_backward (chunked loss, fused LoRA), loss scaler, clip, AdamW
+                  engine.train.forward_backward (chunked loss, fused LoRA, packed attention),
+                  loss scaler, clip, AdamW
   engine_nofuse   the same with train.fused_lora=false (what that switch buys)
+  engine_dense_attn  the same with train.packed_attention=false (SDPA over T x T with a mask)
   engine_ckpt     the same with activation checkpointing (+ offload with --offload)
   hf_padded       HF Trainer + PEFT LoRA, SDPA, the same tokenized documents and labels, one
                   document per row, padded to the longest in the batch (the common HF setup)
@@ -64,9 +66,10 @@ SEED_TRAIN = "/work/shared/seed/formatted_train_set.jsonl"
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
-ALL_CONFIGS = ("engine", "engine_nofuse", "engine_ckpt", "hf_padded", "hf_flat", "seed")
-LABELS = {"engine": "engine (packed, chunked loss, fused LoRA)",
+ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_ckpt", "hf_padded", "hf_flat", "seed")
+LABELS = {"engine": "engine (packed, chunked loss, fused LoRA, packed attention)",
           "engine_nofuse": "engine, fused_lora=false",
+          "engine_dense_attn": "engine, packed_attention=false",
           "engine_ckpt": "engine + activation checkpointing",
           "hf_padded": "HF Trainer + PEFT, padded to longest",
           "hf_flat": "HF Trainer + PEFT, padding-free (best HF)",
@@ -364,8 +367,8 @@ def run_engine(spec: dict) -> dict:
     from engine import amp
     from engine.config import ModelConfig, OptimConfig, PeftConfig, TrainConfig
     from engine.data import make_loader
-    from engine.lora import inject_lora, mark_only_lora_trainable, set_fused_lora
-    from engine.model import build_model, enable_activation_checkpointing
+    from engine.lora import inject_lora, mark_only_lora_trainable
+    from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
     from engine.optim import build_optimizer
     from engine.train import forward_backward, seed_everything, trainable_parameters
 
@@ -387,7 +390,7 @@ def run_engine(spec: dict) -> dict:
         pad_id = tokenizer.pad_token_id
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model, offload=tc.offload_activations)
-    set_fused_lora(model, tc.fused_lora)
+    apply_speed_switches(model, tc)
     docs = engine_docs(spec, tokenizer, model.config.vocab_size)
     stats = doc_stats([len(d["input_ids"]) for d in docs], sum(sum(t != -100 for t in d["labels"]) for d in docs))
     loader = make_loader(docs, max_seq_len=spec["seq_len"], micro_batch_size=spec["micro_batch"], packing=True,
@@ -402,7 +405,7 @@ def run_engine(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(spec["warmup"] + spec["steps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         micro = [next(batches)]
         n_loss = sum(b["num_loss_tokens"] for b in micro)
         step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
@@ -415,10 +418,10 @@ def run_engine(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # time the step, not its launch
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(step_loss) / max(1, n_loss))  # sync (after the timer): sanity only
         if i >= spec["warmup"]:
-            steps.append({"seconds": dt, "padded": sum(b["input_ids"].numel() for b in micro),
+            steps.append({"seconds": dt, "cpu_seconds": cpu, "padded": sum(b["input_ids"].numel() for b in micro),
                           "useful": sum(b["num_tokens"] for b in micro), "loss": n_loss})
     return {"steps": steps, "losses": losses, "peak_memory_bytes": _peak_memory(torch, device),
             "flop_terms": flop_terms(model), "data": stats}
@@ -498,7 +501,7 @@ def run_hf(spec: dict, mode: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            ends.append(time.perf_counter())
+            ends.append((time.perf_counter(), time.process_time()))
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -522,7 +525,8 @@ def run_hf(spec: dict, mode: str) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = trainer.train()
-    steps = [{"seconds": ends[i] - ends[i - 1], **seen[i]} for i in range(spec["warmup"], total)]
+    steps = [{"seconds": ends[i][0] - ends[i - 1][0], "cpu_seconds": ends[i][1] - ends[i - 1][1], **seen[i]}
+             for i in range(spec["warmup"], total)]
     return {"steps": steps, "losses": [float(result.training_loss)], "batch_size": batch_size,
             "peak_memory_bytes": _peak_memory(torch, device), "flop_terms": flop_terms(model), "data": stats}
 
@@ -552,8 +556,9 @@ def run_probe(spec: dict) -> dict:
     bisection to 256 tokens. One document per sequence, loss on its last 30%."""
     torch, device = _setup_torch(spec)
     from engine import amp
-    from engine.lora import inject_lora, mark_only_lora_trainable, set_fused_lora
-    from engine.model import enable_activation_checkpointing
+    from engine.config import TrainConfig
+    from engine.lora import inject_lora, mark_only_lora_trainable
+    from engine.model import apply_speed_switches, enable_activation_checkpointing
     from engine.train import forward_backward, seed_everything
 
     precision = _precision(spec)
@@ -564,7 +569,7 @@ def run_probe(spec: dict) -> dict:
     inject_lora(model, spec["targets"], spec["r"], spec["alpha"])
     mark_only_lora_trainable(model)
     offloader = enable_activation_checkpointing(model, offload=True)
-    set_fused_lora(model, True)
+    apply_speed_switches(model, TrainConfig())  # fused LoRA, packed attention: the defaults
     model.train()
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
 
@@ -576,7 +581,9 @@ def run_probe(spec: dict) -> dict:
         b = predict(config, seq_len=T, micro_batch=1, method=spec["method"], r=spec["r"], targets=spec["targets"],
                     precision=precision, activation_checkpointing=True, offload_activations=True, chunked_loss=True,
                     loss_chunk_size=1024, masked=False, cuda=device.type == "cuda")
-        return b.total
+        # max_memory_allocated sees neither the CUDA context nor the allocator's slack: compare
+        # it with the allocated part; the total is what must fit the card
+        return {"allocated": b.total - b.allocator_slack - b.cuda_context, "total": b.total}
 
     def step(T: int) -> dict:
         g = torch.Generator().manual_seed(T)
@@ -600,7 +607,10 @@ def run_probe(spec: dict) -> dict:
             ok, error = False, str(err).splitlines()[0][:200]
         model.zero_grad(set_to_none=True)
         return {"seq_len": T, "fits": ok, "error": error, "seconds": time.perf_counter() - t0,
-                "measured_bytes": _peak_memory(torch, device) if ok else None, "predicted_bytes": predicted(T),
+                "measured_bytes": _peak_memory(torch, device) if ok else None,
+                "measured_reserved_bytes": torch.cuda.max_memory_reserved(device) if ok and device.type == "cuda" else None,
+                "predicted_bytes": (predicted(T) or {}).get("allocated"),
+                "predicted_total_bytes": (predicted(T) or {}).get("total"),
                 "offloaded_bytes": offloader.stats["offloaded_bytes"]}
 
     tries, good, bad = [], None, None
@@ -646,9 +656,12 @@ def run_worker(spec: dict) -> dict:
 def engine_switches(kind: str, args) -> dict:
     """TrainConfig fields of each configuration (the real switches, nothing benchmark-only)."""
     base = {"chunked_loss": True, "loss_chunk_size": args.loss_chunk_size, "fused_lora": True,
-            "activation_checkpointing": args.checkpointing, "offload_activations": args.offload}
+            "packed_attention": True, "activation_checkpointing": args.checkpointing,
+            "offload_activations": args.offload}
     if kind == "engine_nofuse":
         base["fused_lora"] = False
+    if kind == "engine_dense_attn":
+        base["packed_attention"] = False
     if kind == "engine_ckpt":
         base["activation_checkpointing"] = True
     return base
@@ -684,6 +697,9 @@ def summarize(kind: str, runs: list[dict], peak: float | None) -> dict:
     for key in ("useful", "loss", "padded"):
         row[f"{key}_tokens_per_s"] = statistics.median(rate(r, key) for r in ok)
     row["useful_tokens_per_s_all"] = [round(rate(r, "useful"), 2) for r in ok]
+    # load-robust companion: useful tokens per CPU-second of the process (all its threads)
+    row["useful_tokens_per_cpu_s"] = statistics.median(
+        sum(s["useful"] for s in r["steps"]) / max(1e-9, sum(s.get("cpu_seconds", 0.0) for s in r["steps"])) for r in ok)
     row["step_seconds_median"] = statistics.median(s["seconds"] for r in ok for s in r["steps"])
     row["peak_memory_gib"] = statistics.median(r["peak_memory_bytes"] for r in ok) / 2**30
     row["flops_per_useful_token"] = flops_per_useful_token(ok[0]["flop_terms"], ok[0]["data"])
@@ -713,18 +729,22 @@ def write_markdown(path: str, result: dict) -> None:
     if meta.get("load_note"):
         lines += [f"**Load:** {meta['load_note']}", ""]
     lines += ["| configuration | useful tok/s | loss tok/s | padded tok/s | padding | peak mem GiB | "
-              "GFLOP/s | MFU | vs engine |", "|---|---|---|---|---|---|---|---|---|"]
+              "GFLOP/s | MFU | vs engine | useful tok per CPU-s | vs engine (CPU-s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     engine = next((r for r in rows if r["config"] == "engine" and "error" not in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | | | |")
             continue
         vs = f"{engine['useful_tokens_per_s'] / r['useful_tokens_per_s']:.2f}x" if engine else "-"
+        vs_cpu = f"{engine['useful_tokens_per_cpu_s'] / r['useful_tokens_per_cpu_s']:.2f}x" if engine else "-"
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
         lines.append(f"| {r['label']} | {r['useful_tokens_per_s']:.1f} | {r['loss_tokens_per_s']:.1f} | "
                      f"{r['padded_tokens_per_s']:.1f} | {100 * r['padding_share']:.0f}% | {r['peak_memory_gib']:.2f} | "
-                     f"{r['achieved_flops'] / 1e9:.1f} | {mfu} | {vs} |")
-    lines += ["", "\"vs engine\" = engine useful tokens/s / this row's useful tokens/s.", "",
+                     f"{r['achieved_flops'] / 1e9:.1f} | {mfu} | {vs} | {r['useful_tokens_per_cpu_s']:.1f} | {vs_cpu} |")
+    lines += ["", "\"vs engine\" = engine useful tokens/s / this row's useful tokens/s. \"per CPU-s\" divides by the "
+              "process's CPU time (time.process_time, all threads) instead of wall time: less sensitive to other "
+              "processes on the machine (with several threads it also counts their spin-waits).", "",
               "FLOPs per useful token = (4 P_lin N + 6 P_lora N + 4 P_head N_loss + 12 L d_attn S) / N "
               "(see benchmarks/throughput.py); per configuration:", ""]
     for r in rows:
@@ -754,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing for every configuration")
     p.add_argument("--offload", action="store_true", help="with checkpointing: offload the checkpoints (engine)")
-    p.add_argument("--configs", default="engine,engine_nofuse,hf_padded,hf_flat,seed")
+    p.add_argument("--configs", default="engine,engine_nofuse,engine_dense_attn,hf_padded,hf_flat,seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--t4", action="store_true", help="GPU: fp16 autocast and a 14.7 GiB memory cap")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the physical cores)")

@@ -209,6 +209,10 @@ class TrainConfig:
     fused_lora: bool = True
     """LoRA forward as one addmm, out + s * (x A^T) B^T, instead of B's matmul, a scale and an add
     over [tokens, out] (speed only, same math; benchmarks/results/throughput_*.md has the row)."""
+    packed_attention: bool = True
+    """Packed rows: one causal SDPA call per document (engine/attention.py) instead of SDPA over
+    all T x T pairs with a block-diagonal mask; same math, O(sum n_i^2) work. Needs
+    model.attn_implementation=sdpa; other rows fall back to transformers' SDPA."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"

@@ -322,3 +322,14 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
         return None
     from engine.offload import install_offload
     return install_offload(model, **kwargs)
+
+
+def apply_speed_switches(model: nn.Module, train_cfg) -> None:
+    """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
+    train.fused_lora (LoRALinear's addmm forward) and train.packed_attention (one causal SDPA
+    call per packed document, engine/attention.py)."""
+    from engine.attention import set_packed_attention
+    from engine.lora import set_fused_lora
+
+    set_fused_lora(model, train_cfg.fused_lora)
+    set_packed_attention(model, train_cfg.packed_attention)

@@ -87,8 +87,7 @@ class MetricsLog:
 def build_everything(cfg: RunConfig, ctx: DistContext):
     """Model, tokenizer, data, loader, optimizer, schedule, scaler: everything the loop needs."""
     from engine.data import load_dataset, make_loader
-    from engine.lora import set_fused_lora
-    from engine.model import build_model, enable_activation_checkpointing
+    from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
     from engine.optim import build_optimizer, build_scheduler
 
     device = ctx.device
@@ -97,7 +96,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
-    set_fused_lora(model, cfg.train.fused_lora)
+    apply_speed_switches(model, cfg.train)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
         from engine.fsdp import apply_fsdp
         apply_fsdp(model, ctx)

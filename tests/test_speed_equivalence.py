@@ -159,7 +159,7 @@ def test_packed_attention_equals_masked_sdpa(family):
 
 
 def test_packed_attention_runs_one_causal_call_per_document(monkeypatch):
-    """The per-document path is really taken for packed rows (2 + 3 documents x 2 layers), and
+    """The per-document path is really taken for packed rows (3 + 2 documents x 2 layers), and
     not for rows holding one document (transformers' SDPA path, bit-identical)."""
     import engine.attention as attention
     from tests.conftest import make_tiny_model
@@ -189,7 +189,8 @@ def test_packed_attention_runs_one_causal_call_per_document(monkeypatch):
     with torch.no_grad():
         a = model(input_ids=ids, position_ids=single, use_cache=False).logits
         b = plain(input_ids=ids, position_ids=single, use_cache=False).logits
-    assert not calls and attention.document_lengths(single) is None
+    # one whole-row call per layer per model (transformers' SDPA path), none split
+    assert [n for n, _, _ in calls] == [30] * 4 and attention.document_lengths(single) is None
     assert torch.equal(a, b)
 
 
