@@ -342,14 +342,14 @@ def test_checker_rejects_bad_argparse_commands(line, message, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} train.max_stepz=3", "train.max_stepz"),
-    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} peft.r=0",
+    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} data.eval_path={DATA} train.max_stepz=3", "train.max_stepz"),
+    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} data.eval_path={DATA} peft.r=0",
      "config key 'peft.r': must be a positive integer, got 0"),
-    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} data.max_seq_len=4",
+    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} data.eval_path={DATA} data.max_seq_len=4",
      "config key 'data.max_seq_len': must be an integer >= 8"),
-    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} peft=qlorra", "qlorra"),
+    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} data.eval_path={DATA} peft=qlorra", "qlorra"),
     ("+experiment=no_such_experiment model.path={MODEL}", "conf/experiment/no_such_experiment.yaml does not exist"),
-    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} --max-steps 3",
+    ("+experiment=seed_msa_qlora model.path={MODEL} data.train_path={DATA} data.eval_path={DATA} --max-steps 3",
      "'--max-steps' is not a key=value override"),
 ])
 @pytest.mark.parametrize("module", HYDRA_CLIS)
