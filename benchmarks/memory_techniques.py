@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
               "(the CPU rows cannot show device memory); on a CPU the offloaded checkpoints stay in host memory."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+    try:
+        from engine.plot import bar_chart
+        bar_chart([{"technique": f"{r['technique']} (V{r['shape']['vocab'] // 1000}k h{r['shape']['hidden']})",
+                    "MiB": r["live_peak"] / 2**20} for r in rows], "MiB", stem + ".png",
+                  f"Peak torch memory of one step ({T} tokens, CPU)", "peak live tensor MiB (engine.plan.LiveBytes)")
+    except ImportError:
+        pass
     print("\n".join(lines))
     return 0
 

@@ -301,19 +301,22 @@ def measure_peak(spec: dict) -> dict:
     a = torch.randn(n, n, device=spec["device"], dtype=dtype)
     b = torch.randn(n, n, device=spec["device"], dtype=dtype)
     c = torch.empty(n, n, device=spec["device"], dtype=dtype)
-    times = []
+    times, cpu_times = [], []
     for i in range(6 if not cuda else 20):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b, out=c)
         if cuda:
             torch.cuda.synchronize()
         if i > 0:  # the first call warms up the kernel choice / thread pool
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     best, med = min(times), statistics.median(times)
+    # per CPU-second of the process: the load-robust counterpart (CPU only)
     return {"kind": "peak", "matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
-            "peak_flops": 2 * n ** 3 / best, "median_flops": 2 * n ** 3 / med}
+            "peak_flops": 2 * n ** 3 / best, "median_flops": 2 * n ** 3 / med,
+            "peak_flops_per_cpu_s": None if cuda else 2 * n ** 3 / max(1e-9, min(cpu_times))}
 
 
 # ----------------------------------------------------------------------------- workers
@@ -553,7 +556,8 @@ def run_probe(spec: dict) -> dict:
     switch on (chunked loss, checkpointing + offload, fused LoRA), and the planner's prediction
     (engine.plan.predict) next to each measured max_memory_allocated. Lengths double from
     spec["probe_start"] until a step runs out of memory or reaches spec["probe_max"], then a
-    bisection to 256 tokens. One document per sequence, loss on its last 30%."""
+    bisection to 512 tokens, within spec["probe_budget_s"]. One document per sequence, loss on
+    its last 30%."""
     torch, device = _setup_torch(spec)
     from engine import amp
     from engine.config import TrainConfig
@@ -615,7 +619,8 @@ def run_probe(spec: dict) -> dict:
 
     tries, good, bad = [], None, None
     T = spec["probe_start"]
-    while T <= spec["probe_max"]:
+    deadline = time.perf_counter() + spec.get("probe_budget_s", 1e9)  # stop early, keep what was measured
+    while T <= spec["probe_max"] and time.perf_counter() < deadline:
         offloader.reset_stats()
         tries.append(step(T))
         if not tries[-1]["fits"]:
@@ -623,8 +628,8 @@ def run_probe(spec: dict) -> dict:
             break
         good, T = T, T * 2
     if good is not None and bad is not None:
-        while bad - good > 256:
-            mid = (good + bad) // 2 // 256 * 256
+        while bad - good > 512 and time.perf_counter() < deadline:
+            mid = (good + bad) // 2 // 512 * 512
             if mid in (good, bad):
                 break
             offloader.reset_stats()
@@ -684,7 +689,7 @@ def spawn(spec: dict, timeout: float) -> dict:
     return {"kind": spec["kind"], "error": "\n".join(tail) or f"exit code {proc.returncode}"}
 
 
-def summarize(kind: str, runs: list[dict], peak: float | None) -> dict:
+def summarize(kind: str, runs: list[dict], peak: float | None, peak_cpu: float | None = None) -> dict:
     ok = [r for r in runs if "error" not in r]
     row = {"config": kind, "label": LABELS[kind], "repeats": len(ok)}
     if not ok:
@@ -705,6 +710,7 @@ def summarize(kind: str, runs: list[dict], peak: float | None) -> dict:
     row["flops_per_useful_token"] = flops_per_useful_token(ok[0]["flop_terms"], ok[0]["data"])
     row["achieved_flops"] = row["useful_tokens_per_s"] * row["flops_per_useful_token"]
     row["mfu"] = row["achieved_flops"] / peak if peak else None
+    row["mfu_cpu"] = (row["useful_tokens_per_cpu_s"] * row["flops_per_useful_token"] / peak_cpu) if peak_cpu else None
     row["padding_share"] = 1 - row["useful_tokens_per_s"] / row["padded_tokens_per_s"]
     row["final_loss"] = ok[0]["losses"][-1]
     row["flop_terms"], row["data"] = ok[0]["flop_terms"], ok[0]["data"]
@@ -724,24 +730,28 @@ def write_markdown(path: str, result: dict) -> None:
              f"activation checkpointing {meta['checkpointing']}  ",
              f"{meta['repeats']} repeats x ({meta['warmup']} warmup + {meta['steps']} timed steps), configurations "
              f"interleaved (rotated each repeat), each in a fresh process; medians.  ",
-             f"Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({meta['peak_matmul']}, best of a loop, median over "
-             f"repeats)" if peak else "Measured matmul peak: n/a", ""]
+             (f"Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({meta['peak_matmul']}, best of a loop, median over "
+              f"repeats)" if peak else "Measured matmul peak: n/a")
+             + (f"; per CPU-second: {meta['peak_flops_per_cpu_s'] / 1e9:.1f} GFLOP (best over repeats; the MFU (CPU-s) "
+                "column divides achieved FLOPs per CPU-second by it)" if meta.get("peak_flops_per_cpu_s") else ""), ""]
     if meta.get("load_note"):
         lines += [f"**Load:** {meta['load_note']}", ""]
     lines += ["| configuration | useful tok/s | loss tok/s | padded tok/s | padding | peak mem GiB | "
-              "GFLOP/s | MFU | vs engine | useful tok per CPU-s | vs engine (CPU-s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "GFLOP/s | MFU | vs engine | useful tok per CPU-s | vs engine (CPU-s) | MFU (CPU-s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     engine = next((r for r in rows if r["config"] == "engine" and "error" not in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | | | | |")
             continue
         vs = f"{engine['useful_tokens_per_s'] / r['useful_tokens_per_s']:.2f}x" if engine else "-"
         vs_cpu = f"{engine['useful_tokens_per_cpu_s'] / r['useful_tokens_per_cpu_s']:.2f}x" if engine else "-"
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
+        mfu_cpu = f"{100 * r['mfu_cpu']:.0f}%" if r.get("mfu_cpu") else "-"
         lines.append(f"| {r['label']} | {r['useful_tokens_per_s']:.1f} | {r['loss_tokens_per_s']:.1f} | "
                      f"{r['padded_tokens_per_s']:.1f} | {100 * r['padding_share']:.0f}% | {r['peak_memory_gib']:.2f} | "
-                     f"{r['achieved_flops'] / 1e9:.1f} | {mfu} | {vs} | {r['useful_tokens_per_cpu_s']:.1f} | {vs_cpu} |")
+                     f"{r['achieved_flops'] / 1e9:.1f} | {mfu} | {vs} | {r['useful_tokens_per_cpu_s']:.1f} | {vs_cpu} | "
+                     f"{mfu_cpu} |")
     lines += ["", "\"vs engine\" = engine useful tokens/s / this row's useful tokens/s. \"per CPU-s\" divides by the "
               "process's CPU time (time.process_time, all threads) instead of wall time: less sensitive to other "
               "processes on the machine (with several threads it also counts their spin-waits).", "",
@@ -830,7 +840,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{sum(s['useful'] for s in result['steps']) / sum(s['seconds'] for s in result['steps']):.1f} useful tok/s"
             print(f"[repeat {rep + 1}/{args.repeats}] {kind}: {status}", flush=True)
     peak_flops = statistics.median(pk["peak_flops"] for pk in peaks) if peaks else None
-    rows = [summarize(kind, runs[kind], peak_flops) for kind in configs]
+    cpu_peaks = [pk["peak_flops_per_cpu_s"] for pk in peaks if pk.get("peak_flops_per_cpu_s")]
+    peak_cpu = max(cpu_peaks) if cpu_peaks else None
+    rows = [summarize(kind, runs[kind], peak_flops, peak_cpu) for kind in configs]
 
     import torch
     import transformers
@@ -853,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             "peft": peft_version, "threads": threads, "model": args.model, "data": args.data, "seq_len": args.seq_len,
             "r": args.r, "alpha": args.alpha, "targets": args.targets, "method": args.method,
             "precision": _precision(base), "checkpointing": args.checkpointing, "repeats": args.repeats,
-            "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops,
+            "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_flops_per_cpu_s": peak_cpu,
             "peak_matmul": peaks[0]["matmul"] if peaks else None, "load_average": load, "load_note": load_note,
             "wall_seconds": time.perf_counter() - t_start}
     result = {"meta": meta, "rows": rows, "peaks": peaks}
@@ -881,8 +893,8 @@ def main(argv: list[str] | None = None) -> int:
 def probe_main(args, base: dict) -> int:
     if not args.model.startswith("shape:"):
         raise SystemExit("--probe needs --model shape:NAME (a random-initialised real architecture)")
-    result = spawn({**base, "kind": "probe", "probe_start": args.probe_start, "probe_max": args.probe_max},
-                   args.timeout)
+    result = spawn({**base, "kind": "probe", "probe_start": args.probe_start, "probe_max": args.probe_max,
+                    "probe_budget_s": 0.6 * args.timeout}, args.timeout)
     tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_{args.model.replace('shape:', '')}_probe"
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"throughput_{tag}.json")

@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh --dry-run    # the same Python steps on this CPU with tiny shapes
 #
 # Steps (each bounded by `timeout`, the whole script < 8 minutes on an H100):
-#   1. throughput in "T4 mode" (fp16 autocast, memory capped at 14.7 GiB): engine vs HF Trainer +
+#   1. throughput in "T4 mode" (fp16 autocast, memory capped at 14.7 GiB, activation checkpointing
+#      on for both, as the seed and every 16 GB QLoRA recipe use it): engine vs HF Trainer +
 #      PEFT (padded to longest, padding-free) on random-initialised Llama-3.1-8B- and
 #      Phi-3-mini-shaped QLoRA models at 2k tokens (benchmarks/throughput.py --t4);
 #   2. the longest sequence whose step fits 14.7 GiB with every memory switch on (chunked loss,
@@ -65,7 +66,7 @@ echo "== 1. throughput, T4 mode, engine vs HF Trainer + PEFT (QLoRA, $SEQ tokens
 for model in $MODELS; do
     name="${model#shape:}"
     timeout $((T_BENCH * 3 + 60)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$model" --method qlora \
-        --data synthetic --seq-len "$SEQ" --configs engine,hf_padded,hf_flat "${STEPS[@]}" \
+        --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,hf_padded,hf_flat "${STEPS[@]}" \
         --timeout "$T_BENCH" --tag "t4_${name}_${SEQ}" --out-dir "$RES" \
         || { echo "FAIL: throughput $model"; status=1; }
 done
