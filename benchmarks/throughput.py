@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the physical cores)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration run")
     p.add_argument("--tag", default=None, help="results file suffix (default: device_model_data)")
     p.add_argument("--out-dir", default=RESULTS)
