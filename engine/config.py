@@ -243,6 +243,9 @@ class TrainConfig:
             _fail("train.keep_last", f"must be >= 1, got {self.keep_last!r}")
         if self.log_every < 1:
             _fail("train.log_every", f"must be >= 1, got {self.log_every!r}")
+        if self.offload_activations and not self.activation_checkpointing:
+            _fail("train.offload_activations", "needs train.activation_checkpointing=true "
+                  "(what is offloaded are the block checkpoints)")
         if self.loss_chunk_size < 1:
             _fail("train.loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size!r}")
         if not (self.resume in ("auto", "never") or os.path.isdir(self.resume)):

@@ -66,6 +66,11 @@ def test_bad_values_name_the_key(train_file, sections, key, why):
         from_dict(raw(train_file, **sections)).validate()
 
 
+def test_offload_without_checkpointing_is_refused(train_file):
+    with pytest.raises(ConfigError, match="config key 'train.offload_activations': needs train.activation_checkpointing"):
+        from_dict(raw(train_file, train={"offload_activations": True})).validate()
+
+
 def test_missing_data_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ConfigError, match=rf"config key 'data.train_path': file '{missing}' does not exist"):
