@@ -294,17 +294,14 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.cli import run_cli
+
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         evaluate(args)
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line on stderr, no traceback (ENGINE_TRACEBACK=1 for one)
-        if os.environ.get("ENGINE_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

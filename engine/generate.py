@@ -256,8 +256,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.cli import run_cli
+
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         prompts = ([args.prompt] if args.prompt is not None
                    else _prompts_from_file(args.prompt_file) if args.prompt_file else None)
         model, tokenizer, info = load_for_inference(args.model, args.adapter, method=args.method, device=args.device)
@@ -276,13 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             if i + 1 < len(prompts):
                 print(flush=True)
         return 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line on stderr, no traceback (ENGINE_TRACEBACK=1 for one)
-        if os.environ.get("ENGINE_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+
+    return run_cli(body)
 
 
 def _repl(model, tokenizer, args, device, precision, stops, system: list[dict]) -> int:

@@ -285,20 +285,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.cli import run_cli
+
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         report = merge(args.model, args.adapter, args.out, method=args.method, from_dequantized=args.from_dequantized,
                        dtype=args.dtype, max_shard_size=args.max_shard_size, gguf=args.gguf,
                        drift_examples=args.drift_examples)
         print_report(report, args.out)
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line on stderr, no traceback (ENGINE_TRACEBACK=1 for one)
-        if os.environ.get("ENGINE_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
