@@ -151,19 +151,14 @@ def random_base_model(config, *, method: str, device, dtype, quant_type: str = "
     from transformers import AutoModelForCausalLM
 
     from engine.model import _slots, decoder_linear_names, params_on_meta
-    from engine.quant import QuantSpec, empty_linear4bit, is_linear4bit, set_4bit_weight
+    from engine.quant import QuantSpec, is_linear4bit, set_4bit_weight, swap_in_empty_linear4bit
 
     device = torch.device(device)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if method == "qlora":
         spec = QuantSpec(quant_type, True, dtype)
-        for name in decoder_linear_names(model):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            linear = getattr(parent, leaf)
-            setattr(parent, leaf, empty_linear4bit(linear.in_features, linear.out_features,
-                                                   linear.bias is not None, spec))
+        swap_in_empty_linear4bit(model, decoder_linear_names(model), spec)
     gen = torch.Generator(device=device).manual_seed(seed)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     for key, (module, name, is_param) in _slots(model).items():

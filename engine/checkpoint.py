@@ -69,7 +69,8 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -107,7 +108,7 @@ def save_checkpoint(root: str | Path, step: int, *, state: dict, trainable: dict
 
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size,
-                                                                   "sha256": _sha256(p)} for p in files}}
+                                                                   "sha256": sha256_file(p)} for p in files}}
     for p in files:  # the data must be on disk before the manifest says it is
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
@@ -151,7 +152,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
-        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
     return manifest
 

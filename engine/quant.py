@@ -56,6 +56,17 @@ def empty_linear4bit(in_features: int, out_features: int, bias: bool, spec: Quan
     return module
 
 
+def swap_in_empty_linear4bit(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
+    """Replace each named nn.Linear of `model` by an `empty_linear4bit` of the same shape (weights
+    then arrive through `set_4bit_weight`, quantized as they are read)."""
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, leaf)
+        setattr(parent, leaf, empty_linear4bit(linear.in_features, linear.out_features,
+                                               linear.bias is not None, spec))
+
+
 def set_4bit_weight(module: Linear4bit, weight: torch.Tensor, device: torch.device | str) -> None:
     """Quantize a float weight [out, in] on `device` (the GPU when there is one) into `module`."""
     if tuple(weight.shape) != (module.out_features, module.in_features):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.checkpoint import sha256_file
 from engine.config import DataConfig
 from engine.data.formats import DataError, data_error, format_of, load_examples
 from engine.data.render import (char_to_token, ensure_eos, fit_length, render_chat, resolve_template,
@@ -118,13 +119,6 @@ class TokenizedDataset:
 # Cache
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's full serialization (vocab, merges, normalizer, added tokens)."""
@@ -141,7 +135,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(path: str, tokenizer, template: str, cfg: DataConfig) -> str:
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, _sha256_file(path), tokenizer_fingerprint(tokenizer), template,
+    for part in (CACHE_VERSION, sha256_file(path), tokenizer_fingerprint(tokenizer), template,
                  cfg.format, str(cfg.max_seq_len), cfg.loss_on, cfg.length_policy, cfg.on_bad_line):
         h.update(part.encode())
         h.update(b"\0")
