@@ -325,7 +325,8 @@ def _setup_torch(spec: dict):
         if device.type != "cuda":
             raise SystemExit("--t4 needs --device cuda")
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, T4_BYTES / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, T4_BYTES / total), index)
     return torch, device
 
 

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared script for a CUDA machine without network access (torch and
-# transformers installed; bitsandbytes / peft may arrive as wheels in .whl/ beside the checkout).
+# transformers installed; bitsandbytes / hydra may arrive as an unpacked folder .whl/site or as
+# wheels in .whl/ beside the checkout).
 #
-#   bash scripts/gpu_check.sh              # on the GPU machine; results in $OUT (or benchmarks/results/gpu/)
+#   bash scripts/gpu_check.sh              # on the GPU machine; results in benchmarks/results/gpu/
 #   bash scripts/gpu_check.sh --dry-run    # the same Python steps on this CPU with tiny shapes
 #
-# Steps (each bounded by `timeout`, the whole script < 8 minutes on an H100):
+# Steps, most important first; each bounded by `timeout`, and a step is skipped when the
+# script's budget (GPU_CHECK_BUDGET_S, default 480 s) would be overrun, so the whole script ends
+# well inside one 10-minute device call:
 #   1. throughput in "T4 mode" (fp16 autocast, memory capped at 14.7 GiB, activation checkpointing
 #      on for both, as the seed and every 16 GB QLoRA recipe use it): engine vs HF Trainer +
-#      PEFT (padded to longest, padding-free) on random-initialised Llama-3.1-8B- and
-#      Phi-3-mini-shaped QLoRA models at 2k tokens (benchmarks/throughput.py --t4);
+#      PEFT (padded to longest, padding-free) on a random-initialised Llama-3.1-8B-shaped QLoRA
+#      model at 2k tokens (benchmarks/throughput.py --t4);
 #   2. the longest sequence whose step fits 14.7 GiB with every memory switch on (chunked loss,
 #      activation checkpointing + offload, fused LoRA), with the planner's prediction
-#      (engine.plan.predict) next to each measured max_memory_allocated (--probe);
-#   3. planner vs measured: a table of predicted / measured GiB from step 2's JSON;
-#   4. scripts/gpu_check_fsdp.sh when present (not in --dry-run).
-# Everything is written as JSON (+ markdown) into $OUT/gpu_check/ (or benchmarks/results/gpu/).
+#      (engine.plan.predict) next to each measured max_memory_allocated (--probe), 8B shape;
+#   3. step 1 on the Phi-3-mini shape;  4. scripts/gpu_check_fsdp.sh (not in --dry-run);
+#   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON.
+# On the device tool's machine ($OUT set) the results go to a scratch folder that is tarred into
+# $OUT/gpu_check.tgz after every step, so a call cut short still returns what it measured.
 set -uo pipefail
 
 DRY_RUN=0
@@ -23,30 +27,43 @@ DRY_RUN=0
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
+if [ -d .whl/site ]; then export PYTHONPATH="$REPO/.whl/site${PYTHONPATH:+:$PYTHONPATH}"; fi
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=python3
+if ! python -c "import torch" >/dev/null 2>&1; then  # the FSDP check calls `python`: make it python3
+    mkdir -p /tmp/gpu_check_bin && ln -sf "$(command -v python3)" /tmp/gpu_check_bin/python && export PATH="/tmp/gpu_check_bin:$PATH"
+fi
 
-if [ -n "${OUT:-}" ]; then RES="$OUT/gpu_check"; else RES="$REPO/benchmarks/results/gpu"; fi
+if [ -n "${OUT:-}" ] && [ "$DRY_RUN" = 0 ]; then RES=/tmp/gpu_check; else RES="$REPO/benchmarks/results/gpu"; fi
 [ "$DRY_RUN" = 1 ] && RES="${DRY_RUN_OUT:-/tmp/gpu_check_dry_run}"
 mkdir -p "$RES"
 START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 status=0
 
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=(--device cpu)
-    MODELS="shape:tiny-llama shape:tiny-phi3"
+    LLAMA=shape:tiny-llama; PHI3=shape:tiny-phi3
     SEQ=256; PROBE=(--probe-start 256 --probe-max 1024); STEPS=(--warmup 1 --steps 1 --repeats 1)
-    T_BENCH=600; T_PROBE=300
+    T_BENCH=100; T_PROBE=60
 else
     DEVICE=(--device cuda --t4)
-    MODELS="shape:llama-3.1-8b shape:phi-3-mini"
+    LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
     SEQ=2048; PROBE=(--probe-start 4096 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
-    T_BENCH=150; T_PROBE=150
+    T_BENCH=75; T_PROBE=120
 fi
+
+save() {  # what has been measured so far travels back even if the call is cut short
+    if [ -n "${OUT:-}" ] && [ "$DRY_RUN" = 0 ]; then tar czf "$OUT/gpu_check.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"; fi
+}
+fits_budget() {  # fits_budget SECONDS: is there time left for a step bounded by SECONDS?
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    if [ "$1" -gt "$left" ]; then echo "SKIP: needs up to $1 s, $left s left of the $BUDGET s budget"; return 1; fi
+}
 
 echo "== environment"
 $PY - <<'EOF' | tee "$RES/environment.txt"
@@ -55,31 +72,48 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm{p.major}{p.minor}")
-for name in ("transformers", "peft", "bitsandbytes"):
+for name in ("transformers", "peft", "bitsandbytes", "hydra"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as e:  # noqa: BLE001
         print(name, "NOT AVAILABLE:", type(e).__name__, e)
 EOF
+save
 
-echo "== 1. throughput, T4 mode, engine vs HF Trainer + PEFT (QLoRA, $SEQ tokens)"
-for model in $MODELS; do
-    name="${model#shape:}"
-    timeout $((T_BENCH * 3 + 60)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$model" --method qlora \
+throughput() {  # throughput MODEL: engine vs HF + PEFT, T4 mode
+    local name="${1#shape:}" t=$((T_BENCH * 3 + 45))
+    echo "== throughput, T4 mode, engine vs HF Trainer + PEFT ($1, QLoRA, $SEQ tokens)"
+    fits_budget "$t" || return 0
+    timeout -k 10 "$t" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$1" --method qlora \
         --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,hf_padded,hf_flat "${STEPS[@]}" \
         --timeout "$T_BENCH" --tag "t4_${name}_${SEQ}" --out-dir "$RES" \
-        || { echo "FAIL: throughput $model"; status=1; }
-done
-
-echo "== 2. longest sequence in 14.7 GiB, all memory switches on"
-for model in $MODELS; do
-    name="${model#shape:}"
-    timeout $((T_PROBE + 30)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$model" --method qlora --probe \
+        || { echo "FAIL: throughput $1"; status=1; }
+    save
+}
+probe() {  # probe MODEL: the longest sequence that fits, planner next to measured
+    local name="${1#shape:}"
+    echo "== longest sequence in 14.7 GiB, all memory switches on ($1)"
+    fits_budget $((T_PROBE + 20)) || return 0
+    timeout -k 10 $((T_PROBE + 20)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$1" --method qlora --probe \
         "${PROBE[@]}" --timeout "$T_PROBE" --tag "t4_${name}_probe" --out-dir "$RES" \
-        || { echo "FAIL: probe $model"; status=1; }
-done
+        || { echo "FAIL: probe $1"; status=1; }
+    save
+}
 
-echo "== 3. planner vs measured"
+throughput "$LLAMA"
+probe "$LLAMA"
+throughput "$PHI3"
+if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ] && [ -f scripts/gpu_check_fsdp.sh ]; then
+    echo "== FSDP check (scripts/gpu_check_fsdp.sh)"
+    if fits_budget 150; then
+        timeout -k 10 150 bash -c "source scripts/gpu_check_fsdp.sh && gpu_check_fsdp '$RES/fsdp'" \
+            || { echo "FAIL: fsdp check"; status=1; }
+        save
+    fi
+fi
+probe "$PHI3"
+
+echo "== planner vs measured"
 $PY - "$RES" <<'EOF' || status=1
 import glob, json, os, sys
 res = sys.argv[1]
@@ -108,12 +142,7 @@ if not rows:
     sys.exit("no probe results to compare")
 EOF
 
-if [ "$DRY_RUN" = 0 ] && [ -f scripts/gpu_check_fsdp.sh ]; then
-    echo "== 4. FSDP check (scripts/gpu_check_fsdp.sh)"
-    # shellcheck source=/dev/null
-    source scripts/gpu_check_fsdp.sh && gpu_check_fsdp "$RES/fsdp" || { echo "FAIL: fsdp check"; status=1; }
-fi
-
 echo "== done in $(( $(date +%s) - START )) s, status $status; results in $RES"
 ls -la "$RES"
+save
 exit $status

@@ -194,6 +194,27 @@ def test_packed_attention_runs_one_causal_call_per_document(monkeypatch):
     assert torch.equal(a, b)
 
 
+def test_packed_attention_keeps_cudnn_out_of_the_per_document_calls(monkeypatch):
+    """On CUDA the per-document calls run with SDPA's flash / memory-efficient / math backends
+    only: cuDNN attention plans every new sequence length, and each document is one (an H200
+    profile, benchmarks/results/gpu/profile_phi3_step_*.txt: 2.0 -> 0.46 s per Phi-3-mini step).
+    On the CPU the backend choice is left alone."""
+    import contextlib
+
+    import engine.attention as attention
+    from torch.nn.attention import SDPBackend
+
+    assert isinstance(attention._per_document_backends(torch.zeros(1)), contextlib.nullcontext)
+    chosen = []
+    monkeypatch.setattr("torch.nn.attention.sdpa_kernel", lambda backends: chosen.append(backends) or "ctx")
+
+    class FakeCuda:
+        is_cuda = True
+
+    assert attention._per_document_backends(FakeCuda()) == "ctx"
+    assert SDPBackend.CUDNN_ATTENTION not in chosen[0] and SDPBackend.FLASH_ATTENTION in chosen[0]
+
+
 def test_packed_attention_padded_batch_and_generation_fall_back():
     """Padded mode (attention_mask, one document per row) and cached generation take
     transformers' SDPA path: the same outputs as a plain SDPA model."""

@@ -1,0 +1,94 @@
+"""Profile the engine's QLoRA training step on a shape: model (where does a step's time go?).
+
+    python scripts/gpu_profile_step.py --model shape:phi-3-mini [--device cuda] [--seq-len 2048]
+
+Times steps with each speed switch off in turn (same model, switches flipped in place), then one
+torch.profiler step: the top operators by self CPU and by self device time. T4 mode on CUDA
+(fp16 autocast, 14.7 GiB cap) as benchmarks/throughput.py --t4."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.throughput import T4_BYTES, _model_config, random_base_model, synthetic_docs  # noqa: E402
+from engine import amp  # noqa: E402
+from engine.config import OptimConfig, TrainConfig  # noqa: E402
+from engine.data import make_loader  # noqa: E402
+from engine.lora import inject_lora, mark_only_lora_trainable  # noqa: E402
+from engine.model import apply_speed_switches, enable_activation_checkpointing  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.train import forward_backward, trainable_parameters  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--model", default="shape:phi-3-mini")
+p.add_argument("--device", default="cuda")
+p.add_argument("--seq-len", type=int, default=2048)
+p.add_argument("--steps", type=int, default=2)
+args = p.parse_args()
+device = torch.device(args.device)
+cuda = device.type == "cuda"
+if cuda:
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, T4_BYTES / total), torch.cuda.current_device())
+precision = "fp16" if cuda else "fp32"
+dtype = torch.float16 if cuda else torch.float32
+torch.manual_seed(0)
+config = _model_config(args.model)
+t0 = time.perf_counter()
+model = random_base_model(config, method="qlora", device=device, dtype=dtype)
+inject_lora(model, "all-linear", 16, 32.0)
+mark_only_lora_trainable(model)
+enable_activation_checkpointing(model)
+print(f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+docs = synthetic_docs(config.vocab_size, args.seq_len)
+loader = make_loader(docs, max_seq_len=args.seq_len, micro_batch_size=1, packing=True, seed=0, pad_token_id=0)
+batches = iter(loader)
+optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
+scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
+params = [q for _, q in trainable_parameters(model)]
+model.train()
+
+
+def step(chunk):
+    micro = [next(batches)]
+    n = sum(b["num_loss_tokens"] for b in micro)
+    forward_backward(model, micro, n_loss=n, scale=scaler.scale, precision=precision, device=device,
+                     chunk_size=chunk)
+    over = scaler.unscale_(list(trainable_parameters(model)))
+    scaler.update(found_inf=bool(over))
+    if not over:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(label, chunk=1024, **switches):
+    apply_speed_switches(model, TrainConfig(**switches))
+    step(chunk)  # warm-up
+    t = time.perf_counter()
+    c = time.process_time()
+    for _ in range(args.steps):
+        step(chunk)
+    print(f"{label:<28} {(time.perf_counter() - t) / args.steps:.3f} s/step "
+          f"(CPU {(time.process_time() - c) / args.steps:.3f} s)", flush=True)
+
+
+timed("all switches on")
+timed("packed_attention off", packed_attention=False)
+timed("fused_lora off", fused_lora=False)
+timed("chunked loss off", chunk=None)
+apply_speed_switches(model, TrainConfig())
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+with profile(activities=acts) as prof:
+    step(1024)
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+if cuda:
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
