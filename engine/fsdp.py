@@ -145,6 +145,24 @@ def ensure_process_group(ctx: DistContext) -> DistContext:
                        device=ctx.device, fsdp=True)
 
 
+VERIFIED_TORCH = (2, 13)
+
+
+def warn_if_unverified_torch(version: str) -> bool:
+    """Warn (and return True) when torch is older than the one FSDP was verified with. On torch
+    2.11 + CUDA the sharded model's first chunked-loss lm_head call saw its weight still sharded
+    (benchmarks/results/gpu/README.md); torch 2.13 reworked the grouped `fully_shard([...])` hooks
+    to support such standalone per-chunk calls, and passes on the CPU."""
+    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    if (major, minor) >= VERIFIED_TORCH:
+        return False
+    import warnings
+    warnings.warn(f"train.fsdp: torch {version} is older than {VERIFIED_TORCH[0]}.{VERIFIED_TORCH[1]}, the version "
+                  "FSDP was verified with; on torch 2.11 + CUDA the chunked loss's lm_head saw a still-sharded weight "
+                  "(a 'mixed torch.Tensor and DTensor' error). Upgrade torch if that happens.", stacklevel=3)
+    return True
+
+
 def apply_fsdp(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bool = True) -> nn.Module:
     """Shard `model` in place per `shard_plan` over all ranks of the default group; returns it.
 
@@ -158,6 +176,7 @@ def apply_fsdp(model: nn.Module, ctx: DistContext, *, reshard_after_forward: boo
 
     if not dist.is_initialized():
         raise FsdpError("apply_fsdp: no process group (call ensure_process_group first)")
+    warn_if_unverified_torch(torch.__version__)
     n4bit = set_quant_storage_(model, quant_storage_dtype(model))
     mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
     *blocks, outer, root = shard_plan(model)

@@ -102,6 +102,19 @@ def test_unquantized_4bit_layer_is_refused(tiny_llama_dir):
         set_quant_storage_(model, torch.float32)
 
 
+def test_torch_older_than_the_verified_one_is_warned_about():
+    """FSDP ran green on torch 2.13 (CPU) and failed on torch 2.11 (CUDA): older torch gets a warning
+    that names the symptom; the verified version and newer ones stay quiet."""
+    from engine.fsdp import warn_if_unverified_torch
+
+    with pytest.warns(UserWarning, match="older than 2.13.*mixed torch.Tensor and DTensor"):
+        assert warn_if_unverified_torch("2.11.0+cu130")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_unverified_torch("2.13.0+cpu") and not warn_if_unverified_torch("3.0.1")
+
+
 def test_fsdp_without_torchrun_says_how_to_launch(monkeypatch):
     import torch.distributed as dist
 
