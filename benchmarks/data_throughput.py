@@ -31,7 +31,8 @@ from engine.config import DataConfig  # noqa: E402
 from engine.data import load_dataset, make_loader, pack_documents  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = ["/work/shared/seed/formatted_train_set.jsonl", "/work/shared/seed/formatted_test_set.jsonl"]
+SEED = [os.path.join(os.path.dirname(ROOT), "shared", "seed", name)  # ../shared beside the checkout
+        for name in ("formatted_train_set.jsonl", "formatted_test_set.jsonl")]
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:

@@ -20,8 +20,10 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
                   restart per document): the best HF configuration transformers supports
   seed            the seed's recipe: each JSONL line rendered with Python's str(), left-padded
                   to 512, loss on every token, batch 2 (HF Trainer + PEFT, same LoRA config)
+  seed_ckpt       the same with gradient checkpointing always on, as the seed notebook trained
+                  (../shared/seed/NOTES.md): the recipe as its users ran it
 Every configuration uses the same model, LoRA config (r, alpha, targets, dropout 0), optimizer
-(AdamW, lr 2e-4, clip 1.0), precision and checkpointing setting. HF padded / flat take
+(AdamW, lr 2e-4, clip 1.0), precision and checkpointing setting (seed_ckpt excepted). HF padded / flat take
 round(seq_len / mean document length) documents per step so a step holds about as many tokens
 as one engine row.
 
@@ -62,18 +64,20 @@ sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 QUICKSTART = os.path.join(ROOT, "data", "quickstart", "train.jsonl")
-SEED_TRAIN = "/work/shared/seed/formatted_train_set.jsonl"
+SEED_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "seed", "formatted_train_set.jsonl")
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
-ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_ckpt", "hf_padded", "hf_flat", "seed")
+ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_ckpt", "hf_padded", "hf_flat", "seed",
+               "seed_ckpt")
 LABELS = {"engine": "engine (packed, chunked loss, fused LoRA, packed attention)",
           "engine_nofuse": "engine, fused_lora=false",
           "engine_dense_attn": "engine, packed_attention=false",
           "engine_ckpt": "engine + activation checkpointing",
           "hf_padded": "HF Trainer + PEFT, padded to longest",
           "hf_flat": "HF Trainer + PEFT, padding-free (best HF)",
-          "seed": "seed recipe (str(line), pad 512, batch 2)"}
+          "seed": "seed recipe (str(line), pad 512, batch 2)",
+          "seed_ckpt": "seed recipe as the notebook ran it (+ gradient checkpointing)"}
 
 
 # ----------------------------------------------------------------------------- models
@@ -464,7 +468,7 @@ def run_hf(spec: dict, mode: str) -> dict:
 
     precision = _precision(spec)
     model, tokenizer = _hf_model(spec, torch, device, precision)
-    if mode == "seed":
+    if mode in ("seed", "seed_ckpt"):
         path = data_path(spec["data"])
         if path is None:
             raise SystemExit("the seed recipe needs a JSONL file (--data quickstart | seed | PATH)")
@@ -510,7 +514,7 @@ def run_hf(spec: dict, mode: str) -> dict:
             return features[i]
 
     total = spec["warmup"] + spec["steps"]
-    ckpt = spec["engine"]["activation_checkpointing"]
+    ckpt = spec["engine"]["activation_checkpointing"] or mode == "seed_ckpt"
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_steps=total,
@@ -643,7 +647,7 @@ def run_worker(spec: dict) -> dict:
         return run_probe(spec)
     if kind.startswith("engine"):
         out = run_engine(spec)
-    elif kind in ("hf_padded", "hf_flat", "seed"):
+    elif kind in ("hf_padded", "hf_flat", "seed", "seed_ckpt"):
         out = run_hf(spec, kind)
     else:
         raise SystemExit(f"unknown configuration {kind!r} (known: {', '.join(ALL_CONFIGS)})")
@@ -780,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing for every configuration")
     p.add_argument("--offload", action="store_true", help="with checkpointing: offload the checkpoints (engine)")
-    p.add_argument("--configs", default="engine,engine_nofuse,engine_dense_attn,hf_padded,hf_flat,seed")
+    p.add_argument("--configs", default="engine,engine_nofuse,engine_dense_attn,hf_padded,hf_flat,seed,seed_ckpt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--t4", action="store_true", help="GPU: fp16 autocast and a 14.7 GiB memory cap")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the physical cores)")
@@ -811,8 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or physical_cores()
     model = resolve_model(args.model)
     data_path(args.data)
-    if args.data == "synthetic" and "seed" in configs:
-        configs.remove("seed")
+    if args.data == "synthetic":  # the seed recipe tokenizes a JSONL file
+        configs = [c for c in configs if c not in ("seed", "seed_ckpt")]
     targets = args.targets.split(",") if "," in args.targets else args.targets
     base = {"model": model, "data": args.data, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "hf_batch": args.hf_batch, "method": args.method, "r": args.r, "alpha": args.alpha, "targets": targets,

@@ -12,7 +12,9 @@ import pytest
 
 from engine.config import DataConfig
 
-SEED_DIR = "/work/shared/seed"
+# ../shared/seed beside the checkout (read-only; also there in CI)
+SEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+                        "shared", "seed")
 SEED_TRAIN = os.path.join(SEED_DIR, "formatted_train_set.jsonl")
 SEED_TEST = os.path.join(SEED_DIR, "formatted_test_set.jsonl")
 

@@ -8,6 +8,7 @@ import pytest
 
 from engine.data.__main__ import main
 from engine.data.report import degenerate_reason, find_degenerate, histogram
+from tests.data.conftest import SEED_TEST, SEED_TRAIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,17 +20,17 @@ def test_degenerate_detection():
     assert degenerate_reason("x" + " " * 300) is None  # whitespace runs are not flagged by the repeat rule
     varied = "".join(f"related {'to ' if i % 3 else ''}intellectual property; b. " for i in range(40))
     assert "compression ratio" in degenerate_reason(varied)
-    prose = open("/work/shared/seed/formatted_test_set.jsonl").read()[:3000]
+    prose = open(SEED_TEST).read()[:3000]
     assert degenerate_reason(prose) is None
 
 
 def test_seed_train_degenerate_lines():
     from engine.data import load_examples
 
-    found = find_degenerate(load_examples("/work/shared/seed/formatted_train_set.jsonl"))
+    found = find_degenerate(load_examples(SEED_TRAIN))
     assert [line for line, _, _ in found] == [3, 6, 18, 21, 45]
     assert all(role == "assistant" for _, role, _ in found)
-    assert find_degenerate(load_examples("/work/shared/seed/formatted_test_set.jsonl")) == []
+    assert find_degenerate(load_examples(SEED_TEST)) == []
 
 
 def test_histogram():

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from engine.data import load_dataset
+from tests.data.conftest import SEED_TEST
 
 
 def test_seed_conversations_and_end_of_turn_loss(smol_tok, seed_file, cfg, trained_text):
@@ -27,7 +28,7 @@ def test_seed_conversations_and_end_of_turn_loss(smol_tok, seed_file, cfg, train
 def test_seed_truncated_at_2048_keeps_question_and_answer(smol_tok, cfg, trained_text):
     from engine.data.formats import load_examples
 
-    path = "/work/shared/seed/formatted_test_set.jsonl"
+    path = SEED_TEST
     ds = load_dataset(path, smol_tok, cfg(max_seq_len=2048), cache=False)
     examples = {e["source_line"]: e for e in load_examples(path)}
     assert ds.stats.truncated == 17
