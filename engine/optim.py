@@ -4,7 +4,11 @@ Parameter groups are named after what they hold, so logs and checkpoints can tel
 "lora_A", "lora_B" (parameter names containing those strings) and "other" (e.g. a DoRA
 magnitude). LoRA+ (Hayou, Ghosh & Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large
 Models") trains B with a larger learning rate than A: lr_B = ratio * lr (they suggest ratio ~16);
-ratio 0 disables it (every group at lr).
+ratio 0 disables it (every group at lr). A DoRA magnitude stays at lr, unlike PEFT's
+`create_loraplus_optimizer` (which files every 1-D parameter with B): the LoRA+ argument is about
+the zero-initialised B of a product BA, while the magnitude starts at ||W||, already at its
+scale, and DoRA's authors train it at the adapter's lr; a 16x step on it moves every output row's
+norm at once.
 
 Schedule: with W = warmup_steps, M = max_steps and s = optimizer steps already taken (the
 scheduler's `last_epoch`; optimizer step number s + 1 uses multiplier m(s)):
