@@ -63,6 +63,28 @@ def _logits_fp32(head: nn.Module, hidden: Tensor, transform) -> Tensor:
     return transform(logits) if transform is not None else logits
 
 
+def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: bool):
+    """(sum_i CE(z_i, y_i), softmax(z) - onehot(y) or None) for fp32 logits z [C, V], labels y [C].
+
+    loss_i = m_i + log sum_v exp(z_iv - m_i) - z_i[y_i] with m_i = max_v z_iv. in_place: the
+    softmax is built in z's own storage (z - m, exp, / sum), so the chunk makes no [C, V] tensor
+    besides its logits: on a CPU every fresh [C, V] buffer (~69 MB at C = 350, V = 49k) comes
+    from the kernel page by page, and `logsumexp` + `z - lse` made two of them, 15% of a SmolLM2
+    step (profile in benchmarks/results/throughput_cpu_*). Only allowed when nothing autograd
+    saved aliases z (the caller passes False when a logit transform saved its output).
+    """
+    target = z.gather(1, y[:, None]).squeeze(1)                    # [C]
+    m = z.amax(dim=-1, keepdim=True)                              # [C, 1]
+    e = (z.sub_(m) if in_place else z - m).exp_()                 # [C, V] exp(z - m)
+    total = e.sum(dim=-1, keepdim=True)                           # [C, 1]
+    loss = (m.squeeze(1) + total.squeeze(1).log() - target).sum()
+    if not need_grad:
+        return loss, None
+    grad = e.div_(total)                                          # softmax, in e's storage
+    grad[torch.arange(len(y), device=y.device), y] -= 1.0
+    return loss, grad
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum CE(f(head(hidden)), labels) over rows, chunk by chunk, gradients computed in forward.
 
@@ -95,12 +117,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # cross-entropy by hand so its gradient needs one [C, V] buffer, not three:
             # loss_i = logsumexp(z_i) - z_i[y_i];  dloss/dz_i = softmax(z_i) - onehot(y_i)
             z = logits.detach()
-            lse = torch.logsumexp(z, dim=-1)  # [C]
-            loss = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
             inputs = ([h] if need_hidden else []) + wrt
+            loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs))
             if inputs:
-                grad_z = (z - lse[:, None]).exp_()  # softmax, [C, V]
-                grad_z[torch.arange(len(y), device=y.device), y] -= 1.0
                 grads = list(torch.autograd.grad(logits, inputs, grad_outputs=grad_z))
                 del grad_z
                 if need_hidden:
