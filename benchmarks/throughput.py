@@ -364,6 +364,26 @@ def _model_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
+def engine_step(model, micro: list[dict], optimizer, scaler, *, precision: str, device, chunk_size):
+    """One optimizer step of engine.train's loop: forward/backward over `micro`, unscale (fp16),
+    skip on overflow, clip to 1.0, step, zero. Returns (summed token loss, loss-token count)."""
+    import torch
+
+    from engine.train import forward_backward, trainable_parameters
+
+    n_loss = sum(b["num_loss_tokens"] for b in micro)
+    step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
+                                 device=device, chunk_size=chunk_size)
+    named = list(trainable_parameters(model))
+    overflowed = scaler.unscale_(named)
+    scaler.update(found_inf=bool(overflowed))
+    if not overflowed:
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, n_loss
+
+
 def run_engine(spec: dict) -> dict:
     """This engine's real training step (engine.train's pieces, in the loop's order)."""
     torch, device = _setup_torch(spec)
@@ -373,7 +393,7 @@ def run_engine(spec: dict) -> dict:
     from engine.lora import inject_lora, mark_only_lora_trainable
     from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
     from engine.optim import build_optimizer
-    from engine.train import forward_backward, seed_everything, trainable_parameters
+    from engine.train import seed_everything
 
     precision = _precision(spec)
     tc = TrainConfig(**spec["engine"])
@@ -400,7 +420,6 @@ def run_engine(spec: dict) -> dict:
                          seed=0, pad_token_id=pad_id)
     optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
-    params = [p for _, p in trainable_parameters(model)]
     chunk = tc.loss_chunk_size if tc.chunked_loss else None
     batches = iter(loader)
     model.train()
@@ -410,15 +429,8 @@ def run_engine(spec: dict) -> dict:
     for i in range(spec["warmup"] + spec["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
         micro = [next(batches)]
-        n_loss = sum(b["num_loss_tokens"] for b in micro)
-        step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
-                                     device=device, chunk_size=chunk)
-        overflowed = scaler.unscale_(list(trainable_parameters(model)))
-        scaler.update(found_inf=bool(overflowed))
-        if not overflowed:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, n_loss = engine_step(model, micro, optimizer, scaler, precision=precision, device=device,
+                                        chunk_size=chunk)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # time the step, not its launch
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0

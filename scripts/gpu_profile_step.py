@@ -14,14 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.throughput import T4_BYTES, _model_config, random_base_model, synthetic_docs  # noqa: E402
+from benchmarks.throughput import T4_BYTES, _model_config, engine_step, random_base_model, synthetic_docs  # noqa: E402
 from engine import amp  # noqa: E402
 from engine.config import OptimConfig, TrainConfig  # noqa: E402
 from engine.data import make_loader  # noqa: E402
 from engine.lora import inject_lora, mark_only_lora_trainable  # noqa: E402
 from engine.model import apply_speed_switches, enable_activation_checkpointing  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.train import forward_backward, trainable_parameters  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="shape:phi-3-mini")
@@ -49,21 +48,11 @@ loader = make_loader(docs, max_seq_len=args.seq_len, micro_batch_size=1, packing
 batches = iter(loader)
 optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
 scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
-params = [q for _, q in trainable_parameters(model)]
 model.train()
 
 
 def step(chunk):
-    micro = [next(batches)]
-    n = sum(b["num_loss_tokens"] for b in micro)
-    forward_backward(model, micro, n_loss=n, scale=scaler.scale, precision=precision, device=device,
-                     chunk_size=chunk)
-    over = scaler.unscale_(list(trainable_parameters(model)))
-    scaler.update(found_inf=bool(over))
-    if not over:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    engine_step(model, [next(batches)], optimizer, scaler, precision=precision, device=device, chunk_size=chunk)
     if cuda:
         torch.cuda.synchronize()
 

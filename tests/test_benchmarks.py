@@ -1,0 +1,32 @@
+"""The throughput benchmark still runs end to end: a tiny random Llama, engine vs HF + PEFT, one
+timed step each in fresh processes (the GPU paths are what `scripts/gpu_check.sh --dry-run`
+tries on a CPU; not part of the suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", "shape:tiny-llama",
+           "--data", "synthetic", "--seq-len", "128", "--configs", "engine,hf_padded", "--warmup", "1",
+           "--steps", "1", "--repeats", "1", "--timeout", "240", "--tag", "test", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "throughput_test.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"engine", "hf_padded"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["useful_tokens_per_s"] > 0 and 0 < row["mfu"] < 1.5
+    # both trained the same documents: the FLOP count per useful token is the same formula
+    assert rows["engine"]["flops_per_useful_token"] == pytest.approx(rows["hf_padded"]["flops_per_useful_token"])
+    assert (tmp_path / "throughput_test.md").read_text().count("| engine") == 1
