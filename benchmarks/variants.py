@@ -106,7 +106,7 @@ def write_results(rows: list[dict], args) -> None:
             "eval_chats": args.eval_chats or 60, "max_new_tokens": args.max_new_tokens, "cpu_cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__,
             "load_average_at_end": os.getloadavg(),
-            "note": "CPU shared with other jobs while measuring: tokens/s and times are indicative only"}
+            "load_note": args.load_note or f"load average {os.getloadavg()[0]:.1f} at the end"}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "variants.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
@@ -118,8 +118,7 @@ def write_results(rows: list[dict], args) -> None:
              f"with train.max_steps={args.steps} (the quickstart trains {compose_config([]).train.max_steps}); "
              f"exact match / token F1 on the first {args.max_examples} eval chats (greedy, at most "
              f"{args.max_new_tokens} new tokens), held-out loss on the first {meta['eval_chats']} of 60. "
-             f"CPU ({os.cpu_count()} cores, shared with other jobs: load average "
-             f"{meta['load_average_at_end'][0]:.1f} at the end), fp32. "
+             f"CPU ({os.cpu_count()} cores; {meta['load_note']}), fp32. "
              "`python benchmarks/variants.py` regenerates it.", "",
              "| variant | held-out loss before -> after | exact match before -> after | token F1 after "
              "| useful tokens/s | peak memory GiB | train s |",
@@ -158,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--no-qlora", action="store_true", help="float-base runs only")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "variants"))
+    p.add_argument("--load-note", default=None, help="say in the results how loaded the machine was")
     p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
