@@ -69,6 +69,7 @@ class Shape:
     tied: bool
     fused: bool
     linears: tuple
+    logit_transform: bool = False  # logit scale / soft-capping (engine.loss.logit_transform)
 
 
 SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma")
@@ -94,8 +95,10 @@ def model_shape(config) -> Shape:
         linears = (("q_proj", h, q, qkv_bias), ("k_proj", h, kv, qkv_bias), ("v_proj", h, kv, qkv_bias),
                    ("o_proj", q, h, o_bias), ("gate_proj", h, i, mlp_bias), ("up_proj", h, i, mlp_bias),
                    ("down_proj", i, h, mlp_bias))
+    transform = any(getattr(config, k, None) is not None
+                    for k in ("logit_scale", "logits_scaling", "final_logit_softcapping"))
     return Shape(family, h, i, config.num_hidden_layers, nh, nkv, hd, config.vocab_size,
-                 bool(getattr(config, "tie_word_embeddings", False)), family == "phi3", linears)
+                 bool(getattr(config, "tie_word_embeddings", False)), family == "phi3", linears, transform)
 
 
 def _known_shapes() -> dict:
@@ -433,19 +436,23 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     head_extra = 0
     if chunked_loss:
         C = min(loss_chunk_size, N)
-        # per chunk: fp32 logits kept for autograd.grad + their fp32 gradient (+ the 16-bit one);
-        # the labelled hidden rows [N, h] and their gradient stay for the whole loss
-        out.loss_peak = C * V * (8 + (2 if a == 2 else 0)) + 2 * N * h * a
+        # per chunk: the fp32 logits, whose storage then holds their own gradient (the softmax is
+        # built in place, engine.loss._cross_entropy_and_grad), + under 16-bit autocast the 16-bit
+        # logits / gradient beside them; a logit transform keeps a separate fp32 gradient (+4).
+        # The labelled hidden rows [N, h] and their gradient stay for the whole loss.
+        per_logit = 4 + (2 if a == 2 else 0) + (4 if shape.logit_transform else 0)
+        out.loss_peak = C * V * per_logit + 2 * N * h * a
         rows = C
     else:
         # log_softmax output (saved) + its incoming grad + the logits' grad, all [N, V] fp32
         out.loss_peak = 3 * N * V * 4
         rows = N
     if head_lora and chunked_loss:
-        # lm_head's LoRA branch adds about one more [C, V] tensor in the compute dtype at the
-        # chunk's peak (measured on CPU: a + 0.5 bytes per logit). Unchunked, the peak is in
-        # backward after the branch's [N, V] forward tensors are gone: nothing to add.
-        head_extra = int(rows * V * (a + 0.5))
+        # lm_head's LoRA branch (base output + the fused addmm's output, and their gradients)
+        # adds at the chunk's peak, measured on CPU with the in-place softmax: 5.5 bytes per
+        # logit in fp32, 1.25 under 16-bit autocast (small Phi-3, tests/test_plan.py).
+        # Unchunked, the peak is in backward after the branch's [N, V] forward tensors are gone.
+        head_extra = int(rows * V * (5.5 if a == 4 else 1.25))
     out.loss_peak += head_extra
 
     allocated = out.static + out.dynamic
