@@ -108,6 +108,24 @@ def make_tiny_model_dir(tmp_path, family: str = "llama", seed: int = 0, tie_word
     return out
 
 
+def counting_run_config(root, model_dir, peft, *, max_steps: int = 3, lr: float = 1e-2):
+    """A validated RunConfig for a short real run in `root`: 8 "count to i" chats written to
+    root/train.jsonl, 64-token rows, micro-batch 2, no plots; `peft` is the PeftConfig to train."""
+    import json
+
+    from engine.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+
+    root = Path(root)
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i}"},
+                                             {"role": "assistant", "content": " ".join(map(str, range(i + 1)))}]}) + "\n")
+    return RunConfig(output_dir=str(root / "run"), model=ModelConfig(path=str(model_dir)),
+                     data=DataConfig(train_path=str(root / "train.jsonl"), max_seq_len=64, cache_dir=str(root / "cache")),
+                     peft=peft, optim=OptimConfig(lr=lr),
+                     train=TrainConfig(max_steps=max_steps, micro_batch_size=2, plots=False)).validate()
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import make_tiny_model, make_tiny_model_dir
+from tests.conftest import counting_run_config, make_tiny_model, make_tiny_model_dir
 from engine.adapter import AdapterError, load_adapter, save_adapter
 from engine.config import ModelConfig, PeftConfig
 from engine.lora import LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict
@@ -273,19 +273,10 @@ def test_run_training_writes_the_converted_adapter(tmp_path):
     """Through engine.train.run_training: the adapter the run writes, applied to the ORIGINAL base
     (our loader and PEFT's), equals the trained PiSSA model rebuilt from its checkpoint."""
     from engine.checkpoint import find_resume_checkpoint, load_checkpoint
-    from engine.config import DataConfig, OptimConfig, RunConfig, TrainConfig
     from engine.model import build_model, load_base_model
     from engine.train import run_training
     model_dir = make_tiny_model_dir(tmp_path, "llama")
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i}"},
-                                             {"role": "assistant", "content": " ".join(map(str, range(i + 1)))}]}) + "\n")
-    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=ModelConfig(path=str(model_dir)),
-                    data=DataConfig(train_path=str(tmp_path / "train.jsonl"), max_seq_len=64,
-                                    cache_dir=str(tmp_path / "cache")),
-                    peft=PeftConfig(r=4, alpha=8.0, init="pissa"), optim=OptimConfig(lr=1e-2),
-                    train=TrainConfig(max_steps=3, micro_batch_size=2, plots=False)).validate()
+    cfg = counting_run_config(tmp_path, model_dir, PeftConfig(r=4, alpha=8.0, init="pissa"))
     run_training(cfg)
     _, trainable = load_checkpoint(find_resume_checkpoint(tmp_path / "run" / "checkpoints"))
     torch.manual_seed(cfg.train.seed)
