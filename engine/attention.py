@@ -93,14 +93,14 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     rows = []
-    for b, row_lengths in enumerate(lengths):
-        qs = query[b:b + 1].split(row_lengths, dim=2)   # views [1, H, n_i, D]
-        ks = key[b:b + 1].split(row_lengths, dim=2)
-        vs = value[b:b + 1].split(row_lengths, dim=2)
-        with _per_document_backends(query):
+    with _per_document_backends(query):
+        for b, row_lengths in enumerate(lengths):
+            qs = query[b:b + 1].split(row_lengths, dim=2)   # views [1, H, n_i, D]
+            ks = key[b:b + 1].split(row_lengths, dim=2)
+            vs = value[b:b + 1].split(row_lengths, dim=2)
             outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
                     for q, k, v in zip(qs, ks, vs)]
-        rows.append(torch.cat(outs, dim=2))              # [1, H, T, D]
+            rows.append(torch.cat(outs, dim=2))              # [1, H, T, D]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None        # [B, T, H, D]
 

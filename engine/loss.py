@@ -70,7 +70,7 @@ def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: 
     softmax is built in z's own storage (z - m, exp, / sum), so the chunk makes no [C, V] tensor
     besides its logits: on a CPU every fresh [C, V] buffer (~69 MB at C = 350, V = 49k) comes
     from the kernel page by page, and `logsumexp` + `z - lse` made two of them, 15% of a SmolLM2
-    step (profile in benchmarks/results/throughput_cpu_*). Only allowed when nothing autograd
+    step (a torch.profiler run of the quickstart step; README, Benchmarks). Only allowed when nothing autograd
     saved aliases z (the caller passes False when a logit transform saved its output).
     """
     target = z.gather(1, y[:, None]).squeeze(1)                    # [C]
@@ -92,9 +92,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     `params` are the head's trainable parameters (e.g. LoRA A/B on a targeted lm_head): they are
     inputs of the Function so autograd routes their gradients. For each chunk the forward runs
     the head under `enable_grad` on a detached slice, the cross-entropy and its gradient
-    `softmax - onehot` by hand (one [C, V] buffer), and `torch.autograd.grad` through the head at
-    once, so the chunk's logits are freed before the next chunk starts: the peak is about two
-    [C, V] fp32 tensors (logits and their gradient).
+    `softmax - onehot` by hand (in the logits' own storage when no logit transform saved them,
+    else one more [C, V] buffer), and `torch.autograd.grad` through the head at once, so the
+    chunk's logits are freed before the next chunk starts: the peak is about one [C, V] fp32
+    tensor (two with a transform).
     Backward only scales the stored gradients by the incoming gradient (the loss is linear in
     its own output, so e.g. a GradScaler's scale is applied exactly).
     """
@@ -114,8 +115,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             y = labels[start:start + chunk_size]  # [C]
             with torch.set_grad_enabled(need_hidden or bool(wrt)):
                 logits = _logits_fp32(head, h, transform)  # [C, V] fp32: the only big tensor
-            # cross-entropy by hand so its gradient needs one [C, V] buffer, not three:
-            # loss_i = logsumexp(z_i) - z_i[y_i];  dloss/dz_i = softmax(z_i) - onehot(y_i)
+            # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's storage
+            # unless a logit transform saved z for its own backward
             z = logits.detach()
             inputs = ([h] if need_hidden else []) + wrt
             loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs))
