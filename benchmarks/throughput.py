@@ -622,11 +622,11 @@ def run_probe(spec: dict) -> dict:
         except torch.OutOfMemoryError as err:
             ok, error = False, str(err).splitlines()[0][:200]
         model.zero_grad(set_to_none=True)
+        pred = predicted(T) or {}
         return {"seq_len": T, "fits": ok, "error": error, "seconds": time.perf_counter() - t0,
                 "measured_bytes": _peak_memory(torch, device) if ok else None,
                 "measured_reserved_bytes": torch.cuda.max_memory_reserved(device) if ok and device.type == "cuda" else None,
-                "predicted_bytes": (predicted(T) or {}).get("allocated"),
-                "predicted_total_bytes": (predicted(T) or {}).get("total"),
+                "predicted_bytes": pred.get("allocated"), "predicted_total_bytes": pred.get("total"),
                 "offloaded_bytes": offloader.stats["offloaded_bytes"]}
 
     tries, good, bad = [], None, None

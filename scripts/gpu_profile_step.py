@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.throughput import T4_BYTES, _model_config, engine_step, random_base_model, synthetic_docs  # noqa: E402
+from benchmarks.throughput import (_model_config, _precision, _setup_torch, engine_step, physical_cores,  # noqa: E402
+                                   random_base_model, synthetic_docs)
 from engine import amp  # noqa: E402
 from engine.config import OptimConfig, TrainConfig  # noqa: E402
 from engine.data import make_loader  # noqa: E402
@@ -28,12 +29,10 @@ p.add_argument("--device", default="cuda")
 p.add_argument("--seq-len", type=int, default=2048)
 p.add_argument("--steps", type=int, default=2)
 args = p.parse_args()
-device = torch.device(args.device)
-cuda = device.type == "cuda"
-if cuda:
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, T4_BYTES / total), torch.cuda.current_device())
-precision = "fp16" if cuda else "fp32"
+cuda = args.device.startswith("cuda")
+spec = {"threads": physical_cores(), "device": args.device, "t4": cuda}  # T4 mode on a GPU, as the benchmark
+_, device = _setup_torch(spec)
+precision = _precision(spec)
 dtype = torch.float16 if cuda else torch.float32
 torch.manual_seed(0)
 config = _model_config(args.model)
