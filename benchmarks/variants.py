@@ -16,7 +16,7 @@ engine.train.run_training; the parent collects each run's summary.json:
     python benchmarks/variants.py --steps 8 --no-qlora --max-seq-len 512 --eval-chats 20   # a busy 2-core CPU
 writes benchmarks/results/variants.{json,md} and variants.png (held-out loss per variant).
 Short runs rank the variants' early learning speed, not their final quality: the quickstart
-itself trains 60 steps. Timings on a shared CPU are noisy; the results file says how many cores.
+itself trains 20 steps. Timings on a shared CPU are noisy; the results file says how many cores.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def eval_subset(args) -> list[str]:
     return [f"data.eval_path={path}"]
 
 
-def run_overrides(name: str, method: str, args) -> list[str]:
+def run_overrides(name: str, method: str, args, eval_overrides: list[str]) -> list[str]:
     out = os.path.join(args.work_dir, f"{name}-{method}")
     trims = [f"data.max_seq_len={args.max_seq_len}"] if args.max_seq_len else []
-    return [f"output_dir={out}", f"peft.method={method}", f"train.max_steps={args.steps}", *trims, *eval_subset(args),
+    return [f"output_dir={out}", f"peft.method={method}", f"train.max_steps={args.steps}", *trims, *eval_overrides,
             "train.eval_every=0", f"train.save_every={args.steps}", "train.resume=never", "train.plots=false",
             "train.device=cpu",
             f"eval.max_examples={args.max_examples}", f"eval.max_new_tokens={args.max_new_tokens}", *VARIANTS[name]]
@@ -115,7 +115,7 @@ def write_results(rows: list[dict], args) -> None:
              f"SmolLM2-135M-Instruct, data/quickstart, conf/experiment/quickstart.yaml (r={cfg.peft.r}, "
              f"alpha={cfg.peft.alpha:g}, {cfg.peft.targets}, lr {cfg.optim.lr:g}, {cfg.optim.warmup_steps} warmup steps, "
              f"{cfg.optim.schedule}, micro-batch {cfg.train.micro_batch_size} x {meta['max_seq_len']} packed tokens) "
-             f"with train.max_steps={args.steps} (the quickstart trains {compose_config([]).train.max_steps}); "
+             f"with train.max_steps={args.steps} (the quickstart trains {cfg.train.max_steps}); "
              f"exact match / token F1 on the first {args.max_examples} eval chats (greedy, at most "
              f"{args.max_new_tokens} new tokens), held-out loss on the first {meta['eval_chats']} of 60. "
              f"CPU ({os.cpu_count()} cores; {meta['load_note']}), fp32. "
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.steps < 3:
         p.error("--steps must be >= 3 (the quickstart warms up for 2)")
-    rows = []
+    rows, eval_overrides = [], eval_subset(args)
     for method in ("lora",) + (() if args.no_qlora else ("qlora",)):
         for name in args.variants:
-            overrides = run_overrides(name, method, args)
+            overrides = run_overrides(name, method, args, eval_overrides)
             print(f"== {name} ({method}): {' '.join(overrides)}", flush=True)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *overrides], check=True, cwd=ROOT)
