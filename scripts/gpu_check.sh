@@ -106,7 +106,7 @@ throughput "$PHI3"
 if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ] && [ -f scripts/gpu_check_fsdp.sh ]; then
     echo "== FSDP check (scripts/gpu_check_fsdp.sh)"
     if fits_budget 150; then
-        timeout -k 10 150 bash -c "source scripts/gpu_check_fsdp.sh && gpu_check_fsdp '$RES/fsdp'" \
+        timeout -k 10 150 bash scripts/gpu_check_fsdp.sh "$RES/fsdp" \
             || { echo "FAIL: fsdp check"; status=1; }
         save
     fi
