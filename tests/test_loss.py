@@ -151,6 +151,14 @@ def test_logit_transform_softcap_and_scale():
     for chunk in (None, 2):
         got = lm_head_loss(hidden, labels, head, transform=logit_transform(cfg), chunk_size=chunk)
         torch.testing.assert_close(got, expected)
+    # gradients through the transform: its saved tanh output must not be overwritten by the
+    # chunked loss's in-place softmax (engine.loss builds that in place only without a transform)
+    h = hidden.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(F.cross_entropy((2.0 * torch.tanh(head(h) * 0.5 / 2.0))[0], labels[0],
+                                                  reduction="sum"), h)
+    h2 = hidden.clone().requires_grad_(True)
+    lm_head_loss(h2, labels, head, transform=logit_transform(cfg), chunk_size=2).backward()
+    torch.testing.assert_close(h2.grad, want)
     granite = logit_transform(SimpleNamespace(logits_scaling=4.0))
     torch.testing.assert_close(granite(torch.tensor([8.0])), torch.tensor([2.0]))
 
