@@ -71,7 +71,8 @@ def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: 
     besides its logits: on a CPU every fresh [C, V] buffer (~69 MB at C = 350, V = 49k) comes
     from the kernel page by page, and `logsumexp` + `z - lse` made two of them, 15% of a SmolLM2
     step (a torch.profiler run of the quickstart step; README, Benchmarks). Only allowed when nothing autograd
-    saved aliases z (the caller passes False when a logit transform saved its output).
+    saved aliases z; the caller passes False under a logit transform, whose last op might have saved
+    its output (autograd would then refuse the in-place change with an error).
     """
     target = z.gather(1, y[:, None]).squeeze(1)                    # [C]
     m = z.amax(dim=-1, keepdim=True)                              # [C, 1]
@@ -92,8 +93,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     `params` are the head's trainable parameters (e.g. LoRA A/B on a targeted lm_head): they are
     inputs of the Function so autograd routes their gradients. For each chunk the forward runs
     the head under `enable_grad` on a detached slice, the cross-entropy and its gradient
-    `softmax - onehot` by hand (in the logits' own storage when no logit transform saved them,
-    else one more [C, V] buffer), and `torch.autograd.grad` through the head at once, so the
+    `softmax - onehot` by hand (in the logits' own storage, or one more [C, V] buffer under a
+    logit transform), and `torch.autograd.grad` through the head at once, so the
     chunk's logits are freed before the next chunk starts: the peak is about one [C, V] fp32
     tensor (two with a transform).
     Backward only scales the stored gradients by the incoming gradient (the loss is linear in
@@ -115,8 +116,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             y = labels[start:start + chunk_size]  # [C]
             with torch.set_grad_enabled(need_hidden or bool(wrt)):
                 logits = _logits_fp32(head, h, transform)  # [C, V] fp32: the only big tensor
-            # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's storage
-            # unless a logit transform saved z for its own backward
+            # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's storage;
+            # not with a logit transform, whose last op could have saved z for its backward
             z = logits.detach()
             inputs = ([h] if need_hidden else []) + wrt
             loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs))

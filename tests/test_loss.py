@@ -151,8 +151,8 @@ def test_logit_transform_softcap_and_scale():
     for chunk in (None, 2):
         got = lm_head_loss(hidden, labels, head, transform=logit_transform(cfg), chunk_size=chunk)
         torch.testing.assert_close(got, expected)
-    # gradients through the transform: its saved tanh output must not be overwritten by the
-    # chunked loss's in-place softmax (engine.loss builds that in place only without a transform)
+    # the gradient through the transform (chunked: softmax - onehot pushed back through tanh and
+    # the scales) equals autograd's on the plain expression
     h = hidden.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(F.cross_entropy((2.0 * torch.tanh(head(h) * 0.5 / 2.0))[0], labels[0],
                                                   reduction="sum"), h)
