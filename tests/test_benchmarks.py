@@ -30,3 +30,12 @@ def test_throughput_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path):
     # both trained the same documents: the FLOP count per useful token is the same formula
     assert rows["engine"]["flops_per_useful_token"] == pytest.approx(rows["hf_padded"]["flops_per_useful_token"])
     assert (tmp_path / "throughput_test.md").read_text().count("| engine") == 1
+
+
+def test_variants_benchmark_refuses_fewer_steps_than_the_warmup(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import variants
+
+    with pytest.raises(SystemExit):
+        variants.main(["--steps", "2"])
+    assert "--steps must be >= 3 (the quickstart warms up for 2)" in capsys.readouterr().err
