@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                       # CPU, SmolLM2-135M, quickstart data (<= 10 min idle)
     python benchmarks/throughput.py --data seed           # the seed's own file
+    python benchmarks/throughput.py --precision bf16      # every configuration in bf16 (CPUs with AVX512-BF16 / AMX)
     python benchmarks/throughput.py --model tiny --steps 2 --repeats 1
     python benchmarks/throughput.py --device cuda --t4 --model shape:llama-3.1-8b --method qlora \
         --data synthetic --seq-len 2048                   # GPU, "T4 mode" (fp16, 14.7 GiB cap)
@@ -13,6 +14,8 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
                   loss scaler, clip, AdamW
   engine_nofuse   the same with train.fused_lora=false (what that switch buys)
   engine_dense_attn  the same with train.packed_attention=false (SDPA over T x T with a mask)
+  engine_sdpa_short  the same with train.cpu_short_attention=0 (acts on a CPU under bf16 only:
+                  SDPA's flash kernel for every document instead of the explicit short-document one)
   engine_ckpt     the same with activation checkpointing (+ offload with --offload)
   hf_padded       HF Trainer + PEFT LoRA, SDPA, the same tokenized documents and labels, one
                   document per row, padded to the longest in the batch (the common HF setup)
@@ -40,8 +43,9 @@ tokens/s (tokens that carry loss), padded tokens/s (every position computed), pe
     LoRA weights: 2 + 2 + 2 (forward, activation and weight gradients); the lm_head is needed
     only where a label is; attention: QK^T and PV are 2 x 2 d_attn FLOPs per pair forward, x3
     with backward. Recomputation (checkpointing) and padding are not counted: MFU is the needed
-    work over time, divided by the machine's peak, which this script measures (fp32 2048^3
-    matmul loop on CPU with the same thread count; fp16 8192^3 on a GPU), in the same run.
+    work over time, divided by the machine's peak, which this script measures in the same run in
+    the precision the configurations train in (2048^3 matmul loop on CPU with the same thread
+    count: fp32, or bf16 with --precision bf16; 8192^3 fp16 / bf16 on a GPU).
 Writes benchmarks/results/throughput_<tag>.{json,md,png}.
 """
 
@@ -68,11 +72,12 @@ SEED_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "seed", "formatted_tr
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
-ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_ckpt", "hf_padded", "hf_flat", "seed",
-               "seed_ckpt")
+ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_ckpt", "hf_padded",
+               "hf_flat", "seed", "seed_ckpt")
 LABELS = {"engine": "engine (packed, chunked loss, fused LoRA, packed attention)",
           "engine_nofuse": "engine, fused_lora=false",
           "engine_dense_attn": "engine, packed_attention=false",
+          "engine_sdpa_short": "engine, cpu_short_attention=0 (SDPA for every document)",
           "engine_ckpt": "engine + activation checkpointing",
           "hf_padded": "HF Trainer + PEFT, padded to longest",
           "hf_flat": "HF Trainer + PEFT, padding-free (best HF)",
@@ -291,12 +296,16 @@ def flops_per_useful_token(terms: dict, stats: dict) -> float:
 
 
 def measure_peak(spec: dict) -> dict:
-    """Achievable matmul FLOP/s: fp32 2048^3 on CPU (spec threads), fp16 8192^3 on CUDA."""
+    """Achievable matmul FLOP/s in the run's precision: 2048^3 on CPU (spec threads), 8192^3 on CUDA."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     cuda = spec["device"].startswith("cuda")
-    n, dtype = (8192, torch.float16) if cuda else (2048, torch.float32)
+    # the peak of the precision the configurations train in: fp16 / bf16 tensor cores on a GPU,
+    # fp32 on a CPU unless --precision bf16 (AVX512-BF16 / AMX: several times the fp32 peak)
+    precision = _precision(spec)
+    n = 8192 if cuda else 2048
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     a = torch.randn(n, n, device=spec["device"], dtype=dtype)
     b = torch.randn(n, n, device=spec["device"], dtype=dtype)
     c = torch.empty(n, n, device=spec["device"], dtype=dtype)
@@ -335,7 +344,16 @@ def _setup_torch(spec: dict):
 
 
 def _precision(spec: dict) -> str:
+    """--precision, or by default: fp16 in T4 mode, fp32 on CPU, bf16 on other GPUs."""
+    if spec.get("precision", "auto") != "auto":
+        return spec["precision"]
     return "fp16" if spec["t4"] else ("fp32" if spec["device"] == "cpu" else "bf16")
+
+
+def _dtype(torch, precision: str):
+    """The base weights' storage dtype: the training precision's (fp32 weights under 16-bit
+    autocast would be cast again at every matmul)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def _peak_memory(torch, device) -> int:
@@ -401,7 +419,7 @@ def run_engine(spec: dict) -> dict:
     peft = PeftConfig(method=spec["method"], r=spec["r"], alpha=spec["alpha"], targets=spec["targets"])
     if spec["model"].startswith("shape:"):
         config = _model_config(spec["model"])
-        dtype = torch.float16 if precision == "fp16" else (torch.bfloat16 if precision == "bf16" else torch.float32)
+        dtype = _dtype(torch, precision)
         model = random_base_model(config, method=spec["method"], device=device, dtype=dtype)
         inject_lora(model, peft.targets, peft.r, peft.alpha)
         mark_only_lora_trainable(model)
@@ -449,7 +467,7 @@ def _hf_model(spec: dict, torch, device, precision: str):
 
     torch.manual_seed(0)
     if spec["model"].startswith("shape:"):
-        dtype = torch.float16 if precision == "fp16" else (torch.bfloat16 if precision == "bf16" else torch.float32)
+        dtype = _dtype(torch, precision)
         model = random_base_model(_model_config(spec["model"]), method=spec["method"], device=device, dtype=dtype)
         tokenizer = None
     else:
@@ -457,11 +475,10 @@ def _hf_model(spec: dict, torch, device, precision: str):
         if spec["method"] == "qlora":
             from transformers import BitsAndBytesConfig
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.float16 if precision == "fp16" else torch.float32)
+                                       bnb_4bit_compute_dtype=_dtype(torch, precision))
         else:
             quant = None
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32 if precision == "fp32"
-                                                     else torch.float16, attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=_dtype(torch, precision), attn_implementation="sdpa",
                                                      quantization_config=quant).to(device)
         tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model.config.use_cache = False
@@ -580,7 +597,7 @@ def run_probe(spec: dict) -> dict:
     precision = _precision(spec)
     seed_everything(0)
     config = _model_config(spec["model"])
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    dtype = _dtype(torch, precision)
     model = random_base_model(config, method=spec["method"], device=device, dtype=dtype)
     inject_lora(model, spec["targets"], spec["r"], spec["alpha"])
     mark_only_lora_trainable(model)
@@ -679,6 +696,8 @@ def engine_switches(kind: str, args) -> dict:
         base["fused_lora"] = False
     if kind == "engine_dense_attn":
         base["packed_attention"] = False
+    if kind == "engine_sdpa_short":
+        base["cpu_short_attention"] = 0
     if kind == "engine_ckpt":
         base["activation_checkpointing"] = True
     return base
@@ -799,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="engine,engine_nofuse,engine_dense_attn,hf_padded,hf_flat,seed,seed_ckpt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--t4", action="store_true", help="GPU: fp16 autocast and a 14.7 GiB memory cap")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="every configuration's precision (auto: fp16 with --t4, fp32 on CPU, bf16 on a GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the physical cores)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
@@ -822,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         if c not in ALL_CONFIGS:
             p.error(f"--configs: unknown configuration {c!r} (known: {', '.join(ALL_CONFIGS)})")
+    if args.t4 and args.precision not in ("auto", "fp16"):
+        p.error(f"--t4 is fp16 (a T4 has no bf16); drop --precision {args.precision}")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        p.error("--precision fp16 on a CPU: there are no fast fp16 matmul kernels there (use bf16)")
     if args.offload and not args.checkpointing and "engine_ckpt" not in configs:
         p.error("--offload needs --checkpointing (or the engine_ckpt configuration)")
     threads = args.threads or physical_cores()
@@ -832,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.targets.split(",") if "," in args.targets else args.targets
     base = {"model": model, "data": args.data, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "hf_batch": args.hf_batch, "method": args.method, "r": args.r, "alpha": args.alpha, "targets": targets,
-            "device": args.device, "t4": args.t4, "threads": threads, "warmup": args.warmup, "steps": args.steps}
+            "device": args.device, "t4": args.t4, "precision": args.precision, "threads": threads, "warmup": args.warmup, "steps": args.steps}
     if args.probe:
         return probe_main(args, base)
     runs: dict[str, list[dict]] = {c: [] for c in configs}

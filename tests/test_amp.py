@@ -16,6 +16,20 @@ def test_auto_is_fp32_on_cpu_and_explicit_fp16_stays():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
 
 
+@pytest.mark.parametrize("device,compute,expected", [
+    ("cpu", torch.float32, torch.float32),
+    ("cpu", torch.bfloat16, torch.bfloat16),   # CPUs with AVX512-BF16 / AMX: fast bf16 matmuls
+    ("cpu", torch.float16, torch.float32),     # no fast fp16 matmul on a CPU: keep an fp32 base
+    ("cuda", torch.float16, torch.float16),
+    ("cuda", torch.bfloat16, torch.bfloat16),
+])
+def test_auto_base_dtype_follows_a_fast_16_bit_compute_dtype(device, compute, expected):
+    from engine.model import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device(device), compute) == expected
+    assert resolve_dtype("fp32", torch.device(device), compute) == torch.float32
+
+
 def _params():
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     a.grad, b.grad = torch.full((3,), 8.0), torch.full((2,), 4.0)

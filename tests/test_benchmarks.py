@@ -15,13 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_throughput_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_throughput_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path, precision):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", "shape:tiny-llama",
            "--data", "synthetic", "--seq-len", "128", "--configs", "engine,hf_padded", "--warmup", "1",
-           "--steps", "1", "--repeats", "1", "--timeout", "240", "--tag", "test", "--out-dir", str(tmp_path)]
+           "--steps", "1", "--repeats", "1", "--timeout", "240", "--tag", "test", "--out-dir", str(tmp_path),
+           "--precision", precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "throughput_test.json").read_text())
+    assert result["meta"]["precision"] == precision
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"engine", "hf_padded"}
     for row in rows.values():
@@ -39,3 +42,16 @@ def test_variants_benchmark_refuses_fewer_steps_than_the_warmup(capsys):
     with pytest.raises(SystemExit):
         variants.main(["--steps", "2"])
     assert "--steps must be >= 3 (the quickstart warms up for 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--t4", "--device", "cuda", "--precision", "bf16"], "--t4 is fp16 (a T4 has no bf16); drop --precision bf16"),
+    (["--precision", "fp16"], "--precision fp16 on a CPU: there are no fast fp16 matmul kernels there"),
+])
+def test_throughput_benchmark_refuses_precisions_the_hardware_lacks(argv, message, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.main(argv)
+    assert message in capsys.readouterr().err

@@ -277,3 +277,91 @@ def test_packed_attention_with_checkpointing_and_through_build_model(tmp_path):
         torch.testing.assert_close(loss, results[0][0], atol=1e-4, rtol=1e-6)
         for key, grad in results[0][1].items():
             torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- train.cpu_short_attention
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_short_causal_attention_gradcheck_and_equals_sdpa(heads, kv_heads):
+    """ShortCausalAttention in float64: its hand-written backward passes gradcheck, and forward and
+    gradients equal causal SDPA over K/V repeated per query head (GQA as transformers does it)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from engine.attention import ShortCausalAttention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(heads, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(kv_heads, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(kv_heads, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: ShortCausalAttention.apply(a, b, c, 0.4), (q, k, v))
+
+    w = torch.randn(heads, 7, 5, dtype=torch.float64, generator=g)
+    out = ShortCausalAttention.apply(q, k, v, 0.4)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    groups = heads // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[None], repeat_kv(k[None], groups), repeat_kv(v[None], groups), is_causal=True, scale=0.4)[0]
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def _bf16_packed_step(model, short: int, ids, pos):
+    """Logits and every grad of a bf16 forward/backward of a packed batch: a bf16 base under bf16
+    autocast, as build_model makes it for train.precision=bf16 (q, k, v reach attention in bf16)."""
+    from engine.attention import set_cpu_short_attention
+
+    model = copy.deepcopy(model).to(torch.bfloat16).train()
+    set_cpu_short_attention(model, short)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits
+    logits.float().square().mean().backward()
+    return logits.float().detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch):
+    """A packed bf16 step with train.cpu_short_attention (documents <= 10 tokens: 10, 8, 5 take
+    it, 12 and 25 keep SDPA) lands as close to the fp32 reference as the all-SDPA bf16 step does."""
+    import engine.attention as attention
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")  # 4 heads, 2 KV heads: the grouped path
+    model.set_attn_implementation("sdpa")
+    attention.set_packed_attention(model, True)
+    ids, pos = _packed_inputs(model.config.vocab_size)
+
+    m32 = copy.deepcopy(model).train()
+    ref_logits = m32(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits
+    ref_logits.square().mean().backward()
+    ref_grads = {n: p.grad for n, p in m32.named_parameters()}
+
+    taken = []
+    real = attention.ShortCausalAttention.apply
+    monkeypatch.setattr(attention.ShortCausalAttention, "apply", lambda q, *a: taken.append(q.shape[1]) or real(q, *a))
+    flash = _bf16_packed_step(model, 0, ids, pos)
+    assert taken == []
+    short = _bf16_packed_step(model, 10, ids, pos)
+    assert sorted(taken) == sorted([10, 8, 5] * 2)  # per layer; the 12- and 25-token documents use SDPA
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    flash_err, short_err = err(flash[0], ref_logits.detach()), err(short[0], ref_logits.detach())
+    assert short_err < 1.5 * flash_err + 1e-3, (short_err, flash_err)
+    for name, grad in ref_grads.items():
+        if grad.abs().sum() == 0:
+            continue
+        f, s = err(flash[1][name], grad), err(short[1][name], grad)
+        assert s < 1.5 * f + 1e-2, (name, s, f)
+
+
+def test_cpu_short_attention_stays_off_in_fp32_with_dropout_and_at_zero():
+    import engine.attention as attention
+
+    class Attn(nn.Module):
+        _engine_cpu_short_attention = 256
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert attention._short_attention_limit(Attn(), bf16, 0.0) == 256
+    assert attention._short_attention_limit(Attn(), fp32, 0.0) == 0          # fp32: the flash kernel is as fast
+    assert attention._short_attention_limit(Attn(), bf16, 0.1) == 0          # attention dropout: SDPA
+    assert attention._short_attention_limit(nn.Module(), bf16, 0.0) == 0     # not switched on
