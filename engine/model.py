@@ -208,6 +208,18 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
     return find_targets(model, "all-linear")
 
 
+def _dense_gguf() -> dict:
+    """from_pretrained kwargs that unpack a GGUF file into plain nn.Linear weights. Recent
+    transformers keep the weights in GGUF blocks (GgufLinear, inference kernels, not trainable)
+    whenever the `kernels` package is installed; LoRA needs nn.Linear under it, and the base is
+    fine-tuned in 16/32-bit anyway. Older transformers always unpack (no GgufConfig)."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     quant: QuantSpec | None = None, trust_remote_code: bool = False, allow_bin: bool = False,
                     attn_implementation: str = "sdpa") -> nn.Module:
@@ -223,7 +235,8 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
     if gguf is not None:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype,
                                                      attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code,
+                                                     **_dense_gguf())
         model.requires_grad_(False)
         if quant is not None:
             quantize_module_linears(model, decoder_linear_names(model), quant, device)

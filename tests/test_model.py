@@ -229,3 +229,29 @@ def test_default_smollm2_builds_and_answers(method):
                              pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_gguf_is_loaded_dense_even_where_transformers_could_keep_it_packed(monkeypatch):
+    """With the `kernels` package installed, transformers >= 5 keeps GGUF weights packed
+    (GgufLinear: inference only, not nn.Linear, so LoRA could not wrap it); the engine asks for
+    the dense unpacking explicitly."""
+    import transformers
+
+    from engine.model import DEFAULT_GGUF_FILE, default_model_path, load_base_model
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(directory, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    with pytest.raises(Stop):
+        load_base_model(default_model_path())
+    assert seen["gguf_file"] == DEFAULT_GGUF_FILE
+    config = seen.get("quantization_config")
+    if hasattr(transformers.utils.quantization_config, "GgufConfig"):
+        assert config is not None and config.dequantize is True
