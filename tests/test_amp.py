@@ -30,6 +30,22 @@ def test_auto_base_dtype_follows_a_fast_16_bit_compute_dtype(device, compute, ex
     assert resolve_dtype("fp32", torch.device(device), compute) == torch.float32
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import warnings
+
+    from engine import amp
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16 matmuls .* slower than fp32"):
+        assert resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", cpu) == "bf16"
+        assert resolve_precision("auto", cpu) == "fp32"
+
+
 def _params():
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     a.grad, b.grad = torch.full((3,), 8.0), torch.full((2,), 4.0)
