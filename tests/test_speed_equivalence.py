@@ -320,13 +320,15 @@ def _bf16_packed_step(model, short: int, ids, pos):
     return logits.float().detach(), {n: p.grad.float() for n, p in model.named_parameters()}
 
 
-def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen2", "gemma"])
+def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch, family):
     """A packed bf16 step with train.cpu_short_attention (documents <= 10 tokens: 10, 8, 5 take
-    it, 12 and 25 keep SDPA) lands as close to the fp32 reference as the all-SDPA bf16 step does."""
+    it, 12 and 25 keep SDPA) lands as close to the fp32 reference as the all-SDPA bf16 step does.
+    Families: fused qkv (phi3), q/k/v biases (qwen2), a head_dim that is not hidden / heads (gemma)."""
     import engine.attention as attention
     from tests.conftest import make_tiny_model
 
-    model, _ = make_tiny_model("llama")  # 4 heads, 2 KV heads: the grouped path
+    model, _ = make_tiny_model(family)  # 4 heads, 2 KV heads: the grouped path
     model.set_attn_implementation("sdpa")
     attention.set_packed_attention(model, True)
     ids, pos = _packed_inputs(model.config.vocab_size)
