@@ -303,9 +303,7 @@ def measure_peak(spec: dict) -> dict:
     cuda = spec["device"].startswith("cuda")
     # the peak of the precision the configurations train in: fp16 / bf16 tensor cores on a GPU,
     # fp32 on a CPU unless --precision bf16 (AVX512-BF16 / AMX: several times the fp32 peak)
-    precision = _precision(spec)
-    n = 8192 if cuda else 2048
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    n, dtype = (8192 if cuda else 2048), _dtype(torch, _precision(spec))
     a = torch.randn(n, n, device=spec["device"], dtype=dtype)
     b = torch.randn(n, n, device=spec["device"], dtype=dtype)
     c = torch.empty(n, n, device=spec["device"], dtype=dtype)
