@@ -206,12 +206,30 @@ def forward_backward(model, micro: list[dict], *, n_loss: int, scale: float, pre
 
 # ---------------------------------------------------------------- the loop
 def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
-    """Train per `cfg`; return the summary (also written to output_dir/summary.json)."""
+    """Train per `cfg`; return the summary (also written to output_dir/summary.json).
+
+    Without `ctx` it joins the process group torchrun describes itself, and leaves a group it
+    made (here or for FSDP) before returning or raising: a gloo group still alive at interpreter
+    exit can abort the process ("terminate called without an active exception", SIGABRT) after a
+    complete run, its worker threads dropping tensors once Python is gone (pytorch #179291)."""
+    import torch.distributed as dist
+
+    if ctx is not None:
+        return _train(cfg, ctx)
+    had_group = dist.is_available() and dist.is_initialized()
+    ctx = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        if not had_group:
+            shutdown(ctx)
+
+
+def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     from tqdm import tqdm
 
     from engine.evaluate import heldout_loss
 
-    ctx = ctx or init_distributed(cfg.train.device)
     if cfg.train.fsdp:
         from engine.fsdp import ensure_process_group
         ctx = ensure_process_group(ctx)

@@ -307,3 +307,27 @@ def test_repeated_overflow_stops_with_diagnosis(workdir, monkeypatch):
     with pytest.raises(Fp16Overflow, match=r"3 steps in a row overflowed.*lora_[AB]"):
         with pytest.warns(UserWarning):
             train_mod.run_training(cfg)
+
+
+def test_run_training_leaves_the_process_group_it_made_and_keeps_one_it_was_given(workdir, monkeypatch, tmp_path):
+    """A gloo group alive at interpreter exit can abort a finished run (SIGABRT in teardown): the
+    group run_training joins itself is destroyed before it returns; a caller's group is left alone."""
+    import torch.distributed as dist
+
+    from engine.distributed import DistContext
+
+    def one_rank_group(device="auto"):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        return DistContext()
+
+    monkeypatch.setattr(train_mod, "init_distributed", one_rank_group)
+    train_mod.run_training(make_cfg(workdir, "own_group", train={"max_steps": 3}))
+    assert not dist.is_initialized()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(train_mod, "init_distributed", lambda device="auto": DistContext())
+        train_mod.run_training(make_cfg(workdir, "given_group", train={"max_steps": 3}))
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
