@@ -357,11 +357,18 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
 
 class StopOnCtrlC:
     """The first Ctrl-C asks the loop to stop at the end of the current step (which then writes a
-    checkpoint); a second one interrupts at once."""
+    checkpoint); a second one interrupts at once.
+
+    Under torchrun one keypress arrives twice: the terminal sends SIGINT to every process of the
+    foreground group, workers included, and torchrun forwards the SIGINT it got to each worker
+    a moment later. A SIGINT within DUPLICATE_S of the first is that copy, not a second press."""
+
+    DUPLICATE_S = 1.0
 
     def __enter__(self):
         import signal
         self.requested = False
+        self._first_at = None
         self._previous = signal.getsignal(signal.SIGINT)
         try:
             signal.signal(signal.SIGINT, self._handle)
@@ -370,9 +377,13 @@ class StopOnCtrlC:
         return self
 
     def _handle(self, signum, frame):
+        import time
+        now = time.monotonic()
         if self.requested:
+            if now - self._first_at < self.DUPLICATE_S:
+                return  # the same keypress, forwarded by torchrun
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first_at = True, now
         print("\nCtrl-C: stopping after this step (press again to abort without a checkpoint)", file=sys.stderr)
 
     def __exit__(self, *exc):

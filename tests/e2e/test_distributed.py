@@ -47,6 +47,16 @@ if mode == "crash":  # every rank raises at its Nth loss call: a crash in the mi
             raise RuntimeError("simulated crash")
         return inner(*a, **k)
     engine.loss.causal_lm_loss = crashing
+if mode == "ctrl_c":  # rank 0, at its Nth loss call, presses Ctrl-C in the terminal that runs torchrun
+    import signal, time
+    n, calls = int(sys.argv[3]), [0]
+    def pressing(*a, **k):
+        calls[0] += 1
+        if calls[0] == n and rank == 0:
+            os.killpg(os.getpgid(os.getppid()), signal.SIGINT)  # torchrun's process group, as a terminal does
+            time.sleep(1.0)  # the step goes on while torchrun forwards the signal to the workers
+        return inner(*a, **k)
+    engine.loss.causal_lm_loss = pressing
 if mode == "fail_rank1":  # only rank 1 fails, through the real command-line entry point
     if rank == 1:
         def failing(*a, **k):
@@ -76,17 +86,20 @@ def launch(tmp: Path, mode: str, *args: str, nproc: int = 2, timeout: int = 400)
     env.pop("ENGINE_TRACEBACK", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--monitor_interval=0.2", str(script), mode, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    # its own session, like a terminal's foreground job: a test's Ctrl-C reaches torchrun, not pytest
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+                          start_new_session=True)
 
 
-def run_two(cfg, *crash_at: int) -> subprocess.CompletedProcess:
-    """Train `cfg` in 2 processes; with crash_at=N every rank raises at its Nth loss call."""
+def run_two(cfg, *crash_at: int, mode: str = "crash") -> subprocess.CompletedProcess:
+    """Train `cfg` in 2 processes; with crash_at=N every rank raises at its Nth loss call (mode
+    "ctrl_c": rank 0 sends Ctrl-C to torchrun there instead)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out.parent / f"{out.name}.json"
     cfg_file.write_text(json.dumps(asdict(cfg)))
     if crash_at:
-        return launch(out.parent, "crash", str(cfg_file), str(crash_at[0]))
+        return launch(out.parent, mode, str(cfg_file), str(crash_at[0]))
     proc = launch(out.parent, "run", str(cfg_file))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -180,6 +193,24 @@ def test_two_ranks_equal_one_rank_at_twice_the_micro_batch(workdir, two_rank_run
     assert len([r for r in records if '"loss"' in r]) == 6
     ckpts = sorted(p.name for p in (Path(two_rank_run.output_dir) / "checkpoints").iterdir())
     assert ckpts == ["step-2", "step-4", "step-6"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_and_resumes_identically(workdir, two_rank_run):
+    """Ctrl-C in the terminal running torchrun: torchrun forwards SIGINT to each worker (in
+    their own sessions since torch 2.13; older torch also delivered the terminal's copy, which
+    StopOnCtrlC takes as the same press). All ranks stop at the end of the same step, write its
+    checkpoint, and the resumed run is the uninterrupted one."""
+    cut = make_cfg(workdir, "dp2_ctrl_c", train=DP)
+    press = _eval_calls(cut) + DP["grad_accum"] * 2 + 1  # rank 0's first micro-batch of step 3
+    proc = run_two(cut, press, mode="ctrl_c")
+    assert proc.returncode != 0
+    assert "interrupted at step 3: checkpoint written to" in proc.stderr, proc.stderr[-3000:]
+    ck = Path(cut.output_dir) / "checkpoints"
+    assert (ck / "step-3" / "manifest.json").exists()
+    assert not (ck / "step-4").exists()
+    run_two(cut)  # resume=auto on both ranks
+    assert losses(two_rank_run.output_dir) == losses(cut.output_dir)
 
 
 @pytest.mark.slow

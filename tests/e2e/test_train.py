@@ -228,6 +228,38 @@ def test_ctrl_c_checkpoints_and_resumes_exactly(workdir, monkeypatch):
     assert_same_tensors(adapter_tensors(full.output_dir), adapter_tensors(cut.output_dir))
 
 
+def test_ctrl_c_delivered_twice_at_once_still_checkpoints(workdir, monkeypatch):
+    """Under torchrun a Ctrl-C reaches each worker twice within milliseconds (from the terminal and
+    forwarded by torchrun): that is one press, so the run still stops at the end of the step with
+    a checkpoint instead of aborting."""
+    cfg = make_cfg(workdir, "twice_c", train={"max_steps": 6})
+
+    def press_once_delivered_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    crash = CrashAt(n=_eval_calls(cfg) + 2 * 2 + 1, action=press_once_delivered_twice)
+    monkeypatch.setattr(engine.loss, "causal_lm_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run_training(cfg)
+    assert (Path(cfg.output_dir) / "checkpoints/step-3/manifest.json").exists()
+
+
+def test_a_second_ctrl_c_after_the_duplicate_window_aborts(monkeypatch):
+    import time
+
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with train_mod.StopOnCtrlC() as stop:
+        stop._handle(signal.SIGINT, None)
+        clock[0] += 0.05
+        stop._handle(signal.SIGINT, None)  # torchrun's copy of the same press
+        assert stop.requested
+        clock[0] += train_mod.StopOnCtrlC.DUPLICATE_S
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)  # a real second press
+
+
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
