@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -264,7 +265,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
     step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0}
     model.train()
-    with StopOnCtrlC() as stop:
+    with StopOnSignal() as stop:
         for step in range(start_step + 1, tc.max_steps + 1):
             t0 = time.perf_counter()
             # 1. The step's micro-batches, and the global count of loss-carrying tokens: every
@@ -330,7 +331,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                     if ctx.is_main:
                         print(f"\ninterrupted at step {step}: checkpoint written to {path}; "
                               "rerun the same command to resume", file=sys.stderr)
-                    raise KeyboardInterrupt
+                    raise Stopped(stop.signum or signal.SIGINT)
     bar.close()
 
     eval_loss_after = evaluate(tc.max_steps)
@@ -355,41 +356,49 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     return summary
 
 
-class StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop at the end of the current step (which then writes a
-    checkpoint); a second one interrupts at once.
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal after writing a checkpoint (or at once on a second signal).
+    A KeyboardInterrupt, so Ctrl-C handling anywhere still applies; `signum` sets the exit code."""
 
-    Under torchrun one keypress arrives twice: the terminal sends SIGINT to every process of the
-    foreground group, workers included, and torchrun forwards the SIGINT it got to each worker
-    a moment later. A SIGINT within DUPLICATE_S of the first is that copy, not a second press."""
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) or SIGTERM (`kill`, `timeout`, a scheduler preempting the job) asks the loop
+    to stop at the end of the current step, which then writes a checkpoint; a second signal stops
+    at once, without one.
+
+    Under torchrun one keypress can arrive twice: where the workers share the terminal's process
+    group they get its SIGINT, and torchrun forwards the signal it got to each worker a moment
+    later. A signal within DUPLICATE_S of the first is that copy, not a second request."""
 
     DUPLICATE_S = 1.0
 
     def __enter__(self):
-        import signal
-        self.requested = False
-        self._first_at = None
-        self._previous = signal.getsignal(signal.SIGINT)
-        try:
-            signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C as it is
-            self._previous = None
+        self.requested, self.signum, self._first_at = False, None, None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals as they are
+                pass
         return self
 
     def _handle(self, signum, frame):
-        import time
         now = time.monotonic()
         if self.requested:
             if now - self._first_at < self.DUPLICATE_S:
-                return  # the same keypress, forwarded by torchrun
-            raise KeyboardInterrupt
-        self.requested, self._first_at = True, now
-        print("\nCtrl-C: stopping after this step (press again to abort without a checkpoint)", file=sys.stderr)
+                return  # the same request, forwarded by torchrun
+            raise Stopped(signum)
+        self.requested, self.signum, self._first_at = True, signum, now
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step (again to stop at once, without a checkpoint)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        import signal
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():  # None: a handler not set from Python
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         return False
 
 
@@ -466,8 +475,8 @@ def _hydra_main():
         ctx = init_distributed(cfg.train.device)
         try:
             run_training(cfg, ctx)
-        except KeyboardInterrupt:
-            sys.exit(130)
+        except KeyboardInterrupt as e:  # Stopped: 130 after Ctrl-C, 143 after SIGTERM
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         except Exception as e:
             prefix = f"rank {ctx.rank}: " if ctx.enabled else ""
             print(f"error: {prefix}{type(e).__name__}: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,13 +48,13 @@ if mode == "crash":  # every rank raises at its Nth loss call: a crash in the mi
             raise RuntimeError("simulated crash")
         return inner(*a, **k)
     engine.loss.causal_lm_loss = crashing
-if mode == "ctrl_c":  # rank 0, at its Nth loss call, presses Ctrl-C in the terminal that runs torchrun
-    import signal, time
-    n, calls = int(sys.argv[3]), [0]
+if mode == "signal":  # rank 0, at its Nth loss call, signals torchrun's process group (SIGNUM)
+    import time
+    n, signum, calls = int(sys.argv[3]), int(sys.argv[4]), [0]
     def pressing(*a, **k):
         calls[0] += 1
         if calls[0] == n and rank == 0:
-            os.killpg(os.getpgid(os.getppid()), signal.SIGINT)  # torchrun's process group, as a terminal does
+            os.killpg(os.getpgid(os.getppid()), signum)  # as a terminal's Ctrl-C or a `kill` of the job does
             time.sleep(1.0)  # the step goes on while torchrun forwards the signal to the workers
         return inner(*a, **k)
     engine.loss.causal_lm_loss = pressing
@@ -91,15 +92,17 @@ def launch(tmp: Path, mode: str, *args: str, nproc: int = 2, timeout: int = 400)
                           start_new_session=True)
 
 
-def run_two(cfg, *crash_at: int, mode: str = "crash") -> subprocess.CompletedProcess:
-    """Train `cfg` in 2 processes; with crash_at=N every rank raises at its Nth loss call (mode
-    "ctrl_c": rank 0 sends Ctrl-C to torchrun there instead)."""
+def run_two(cfg, *crash_at: int, signum: int | None = None) -> subprocess.CompletedProcess:
+    """Train `cfg` in 2 processes; with crash_at=N every rank raises at its Nth loss call (with
+    `signum`: rank 0 sends that signal to torchrun's process group there instead)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out.parent / f"{out.name}.json"
     cfg_file.write_text(json.dumps(asdict(cfg)))
+    if crash_at and signum is not None:
+        return launch(out.parent, "signal", str(cfg_file), str(crash_at[0]), str(int(signum)))
     if crash_at:
-        return launch(out.parent, mode, str(cfg_file), str(crash_at[0]))
+        return launch(out.parent, "crash", str(cfg_file), str(crash_at[0]))
     proc = launch(out.parent, "run", str(cfg_file))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -196,14 +199,17 @@ def test_two_ranks_equal_one_rank_at_twice_the_micro_batch(workdir, two_rank_run
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_torchrun_checkpoints_every_rank_and_resumes_identically(workdir, two_rank_run):
-    """Ctrl-C in the terminal running torchrun: torchrun forwards SIGINT to each worker (in
-    their own sessions since torch 2.13; older torch also delivered the terminal's copy, which
-    StopOnCtrlC takes as the same press). All ranks stop at the end of the same step, write its
-    checkpoint, and the resumed run is the uninterrupted one."""
-    cut = make_cfg(workdir, "dp2_ctrl_c", train=DP)
-    press = _eval_calls(cut) + DP["grad_accum"] * 2 + 1  # rank 0's first micro-batch of step 3
-    proc = run_two(cut, press, mode="ctrl_c")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_under_torchrun_checkpoints_every_rank_and_resumes_identically(workdir, two_rank_run,
+                                                                                         signum):
+    """Ctrl-C in the terminal running torchrun (SIGINT), or SIGTERM to the job: torchrun forwards
+    the signal to each worker (torch 2.13 starts them in their own sessions; where they share the
+    terminal's group they also get its copy, which StopOnSignal takes as the same request). All
+    ranks stop at the end of the same step, write its checkpoint, and the resumed run is the
+    uninterrupted one."""
+    cut = make_cfg(workdir, f"dp2_signal{int(signum)}", train=DP)
+    at = _eval_calls(cut) + DP["grad_accum"] * 2 + 1  # rank 0's first micro-batch of step 3
+    proc = run_two(cut, at, signum=signum)
     assert proc.returncode != 0
     assert "interrupted at step 3: checkpoint written to" in proc.stderr, proc.stderr[-3000:]
     ck = Path(cut.output_dir) / "checkpoints"

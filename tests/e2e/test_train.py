@@ -213,14 +213,19 @@ def _eval_calls(cfg) -> int:
     return sum(1 for _ in loader.one_pass())
 
 
-def test_ctrl_c_checkpoints_and_resumes_exactly(workdir, monkeypatch):
-    full = make_cfg(workdir, "full_c", train={"max_steps": 6})
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_checkpoints_and_resumes_exactly(workdir, monkeypatch, sig):
+    """Ctrl-C, or SIGTERM (`kill`, `timeout`, a scheduler preempting the job): the run finishes the
+    step, checkpoints it, stops with the signal's number (exit code 128 + it), resumes exactly."""
+    full = make_cfg(workdir, f"full_c{sig}", train={"max_steps": 6})
     train_mod.run_training(full)
-    cut = make_cfg(workdir, "cut_c", train={"max_steps": 6})
-    crash = CrashAt(n=_eval_calls(cut) + 2 * 2 + 1, action=lambda: os.kill(os.getpid(), signal.SIGINT))
+    cut = make_cfg(workdir, f"cut_c{sig}", train={"max_steps": 6})
+    crash = CrashAt(n=_eval_calls(cut) + 2 * 2 + 1, action=lambda: os.kill(os.getpid(), sig))
     monkeypatch.setattr(engine.loss, "causal_lm_loss", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.run_training(cut)  # SIGINT during step 3 -> checkpoint at the end of step 3
+    with pytest.raises(train_mod.Stopped) as stopped:
+        train_mod.run_training(cut)  # the signal during step 3 -> checkpoint at the end of step 3
+    assert stopped.value.signum == sig
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
     monkeypatch.setattr(engine.loss, "causal_lm_loss", crash.inner)
     assert (Path(cut.output_dir) / "checkpoints/step-3/manifest.json").exists()
     train_mod.run_training(cut)
@@ -250,13 +255,13 @@ def test_a_second_ctrl_c_after_the_duplicate_window_aborts(monkeypatch):
 
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    with train_mod.StopOnCtrlC() as stop:
+    with train_mod.StopOnSignal() as stop:
         stop._handle(signal.SIGINT, None)
         clock[0] += 0.05
         stop._handle(signal.SIGINT, None)  # torchrun's copy of the same press
         assert stop.requested
-        clock[0] += train_mod.StopOnCtrlC.DUPLICATE_S
-        with pytest.raises(KeyboardInterrupt):
+        clock[0] += train_mod.StopOnSignal.DUPLICATE_S
+        with pytest.raises(train_mod.Stopped):
             stop._handle(signal.SIGINT, None)  # a real second press
 
 
