@@ -301,6 +301,37 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(workdir):
     assert_same_tensors(adapter_tensors(full.output_dir), adapter_tensors(cut.output_dir))
 
 
+SIGTERM_THROUGH_CLI = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import engine.loss
+    from engine import train
+    inner, calls = engine.loss.causal_lm_loss, [0]
+    def terminating(*a, **k):
+        calls[0] += 1
+        if calls[0] == {at}:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(*a, **k)
+    engine.loss.causal_lm_loss = terminating
+    sys.argv = ["engine.train", *{overrides!r}]
+    train._hydra_main()
+""")
+
+
+def test_sigterm_through_the_command_line_checkpoints_and_exits_143(workdir):
+    root, model_dir, train_path, _ = workdir
+    out = root / "sigterm_cli"
+    overrides = [f"model.path={model_dir}", f"data.train_path={train_path}", "data.eval_path=null",
+                 "data.max_seq_len=64", f"data.cache_dir={root / 'cache'}", f"output_dir={out}", "peft.r=4",
+                 "train.max_steps=6", "train.device=cpu", "train.plots=false", "hydra.run.dir=" + str(out / "hydra")]
+    repo = str(Path(__file__).resolve().parents[2])
+    script = SIGTERM_THROUGH_CLI.format(repo=repo, at=3, overrides=overrides)  # no eval set: step 3's loss call
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "SIGTERM: stopping after this step" in proc.stderr
+    assert (out / "checkpoints" / "step-3" / "manifest.json").exists()
+
+
 def test_fp16_on_cpu_trains_with_loss_scaling(workdir):
     cfg = make_cfg(workdir, "fp16", train={"max_steps": 12, "precision": "fp16"})
     summary = train_mod.run_training(cfg)
