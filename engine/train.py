@@ -93,6 +93,9 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
 
     device = ctx.device
     precision = amp.resolve_precision(cfg.train.precision, device)
+    if ctx.is_main and cfg.train.precision == "auto" and device.type == "cpu" and amp.cpu_has_native_bf16():
+        print("note: this CPU has native bf16 matmuls: train.precision=bf16 trains 2-3x faster than the fp32 "
+              "that auto means on a CPU (README, quickstart)", file=sys.stderr)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:

@@ -332,6 +332,13 @@ def test_sigterm_through_the_command_line_checkpoints_and_exits_143(workdir):
     assert (out / "checkpoints" / "step-3" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("native,precision,hint", [(True, "auto", True), (True, "fp32", False), (False, "auto", False)])
+def test_auto_precision_on_a_bf16_cpu_points_at_bf16(workdir, monkeypatch, capsys, native, precision, hint):
+    monkeypatch.setattr(train_mod.amp, "cpu_has_native_bf16", lambda: native)
+    train_mod.run_training(make_cfg(workdir, f"hint_{native}_{precision}", train={"max_steps": 3, "precision": precision}))
+    assert ("train.precision=bf16 trains 2-3x faster" in capsys.readouterr().err) == hint
+
+
 def test_fp16_on_cpu_trains_with_loss_scaling(workdir):
     cfg = make_cfg(workdir, "fp16", train={"max_steps": 12, "precision": "fp16"})
     summary = train_mod.run_training(cfg)
