@@ -320,11 +320,12 @@ def _bf16_packed_step(model, short: int, ids, pos):
     return logits.float().detach(), {n: p.grad.float() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen2", "gemma", "mistral"])
 def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch, family):
     """A packed bf16 step with train.cpu_short_attention (documents <= 10 tokens: 10, 8, 5 take
     it, 12 and 25 keep SDPA) lands as close to the fp32 reference as the all-SDPA bf16 step does.
-    Families: fused qkv (phi3), q/k/v biases (qwen2), a head_dim that is not hidden / heads (gemma)."""
+    Families: fused qkv (phi3), q/k/v biases (qwen2), a head_dim that is not hidden / heads (gemma),
+    mistral."""
     import engine.attention as attention
     from tests.conftest import make_tiny_model
 
