@@ -476,20 +476,37 @@ def _hydra_main():
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         ctx = init_distributed(cfg.train.device)
+        code = 0
         try:
             run_training(cfg, ctx)
         except KeyboardInterrupt as e:  # Stopped: 130 after Ctrl-C, 143 after SIGTERM
-            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+            code = 128 + getattr(e, "signum", signal.SIGINT)
         except Exception as e:
             prefix = f"rank {ctx.rank}: " if ctx.enabled else ""
             print(f"error: {prefix}{type(e).__name__}: {e}", file=sys.stderr)
             if os.environ.get("ENGINE_TRACEBACK"):
                 raise
-            sys.exit(1)
+            code = 1
         finally:
             shutdown(ctx)
+        if ctx.enabled:
+            exit_now(code)
+        if code:
+            sys.exit(code)
 
     main()
+
+
+def exit_now(code: int) -> None:
+    """End a torchrun worker without interpreter teardown, once every file is written and closed.
+    A gloo worker sometimes aborts *after* a complete run and destroy_process_group: a gloo
+    thread still alive at interpreter finalization drops a tensor, needs the GIL, is killed, and
+    the process dies with "terminate called without an active exception" (SIGABRT), so torchrun
+    reports a finished job as failed (seen in this repository's CI; pytorch #179291). os._exit
+    skips finalization; stdout and stderr are flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ else:
     with open(arg) as f:
         cfg = from_dict(json.load(f)).validate()
     train.run_training(cfg)
+    if mode == "run":  # a complete run ends as the engine's CLI ends it (exit_now: no gloo teardown abort)
+        train.exit_now(0)
 '''
 
 
