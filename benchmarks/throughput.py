@@ -303,7 +303,9 @@ def measure_peak(spec: dict) -> dict:
     cuda = spec["device"].startswith("cuda")
     # the peak of the precision the configurations train in: fp16 / bf16 tensor cores on a GPU,
     # fp32 on a CPU unless --precision bf16 (AVX512-BF16 / AMX: several times the fp32 peak)
-    n, dtype = (8192 if cuda else 2048), _dtype(torch, _precision(spec))
+    from engine.amp import DTYPES
+
+    n, dtype = (8192 if cuda else 2048), DTYPES[_precision(spec)]
     a = torch.randn(n, n, device=spec["device"], dtype=dtype)
     b = torch.randn(n, n, device=spec["device"], dtype=dtype)
     c = torch.empty(n, n, device=spec["device"], dtype=dtype)
@@ -346,12 +348,6 @@ def _precision(spec: dict) -> str:
     if spec.get("precision", "auto") != "auto":
         return spec["precision"]
     return "fp16" if spec["t4"] else ("fp32" if spec["device"] == "cpu" else "bf16")
-
-
-def _dtype(torch, precision: str):
-    """The base weights' storage dtype: the training precision's (fp32 weights under 16-bit
-    autocast would be cast again at every matmul)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def _peak_memory(torch, device) -> int:
@@ -417,8 +413,7 @@ def run_engine(spec: dict) -> dict:
     peft = PeftConfig(method=spec["method"], r=spec["r"], alpha=spec["alpha"], targets=spec["targets"])
     if spec["model"].startswith("shape:"):
         config = _model_config(spec["model"])
-        dtype = _dtype(torch, precision)
-        model = random_base_model(config, method=spec["method"], device=device, dtype=dtype)
+        model = random_base_model(config, method=spec["method"], device=device, dtype=amp.DTYPES[precision])
         inject_lora(model, peft.targets, peft.r, peft.alpha)
         mark_only_lora_trainable(model)
         pad_id = 0
@@ -463,9 +458,11 @@ def _hf_model(spec: dict, torch, device, precision: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    from engine.amp import DTYPES
+
     torch.manual_seed(0)
+    dtype = DTYPES[precision]  # the base stored in the training precision, as the engine's
     if spec["model"].startswith("shape:"):
-        dtype = _dtype(torch, precision)
         model = random_base_model(_model_config(spec["model"]), method=spec["method"], device=device, dtype=dtype)
         tokenizer = None
     else:
@@ -473,10 +470,10 @@ def _hf_model(spec: dict, torch, device, precision: str):
         if spec["method"] == "qlora":
             from transformers import BitsAndBytesConfig
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=_dtype(torch, precision))
+                                       bnb_4bit_compute_dtype=dtype)
         else:
             quant = None
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=_dtype(torch, precision), attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="sdpa",
                                                      quantization_config=quant).to(device)
         tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model.config.use_cache = False
@@ -595,8 +592,7 @@ def run_probe(spec: dict) -> dict:
     precision = _precision(spec)
     seed_everything(0)
     config = _model_config(spec["model"])
-    dtype = _dtype(torch, precision)
-    model = random_base_model(config, method=spec["method"], device=device, dtype=dtype)
+    model = random_base_model(config, method=spec["method"], device=device, dtype=amp.DTYPES[precision])
     inject_lora(model, spec["targets"], spec["r"], spec["alpha"])
     mark_only_lora_trainable(model)
     offloader = enable_activation_checkpointing(model, offload=True)

@@ -33,7 +33,7 @@ cuda = args.device.startswith("cuda")
 spec = {"threads": physical_cores(), "device": args.device, "t4": cuda}  # T4 mode on a GPU, as the benchmark
 _, device = _setup_torch(spec)
 precision = _precision(spec)
-dtype = torch.float16 if cuda else torch.float32
+dtype = amp.DTYPES[precision]
 torch.manual_seed(0)
 config = _model_config(args.model)
 t0 = time.perf_counter()
