@@ -213,12 +213,10 @@ if rank == 0:
     with open(out, "w") as f:
         json.dump(report, f)
 dist.destroy_process_group()
-# Under load a rank sometimes aborts in interpreter teardown, after all of the above ("terminate
-# called without an active exception": a C++ thread still joinable at static destruction; seen
-# on torch 2.13 + gloo + FSDP2, report already written). Skip the teardown: nothing is left to do.
-import os
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)
+# Under load a rank sometimes aborts in interpreter teardown after all of the above (report
+# written): end as the engine's torchrun workers do, without teardown.
+from engine.train import exit_now
+exit_now(0)
 '''
 
 

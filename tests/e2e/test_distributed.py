@@ -33,31 +33,20 @@ from tests.e2e.test_train import (_eval_calls, adapter_tensors, assert_same_tens
 REPO = Path(__file__).resolve().parents[2]
 
 RUNNER = r'''
-import json, os, sys
+import json, os, sys, time
 import engine.loss
 from engine import train
+from tests.e2e.test_train import CrashAt, _boom
 
 mode, arg = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
-inner = engine.loss.causal_lm_loss
 if mode == "crash":  # every rank raises at its Nth loss call: a crash in the middle of a step
-    n, calls = int(sys.argv[3]), [0]
-    def crashing(*a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            raise RuntimeError("simulated crash")
-        return inner(*a, **k)
-    engine.loss.causal_lm_loss = crashing
-if mode == "signal":  # rank 0, at its Nth loss call, signals torchrun's process group (SIGNUM)
-    import time
-    n, signum, calls = int(sys.argv[3]), int(sys.argv[4]), [0]
-    def pressing(*a, **k):
-        calls[0] += 1
-        if calls[0] == n and rank == 0:
-            os.killpg(os.getpgid(os.getppid()), signum)  # as a terminal's Ctrl-C or a `kill` of the job does
-            time.sleep(1.0)  # the step goes on while torchrun forwards the signal to the workers
-        return inner(*a, **k)
-    engine.loss.causal_lm_loss = pressing
+    engine.loss.causal_lm_loss = CrashAt(int(sys.argv[3]), _boom)
+if mode == "signal" and rank == 0:  # rank 0, at its Nth loss call, signals torchrun's process group
+    def signal_torchrun(signum=int(sys.argv[4])):
+        os.killpg(os.getpgid(os.getppid()), signum)  # as a terminal's Ctrl-C or a `kill` of the job does
+        time.sleep(1.0)  # the step goes on while torchrun forwards the signal to the workers
+    engine.loss.causal_lm_loss = CrashAt(int(sys.argv[3]), signal_torchrun)
 if mode == "fail_rank1":  # only rank 1 fails, through the real command-line entry point
     if rank == 1:
         def failing(*a, **k):

@@ -306,13 +306,8 @@ SIGTERM_THROUGH_CLI = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import engine.loss
     from engine import train
-    inner, calls = engine.loss.causal_lm_loss, [0]
-    def terminating(*a, **k):
-        calls[0] += 1
-        if calls[0] == {at}:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return inner(*a, **k)
-    engine.loss.causal_lm_loss = terminating
+    from tests.e2e.test_train import CrashAt
+    engine.loss.causal_lm_loss = CrashAt({at}, lambda: os.kill(os.getpid(), signal.SIGTERM))
     sys.argv = ["engine.train", *{overrides!r}]
     train._hydra_main()
 """)
