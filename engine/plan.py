@@ -69,7 +69,7 @@ class Shape:
     tied: bool
     fused: bool
     linears: tuple
-    logit_transform: bool = False  # logit scale / soft-capping (engine.loss.logit_transform)
+    logit_transform: bool = False  # logit scale / soft-capping (engine.loss.logit_transform is not None)
 
 
 SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma")
@@ -95,8 +95,9 @@ def model_shape(config) -> Shape:
         linears = (("q_proj", h, q, qkv_bias), ("k_proj", h, kv, qkv_bias), ("v_proj", h, kv, qkv_bias),
                    ("o_proj", q, h, o_bias), ("gate_proj", h, i, mlp_bias), ("up_proj", h, i, mlp_bias),
                    ("down_proj", i, h, mlp_bias))
-    transform = any(getattr(config, k, None) is not None
-                    for k in ("logit_scale", "logits_scaling", "final_logit_softcapping"))
+    from engine.loss import logit_transform  # torch is loaded already (transformers' config)
+
+    transform = logit_transform(config) is not None
     return Shape(family, h, i, config.num_hidden_layers, nh, nkv, hd, config.vocab_size,
                  bool(getattr(config, "tie_word_embeddings", False)), family == "phi3", linears, transform)
 

@@ -219,6 +219,17 @@ def test_known_shapes_build_and_weights_match_a_meta_model(name):
     assert predicted.float_weights == 2 * numel
 
 
+def test_a_logit_transform_keeps_a_separate_fp32_gradient_per_chunk():
+    """Soft-capping / logit scaling (engine.loss.logit_transform): the chunked loss cannot build
+    its softmax in the logits' storage, so the chunk's peak has 4 more bytes per logit."""
+    plain = plan.known_config("llama-3.1-8b")
+    capped = plan.known_config("llama-3.1-8b")
+    capped.final_logit_softcapping = 30.0
+    assert not plan.model_shape(plain).logit_transform and plan.model_shape(capped).logit_transform
+    a, b = (predict(c, seq_len=2048, micro_batch=1, method="qlora") for c in (plain, capped))
+    assert b.loss_peak - a.loss_peak == 1024 * plain.vocab_size * 4
+
+
 def test_known_shape_sizes():
     assert plan.model_shape(plan.known_config("llama-3.1-8b")).kv_heads == 8
     b = predict(plan.known_config("llama-3.1-8b"), seq_len=2048, micro_batch=1, method="qlora")
