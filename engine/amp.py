@@ -46,8 +46,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls several times faster than fp32 (measured 4.3x on a 2-core
-    Zen 5: 932 vs 218 GFLOP/s). Other CPUs emulate bf16, slower than fp32."""
+    """AVX512-BF16 or AMX: bf16 matmuls several times faster than fp32 (4.4x on a 2-core Zen 5:
+    the throughput benchmark's 2048^3 peaks, 933 vs 210 GFLOP/s, benchmarks/results/
+    throughput_cpu_smollm2_quickstart_{bf16,idle}.md). Other CPUs emulate bf16, slower than fp32."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private helpers; a torch without them: assume not
