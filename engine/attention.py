@@ -27,8 +27,9 @@ Switch: `train.packed_attention`.
 On a CPU under bf16, documents of up to `train.cpu_short_attention` tokens take
 `ShortCausalAttention` instead of SDPA: PyTorch's CPU flash kernel re-derives the probabilities
 in small blocks in backward, which at ~130-token documents costs 4-5x its forward; explicit
-matmuls that keep the [H, n, n] probabilities cost ~2.5x less per layer (fwd + bwd, bf16,
-SmolLM2 shapes). They also read grouped K/V heads in place, without repeat_kv's copy.
+matmuls that keep the [H, n, n] probabilities, with the mask and scale inside the QK^T GEMM,
+cost ~3.5x less per layer (fwd + bwd, bf16, SmolLM2 shapes, 7 documents of ~150 tokens:
+benchmarks/attention_cpu.py). They also read grouped K/V heads in place, without repeat_kv's copy.
 """
 
 from __future__ import annotations
@@ -76,30 +77,36 @@ def _per_document_backends(query: torch.Tensor):
 class ShortCausalAttention(torch.autograd.Function):
     """Causal softmax attention of one document as explicit matmuls, probabilities saved.
 
-        q [H, n, D], k, v [H_kv, n, D] (query head h reads K/V head h // g, g = H / H_kv)
-        S = scale * q k^T  (fp32),  S_ij = -inf for j > i,  P = softmax(S)  (fp32, kept in q's dtype)
+        q [H, n, D], k, v [H_kv, n, D] (query head h reads K/V head h // g, g = H / H_kv),
+        bias [g n, n]: 0 on and below the diagonal, -inf above (`causal_bias`)
+        S = bias + scale * q k^T,  P = softmax(S)                          [H_kv, g n, n]
         out = P v                                                          [H, n, D]
     backward (Dao et al. 2022, "FlashAttention", appendix B.2, without the tiling):
-        dV = P^T dO,  dP = dO V^T (fp32),  dS = P * (dP - rowsum(dP * P)),  dQ = scale dS K,
+        dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = scale dS K,
         dK = scale dS^T Q
     The g query heads sharing a K/V head are stacked as rows, q -> [H_kv, g n, D], so one batched
-    matmul serves the group and dK, dV sum over it in the matmul itself. S and dP are computed in
-    fp32 (the products a flash kernel accumulates in fp32); the other four matmuls run in the
-    inputs' dtype. Memory: P is H n^2 elements per document, kept until backward -- the reason
-    this is for short documents only (at n <= 4 D it is no larger than q, k, v and out together).
+    matmul serves the group and dK, dV sum over it in the matmul itself.
+    Each [g n, n] step is one fused op: the mask and the scale ride in the QK^T GEMM (baddbmm,
+    beta = 1 on the bias), softmax is one pass, and dS is PyTorch's softmax-backward kernel. At
+    ~130-token documents these n^2 passes, not the GEMMs, were the cost: upcasting S and dP to
+    fp32 and masking, scaling and subtracting in separate passes took ~1.7x as long per layer.
+    Precision: S and dP are the GEMMs' outputs in the inputs' dtype (accumulated in fp32 inside
+    the GEMM, rounded once, as transformers' eager attention has them); softmax and its backward
+    accumulate in fp32. In bf16 the output and gradients are as close to an fp64 reference as
+    PyTorch's own bf16 SDPA kernel's (tests/test_speed_equivalence.py).
+    Memory: P is H n^2 elements per document, kept until backward -- the reason this is for
+    short documents only (at n <= 4 D it is no larger than q, k, v and out together).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
+    def forward(ctx, q, k, v, scale: float, bias):
         H, n, D = q.shape
         H_kv = k.shape[0]
-        g = H // H_kv
-        acc = torch.promote_types(q.dtype, torch.float32)                  # fp32 (fp64 in gradcheck)
         with torch.autocast(q.device.type, enabled=False):
-            qg = q.reshape(H_kv, g * n, D)                                 # rows: (group member, position)
-            s = torch.bmm(qg.to(acc), k.to(acc).transpose(1, 2)).mul_(scale)   # [H_kv, g n, n] fp32
-            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(g, 1)
-            p = torch.softmax(s.masked_fill_(future, float("-inf")), dim=-1).to(q.dtype)
+            qg = q.reshape(H_kv, H // H_kv * n, D)                         # rows: (group member, position)
+            s = torch.baddbmm(bias, qg, k.transpose(1, 2), alpha=scale)    # [H_kv, g n, n]
+            p = torch.softmax(s, dim=-1)
+            del s
             out = torch.bmm(p, v)                                           # [H_kv, g n, D]
         ctx.save_for_backward(qg, k, v, p)
         ctx.scale = scale
@@ -111,13 +118,40 @@ class ShortCausalAttention(torch.autograd.Function):
         H_kv, gn, D = qg.shape
         do = grad_out.reshape(H_kv, gn, D).to(qg.dtype)
         dv = torch.bmm(p.transpose(1, 2), do)                              # [H_kv, n, D]
-        acc = torch.promote_types(qg.dtype, torch.float32)
-        dp = torch.bmm(do.to(acc), v.to(acc).transpose(1, 2))             # [H_kv, g n, n] fp32
-        pf = p.to(acc)                                                     # (p itself when fp32: not in place)
-        ds = dp.sub_((dp * pf).sum(-1, keepdim=True)).mul_(pf).to(qg.dtype)
+        dp = torch.bmm(do, v.transpose(1, 2))                              # [H_kv, g n, n]
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)              # P * (dP - rowsum(dP * P))
+        del dp
         dq = torch.bmm(ds, k).mul_(ctx.scale)                              # [H_kv, g n, D]
         dk = torch.bmm(ds.transpose(1, 2), qg).mul_(ctx.scale)             # [H_kv, n, D]
-        return dq.view(grad_out.shape), dk, dv, None
+        return dq.view(grad_out.shape), dk, dv, None, None
+
+
+def causal_bias(n: int, groups: int, dtype: torch.dtype, device, cache: dict | None = None) -> torch.Tensor:
+    """[groups n, n]: 0 where query i may see key j (j <= i), -inf above the diagonal, the [n, n]
+    block repeated for each query head of a K/V group (ShortCausalAttention's row layout).
+    `cache` (a dict) keeps one per (n, groups, dtype, device): the documents of a step have the
+    same lengths in every layer."""
+    key = (n, groups, dtype, str(device))
+    if cache is not None and key in cache:
+        return cache[key]
+    future = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+    bias = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(groups, 1)
+    if cache is not None:
+        cache[key] = bias
+    return bias
+
+
+def _bias_cache(position_ids: torch.Tensor) -> dict | None:
+    """The causal-bias cache of one forward, kept on its position_ids (shared by every layer and by
+    a checkpoint's recompute, freed with the batch); None if the tensor refuses attributes."""
+    cache = getattr(position_ids, "_engine_causal_bias", None)
+    if cache is None:
+        cache = {}
+        try:
+            position_ids._engine_causal_bias = cache
+        except (AttributeError, RuntimeError):
+            return None
+    return cache
 
 
 def _short_attention_limit(module, query: torch.Tensor, dropout: float) -> int:
@@ -153,6 +187,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     p = dropout if module.training else 0.0
     short = _short_attention_limit(module, query, p)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    biases = _bias_cache(position_ids) if short else None
     rows = []
     with _per_document_backends(query):
         for b, row_lengths in enumerate(lengths):
@@ -162,7 +197,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
             outs = []
             for q, k, v in zip(qs, ks, vs):
                 if q.shape[2] <= short:
-                    outs.append(ShortCausalAttention.apply(q[0], k[0], v[0], scale).unsqueeze(0))
+                    bias = causal_bias(q.shape[2], groups, q.dtype, q.device, biases)
+                    outs.append(ShortCausalAttention.apply(q[0], k[0], v[0], scale, bias).unsqueeze(0))
                     continue
                 if groups > 1:  # GQA: as transformers' masked SDPA path does (fast CPU kernels lack GQA)
                     k, v = repeat_kv(k, groups), repeat_kv(v, groups)

@@ -55,3 +55,24 @@ def test_throughput_benchmark_refuses_precisions_the_hardware_lacks(argv, messag
     with pytest.raises(SystemExit):
         throughput.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_attention_benchmark_writes_both_rows(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import attention_cpu
+
+    assert attention_cpu.main(["--lengths", "5,9,3", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                               "--iters", "1", "--repeats", "1", "--tag", "test", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "attention_cpu_test.json").read_text())
+    assert [r["name"].split()[0] for r in result["rows"]] == ["SDPA", "ShortCausalAttention"]
+    for row in result["rows"]:
+        assert row["ms"] > 0 and all(0 < e < 0.05 for e in row["rel_err"].values()), row
+
+
+def test_attention_benchmark_refuses_heads_that_do_not_group(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import attention_cpu
+
+    with pytest.raises(SystemExit):
+        attention_cpu.main(["--heads", "9", "--kv-heads", "2"])
+    assert "--heads 9 is not a multiple of --kv-heads 2" in capsys.readouterr().err
