@@ -28,7 +28,7 @@ On a CPU under bf16, documents of up to `train.cpu_short_attention` tokens take
 `ShortCausalAttention` instead of SDPA: PyTorch's CPU flash kernel re-derives the probabilities
 in small blocks in backward, which at ~130-token documents costs 4-5x its forward; explicit
 matmuls that keep the [H, n, n] probabilities, with the mask and scale inside the QK^T GEMM,
-cost ~3.5x less per layer (fwd + bwd, bf16, SmolLM2 shapes, 7 documents of ~150 tokens:
+cost ~3.4x less per layer (fwd + bwd, bf16, SmolLM2 shapes, 7 documents of ~150 tokens:
 benchmarks/attention_cpu.py). They also read grouped K/V heads in place, without repeat_kv's copy.
 """
 
@@ -91,9 +91,10 @@ class ShortCausalAttention(torch.autograd.Function):
     ~130-token documents these n^2 passes, not the GEMMs, were the cost: upcasting S and dP to
     fp32 and masking, scaling and subtracting in separate passes took ~1.7x as long per layer.
     Precision: S and dP are the GEMMs' outputs in the inputs' dtype (accumulated in fp32 inside
-    the GEMM, rounded once, as transformers' eager attention has them); softmax and its backward
-    accumulate in fp32. In bf16 the output and gradients are as close to an fp64 reference as
-    PyTorch's own bf16 SDPA kernel's (tests/test_speed_equivalence.py).
+    the GEMM, rounded once, as transformers' eager attention has them), where a flash kernel keeps
+    them in fp32. In bf16 the output and gradients stay within 2x of the error PyTorch's own bf16
+    SDPA kernel makes against fp64 (tests/test_speed_equivalence.py; measured on par with it,
+    benchmarks/results/attention_cpu.md), and a packed training step as close to fp32 as SDPA's.
     Memory: P is H n^2 elements per document, kept until backward -- the reason this is for
     short documents only (at n <= 4 D it is no larger than q, k, v and out together).
     """
