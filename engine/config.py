@@ -186,7 +186,7 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     precision: str = "auto"
     """auto (bf16 where the GPU has it, fp16 on a T4-class GPU, fp32 on CPU) | fp32 | fp16 | bf16.
-    bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX): 2.3-2.7x fp32 measured; fp16 on a
+    bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX): 2.3-2.8x fp32 measured; fp16 on a
     CPU only exercises loss scaling (no fast fp16 matmul there)."""
     seed: int = 0
     """Seeds model init (LoRA A), dropout and data order."""
@@ -220,7 +220,8 @@ class TrainConfig:
     """With packed_attention, on a CPU under bf16: documents of up to this many tokens run attention
     as explicit matmuls that keep the [heads, n, n] probabilities for backward
     (engine/attention.py ShortCausalAttention) instead of the CPU flash kernel, whose backward is
-    slow at short lengths; 0: off. Same math; memory grows as n^2, hence the limit."""
+    slow at short lengths; 0: off. Same math (scores rounded to bf16 as in eager attention; errors
+    on par with the flash kernel's); memory grows as n^2, hence the limit."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"
