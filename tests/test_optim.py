@@ -53,15 +53,30 @@ def test_named_pairs_and_bare_parameters():
     assert len(bare.param_groups[0]["params"]) == 3
 
 
-def test_adamw_is_foreach_on_cpu_and_steps():
-    model = TinyLoRA()
-    opt = build_optimizer(model, OptimConfig(lr=1e-2))
-    assert isinstance(opt, torch.optim.AdamW)
+def test_adamw_is_fused_on_cpu_and_updates_as_the_foreach_one():
+    """The fused CPU kernel (the default on a CPU) and the multi-tensor one take the same steps."""
+    models = [TinyLoRA(), TinyLoRA()]
+    fused = build_optimizer(models[0], OptimConfig(lr=1e-2, weight_decay=0.1))
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    foreach = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    before = models[0].lora_B["weight"].clone()
+    x = torch.randn(4, 80, generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        for model, opt in zip(models, (fused, foreach)):
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert not torch.equal(before, models[0].lora_B["weight"])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_stays_foreach_for_sharded_cpu_parameters(monkeypatch):
+    import engine.optim
+
+    monkeypatch.setattr(engine.optim, "_is_dtensor", lambda p: True)  # as FSDP's DTensor shards
+    opt = build_optimizer(TinyLoRA(), OptimConfig(lr=1e-2))
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
-    before = model.lora_B["weight"].clone()
-    model(torch.randn(4, 80)).pow(2).sum().backward()
-    opt.step()
-    assert not torch.equal(before, model.lora_B["weight"])
 
 
 @pytest.mark.parametrize("name", ["paged_adamw_32bit", "paged_adamw_8bit"])
