@@ -17,7 +17,8 @@ import contextlib
 import importlib.util
 import json
 import os
-from typing import Iterator
+import sys
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -166,15 +167,60 @@ def _slots(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     return slots
 
 
+class NeedsConversion(Exception):
+    """A checkpoint tensor that transformers builds from several (e.g. per-expert MoE weights
+    fused into one [experts, out, in] parameter): the streaming loader cannot place it alone."""
+
+
+def _checkpoint_names(model: nn.Module, slots: dict) -> Callable[[str], str]:
+    """checkpoint key -> the model's parameter name. transformers >= 5 renames some keys on load:
+    per-class renames (GPT-NeoX's `embed_out` is `lm_head` now), legacy ones (`LayerNorm.gamma`),
+    and the base-model prefix of a checkpoint saved without (or with) it; the same rules here.
+    Raises NeedsConversion for a key transformers would fuse with others (WeightConverter)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoint names are parameter names
+        return lambda key: key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def name(key: str) -> str:
+        if key in slots:
+            return key
+        renamed, converter = rename_source_key(key, renamings, converters, prefix, slots)
+        if converter is not None:
+            raise NeedsConversion(key)
+        return renamed
+    return name
+
+
+def _checkpoint_keys(files: list[str]) -> list[str] | None:
+    """Every tensor name of a safetensors checkpoint (headers only), or None for .bin files."""
+    if any(f.endswith(".bin") for f in files):
+        return None
+    from safetensors import safe_open
+
+    keys = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys.extend(f.keys())
+    return keys
+
+
 def _stream_weights(model: nn.Module, files: list[str], device: torch.device) -> None:
     """Move every checkpoint tensor into its slot (checking name and shape); quantize 4-bit ones."""
     slots = _slots(model)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # targets re-tied after loading
+    to_name = _checkpoint_names(model, slots)
     loaded: set[str] = set()
     for file in files:
-        for key, tensor in _open_tensors(file):
+        for key_in_file, tensor in _open_tensors(file):
+            key = to_name(key_in_file)
             if key not in slots:
-                raise ModelLoadError(f"{file}: unexpected tensor {key!r} (no such parameter in "
+                raise ModelLoadError(f"{file}: unexpected tensor {key_in_file!r} (no such parameter in "
                                      f"{type(model).__name__}; e.g. {sorted(slots)[:3]})")
             module, name, is_param = slots[key]
             current = module._parameters[name] if is_param else module._buffers[name]
@@ -247,14 +293,53 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
     except (ValueError, KeyError) as err:
         raise ModelLoadError(f"{os.path.join(directory, 'config.json')}: {err}") from None
     auto_class = _model_class(config, directory, trust_remote_code)
+    attn_implementation = _supported_attention(config, attn_implementation, trust_remote_code)
     files = _weight_files(directory, allow_bin)
     with params_on_meta():
         model = auto_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                        trust_remote_code=trust_remote_code)
+    slots = _slots(model)
+    try:
+        to_name = _checkpoint_names(model, slots)
+        for key in _checkpoint_keys(files) or []:
+            to_name(key)
+    except NeedsConversion as fused:
+        # e.g. Mixtral / Qwen-MoE: transformers stacks the checkpoint's per-expert linears into
+        # one 3-D parameter per layer. Let transformers load it, then quantize what QLoRA quantizes
+        # (the float model is whole in memory once, as for a GGUF base).
+        print(f"note: {directory}: checkpoint tensors such as {fused.args[0]!r} are fused by transformers on load; "
+              "loading with from_pretrained", file=sys.stderr)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+        model.requires_grad_(False)
+        if quant is not None:
+            quantize_module_linears(model, decoder_linear_names(model), quant, device)
+        return model.to(device).eval()
     if quant is not None:
         swap_in_empty_linear4bit(model, decoder_linear_names(model), quant)
     _stream_weights(model, files, device)
     return model.to(device).eval()  # buffers were built on the CPU
+
+
+def _supported_attention(config, requested: str, trust_remote_code: bool) -> str:
+    """`requested` (model.attn_implementation), or eager where the model class has no SDPA path
+    (transformers refuses e.g. Gemma 2 and BLOOM with sdpa): said once on stderr, not an error."""
+    if requested != "sdpa" or trust_remote_code:
+        return requested
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if cls is not None and getattr(cls, "_supports_sdpa", True) is False:
+        print(f"note: {cls.__name__} has no SDPA attention in transformers {_transformers_version()}; using eager "
+              "attention (packed rows still never attend across documents)", file=sys.stderr)
+        return "eager"
+    return requested
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
 
 
 # ----------------------------------------------------------------------------- the trainable model

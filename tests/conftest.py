@@ -19,6 +19,24 @@ import pytest
 import torch
 
 FAMILIES = ("llama", "phi3", "qwen2", "mistral", "gemma")
+# Further decoder families (tests/e2e/test_families.py): config class, and what differs from the
+# common tiny shape (hidden 64, 2 layers, 4 heads, 2 KV heads).
+MORE_FAMILIES = {
+    "gemma2": ("Gemma2Config", {"head_dim": 16}),           # no SDPA in transformers 5: eager
+    "gpt_neox": ("GPTNeoXConfig", {}),                      # checkpoint says embed_out, model lm_head
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),  # fused experts
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "shared_expert_intermediate_size": 64}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),  # positions from the mask: no packing
+    "bloom": ("BloomConfig", {}),                           # ALiBi, no SDPA: no packing, eager
+    "falcon": ("FalconConfig", {}),
+    "stablelm": ("StableLmConfig", {}),
+    "phi": ("PhiConfig", {}),
+    "granite": ("GraniteConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "starcoder2": ("Starcoder2Config", {}),
+}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -67,10 +85,12 @@ def tiny_config(family: str, vocab_size: int, tie_word_embeddings: bool | None =
     classes = {"llama": transformers.LlamaConfig, "phi3": transformers.Phi3Config,
                "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig,
                "gemma": transformers.GemmaConfig}
+    classes.update({name: getattr(transformers, cls) for name, (cls, _) in MORE_FAMILIES.items()})
     if family not in classes:
-        raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES}")
+        raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES + tuple(MORE_FAMILIES)}")
     if family == "gemma":
         common["head_dim"] = 16
+    common.update(MORE_FAMILIES.get(family, (None, {}))[1])
     if tie_word_embeddings is not None:
         common["tie_word_embeddings"] = tie_word_embeddings
     common.update(overrides)

@@ -40,6 +40,54 @@ def test_streamed_load_equals_transformers(tmp_path, family, tied, shard):
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "mixtral", "qwen2_moe", "gemma2", "bloom"])
+def test_load_equals_transformers_on_renamed_fused_and_eager_families(tmp_path, family, capsys):
+    """GPT-NeoX's checkpoint says embed_out for what transformers 5 calls lm_head (renamed while
+    streaming); Mixtral / Qwen2-MoE checkpoints hold per-expert linears that transformers fuses
+    into 3-D parameters (loaded by from_pretrained, with a note); Gemma 2 and BLOOM have no SDPA
+    path in transformers 5 (eager, with a note). Same logits as transformers' own load."""
+    from transformers import AutoModelForCausalLM
+
+    directory = make_tiny_model_dir(tmp_path, family)
+    reference = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    model = load_base_model(str(directory))
+    assert all(not p.requires_grad for p in model.parameters()) and not model.training
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    err = capsys.readouterr().err
+    assert ("fused by transformers on load; loading with from_pretrained" in err) == (family in ("mixtral", "qwen2_moe"))
+    assert ("has no SDPA attention" in err) == (family in ("gemma2", "bloom"))
+    assert model.config._attn_implementation == ("eager" if family in ("gemma2", "bloom") else "sdpa")
+
+
+def test_qlora_load_of_fused_experts_quantizes_the_decoder_linears(tmp_path):
+    from engine.quant import QuantSpec
+
+    model = load_base_model(str(make_tiny_model_dir(tmp_path, "mixtral")), quant=QuantSpec("nf4", True))
+    kinds = {n: is_linear4bit(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds.pop("lm_head") is False
+    assert kinds["model.layers.0.self_attn.q_proj"] and all(kinds.values())
+
+
+def test_checkpoint_of_the_bare_decoder_loads_into_the_causal_lm(tmp_path):
+    """A checkpoint saved from LlamaModel (no "model." prefix, tied embeddings, so no lm_head)
+    loads into LlamaForCausalLM, as transformers adds the base-model prefix."""
+    from transformers import AutoModelForCausalLM
+
+    directory = make_tiny_model_dir(tmp_path, "llama", tie_word_embeddings=True)
+    full = AutoModelForCausalLM.from_pretrained(directory).eval()
+    bare = tmp_path / "bare"
+    full.model.save_pretrained(bare)
+    config = json.loads((directory / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps(config))  # the causal-LM config, as hubs ship it
+    assert "model.norm.weight" not in load_file(bare / "model.safetensors")
+    model = load_base_model(str(bare))
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, full(ids).logits)
+
+
 def test_load_in_half_precision(tmp_path):
     model = load_base_model(str(make_tiny_model_dir(tmp_path, "llama")), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
