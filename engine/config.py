@@ -112,7 +112,8 @@ class DataConfig:
     """Tokens per packed row (or the longest padded example)."""
     packing: bool = True
     """Pack several documents per row (block-diagonal attention via restarted position_ids);
-    false pads one document per row to the longest in the batch."""
+    false pads one document per row to the longest in the batch. A model that would let packed
+    documents see each other (a probe before training, engine/isolation.py) gets padded rows."""
     loss_on: str = "assistant"
     """Which tokens carry loss: assistant | last_assistant | all."""
     length_policy: str = "truncate"

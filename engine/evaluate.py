@@ -249,6 +249,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from engine.config import DataConfig
     from engine.data import load_dataset
     from engine.generate import load_for_inference
+    from engine.isolation import packing_for
     from engine.lora import adapters_disabled
 
     if not os.path.isfile(args.data):
@@ -260,9 +261,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise EvalError(f"output path {out!r} exists and is not a directory")
     model, tokenizer, info = load_for_inference(args.model, args.adapter, method=args.method, device=args.device)
     device, precision = torch.device(info["device"]), info["precision"]
-    data_cfg = DataConfig(train_path=args.data, format=args.format, max_seq_len=args.max_seq_len, packing=args.packing)
+    packing = packing_for(model, args.packing, precision=precision)
+    data_cfg = DataConfig(train_path=args.data, format=args.format, max_seq_len=args.max_seq_len, packing=packing)
     dataset = load_dataset(args.data, tokenizer, data_cfg)
-    kwargs = dict(max_seq_len=args.max_seq_len, batch_size=args.batch_size, packing=args.packing,
+    kwargs = dict(max_seq_len=args.max_seq_len, batch_size=args.batch_size, packing=packing,
                   precision=precision, device=device, pad_token_id=tokenizer.pad_token_id)
     with adapters_disabled(model):
         base_loss = heldout_loss(model, dataset, **kwargs)
@@ -285,7 +287,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 row["scores"] = {"base": row["scores"]["adapter"], "adapter": None}
         table.update(gen_table)
     meta = {"task": task, "data": args.data, "model": args.model, "adapter": args.adapter, "method": info["method"],
-            "packing": args.packing, "loss_tokens": base_loss["tokens"]}
+            "packing": packing, "loss_tokens": base_loss["tokens"]}
     write_scores(out, table, rows, meta)
     print(scores_markdown(table, len(rows) if rows else base_loss["tokens"],
                           title=f"Evaluation of {args.adapter or 'the base model'} on {args.data}"))

@@ -174,10 +174,9 @@ def lm_head_loss(hidden: Tensor, labels: Tensor, head: nn.Module, *, transform=N
     return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, *params)
 
 
-def _decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
-    """Last hidden state [B, T, H] of the decoder body (no lm_head, no KV cache)."""
-    if "input_ids" not in batch or "labels" not in batch:
-        raise KeyError(f"causal_lm_loss: batch needs 'input_ids' and 'labels', has {sorted(batch)}")
+def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
+    """Last hidden state [B, T, H] of the decoder body (no lm_head, no KV cache) for a batch's
+    input_ids / position_ids / attention_mask (those present)."""
     inputs = {"input_ids": batch["input_ids"]}
     for key in ("position_ids", "attention_mask"):
         if batch.get(key) is not None:
@@ -195,7 +194,9 @@ def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None) -> 
     `use_cache=False`, then `lm_head_loss` with `model.get_output_embeddings()` (called as a
     module, so a LoRA-wrapped lm_head works) and the config's logit transform.
     """
-    hidden = _decoder_hidden(model, batch)
+    if "input_ids" not in batch or "labels" not in batch:
+        raise KeyError(f"causal_lm_loss: batch needs 'input_ids' and 'labels', has {sorted(batch)}")
+    hidden = decoder_hidden(model, batch)
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"causal_lm_loss: {type(model).__name__} has no output embeddings (lm_head)")
@@ -209,7 +210,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None) -> 
 
 def per_token_losses(model: nn.Module, batch: dict) -> Tensor:
     """Cross-entropy of every position, [B, T] fp32, 0 where the label is -100 (tests, evaluation)."""
-    hidden = _decoder_hidden(model, batch)
+    hidden = decoder_hidden(model, batch)
     labels = batch["labels"].to(hidden.device)
     logits = _logits_fp32(model.get_output_embeddings(), hidden, logit_transform(model.config))
     losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",

@@ -88,6 +88,7 @@ class MetricsLog:
 def build_everything(cfg: RunConfig, ctx: DistContext):
     """Model, tokenizer, data, loader, optimizer, schedule, scaler: everything the loop needs."""
     from engine.data import load_dataset, make_loader
+    from engine.isolation import packing_for
     from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
     from engine.optim import build_optimizer, build_scheduler
 
@@ -101,6 +102,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
     apply_speed_switches(model, cfg.train)
+    # before sharding: the probe's forwards are local (the same on every rank)
+    packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
         from engine.fsdp import apply_fsdp
         apply_fsdp(model, ctx)
@@ -114,7 +117,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
         from engine.plan import auto_micro_batch_size
         micro_batch_size = auto_micro_batch_size(cfg, model)
     loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
-                         packing=cfg.data.packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
+                         packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
                          rank=ctx.rank, world_size=ctx.world_size)
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -255,7 +258,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         if eval_set is None:
             return None
         result = heldout_loss(model, eval_set, max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
-                              packing=cfg.data.packing, precision=precision, device=device,
+                              packing=loader.packing, precision=precision, device=device,
                               pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk, ctx=ctx)
         metrics.write({"step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
         return result["loss"]
