@@ -99,7 +99,9 @@ def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_mode
         "target_modules": target_modules_for_config(model, peft_cfg.targets),
         "bias": "none",
         "use_rslora": peft_cfg.use_rslora,
-        "fan_in_fan_out": False,
+        # GPT-2-style Conv1D targets (nn.Linear here, engine/model.py): PEFT marks them so; the
+        # A and B tensors are the same either way
+        "fan_in_fan_out": any(n in getattr(model, "_engine_conv1d", ()) for n in modules),
         "base_model_name_or_path": base_model_name_or_path,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -138,7 +140,6 @@ def read_adapter_config(adapter_dir: str) -> dict:
     unsupported = {"peft_type": (config.get("peft_type", "LORA"), "LORA"),
                    "bias": (config.get("bias") or "none", "none"),
                    "modules_to_save": (config.get("modules_to_save") or None, None),
-                   "fan_in_fan_out": (config.get("fan_in_fan_out") or False, False),
                    "rank_pattern": (config.get("rank_pattern") or {}, {}),
                    "alpha_pattern": (config.get("alpha_pattern") or {}, {}),
                    "layers_to_transform": (config.get("layers_to_transform"), None)}

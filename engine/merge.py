@@ -73,7 +73,7 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
     trained on `drift_inputs` (or None), "what W was")."""
     from engine.adapter import load_adapter
     from engine.lora import lora_modules, merge_lora
-    from engine.model import load_base_model
+    from engine.model import linear_to_conv1d, load_base_model
     from engine.quant import QuantSpec
 
     qlora = info["method"] == "qlora"
@@ -99,6 +99,7 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
             reference = all_logits(model, drift_inputs)
     tied_head = _lm_head_is_tied(model) and any(n.split(".")[-1] == "lm_head" for n in lora_modules(model))
     merge_lora(model, unload=True)
+    linear_to_conv1d(model)  # GPT-2-style models: back to the architecture's own Conv1D layout
     _drop_gguf_quantizer(model)
     if tied_head:  # the merged lm_head now differs from the input embeddings: save both
         model.config.tie_word_embeddings = False

@@ -210,8 +210,10 @@ def _checkpoint_keys(files: list[str]) -> list[str] | None:
     return keys
 
 
-def _stream_weights(model: nn.Module, files: list[str], device: torch.device) -> None:
-    """Move every checkpoint tensor into its slot (checking name and shape); quantize 4-bit ones."""
+def _stream_weights(model: nn.Module, files: list[str], device: torch.device,
+                    transposed: set[str] = frozenset()) -> None:
+    """Move every checkpoint tensor into its slot (checking name and shape); quantize 4-bit ones.
+    Names in `transposed` are Conv1D weights whose module is an nn.Linear now (W^T)."""
     slots = _slots(model)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # targets re-tied after loading
     to_name = _checkpoint_names(model, slots)
@@ -223,6 +225,8 @@ def _stream_weights(model: nn.Module, files: list[str], device: torch.device) ->
                 raise ModelLoadError(f"{file}: unexpected tensor {key_in_file!r} (no such parameter in "
                                      f"{type(model).__name__}; e.g. {sorted(slots)[:3]})")
             module, name, is_param = slots[key]
+            if key in transposed:
+                tensor = tensor.t().contiguous()
             current = module._parameters[name] if is_param else module._buffers[name]
             expected = ((module.out_features, module.in_features) if is_linear4bit(module) and name == "weight"
                         else tuple(current.shape))
@@ -283,10 +287,7 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code,
                                                      **_dense_gguf())
-        model.requires_grad_(False)
-        if quant is not None:
-            quantize_module_linears(model, decoder_linear_names(model), quant, device)
-        return model.to(device).eval()
+        return _loaded_whole(model, quant, device)
 
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -312,14 +313,71 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
         del model
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
-        model.requires_grad_(False)
-        if quant is not None:
-            quantize_module_linears(model, decoder_linear_names(model), quant, device)
-        return model.to(device).eval()
+        return _loaded_whole(model, quant, device)
+    transposed = {f"{name}.weight" for name in conv1d_to_linear(model)}  # shapes only, on meta
     if quant is not None:
         swap_in_empty_linear4bit(model, decoder_linear_names(model), quant)
-    _stream_weights(model, files, device)
+    _stream_weights(model, files, device, transposed=transposed)
     return model.to(device).eval()  # buffers were built on the CPU
+
+
+def _loaded_whole(model: nn.Module, quant: QuantSpec | None, device: torch.device) -> nn.Module:
+    """The tail of a load transformers did itself (GGUF, fused-on-load checkpoints): frozen,
+    Conv1D as nn.Linear, decoder linears quantized for QLoRA, on `device`, eval mode."""
+    model.requires_grad_(False)
+    conv1d_to_linear(model)
+    if quant is not None:
+        quantize_module_linears(model, decoder_linear_names(model), quant, device)
+    return model.to(device).eval()
+
+
+def conv1d_to_linear(model: nn.Module) -> list[str]:
+    """Replace every transformers `Conv1D` (GPT-2, its descendants: y = x W + b with W [in, out])
+    by the nn.Linear computing the same function (weight W^T), so LoRA, QLoRA, merging and FSDP
+    see one kind of linear. On the meta device only the shapes change (the streaming loader
+    transposes those weights as they arrive). The names go to `model._engine_conv1d`, for
+    `linear_to_conv1d` before a merged model is saved in the architecture's own layout."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return []
+    names = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        n_in, n_out = conv.weight.shape
+        linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, device=conv.weight.device,
+                           dtype=conv.weight.dtype)
+        if conv.weight.device.type != "meta":
+            with torch.no_grad():
+                linear.weight.copy_(conv.weight.t())
+                if conv.bias is not None:
+                    linear.bias.copy_(conv.bias)
+        linear.requires_grad_(conv.weight.requires_grad)
+        model.set_submodule(name, linear)
+    if names:
+        model._engine_conv1d = sorted(set(getattr(model, "_engine_conv1d", [])) | set(names))
+    return names
+
+
+def linear_to_conv1d(model: nn.Module) -> None:
+    """Undo `conv1d_to_linear` on a model whose adapters are merged away (plain nn.Linear again)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name in getattr(model, "_engine_conv1d", []):
+        linear = model.get_submodule(name)
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"{name}: expected the plain nn.Linear of a converted Conv1D, got {type(linear).__name__}")
+        conv = Conv1D(linear.out_features, linear.in_features).to(device=linear.weight.device,
+                                                                   dtype=linear.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.t())
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias)
+            else:
+                conv.bias.zero_()
+        conv.requires_grad_(False)
+        model.set_submodule(name, conv)
+    model._engine_conv1d = []
 
 
 def _supported_attention(config, requested: str, trust_remote_code: bool) -> str:

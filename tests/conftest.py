@@ -36,6 +36,7 @@ MORE_FAMILIES = {
     "granite": ("GraniteConfig", {}),
     "olmo2": ("Olmo2Config", {}),
     "starcoder2": ("Starcoder2Config", {}),
+    "gpt2": ("GPT2Config", {"n_inner": 128}),              # Conv1D layers (nn.Linear in the engine)
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

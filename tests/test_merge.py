@@ -48,9 +48,10 @@ def plain_logits(directory: Path, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("phi3", marks=pytest.mark.slow),
-                                    pytest.param("qwen2", marks=pytest.mark.slow)])
+                                    pytest.param("qwen2", marks=pytest.mark.slow), "gpt2"])
 def test_merged_export_reproduces_base_plus_adapter(tmp_path, family):
-    """Llama, Phi-3 (fused qkv_proj / gate_up_proj), Qwen2 (q/k/v biases): fp32 export within 1e-4."""
+    """Llama, Phi-3 (fused qkv_proj / gate_up_proj), Qwen2 (q/k/v biases), GPT-2 (Conv1D layers,
+    trained as nn.Linear and written back as Conv1D): fp32 export within 1e-4."""
     model_dir = make_tiny_model_dir(tmp_path, family)
     adapter = make_adapter(model_dir, tmp_path / "adapter")
     report = merge(str(model_dir), str(adapter), str(tmp_path / "merged"), dtype="fp32")

@@ -40,12 +40,13 @@ def test_streamed_load_equals_transformers(tmp_path, family, tied, shard):
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "mixtral", "qwen2_moe", "gemma2", "bloom"])
+@pytest.mark.parametrize("family", ["gpt_neox", "mixtral", "qwen2_moe", "gemma2", "bloom", "gpt2"])
 def test_load_equals_transformers_on_renamed_fused_and_eager_families(tmp_path, family, capsys):
     """GPT-NeoX's checkpoint says embed_out for what transformers 5 calls lm_head (renamed while
     streaming); Mixtral / Qwen2-MoE checkpoints hold per-expert linears that transformers fuses
     into 3-D parameters (loaded by from_pretrained, with a note); Gemma 2 and BLOOM have no SDPA
-    path in transformers 5 (eager, with a note). Same logits as transformers' own load."""
+    path in transformers 5 (eager, with a note); GPT-2's Conv1D weights arrive transposed into
+    nn.Linear. Same logits as transformers' own load."""
     from transformers import AutoModelForCausalLM
 
     directory = make_tiny_model_dir(tmp_path, family)
@@ -302,3 +303,27 @@ def test_gguf_is_loaded_dense_even_where_transformers_could_keep_it_packed(monke
     config = seen.get("quantization_config")
     if hasattr(transformers.utils.quantization_config, "GgufConfig"):
         assert config is not None and config.dequantize is True
+
+
+def test_conv1d_round_trip_and_refusal_while_adapters_are_unmerged():
+    from transformers.pytorch_utils import Conv1D
+
+    from engine.model import conv1d_to_linear, linear_to_conv1d
+    from tests.conftest import make_tiny_model
+
+    base, _ = make_tiny_model("gpt2")
+    model = copy.deepcopy(base)
+    names = conv1d_to_linear(model)
+    assert names and all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert model._engine_conv1d == sorted(names)
+    linear_to_conv1d(model)
+    assert all(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    from engine.lora import inject_lora
+    conv1d_to_linear(model)
+    inject_lora(model, "all-linear", 2, 4.0)
+    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn: expected the plain nn.Linear of a "
+                                        r"converted Conv1D, got LoRALinear"):
+        linear_to_conv1d(model)

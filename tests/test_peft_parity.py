@@ -2,6 +2,7 @@
 and adapter files cross-load both ways."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -114,3 +115,35 @@ def test_same_seed_same_init_as_peft():
     assert set(ref_state) == {"base_model.model." + k for k in ours_state}
     for key, value in ours_state.items():
         assert torch.equal(ref_state["base_model.model." + key], value), key
+
+
+def test_gpt2_conv1d_layers_match_peft_both_ways(tmp_path):
+    """GPT-2's Conv1D layers (W stored [in, out]) become nn.Linear in the engine; PEFT wraps the
+    Conv1D itself (fan_in_fan_out). Same logits, and adapters load in either direction."""
+    from engine.model import conv1d_to_linear
+
+    base, _ = make_tiny_model("gpt2", seed=1)
+    ours = copy.deepcopy(base)
+    assert conv1d_to_linear(ours)  # c_attn, c_proj, c_fc, ...
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids(base)).logits, base(_ids(base)).logits, atol=1e-5, rtol=0)
+    cfg = PeftConfig(r=4, alpha=8.0, targets="all-linear")
+    torch.manual_seed(0)
+    inject_lora(ours, cfg.targets, cfg.r, cfg.alpha)
+    _randomize_lora(ours)
+    save_adapter(ours, str(tmp_path / "ours"), cfg, "tiny-gpt2")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    ids = _ids(base)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+        assert (base(ids).logits - reference(ids).logits).abs().max() > 1e-2
+
+    other = _peft_model(copy.deepcopy(base), ["c_attn", "c_proj", "c_fc"], 4, 8.0)
+    _randomize_lora(other, seed=7)
+    other.save_pretrained(str(tmp_path / "peft"))
+    plain = copy.deepcopy(base)
+    conv1d_to_linear(plain)
+    back = load_adapter(plain, str(tmp_path / "peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, other(ids).logits, atol=1e-5, rtol=0)

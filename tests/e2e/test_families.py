@@ -1,6 +1,6 @@
 """Two real LoRA (and some QLoRA) steps on decoder families beyond the five the unit tests use,
 each a tiny random model written by save_pretrained: transformers 5's checkpoint renames
-(GPT-NeoX), fused MoE experts (Mixtral, Qwen2-MoE), classes without SDPA (Gemma 2, BLOOM) and
+(GPT-NeoX), fused MoE experts (Mixtral, Qwen2-MoE), GPT-2's Conv1D layers, classes without SDPA (Gemma 2, BLOOM) and
 an architecture whose packed rows would leak between documents (BLOOM's ALiBi: padded rows
 instead; OPT leaks under transformers' own mask but not under the engine's packed attention)."""
 
@@ -22,7 +22,7 @@ FUSED = {"mixtral", "qwen2_moe"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,method", [(f, "lora") for f in MORE_FAMILIES]
-                         + [("gpt_neox", "qlora"), ("mixtral", "qlora"), ("gemma2", "qlora")])
+                         + [("gpt_neox", "qlora"), ("mixtral", "qlora"), ("gemma2", "qlora"), ("gpt2", "qlora")])
 def test_two_steps_on_more_families(tmp_path, capfd, family, method):
     model_dir = make_tiny_model_dir(tmp_path, family)
     cfg = counting_run_config(tmp_path, model_dir, PeftConfig(method=method, r=4, alpha=8), max_steps=2)
