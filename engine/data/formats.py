@@ -90,8 +90,27 @@ def _message_list(obj: dict, key: str) -> list[dict]:
         if role_key not in m:
             raise _BadLine(f"{where}.{role_key}", "missing", m)
         role = _role(m[role_key], f"{where}.{role_key}", mapping)
-        out.append({"role": role, "content": _string(m, content_key, f"{where}.{content_key}")})
+        out.append({"role": role, "content": _content(m, content_key, f"{where}.{content_key}")})
     return out
+
+
+def _content(m: dict, key: str, where: str) -> str:
+    """A message's text: a string, or OpenAI-style content parts [{"type": "text", "text": ...}]
+    (joined; any other part type is refused by name). Tool calls are refused by name too."""
+    value = m.get(key)
+    if value is None and m.get("tool_calls"):
+        raise _BadLine(where, "is null with tool_calls: tool-call messages are not supported (text only)",
+                       m["tool_calls"])
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _BadLine(f"{where}[{j}]", f"content part of type {kind!r}: only text parts "
+                               "({\"type\": \"text\", \"text\": ...}) are supported", part)
+            texts.append(part["text"])
+        return "".join(texts)
+    return _string(m, key, where)
 
 
 def detect_format(obj: dict) -> str | None:
@@ -208,8 +227,11 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
 
 
 def _lines(path: str, f):
-    """Decoded lines of a file opened in binary mode; a non-UTF-8 line is a DataError naming it."""
+    """Decoded lines of a file opened in binary mode; a non-UTF-8 line is a DataError naming it.
+    A UTF-8 byte-order mark at the start of the file (Windows editors write one) is dropped."""
     for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -226,8 +248,8 @@ def format_of(path: str, fmt: str = "auto") -> str:
     """The format load_examples would use for `path` (first parseable object's keys)."""
     if fmt != "auto":
         return fmt
-    with open(path, encoding="utf-8") as f:
-        for raw in f:
+    with open(path, "rb") as f:
+        for raw in _lines(path, f):
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError:

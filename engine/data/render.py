@@ -85,14 +85,20 @@ def render_chat(tokenizer, template: str, messages: list[dict], special_texts: t
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _render(tokenizer, template, messages[:i], gen=True)
+        # a conversation may open with the assistant (a greeting): nothing comes before it, and
+        # templates refuse to render an empty conversation, so its reply is found by its text
+        before = _render(tokenizer, template, messages[:i], gen=True) if i else None
         upto = _render(tokenizer, template, messages[: i + 1], gen=False)
         header = _render(tokenizer, template, messages[:i], gen=False) if i else ""
-        if (full.startswith(upto) and upto.startswith(before) and len(before) >= cursor
+        if (before is not None and full.startswith(upto) and upto.startswith(before) and len(before) >= cursor
                 and msg["content"].strip() in upto[len(before):]):
             start, end = len(before), len(upto)
         else:  # inconsistent prefixes: find the reply's text, extend over a following special token
-            start = full.find(msg["content"], cursor) if msg["content"] else -1
+            start = -1
+            if msg["content"] and before is None and full.startswith(upto):
+                start = upto.rfind(msg["content"])  # an opening reply: after its own header, not in it
+            elif msg["content"]:
+                start = full.find(msg["content"], cursor)
             if start < 0:
                 raise ValueError(f"the chat template does not render assistant message {i} verbatim; "
                                  "cannot tell which tokens are the reply")

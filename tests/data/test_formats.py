@@ -76,6 +76,11 @@ BAD = [
     ([{"prompt": "p", "completion": 5}], 1, "completion", "must be a string"),
     ([{"instruction": "i", "output": "o"}, {"instruction": "i"}], 2, "output", "missing"),
     ([{"foo": 1}], 1, "(keys)", "cannot tell the format"),
+    ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "image_url", "image_url": {}}]}]}],
+     1, "messages[0].content[1]", "content part of type 'image_url': only text parts"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                                      "tool_calls": [{"type": "function"}]}]}],
+     1, "messages[1].content", "tool-call messages are not supported"),
 ]
 
 
@@ -107,6 +112,31 @@ def test_non_utf8_line(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     with pytest.raises(DataError, match=rf"^{path}:2: field '\(line\)': not valid UTF-8"):
         load_examples(str(path))
+
+
+def test_non_utf8_first_line_is_named_when_detecting_the_format(tmp_path):
+    from engine.data.formats import format_of
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:1: field '\(line\)': not valid UTF-8"):
+        format_of(str(path))
+
+
+def test_utf8_byte_order_mark_is_dropped_at_the_start_only(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert [e["text"] for e in load_examples(str(path))] == ["a", "b"]
+    path.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')  # mid-file: not a BOM, a bad line
+    with pytest.raises(DataError, match=rf"^{path}:2: field '\(line\)': not valid JSON"):
+        load_examples(str(path))
+
+
+def test_openai_text_content_parts_are_joined(write_jsonl):
+    path = write_jsonl([{"messages": [{"role": "user", "content": [{"type": "text", "text": "a "},
+                                                                    {"type": "text", "text": "b"}]},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "c"}]}]}])
+    assert [m["content"] for m in load_examples(path)[0]["messages"]] == ["a b", "c"]
 
 
 def test_long_line_excerpt_is_short(write_jsonl):

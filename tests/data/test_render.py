@@ -35,6 +35,16 @@ def test_multi_turn_assistant_mask(tok, write_jsonl, cfg, trained_text):
     assert sum(t == tok.eos_token_id for t in d["labels"]) == 2
 
 
+def test_conversation_opening_with_the_assistant(tok, write_jsonl, cfg, trained_text):
+    """A greeting before any user turn: templates refuse to render the empty conversation before
+    it, so its span is found in its own rendering, after its header (its text "a" also occurs
+    inside the header "<|im_start|>assistant")."""
+    path = write_jsonl([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                                      {"role": "assistant", "content": "Fine."}]}])
+    d = load_dataset(path, tok, cfg(), cache=False).docs[0]
+    assert trained_text(tok, d) == f"a{IM_END}Fine.{IM_END}"
+
+
 def test_last_assistant_and_all(tok, write_jsonl, cfg, trained_text):
     path = write_jsonl([_chat("q1", "a1", "q2", "a2")])
     d = load_dataset(path, tok, cfg(loss_on="last_assistant"), cache=False).docs[0]
