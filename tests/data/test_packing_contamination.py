@@ -116,7 +116,6 @@ def test_all_ones_attention_mask_contaminates(attn):
     into a plain causal one over the whole row."""
     vocab = 120
     model = _tiny_llama(vocab, attn)
-    ones = None
 
     class _Model:  # adds an all-ones mask of the batch's shape to every packed forward
         def __call__(self, input_ids, position_ids=None, **kw):

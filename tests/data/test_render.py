@@ -1,8 +1,6 @@
 """Rendering, loss masks (shifted labels), EOS handling, length policy and dataset-level errors."""
 
-import warnings
 
-import numpy as np
 import pytest
 
 from engine.config import ConfigError

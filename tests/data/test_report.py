@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from engine.data.__main__ import main
 from engine.data.report import degenerate_reason, find_degenerate, histogram

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from engine.data import load_dataset
 from tests.data.conftest import SEED_TEST
