@@ -390,7 +390,7 @@ def _supported_attention(config, requested: str, trust_remote_code: bool) -> str
     cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if cls is not None and getattr(cls, "_supports_sdpa", True) is False:
         print(f"note: {cls.__name__} has no SDPA attention in transformers {_transformers_version()}; using eager "
-              "attention (packed rows still never attend across documents)", file=sys.stderr)
+              "attention", file=sys.stderr)
         return "eager"
     return requested
 
