@@ -299,11 +299,14 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
     with params_on_meta():
         model = auto_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                        trust_remote_code=trust_remote_code)
-    slots = _slots(model)
     try:
-        to_name = _checkpoint_names(model, slots)
-        for key in _checkpoint_keys(files) or []:
+        to_name = _checkpoint_names(model, _slots(model))
+        for key in _checkpoint_keys(files) or []:  # safetensors headers: decided before any tensor is read
             to_name(key)
+        transposed = {f"{name}.weight" for name in conv1d_to_linear(model)}  # shapes only, on meta
+        if quant is not None:
+            swap_in_empty_linear4bit(model, decoder_linear_names(model), quant)
+        _stream_weights(model, files, device, transposed=transposed)  # .bin: found while streaming
     except NeedsConversion as fused:
         # e.g. Mixtral / Qwen-MoE: transformers stacks the checkpoint's per-expert linears into
         # one 3-D parameter per layer. Let transformers load it, then quantize what QLoRA quantizes
@@ -314,10 +317,6 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
         return _loaded_whole(model, quant, device)
-    transposed = {f"{name}.weight" for name in conv1d_to_linear(model)}  # shapes only, on meta
-    if quant is not None:
-        swap_in_empty_linear4bit(model, decoder_linear_names(model), quant)
-    _stream_weights(model, files, device, transposed=transposed)
     return model.to(device).eval()  # buffers were built on the CPU
 
 

@@ -195,6 +195,20 @@ def test_bin_needs_allow_bin(tmp_path):
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
+def test_fused_experts_in_a_bin_checkpoint_are_found_while_streaming(tmp_path, capsys):
+    """No safetensors headers to read ahead: the per-expert tensor turns up mid-stream, and the
+    load starts again through from_pretrained."""
+    directory = make_tiny_model_dir(tmp_path, "mixtral")
+    reference = load_base_model(str(directory))
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    os.remove(directory / "model.safetensors")
+    model = load_base_model(str(directory), allow_bin=True)
+    assert "fused by transformers on load" in capsys.readouterr().err
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
 def test_non_gguf_file(tmp_path):
     (tmp_path / "weights.pt").write_text("x")
     with pytest.raises(ModelLoadError, match="weights.pt' is a file but not a .gguf file"):
