@@ -187,7 +187,7 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     precision: str = "auto"
     """auto (bf16 where the GPU has it, fp16 on a T4-class GPU, fp32 on CPU) | fp32 | fp16 | bf16.
-    bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX): 2.3-2.8x fp32 measured; fp16 on a
+    bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX): 2.3-2.9x fp32 measured; fp16 on a
     CPU only exercises loss scaling (no fast fp16 matmul there)."""
     seed: int = 0
     """Seeds model init (LoRA A), dropout and data order."""
