@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -115,7 +115,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     micro_batch_size = cfg.train.micro_batch_size
     if micro_batch_size == "auto":
         from engine.plan import auto_micro_batch_size
-        micro_batch_size = auto_micro_batch_size(cfg, model)
+        # planned for the rows really used (padded ones carry a mask: a little more memory)
+        micro_batch_size = auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
     loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
                          packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
                          rank=ctx.rank, world_size=ctx.world_size)

@@ -35,3 +35,16 @@ def test_two_steps_on_more_families(tmp_path, capfd, family, method):
     assert ("fused by transformers on load" in err) == (family in FUSED), err[-2000:]
     state, _ = load_checkpoint(find_resume_checkpoint(tmp_path / "run" / "checkpoints"))
     assert state["loader"]["packing"] == (family not in LEAKS)  # the rows it really trained on
+
+
+def test_auto_micro_batch_is_planned_for_the_padded_rows_a_leaking_model_gets(tmp_path, monkeypatch):
+    import dataclasses
+
+    import engine.plan
+
+    seen = []
+    monkeypatch.setattr(engine.plan, "auto_micro_batch_size", lambda cfg, model: seen.append(cfg.data.packing) or 2)
+    cfg = counting_run_config(tmp_path, make_tiny_model_dir(tmp_path, "bloom"), PeftConfig(r=4, alpha=8), max_steps=1)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size="auto")).validate()
+    run_training(cfg)
+    assert seen == [False]
