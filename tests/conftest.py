@@ -12,7 +12,6 @@ The model's vocab_size equals len(tokenizer), so every token id is valid.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import make_tiny_model
 from engine.adapter import AdapterError, AdapterNotFoundError, load_adapter, read_adapter_config, save_adapter
 from engine.config import PeftConfig
-from engine.lora import inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora
+from engine.lora import inject_lora, lora_modules, lora_state_dict, merge_lora
 
 
 def _trained(cfg, family="llama", seed=3):

@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from tests.conftest import make_tiny_model_dir
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig

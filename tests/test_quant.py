@@ -1,6 +1,5 @@
 """QLoRA on CPU: bitsandbytes Linear4bit (NF4/FP4, double quant on/off, fp32/fp16/bf16 compute)."""
 
-import copy
 import itertools
 
 import pytest
