@@ -147,3 +147,28 @@ def test_gpt2_conv1d_layers_match_peft_both_ways(tmp_path):
     back = load_adapter(plain, str(tmp_path / "peft"))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, other(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "mixtral", "bloom", "gemma2", "opt", "falcon", "phi"])
+def test_our_adapter_loads_in_peft_on_more_families(tmp_path, family):
+    """Trained on the engine's load of the model (renamed, fused-on-load, eager ...), the adapter
+    gives PEFT on transformers' own load of the same checkpoint the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.model import load_base_model
+    from tests.conftest import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path, family)
+    ours = load_base_model(str(model_dir))
+    cfg = PeftConfig(r=4, alpha=8.0, targets="all-linear")
+    torch.manual_seed(0)
+    inject_lora(ours, cfg.targets, cfg.r, cfg.alpha)
+    _randomize_lora(ours)
+    save_adapter(ours, str(tmp_path / "adapter"), cfg, str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    reference = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = _ids(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+        with reference.disable_adapter():
+            assert (reference(ids).logits - ours(ids).logits).abs().max() > 1e-3  # the adapter does something
