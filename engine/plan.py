@@ -70,13 +70,14 @@ class Shape:
     fused: bool
     linears: tuple
     logit_transform: bool = False  # logit scale / soft-capping (engine.loss.logit_transform is not None)
+    qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k before RoPE
 
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 
 
 def model_shape(config) -> Shape:
-    """The `Shape` of a Llama-family HF config (llama, mistral, qwen2, phi3, gemma)."""
+    """The `Shape` of a Llama-family HF config (llama, mistral, qwen2, qwen3, phi3, gemma)."""
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED:
         raise PlanError(f"model.path: model_type {family!r} is not one the planner describes "
@@ -99,7 +100,8 @@ def model_shape(config) -> Shape:
 
     transform = logit_transform(config) is not None
     return Shape(family, h, i, config.num_hidden_layers, nh, nkv, hd, config.vocab_size,
-                 bool(getattr(config, "tie_word_embeddings", False)), family == "phi3", linears, transform)
+                 bool(getattr(config, "tie_word_embeddings", False)), family == "phi3", linears, transform,
+                 qk_norm=family == "qwen3")
 
 
 def _known_shapes() -> dict:
@@ -232,6 +234,7 @@ def block_saved_per_token(shape: Shape, targets: set, *, r: int, a: int, grad_on
                         A x                                                          a*r
                         with dropout, per target: the mask (1 B) + the dropped copy   (1+a)*in
       frozen linear     nothing (no dW; dX needs only W)
+      q/k RMSNorm       Qwen3, per head before RoPE: fp32 copies of q and k + rsqrt per head
       RoPE              nothing (q*cos + rot(q)*sin: cos, sin are constants)
       SDPA              q, k, v, out (out is also o_proj's input), logsumexp [heads] fp32;
                         k, v repeated to all heads when a mask forces `repeat_kv` (GQA);
@@ -262,6 +265,8 @@ def block_saved_per_token(shape: Shape, targets: set, *, r: int, a: int, grad_on
     saved += lora(attn_in, False)
     grad_on = grad_on or any(n in targets for n in attn_in)
     if grad_on:
+        if shape.qk_norm:
+            saved += (4 * hd + 4) * (nh + nkv)
         repeated = repeat_kv and nkv < nh
         if repeated:
             saved += a * 3 * nh * hd                          # q, repeated k, repeated v
