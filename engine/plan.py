@@ -73,11 +73,11 @@ class Shape:
     qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k before RoPE
 
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma")
 
 
 def model_shape(config) -> Shape:
-    """The `Shape` of a Llama-family HF config (llama, mistral, qwen2, qwen3, phi3, gemma)."""
+    """The `Shape` of a Llama-family HF config (llama, mistral, qwen2, qwen3, smollm3, phi3, gemma)."""
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED:
         raise PlanError(f"model.path: model_type {family!r} is not one the planner describes "

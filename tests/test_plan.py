@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config
 
 from engine import plan
 from engine.lora import inject_lora, mark_only_lora_trainable
@@ -24,7 +24,8 @@ from engine.model import enable_activation_checkpointing
 from engine.plan import GIB, PlanError, predict
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+CLASSES = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "smollm3": SmolLM3Config}
 NO_SPECIAL = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
@@ -99,7 +100,7 @@ def test_tiny_llama_activations_and_loss_match_measurement(case):
 
 
 SMALL_CASES = [(fam, ckpt, chunk, precision)
-               for fam in ("llama", "qwen2", "qwen3", "phi3")
+               for fam in ("llama", "qwen2", "qwen3", "smollm3", "phi3")
                for ckpt, chunk, precision in ((False, None, "fp32"), (True, 128, "bf16"), (False, 128, "bf16"),
                                               (True, None, "fp32"))]
 
