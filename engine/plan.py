@@ -71,13 +71,14 @@ class Shape:
     linears: tuple
     logit_transform: bool = False  # logit scale / soft-capping (engine.loss.logit_transform is not None)
     qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k before RoPE
+    logit_softcap: bool = False  # final_logit_softcapping: cap * tanh(z / cap), three ops on [C, V]
 
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "gemma")
 
 
 def model_shape(config) -> Shape:
-    """The `Shape` of a Llama-family HF config (llama, mistral, qwen2, qwen3, smollm3, phi3, gemma)."""
+    """The `Shape` of a Llama-family HF config (llama, mistral, qwen2, qwen3, smollm3, granite, phi3, gemma)."""
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED:
         raise PlanError(f"model.path: model_type {family!r} is not one the planner describes "
@@ -101,7 +102,8 @@ def model_shape(config) -> Shape:
     transform = logit_transform(config) is not None
     return Shape(family, h, i, config.num_hidden_layers, nh, nkv, hd, config.vocab_size,
                  bool(getattr(config, "tie_word_embeddings", False)), family == "phi3", linears, transform,
-                 qk_norm=family == "qwen3")
+                 qk_norm=family == "qwen3",
+                 logit_softcap=getattr(config, "final_logit_softcapping", None) is not None)
 
 
 def _known_shapes() -> dict:
@@ -444,9 +446,15 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
         C = min(loss_chunk_size, N)
         # per chunk: the fp32 logits, whose storage then holds their own gradient (the softmax is
         # built in place, engine.loss._cross_entropy_and_grad), + under 16-bit autocast the 16-bit
-        # logits / gradient beside them; a logit transform keeps a separate fp32 gradient (+4).
-        # The labelled hidden rows [N, h] and their gradient stay for the whole loss.
-        per_logit = 4 + (2 if a == 2 else 0) + (4 if shape.logit_transform else 0)
+        # logits / gradient beside them. A logit transform's output cannot take the softmax in
+        # place (its backward may need it) and its gradient flows back through it: a scale or
+        # divide adds 8 bytes per logit, soft-capping's three ops (z / cap, tanh, * cap) 16, the
+        # 16-bit copy then overlapping (measured: 12 / 14 and 20 / 20 bytes in fp32 / bf16, small
+        # Llama, tests/test_plan.py). The labelled hidden rows [N, h] and their gradient stay.
+        if shape.logit_softcap:
+            per_logit = 20
+        else:
+            per_logit = 4 + (2 if a == 2 else 0) + (8 if shape.logit_transform else 0)
         out.loss_peak = C * V * per_logit + 2 * N * h * a
         rows = C
     else:

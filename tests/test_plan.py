@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config
+from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config,
+                          SmolLM3Config)
 
 from engine import plan
 from engine.lora import inject_lora, mark_only_lora_trainable
@@ -25,7 +26,7 @@ from engine.plan import GIB, PlanError, predict
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-           "smollm3": SmolLM3Config}
+           "smollm3": SmolLM3Config, "granite": GraniteConfig}
 NO_SPECIAL = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
@@ -220,15 +221,35 @@ def test_known_shapes_build_and_weights_match_a_meta_model(name):
     assert predicted.float_weights == 2 * numel
 
 
-def test_a_logit_transform_keeps_a_separate_fp32_gradient_per_chunk():
+def test_a_logit_transform_adds_its_buffers_to_the_chunk_peak():
     """Soft-capping / logit scaling (engine.loss.logit_transform): the chunked loss cannot build
-    its softmax in the logits' storage, so the chunk's peak has 4 more bytes per logit."""
-    plain = plan.known_config("llama-3.1-8b")
-    capped = plan.known_config("llama-3.1-8b")
+    its softmax in the transformed logits' storage: a scale adds 8 bytes per logit of the chunk,
+    soft-capping makes it 20 in all (fp16 here: 6 without a transform)."""
+    plain, scaled, capped = (plan.known_config("llama-3.1-8b") for _ in range(3))
+    scaled.logit_scale = 0.5
     capped.final_logit_softcapping = 30.0
-    assert not plan.model_shape(plain).logit_transform and plan.model_shape(capped).logit_transform
-    a, b = (predict(c, seq_len=2048, micro_batch=1, method="qlora") for c in (plain, capped))
-    assert b.loss_peak - a.loss_peak == 1024 * plain.vocab_size * 4
+    assert not plan.model_shape(plain).logit_transform and plan.model_shape(capped).logit_softcap
+    a, b, c = (predict(x, seq_len=2048, micro_batch=1, method="qlora") for x in (plain, scaled, capped))
+    assert b.loss_peak - a.loss_peak == 1024 * plain.vocab_size * 8
+    assert c.loss_peak - a.loss_peak == 1024 * plain.vocab_size * (20 - 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("over", [{"logit_scale": 0.5}, {"final_logit_softcapping": 30.0}])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logit_transform_loss_peak_matches_measurement(over, precision):
+    measured, predicted = compare(small("llama", **over), B=2, T=256, chunk=64, precision=precision)
+    assert within(predicted.loss_peak, measured["loss_peak"]), (predicted, measured)
+
+
+@pytest.mark.slow
+def test_granite_matches_measurement():
+    """Granite: Llama blocks with multipliers (no saved tensors) and logits divided by
+    logits_scaling (a logit transform)."""
+    measured, predicted = compare(small("granite", logits_scaling=8.0), B=2, T=256, chunk=128, precision="bf16",
+                                  checkpointing=True)
+    assert within(predicted.activations, measured["activations"]), (predicted, measured)
+    assert within(predicted.loss_peak, measured["loss_peak"]), (predicted, measured)
 
 
 def test_known_shape_sizes():
