@@ -26,6 +26,8 @@ Three forwards of at most 9 tokens, run once before training (and by `engine.eva
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -73,7 +75,6 @@ def packing_for(model: nn.Module, requested: bool, *, precision: str = "fp32", a
         return False
     safe, ratio = packing_is_safe(model, precision=precision)
     if not safe and announce:
-        import sys
         print(f"note: {type(model).__name__} lets the documents of a packed row see each other (probe ratio "
               f"{ratio:.2f}, engine/isolation.py): using padded rows instead (as data.packing=false)",
               file=sys.stderr)

@@ -210,13 +210,13 @@ def _checkpoint_keys(files: list[str]) -> list[str] | None:
     return keys
 
 
-def _stream_weights(model: nn.Module, files: list[str], device: torch.device,
+def _stream_weights(model: nn.Module, files: list[str], device: torch.device, to_name: Callable[[str], str],
                     transposed: set[str] = frozenset()) -> None:
     """Move every checkpoint tensor into its slot (checking name and shape); quantize 4-bit ones.
-    Names in `transposed` are Conv1D weights whose module is an nn.Linear now (W^T)."""
+    `to_name`: checkpoint key -> parameter name (`_checkpoint_names`; the 4-bit and Conv1D swaps
+    keep the names). Names in `transposed` are Conv1D weights whose module is an nn.Linear now (W^T)."""
     slots = _slots(model)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # targets re-tied after loading
-    to_name = _checkpoint_names(model, slots)
     loaded: set[str] = set()
     for file in files:
         for key_in_file, tensor in _open_tensors(file):
@@ -306,7 +306,7 @@ def load_base_model(path: str, *, dtype: torch.dtype = torch.float32, device: st
         transposed = {f"{name}.weight" for name in conv1d_to_linear(model)}  # shapes only, on meta
         if quant is not None:
             swap_in_empty_linear4bit(model, decoder_linear_names(model), quant)
-        _stream_weights(model, files, device, transposed=transposed)  # .bin: found while streaming
+        _stream_weights(model, files, device, to_name, transposed=transposed)  # .bin: found while streaming
     except NeedsConversion as fused:
         # e.g. Mixtral / Qwen-MoE: transformers stacks the checkpoint's per-expert linears into
         # one 3-D parameter per layer. Let transformers load it, then quantize what QLoRA quantizes
