@@ -16,6 +16,53 @@ def test_isolated_families_measure_rounding_noise(family):
     assert packing_leak(model.to(torch.bfloat16), precision="bf16") < 1e-2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_isolated_under_the_engines_packed_attention_in_bf16(family):
+    """The training path: per-document attention (ShortCausalAttention on a CPU under bf16) on
+    every row the probe compares."""
+    from engine.attention import set_cpu_short_attention, set_packed_attention
+
+    model, _ = make_tiny_model(family)
+    model = model.to(torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    set_packed_attention(model, True)
+    set_cpu_short_attention(model, 256)
+    assert packing_leak(model, precision="bf16") < 1e-2
+
+
+@pytest.mark.slow
+def test_default_model_packs_in_bf16_with_the_training_switches():
+    """SmolLM2 (trained weights) in bf16 with the engine's attention: isolated. A probe that
+    compared the packed row with the document alone pitted ShortCausalAttention against SDPA and
+    measured 0.26 here, so the quickstart silently trained on padded rows."""
+    from engine.config import ModelConfig, PeftConfig, TrainConfig
+    from engine.model import apply_speed_switches, build_model
+
+    model, _ = build_model(ModelConfig(), PeftConfig(), device=torch.device("cpu"), compute_dtype=torch.bfloat16)
+    apply_speed_switches(model, TrainConfig())
+    assert packing_for(model, True, precision="bf16") is True
+    assert packing_leak(model, precision="bf16") < 1e-2
+
+
+def test_a_leak_through_positions_alone_is_found():
+    """Attention kept per document, but learned absolute positions counted along the row (as a
+    model that ignores position_ids would): a document after a longer one sees other positions.
+    (With rotary positions such a shift would be harmless: RoPE sees only relative positions.)"""
+    from engine.attention import set_packed_attention
+
+    model, _ = make_tiny_model("gpt2")
+    model.set_attn_implementation("sdpa")
+    set_packed_attention(model, True)
+    assert packing_leak(model) < 1e-4
+    wpe = model.transformer.wpe
+    original = wpe.forward
+
+    def row_positions(position_ids):
+        return original(torch.arange(position_ids.shape[-1]).expand_as(position_ids))
+    wpe.forward = row_positions
+    assert packing_leak(model) > 0.5
+
+
 def _default_init(family: str, attn: str):
     """transformers' own init (std 0.02): attention barely moves the hidden states."""
     from transformers import AutoModelForCausalLM
