@@ -402,6 +402,7 @@ def run_engine(spec: dict) -> dict:
     from engine import amp
     from engine.config import ModelConfig, OptimConfig, PeftConfig, TrainConfig
     from engine.data import make_loader
+    from engine.isolation import packing_for
     from engine.lora import inject_lora, mark_only_lora_trainable
     from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
     from engine.optim import build_optimizer
@@ -425,9 +426,10 @@ def run_engine(spec: dict) -> dict:
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model, offload=tc.offload_activations)
     apply_speed_switches(model, tc)
+    packing = packing_for(model, True, precision=precision)  # as engine.train decides it
     docs = engine_docs(spec, tokenizer, model.config.vocab_size)
     stats = doc_stats([len(d["input_ids"]) for d in docs], sum(sum(t != -100 for t in d["labels"]) for d in docs))
-    loader = make_loader(docs, max_seq_len=spec["seq_len"], micro_batch_size=spec["micro_batch"], packing=True,
+    loader = make_loader(docs, max_seq_len=spec["seq_len"], micro_batch_size=spec["micro_batch"], packing=packing,
                          seed=0, pad_token_id=pad_id)
     optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
@@ -450,7 +452,7 @@ def run_engine(spec: dict) -> dict:
             steps.append({"seconds": dt, "cpu_seconds": cpu, "padded": sum(b["input_ids"].numel() for b in micro),
                           "useful": sum(b["num_tokens"] for b in micro), "loss": n_loss})
     return {"steps": steps, "losses": losses, "peak_memory_bytes": _peak_memory(torch, device),
-            "flop_terms": flop_terms(model), "data": stats}
+            "flop_terms": flop_terms(model), "data": stats, "packing": packing}
 
 
 def _hf_model(spec: dict, torch, device, precision: str):
@@ -741,6 +743,8 @@ def summarize(kind: str, runs: list[dict], peak: float | None, peak_cpu: float |
     row["flop_terms"], row["data"] = ok[0]["flop_terms"], ok[0]["data"]
     if "batch_size" in ok[0]:
         row["batch_size"] = ok[0]["batch_size"]
+    if "packing" in ok[0]:  # engine rows: packed unless the isolation probe turned it off
+        row["packing"] = ok[0]["packing"]
     return row
 
 
@@ -789,7 +793,9 @@ def write_markdown(path: str, result: dict) -> None:
                          f"L={t['layers']} d_attn={t['d_attn']}; N={d['tokens']:,} N_loss={d['loss_tokens']:,} "
                          f"S={d['causal_pairs']:,} -> {r['flops_per_useful_token'] / 1e6:.1f} MFLOP/token; "
                          f"useful tok/s per repeat {r['useful_tokens_per_s_all']}"
-                         + (f"; batch {r['batch_size']}" if "batch_size" in r else ""))
+                         + (f"; batch {r['batch_size']}" if "batch_size" in r else "")
+                         + ("; PADDED rows (the isolation probe found packed documents leaking)"
+                            if r.get("packing") is False else ""))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -32,6 +32,7 @@ def test_throughput_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path, preci
         assert row["useful_tokens_per_s"] > 0 and 0 < row["mfu"] < 1.5
     # both trained the same documents: the FLOP count per useful token is the same formula
     assert rows["engine"]["flops_per_useful_token"] == pytest.approx(rows["hf_padded"]["flops_per_useful_token"])
+    assert rows["engine"]["packing"] is True  # the isolation probe, as engine.train runs it, keeps it packed
     assert (tmp_path / "throughput_test.md").read_text().count("| engine") == 1
 
 
