@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.compiled import compiled_cross_entropy, compiled_loss_enabled
+
 IGNORE_INDEX = -100
 
 
@@ -86,10 +88,25 @@ def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: 
     return loss, grad
 
 
+def cross_entropy_and_grad_fused(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_i CE(z_i, y_i) in fp32, softmax(z) - onehot(y) in z's dtype) for logits z [C, V] in
+    any float dtype: the math of `_cross_entropy_and_grad`, written for inductor
+    (train.compile_loss, engine/compiled.py), which makes it one reduction pass over z (max and
+    sum of exp, in fp32) and one pointwise pass writing the gradient already cast to z's dtype,
+    the dtype the lm_head's backward takes. No fp32 [C, V] copy of z is ever stored."""
+    zf = z.float()
+    m = zf.amax(dim=-1, keepdim=True)                                          # [C, 1]
+    lse = m + (zf - m).exp().sum(dim=-1, keepdim=True).log()                   # [C, 1]
+    loss = (lse.squeeze(1) - zf.gather(1, y[:, None]).squeeze(1)).sum()
+    is_target = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]  # [C, V], never stored
+    grad = ((zf - lse).exp() - is_target.float()).to(z.dtype)
+    return loss, grad
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum CE(f(head(hidden)), labels) over rows, chunk by chunk, gradients computed in forward.
 
-    forward(hidden [N, H], labels [N], head, transform, chunk_size, *params) -> 0-dim fp32 sum.
+    forward(hidden [N, H], labels [N], head, transform, chunk_size, compiled, *params) -> 0-dim fp32 sum.
     `params` are the head's trainable parameters (e.g. LoRA A/B on a targeted lm_head): they are
     inputs of the Function so autograd routes their gradients. For each chunk the forward runs
     the head under `enable_grad` on a detached slice, the cross-entropy and its gradient
@@ -97,14 +114,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     logit transform), and `torch.autograd.grad` through the head at once, so the
     chunk's logits are freed before the next chunk starts: the peak is about one [C, V] fp32
     tensor (two with a transform).
+    `compiled` (train.compile_loss, no transform): the head's output is not upcast; the compiled
+    `cross_entropy_and_grad_fused` reads it in its own dtype and returns the gradient in it.
     Backward only scales the stored gradients by the incoming gradient (the loss is linear in
     its own output, so e.g. a GradScaler's scale is applied exactly).
     """
 
     @staticmethod
-    def forward(ctx, hidden, labels, head, transform, chunk_size, *params):
+    def forward(ctx, hidden, labels, head, transform, chunk_size, compiled, *params):
         need_hidden = ctx.needs_input_grad[0]
-        need_params = [ctx.needs_input_grad[5 + i] for i in range(len(params))]
+        need_params = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # parameter gradients accumulate over chunks: keep them in fp32, cast once at the end
@@ -114,13 +133,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].detach().requires_grad_(need_hidden)  # [C, H]
             y = labels[start:start + chunk_size]  # [C]
-            with torch.set_grad_enabled(need_hidden or bool(wrt)):
-                logits = _logits_fp32(head, h, transform)  # [C, V] fp32: the only big tensor
-            # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's storage;
-            # not with a logit transform, whose last op could have saved z for its backward
-            z = logits.detach()
             inputs = ([h] if need_hidden else []) + wrt
-            loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs))
+            fused = compiled and transform is None and bool(inputs)
+            with torch.set_grad_enabled(bool(inputs)):
+                # [C, V]: the only big tensor; fp32, or the head's own dtype for the fused kernel
+                logits = head(h) if fused else _logits_fp32(head, h, transform)
+            z = logits.detach()
+            if fused:
+                loss, grad_z = compiled_cross_entropy()(z, y)
+            else:
+                # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's
+                # storage; not with a logit transform, whose last op could have saved z for its backward
+                loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs))
             if inputs:
                 grads = list(torch.autograd.grad(logits, inputs, grad_outputs=grad_z))
                 del grad_z
@@ -141,19 +165,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_hidden = saved.pop(0)
         out = [grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.need_hidden else None,
-               None, None, None, None]
+               None, None, None, None, None]
         for need in ctx.need_params:
             out.append(saved.pop(0) * grad_output if need else None)
         return tuple(out)
 
 
 def lm_head_loss(hidden: Tensor, labels: Tensor, head: nn.Module, *, transform=None,
-                 chunk_size: int | None = None) -> Tensor:
+                 chunk_size: int | None = None, compiled: bool = False) -> Tensor:
     """Summed fp32 cross-entropy of `f(head(hidden))` against already-shifted `labels`.
 
     hidden [B, T, H], labels [B, T] (-100 = no loss). chunk_size None: full logits [B, T, V];
-    else labelled rows only, `chunk_size` at a time (see module docstring). A batch without
-    labelled tokens gives an exact 0 that is still connected to the graph (zero grads, no NaN).
+    else labelled rows only, `chunk_size` at a time (see module docstring); there `compiled`
+    (train.compile_loss) takes the fused compiled cross-entropy for chunks that need gradients.
+    A batch without labelled tokens gives an exact 0 that is still connected to the graph (zero
+    grads, no NaN).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"lm_head_loss: hidden states {tuple(hidden.shape)} do not match "
@@ -170,8 +196,10 @@ def lm_head_loss(hidden: Tensor, labels: Tensor, head: nn.Module, *, transform=N
     # boolean indexing has a data-dependent shape: one host sync per micro-batch, deliberate
     selected = hidden[keep]  # [N, H]
     targets = labels[keep]   # [N]
-    params = [p for p in head.parameters() if p.requires_grad]
-    return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, *params)
+    # under no_grad (evaluation) no gradient is wanted, not even for a LoRA-targeted head's
+    # parameters (the Function would otherwise compute theirs: its inputs still require grad)
+    params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, compiled, *params)
 
 
 def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
@@ -201,7 +229,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None) -> 
     if head is None:
         raise ValueError(f"causal_lm_loss: {type(model).__name__} has no output embeddings (lm_head)")
     loss_sum = lm_head_loss(hidden, batch["labels"], head, transform=logit_transform(model.config),
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, compiled=compiled_loss_enabled(model))
     n = batch.get("num_loss_tokens")
     if n is None:
         n = int((batch["labels"] != IGNORE_INDEX).sum())  # host sync; engine.data provides it

@@ -479,14 +479,22 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
     return install_offload(model, **kwargs)
 
 
-def apply_speed_switches(model: nn.Module, train_cfg) -> None:
+def apply_speed_switches(model: nn.Module, train_cfg, *, announce: bool = True) -> None:
     """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
     train.fused_lora (LoRALinear's addmm forward), train.packed_attention (one causal SDPA
-    call per packed document, engine/attention.py) and train.cpu_short_attention (its explicit
-    kernel for short documents on a CPU under bf16)."""
+    call per packed document, engine/attention.py), train.cpu_short_attention (its explicit
+    kernel for short documents on a CPU under bf16), train.compile_norms and train.compile_loss
+    (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; `announce`: say
+    on stderr why auto leaves them off)."""
+    from engine import compiled
     from engine.attention import set_cpu_short_attention, set_packed_attention
     from engine.lora import set_fused_lora
 
     set_fused_lora(model, train_cfg.fused_lora)
     set_packed_attention(model, train_cfg.packed_attention)
     set_cpu_short_attention(model, train_cfg.cpu_short_attention)
+    device = next(model.parameters()).device
+    norms, loss = (compiled.resolve(key, getattr(train_cfg, key), device, train_cfg.fsdp, announce=announce)
+                   for key in ("compile_norms", "compile_loss"))
+    compiled.set_compiled_norms(model, norms)
+    compiled.set_compiled_loss(model, loss)

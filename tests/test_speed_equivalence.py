@@ -265,18 +265,20 @@ def test_packed_attention_with_checkpointing_and_through_build_model(tmp_path):
     labels = torch.roll(ids, -1, 1)
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     results = []
-    for on, ckpt in ((False, False), (True, False), (True, True)):
+    # the last: also compiled norms (train.compile_norms, recomputed under checkpointing), whose
+    # fused kernels round differently: compared a little more loosely
+    for on, ckpt, compiled in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
         m = copy.deepcopy(model).train()
-        apply_speed_switches(m, TrainConfig(packed_attention=on, fused_lora=True))
+        apply_speed_switches(m, TrainConfig(packed_attention=on, fused_lora=True, compile_norms=compiled))
         if ckpt:
             enable_activation_checkpointing(m)
         loss, _ = causal_lm_loss(m, {**batch, "position_ids": pos.clone()}, chunk_size=None)
         loss.backward()
         results.append((loss.detach(), {k: v.grad for k, v in lora_state_dict(m).items()}))
-    for loss, grads in results[1:]:
+    for i, (loss, grads) in enumerate(results[1:], 1):
         torch.testing.assert_close(loss, results[0][0], atol=1e-4, rtol=1e-6)
         for key, grad in results[0][1].items():
-            torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(grads[key], grad, atol=1e-6 if i < 3 else 5e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- train.cpu_short_attention
