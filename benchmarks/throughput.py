@@ -16,6 +16,11 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
   engine_dense_attn  the same with train.packed_attention=false (SDPA over T x T with a mask)
   engine_sdpa_short  the same with train.cpu_short_attention=0 (acts on a CPU under bf16 only:
                   SDPA's flash kernel for every document instead of the explicit short-document one)
+  engine_eager_norms  the same with train.compile_norms=false (RMSNorm as transformers' eager
+                  ops; by default a CPU compiles each norm into one kernel, paid in the warmup)
+  engine_eager_loss   the same with train.compile_loss=false (the chunked loss's eager cross-entropy)
+  engine_compiled the same with compile_norms and compile_loss forced true (auto leaves them off on
+                  a GPU, where they are not measured yet: scripts/gpu_check.sh measures this row)
   engine_ckpt     the same with activation checkpointing (+ offload with --offload)
   hf_padded       HF Trainer + PEFT LoRA, SDPA, the same tokenized documents and labels, one
                   document per row, padded to the longest in the batch (the common HF setup)
@@ -72,12 +77,15 @@ SEED_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "seed", "formatted_tr
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
-ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_ckpt", "hf_padded",
-               "hf_flat", "seed", "seed_ckpt")
-LABELS = {"engine": "engine (packed, chunked loss, fused LoRA, packed attention)",
+ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_eager_norms",
+               "engine_eager_loss", "engine_compiled", "engine_ckpt", "hf_padded", "hf_flat", "seed", "seed_ckpt")
+LABELS = {"engine": "engine (packed, chunked loss, fused LoRA, packed attention, compile_norms=auto)",
           "engine_nofuse": "engine, fused_lora=false",
           "engine_dense_attn": "engine, packed_attention=false",
           "engine_sdpa_short": "engine, cpu_short_attention=0 (SDPA for every document)",
+          "engine_eager_norms": "engine, compile_norms=false (eager RMSNorm)",
+          "engine_eager_loss": "engine, compile_loss=false (eager cross-entropy)",
+          "engine_compiled": "engine, compile_norms=true, compile_loss=true",
           "engine_ckpt": "engine + activation checkpointing",
           "hf_padded": "HF Trainer + PEFT, padded to longest",
           "hf_flat": "HF Trainer + PEFT, padding-free (best HF)",
@@ -694,6 +702,12 @@ def engine_switches(kind: str, args) -> dict:
         base["packed_attention"] = False
     if kind == "engine_sdpa_short":
         base["cpu_short_attention"] = 0
+    if kind == "engine_eager_norms":
+        base["compile_norms"] = False
+    if kind == "engine_eager_loss":
+        base["compile_loss"] = False
+    if kind == "engine_compiled":
+        base["compile_norms"] = base["compile_loss"] = True
     if kind == "engine_ckpt":
         base["activation_checkpointing"] = True
     return base

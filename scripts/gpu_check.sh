@@ -17,7 +17,9 @@
 #      activation checkpointing + offload, fused LoRA), with the planner's prediction
 #      (engine.plan.predict) next to each measured max_memory_allocated (--probe), 8B shape;
 #   3. step 1 on the Phi-3-mini shape;  4. scripts/gpu_check_fsdp.sh (not in --dry-run);
-#   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON.
+#   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON;
+#   7. the compiled kernels (train.compile_norms / compile_loss, off by default on a GPU until
+#      measured): engine vs engine_compiled on the Phi-3-mini shape.
 # On the device tool's machine ($OUT set) the results go to a scratch folder that is tarred into
 # $OUT/gpu_check.tgz after every step, so a call cut short still returns what it measured.
 set -uo pipefail
@@ -141,6 +143,15 @@ print("\n".join(lines))
 if not rows:
     sys.exit("no probe results to compare")
 EOF
+
+echo "== compiled kernels: engine vs engine_compiled ($PHI3)"
+if fits_budget $((T_BENCH * 2 + 60)); then
+    timeout -k 10 $((T_BENCH * 2 + 60)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$PHI3" --method qlora \
+        --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,engine_compiled "${STEPS[@]}" \
+        --timeout "$((T_BENCH + 60))" --tag "t4_${PHI3#shape:}_${SEQ}_compiled" --out-dir "$RES" \
+        || { echo "FAIL: compiled kernels $PHI3"; status=1; }
+    save
+fi
 
 echo "== done in $(( $(date +%s) - START )) s, status $status; results in $RES"
 ls -la "$RES"
