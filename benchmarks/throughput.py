@@ -19,6 +19,7 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
   engine_eager_norms  the same with train.compile_norms=false (RMSNorm as transformers' eager
                   ops; by default a CPU compiles each norm into one kernel, paid in the warmup)
   engine_eager_loss   the same with train.compile_loss=false (the chunked loss's eager cross-entropy)
+  engine_ungrouped    the same with train.grouped_lora=false (one A matmul per LoRA layer)
   engine_compiled the same with compile_norms and compile_loss forced true (auto leaves them off on
                   a GPU, where they are not measured yet: scripts/gpu_check.sh measures this row)
   engine_ckpt     the same with activation checkpointing (+ offload with --offload)
@@ -78,13 +79,14 @@ BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
 ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_eager_norms",
-               "engine_eager_loss", "engine_compiled", "engine_ckpt", "hf_padded", "hf_flat", "seed", "seed_ckpt")
-LABELS = {"engine": "engine (packed, chunked loss, fused LoRA, packed attention, compile_norms=auto)",
+               "engine_eager_loss", "engine_ungrouped", "engine_compiled", "engine_ckpt", "hf_padded", "hf_flat", "seed", "seed_ckpt")
+LABELS = {"engine": "engine (packed, chunked loss, fused + grouped LoRA, packed attention, compiled kernels=auto)",
           "engine_nofuse": "engine, fused_lora=false",
           "engine_dense_attn": "engine, packed_attention=false",
           "engine_sdpa_short": "engine, cpu_short_attention=0 (SDPA for every document)",
           "engine_eager_norms": "engine, compile_norms=false (eager RMSNorm)",
           "engine_eager_loss": "engine, compile_loss=false (eager cross-entropy)",
+          "engine_ungrouped": "engine, grouped_lora=false",
           "engine_compiled": "engine, compile_norms=true, compile_loss=true",
           "engine_ckpt": "engine + activation checkpointing",
           "hf_padded": "HF Trainer + PEFT, padded to longest",
@@ -706,6 +708,8 @@ def engine_switches(kind: str, args) -> dict:
         base["compile_norms"] = False
     if kind == "engine_eager_loss":
         base["compile_loss"] = False
+    if kind == "engine_ungrouped":
+        base["grouped_lora"] = False
     if kind == "engine_compiled":
         base["compile_norms"] = base["compile_loss"] = True
     if kind == "engine_ckpt":

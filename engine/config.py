@@ -213,6 +213,10 @@ class TrainConfig:
     fused_lora: bool = True
     """LoRA forward as one addmm, out + s * (x A^T) B^T, instead of B's matmul, a scale and an add
     over [tokens, out] (speed only, same math; benchmarks/results/throughput_*.md has the row)."""
+    grouped_lora: bool = True
+    """LoRA A matmuls of sibling linears that read the same input (q/k/v, gate/up) as one matmul
+    over their stacked A matrices, each way (engine/lora_groups.py). Same math; off under FSDP
+    and for DoRA or LoRA dropout."""
     packed_attention: bool = True
     """Packed rows: one causal SDPA call per document (engine/attention.py) instead of SDPA over
     all T x T pairs with a block-diagonal mask; same math, O(sum n_i^2) work. Needs

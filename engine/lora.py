@@ -96,13 +96,20 @@ class LoRALinear(nn.Module):
     addmm, instead of three passes over [tokens, out] (B's matmul, the scale, the add) and their
     backward counterparts. Same math; used when `out` and the branch share a dtype."""
 
+    shared_input = None
+    """Speed switch (train.grouped_lora): the `SharedInputGroup` (engine/lora_groups.py) whose one
+    stacked A matmul serves this layer and its siblings reading the same input, or None."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)                                        # [..., out]
         if self.merged or self.disabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                          # fp32 branch
-        xa = self.lora_A(self.lora_dropout(x))                          # [..., r]
+        if self.shared_input is not None:  # train.grouped_lora: one A matmul for the siblings
+            xa = self.shared_input.project(self, x)                     # [..., r]
+        else:
+            xa = self.lora_A(self.lora_dropout(x))                      # [..., r]
         if self.fused and xa.dtype == out.dtype:
             # addmm(out, xa, B^T, alpha=s) = out + s * xa @ B^T; under autocast it runs in the
             # autocast dtype like the plain path. In backward the scale lands on the [r]-wide

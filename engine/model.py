@@ -481,7 +481,8 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
 
 def apply_speed_switches(model: nn.Module, train_cfg, *, announce: bool = True) -> None:
     """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
-    train.fused_lora (LoRALinear's addmm forward), train.packed_attention (one causal SDPA
+    train.fused_lora (LoRALinear's addmm forward), train.grouped_lora (one A matmul for sibling
+    linears reading the same input, engine/lora_groups.py), train.packed_attention (one causal SDPA
     call per packed document, engine/attention.py), train.cpu_short_attention (its explicit
     kernel for short documents on a CPU under bf16), train.compile_norms and train.compile_loss
     (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; `announce`: say
@@ -489,8 +490,10 @@ def apply_speed_switches(model: nn.Module, train_cfg, *, announce: bool = True) 
     from engine import compiled
     from engine.attention import set_cpu_short_attention, set_packed_attention
     from engine.lora import set_fused_lora
+    from engine.lora_groups import set_grouped_lora
 
     set_fused_lora(model, train_cfg.fused_lora)
+    set_grouped_lora(model, train_cfg.grouped_lora and not train_cfg.fsdp)
     set_packed_attention(model, train_cfg.packed_attention)
     set_cpu_short_attention(model, train_cfg.cpu_short_attention)
     device = next(model.parameters()).device

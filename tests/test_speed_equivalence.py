@@ -265,11 +265,12 @@ def test_packed_attention_with_checkpointing_and_through_build_model(tmp_path):
     labels = torch.roll(ids, -1, 1)
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     results = []
-    # the last: also compiled norms (train.compile_norms, recomputed under checkpointing), whose
-    # fused kernels round differently: compared a little more loosely
-    for on, ckpt, compiled in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+    # the last: every other default switch too (compiled norms and loss, grouped LoRA A; each
+    # recomputed under checkpointing), whose kernels round differently: compared a little more loosely
+    for on, ckpt, rest in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
         m = copy.deepcopy(model).train()
-        apply_speed_switches(m, TrainConfig(packed_attention=on, fused_lora=True, compile_norms=compiled))
+        apply_speed_switches(m, TrainConfig(packed_attention=on, fused_lora=True, compile_norms=rest,
+                                            compile_loss=rest, grouped_lora=rest))
         if ckpt:
             enable_activation_checkpointing(m)
         loss, _ = causal_lm_loss(m, {**batch, "position_ids": pos.clone()}, chunk_size=None)
