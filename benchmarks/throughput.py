@@ -435,7 +435,7 @@ def run_engine(spec: dict) -> dict:
         pad_id = tokenizer.pad_token_id
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model, offload=tc.offload_activations)
-    apply_speed_switches(model, tc)
+    apply_speed_switches(model, tc, precision=precision)
     packing = packing_for(model, True, precision=precision)  # as engine.train decides it
     docs = engine_docs(spec, tokenizer, model.config.vocab_size)
     stats = doc_stats([len(d["input_ids"]) for d in docs], sum(sum(t != -100 for t in d["labels"]) for d in docs))

@@ -479,14 +479,14 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
     return install_offload(model, **kwargs)
 
 
-def apply_speed_switches(model: nn.Module, train_cfg, *, announce: bool = True) -> None:
+def apply_speed_switches(model: nn.Module, train_cfg, *, precision: str = "fp32", announce: bool = True) -> None:
     """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
     train.fused_lora (LoRALinear's addmm forward), train.grouped_lora (one A matmul for sibling
     linears reading the same input, engine/lora_groups.py), train.packed_attention (one causal SDPA
     call per packed document, engine/attention.py), train.cpu_short_attention (its explicit
     kernel for short documents on a CPU under bf16), train.compile_norms and train.compile_loss
-    (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; `announce`: say
-    on stderr why auto leaves them off)."""
+    (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; their auto
+    depends on the resolved training `precision`; `announce`: say on stderr why auto leaves them off)."""
     from engine import compiled
     from engine.attention import set_cpu_short_attention, set_packed_attention
     from engine.lora import set_fused_lora
@@ -497,7 +497,7 @@ def apply_speed_switches(model: nn.Module, train_cfg, *, announce: bool = True) 
     set_packed_attention(model, train_cfg.packed_attention)
     set_cpu_short_attention(model, train_cfg.cpu_short_attention)
     device = next(model.parameters()).device
-    norms, loss = (compiled.resolve(key, getattr(train_cfg, key), device, train_cfg.fsdp, announce=announce)
-                   for key in ("compile_norms", "compile_loss"))
+    norms, loss = (compiled.resolve(key, getattr(train_cfg, key), device, train_cfg.fsdp, precision,
+                                    announce=announce) for key in ("compile_norms", "compile_loss"))
     compiled.set_compiled_norms(model, norms)
     compiled.set_compiled_loss(model, loss)

@@ -101,7 +101,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
-    apply_speed_switches(model, cfg.train, announce=ctx.is_main)
+    apply_speed_switches(model, cfg.train, precision=precision, announce=ctx.is_main)
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters

@@ -123,13 +123,15 @@ def test_only_the_training_forward_is_compiled_and_switching_off_restores_the_mo
 
 @pytest.mark.parametrize("key", ["compile_norms", "compile_loss"])
 def test_auto_true_false_resolve_as_documented(monkeypatch, capsys, key):
-    assert resolve(key, False, CPU, fsdp=False) is False
-    assert resolve(key, "auto", CPU, fsdp=False) is True  # this machine has a C++ compiler
-    assert resolve(key, True, CPU, fsdp=False) is True
-    assert resolve(key, "auto", CPU, fsdp=True) is False
-    assert resolve(key, "auto", torch.device("cuda"), fsdp=False) is False  # not measured on a GPU yet
+    assert resolve(key, False, CPU, fsdp=False, precision="bf16") is False
+    assert resolve(key, "auto", CPU, fsdp=False, precision="bf16") is True  # this machine has a C++ compiler
+    assert resolve(key, "auto", CPU, fsdp=False, precision="fp32") is False  # measured no faster
+    assert resolve(key, True, CPU, fsdp=False, precision="fp32") is True
+    assert resolve(key, True, CPU, fsdp=False, precision="bf16") is True
+    assert resolve(key, "auto", CPU, fsdp=True, precision="bf16") is False
+    assert resolve(key, "auto", torch.device("cuda"), fsdp=False, precision="bf16") is False  # not measured on a GPU yet
     with pytest.raises(CompileError, match=f"train.{key}=true: FSDP"):
-        resolve(key, True, CPU, fsdp=True)
+        resolve(key, True, CPU, fsdp=True, precision="bf16")
     assert capsys.readouterr().err == ""
 
     import torch._inductor.cpp_builder as cpp_builder
@@ -138,19 +140,22 @@ def test_auto_true_false_resolve_as_documented(monkeypatch, capsys, key):
         raise RuntimeError("no working C++ compiler found")
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     assert "no C++ compiler" in compiled.unavailable_reason(CPU, fsdp=False)
-    assert resolve(key, "auto", CPU, fsdp=False) is False
+    assert resolve(key, "auto", CPU, fsdp=False, precision="bf16") is False
     assert f"train.{key}=auto: inductor finds no C++ compiler" in capsys.readouterr().err
-    assert resolve(key, "auto", CPU, fsdp=False, announce=False) is False
+    assert resolve(key, "auto", CPU, fsdp=False, precision="bf16", announce=False) is False
     assert capsys.readouterr().err == ""
     with pytest.raises(CompileError, match=f"train.{key}=true: inductor finds no C.. compiler"):
-        resolve(key, True, CPU, fsdp=False)
+        resolve(key, True, CPU, fsdp=False, precision="bf16")
 
 
 def test_apply_speed_switches_sets_both_and_turns_them_off():
     from engine.model import apply_speed_switches
 
     model, _ = make_tiny_model("llama")
-    apply_speed_switches(model, TrainConfig())
+    apply_speed_switches(model, TrainConfig(), precision="fp32")
+    assert not compiled.compiled_loss_enabled(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    apply_speed_switches(model, TrainConfig(), precision="bf16")
     assert compiled.compiled_loss_enabled(model)
     assert all("forward" in m.__dict__ for m in model.modules() if is_rms_norm(m))
     apply_speed_switches(model, TrainConfig(compile_norms=False, compile_loss=False))

@@ -39,7 +39,7 @@ def test_default_model_packs_in_bf16_with_the_training_switches():
     from engine.model import apply_speed_switches, build_model
 
     model, _ = build_model(ModelConfig(), PeftConfig(), device=torch.device("cpu"), compute_dtype=torch.bfloat16)
-    apply_speed_switches(model, TrainConfig())
+    apply_speed_switches(model, TrainConfig(), precision="bf16")
     assert packing_for(model, True, precision="bf16") is True
     assert packing_leak(model, precision="bf16") < 1e-2
 

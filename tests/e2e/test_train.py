@@ -176,12 +176,14 @@ def _boom():
     raise RuntimeError("simulated crash")
 
 
-def test_resume_is_bit_exact(workdir, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: compiled norms and loss (auto)
+def test_resume_is_bit_exact(workdir, monkeypatch, precision):
     """Stopped at step 5 (mid-epoch, accumulation 2), resumed from the step-3 checkpoint."""
-    full = make_cfg(workdir, "full", train={"max_steps": 8, "save_every": 3, "keep_last": 5})
+    train = {"max_steps": 8, "save_every": 3, "keep_last": 5, "precision": precision}
+    full = make_cfg(workdir, f"full-{precision}", train=train)
     train_mod.run_training(full)
 
-    cut = make_cfg(workdir, "cut", train={"max_steps": 8, "save_every": 3, "keep_last": 5})
+    cut = make_cfg(workdir, f"cut-{precision}", train=train)
     # micro-batch calls: 1 eval pass (4 batches of 2 rows? no: eval uses its own loader) -> count
     # only training calls by crashing late enough: step 5's first micro-batch.
     crash = CrashAt(n=10**9, action=_boom)
