@@ -41,11 +41,16 @@ class SharedInputGroup:
         for m in self.members:
             self.offsets[m] = offset
             offset += m.r
-        self._x = None   # the shared input of the current parent forward, once a member has read it
-        self._xa = None  # [..., sum r]
+        self._active = False  # inside the parent's forward (between its pre- and post-hook)
+        self._x = None        # the shared input of the current parent forward, once a member has read it
+        self._xa = None       # [..., sum r]
 
     def project(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """member's x A^T ([..., r]): a view of the group's projection when x is the shared input."""
+        """member's x A^T ([..., r]): a view of the group's projection when x is the shared input
+        of the parent's current forward; else (another tensor, or a call from outside the
+        parent's forward) the member's own projection."""
+        if not self._active:
+            return member.lora_A(x)
         if self._x is None:
             weight = torch.cat([m.lora_A.weight for m in self.members])   # [sum r, in]
             self._x, self._xa = x, F.linear(x, weight)
@@ -54,9 +59,11 @@ class SharedInputGroup:
         start = self.offsets[member]
         return self._xa[..., start:start + member.r]
 
-    def clear(self, *args) -> None:  # forward pre- and post-hook of the parent module
-        self._x = self._xa = None
+    def begin(self, *args) -> None:  # forward pre-hook of the parent module
+        self._active, self._x, self._xa = True, None, None
 
+    def end(self, *args) -> None:  # forward hook of the parent module: nothing outlives the call
+        self._active, self._x, self._xa = False, None, None
 
 def groupable(module: nn.Module) -> bool:
     from engine.lora import LoRALinear
@@ -95,7 +102,7 @@ def set_grouped_lora(model: nn.Module, enabled: bool) -> int:
             group = SharedInputGroup(members)
             for m in members:
                 m.shared_input = group
-            parent.register_forward_pre_hook(group.clear)
-            parent.register_forward_hook(group.clear)
+            parent.register_forward_pre_hook(group.begin)
+            parent.register_forward_hook(group.end)
             groups += 1
     return groups

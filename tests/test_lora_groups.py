@@ -102,18 +102,23 @@ def test_dropout_and_dora_layers_are_not_grouped(kwargs):
 
 
 def test_a_member_called_with_another_tensor_gets_its_own_projection():
-    """Identity, not shape, decides: an equal-shaped other tensor never reads the shared projection."""
+    """Identity, not shape, decides: an equal-shaped other tensor never reads the shared
+    projection; outside the parent's forward every member projects alone."""
     model = _lora_model("llama")
     attn = model.model.layers[0].self_attn
     set_grouped_lora(model, True)
     group = attn.q_proj.shared_input
     x, y = torch.randn(1, 3, model.config.hidden_size), torch.randn(1, 3, model.config.hidden_size)
     with torch.no_grad():
+        group.project(attn.q_proj, x)
+        assert group._x is None  # not inside the parent's forward: nothing cached
+        group.begin()
         torch.testing.assert_close(group.project(attn.q_proj, x), attn.q_proj.lora_A(x))
+        assert group._x is x
         torch.testing.assert_close(group.project(attn.k_proj, y), attn.k_proj.lora_A(y))
         torch.testing.assert_close(group.project(attn.v_proj, x), attn.v_proj.lora_A(x))
-        group.clear()
-        torch.testing.assert_close(group.project(attn.k_proj, y), attn.k_proj.lora_A(y))  # y is shared now
+        group.end()
+        assert group._x is None and group._xa is None
 
 
 def test_training_runs_with_groups_through_build_model_and_checkpointing(tmp_path):
