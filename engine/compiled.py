@@ -75,13 +75,15 @@ def resolve(key: str, mode, device: torch.device, fsdp: bool, precision: str, *,
     stderr when the reason is a missing compiler); true: on, or CompileError saying why it cannot be."""
     if mode is False:
         return False
+    if mode is not True and (device.type != "cpu" or fsdp or precision != "bf16"):  # auto
+        # auto: measured to pay on a CPU under bf16 only (in fp32 the step did not change); decided
+        # before probing for a compiler, which imports inductor (~1 s of start-up)
+        return False
     reason = unavailable_reason(device, fsdp)
     if mode is True:
         if reason:
             raise CompileError(f"train.{key}=true: {reason}; set train.{key}=false")
         return True
-    if device.type != "cpu" or fsdp or precision != "bf16":
-        return False  # auto: measured to pay on a CPU under bf16 only (in fp32 the step did not change)
     if reason and announce:
         print(f"note: train.{key}=auto: {reason}; running it eagerly (a few % slower)", file=sys.stderr)
     return reason is None

@@ -65,6 +65,7 @@ class SharedInputGroup:
     def end(self, *args) -> None:  # forward hook of the parent module: nothing outlives the call
         self._active, self._x, self._xa = False, None, None
 
+
 def groupable(module: nn.Module) -> bool:
     from engine.lora import LoRALinear
 
