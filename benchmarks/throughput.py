@@ -16,12 +16,16 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
   engine_dense_attn  the same with train.packed_attention=false (SDPA over T x T with a mask)
   engine_sdpa_short  the same with train.cpu_short_attention=0 (acts on a CPU under bf16 only:
                   SDPA's flash kernel for every document instead of the explicit short-document one)
+  engine_doc_nodes    the same with train.batch_short_documents=false (one attention node per
+                  short document, with its splits and concatenations, instead of one per layer)
   engine_eager_norms  the same with train.compile_norms=false (RMSNorm as transformers' eager
                   ops; by default a CPU compiles each norm into one kernel, paid in the warmup)
   engine_eager_loss   the same with train.compile_loss=false (the chunked loss's eager cross-entropy)
   engine_ungrouped    the same with train.grouped_lora=false (one A matmul per LoRA layer)
   engine_compiled the same with compile_norms and compile_loss forced true (auto leaves them off on
                   a GPU, where they are not measured yet: scripts/gpu_check.sh measures this row)
+  engine_malloc_default  the same with train.retain_host_memory=false (glibc's own malloc thresholds:
+                  the step's large blocks go back to the kernel and are faulted in again)
   engine_ckpt     the same with activation checkpointing (+ offload with --offload)
   hf_padded       HF Trainer + PEFT LoRA, SDPA, the same tokenized documents and labels, one
                   document per row, padded to the longest in the batch (the common HF setup)
@@ -31,6 +35,9 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
                   to 512, loss on every token, batch 2 (HF Trainer + PEFT, same LoRA config)
   seed_ckpt       the same with gradient checkpointing always on, as the seed notebook trained
                   (../shared/seed/NOTES.md): the recipe as its users ran it
+  seed_retained   the seed recipe in a process that retains host memory as the engine does
+                  (engine.host_memory.retain before the model is built): what that setting alone
+                  would give the seed's users
 Every configuration uses the same model, LoRA config (r, alpha, targets, dropout 0), optimizer
 (AdamW, lr 2e-4, clip 1.0), precision and checkpointing setting (seed_ckpt excepted). HF padded / flat take
 round(seq_len / mean document length) documents per step so a step holds about as many tokens
@@ -78,21 +85,25 @@ SEED_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "seed", "formatted_tr
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
-ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_eager_norms",
-               "engine_eager_loss", "engine_ungrouped", "engine_compiled", "engine_ckpt", "hf_padded", "hf_flat", "seed", "seed_ckpt")
+ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_doc_nodes", "engine_eager_norms",
+               "engine_eager_loss", "engine_ungrouped", "engine_compiled", "engine_malloc_default", "engine_ckpt", "hf_padded", "hf_flat", "seed",
+               "seed_ckpt", "seed_retained")
 LABELS = {"engine": "engine (packed, chunked loss, fused + grouped LoRA, packed attention, compiled kernels=auto)",
           "engine_nofuse": "engine, fused_lora=false",
           "engine_dense_attn": "engine, packed_attention=false",
           "engine_sdpa_short": "engine, cpu_short_attention=0 (SDPA for every document)",
+          "engine_doc_nodes": "engine, batch_short_documents=false (an attention node per document)",
           "engine_eager_norms": "engine, compile_norms=false (eager RMSNorm)",
           "engine_eager_loss": "engine, compile_loss=false (eager cross-entropy)",
           "engine_ungrouped": "engine, grouped_lora=false",
           "engine_compiled": "engine, compile_norms=true, compile_loss=true",
+          "engine_malloc_default": "engine, retain_host_memory=false (glibc's malloc thresholds)",
           "engine_ckpt": "engine + activation checkpointing",
           "hf_padded": "HF Trainer + PEFT, padded to longest",
           "hf_flat": "HF Trainer + PEFT, padding-free (best HF)",
           "seed": "seed recipe (str(line), pad 512, batch 2)",
-          "seed_ckpt": "seed recipe as the notebook ran it (+ gradient checkpointing)"}
+          "seed_ckpt": "seed recipe as the notebook ran it (+ gradient checkpointing)",
+          "seed_retained": "seed recipe, host memory retained as the engine does"}
 
 
 # ----------------------------------------------------------------------------- models
@@ -360,6 +371,12 @@ def _precision(spec: dict) -> str:
     return "fp16" if spec["t4"] else ("fp32" if spec["device"] == "cpu" else "bf16")
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: memory the C library got back from the kernel
+    and touched again (engine/host_memory.py); recorded per step."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _peak_memory(torch, device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -409,7 +426,7 @@ def engine_step(model, micro: list[dict], optimizer, scaler, *, precision: str, 
 def run_engine(spec: dict) -> dict:
     """This engine's real training step (engine.train's pieces, in the loop's order)."""
     torch, device = _setup_torch(spec)
-    from engine import amp
+    from engine import amp, host_memory
     from engine.config import ModelConfig, OptimConfig, PeftConfig, TrainConfig
     from engine.data import make_loader
     from engine.isolation import packing_for
@@ -420,6 +437,7 @@ def run_engine(spec: dict) -> dict:
 
     precision = _precision(spec)
     tc = TrainConfig(**spec["engine"])
+    host_memory.configure(tc.retain_host_memory, device.type)  # as engine.train does, first
     seed_everything(0)
     peft = PeftConfig(method=spec["method"], r=spec["r"], alpha=spec["alpha"], targets=spec["targets"])
     if spec["model"].startswith("shape:"):
@@ -450,7 +468,7 @@ def run_engine(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(spec["warmup"] + spec["steps"]):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
         micro = [next(batches)]
         step_loss, n_loss = engine_step(model, micro, optimizer, scaler, precision=precision, device=device,
                                         chunk_size=chunk)
@@ -459,7 +477,8 @@ def run_engine(spec: dict) -> dict:
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(step_loss) / max(1, n_loss))  # sync (after the timer): sanity only
         if i >= spec["warmup"]:
-            steps.append({"seconds": dt, "cpu_seconds": cpu, "padded": sum(b["input_ids"].numel() for b in micro),
+            steps.append({"seconds": dt, "cpu_seconds": cpu, "faults": _minor_faults() - f0,
+                          "padded": sum(b["input_ids"].numel() for b in micro),
                           "useful": sum(b["num_tokens"] for b in micro), "loss": n_loss})
     return {"steps": steps, "losses": losses, "peak_memory_bytes": _peak_memory(torch, device),
             "flop_terms": flop_terms(model), "data": stats, "packing": packing}
@@ -503,8 +522,11 @@ def run_hf(spec: dict, mode: str) -> dict:
     from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
     precision = _precision(spec)
+    if mode == "seed_retained":
+        from engine import host_memory
+        host_memory.retain()
     model, tokenizer = _hf_model(spec, torch, device, precision)
-    if mode in ("seed", "seed_ckpt"):
+    if mode in ("seed", "seed_ckpt", "seed_retained"):
         path = data_path(spec["data"])
         if path is None:
             raise SystemExit("the seed recipe needs a JSONL file (--data quickstart | seed | PATH)")
@@ -540,7 +562,7 @@ def run_hf(spec: dict, mode: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            ends.append((time.perf_counter(), time.process_time()))
+            ends.append((time.perf_counter(), time.process_time(), _minor_faults()))
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -564,7 +586,8 @@ def run_hf(spec: dict, mode: str) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = trainer.train()
-    steps = [{"seconds": ends[i][0] - ends[i - 1][0], "cpu_seconds": ends[i][1] - ends[i - 1][1], **seen[i]}
+    steps = [{"seconds": ends[i][0] - ends[i - 1][0], "cpu_seconds": ends[i][1] - ends[i - 1][1],
+              "faults": ends[i][2] - ends[i - 1][2], **seen[i]}
              for i in range(spec["warmup"], total)]
     return {"steps": steps, "losses": [float(result.training_loss)], "batch_size": batch_size,
             "peak_memory_bytes": _peak_memory(torch, device), "flop_terms": flop_terms(model), "data": stats}
@@ -682,7 +705,7 @@ def run_worker(spec: dict) -> dict:
         return run_probe(spec)
     if kind.startswith("engine"):
         out = run_engine(spec)
-    elif kind in ("hf_padded", "hf_flat", "seed", "seed_ckpt"):
+    elif kind in ("hf_padded", "hf_flat", "seed", "seed_ckpt", "seed_retained"):
         out = run_hf(spec, kind)
     else:
         raise SystemExit(f"unknown configuration {kind!r} (known: {', '.join(ALL_CONFIGS)})")
@@ -704,6 +727,8 @@ def engine_switches(kind: str, args) -> dict:
         base["packed_attention"] = False
     if kind == "engine_sdpa_short":
         base["cpu_short_attention"] = 0
+    if kind == "engine_doc_nodes":
+        base["batch_short_documents"] = False
     if kind == "engine_eager_norms":
         base["compile_norms"] = False
     if kind == "engine_eager_loss":
@@ -712,6 +737,8 @@ def engine_switches(kind: str, args) -> dict:
         base["grouped_lora"] = False
     if kind == "engine_compiled":
         base["compile_norms"] = base["compile_loss"] = True
+    if kind == "engine_malloc_default":
+        base["retain_host_memory"] = False
     if kind == "engine_ckpt":
         base["activation_checkpointing"] = True
     return base
@@ -751,6 +778,7 @@ def summarize(kind: str, runs: list[dict], peak: float | None, peak_cpu: float |
     row["useful_tokens_per_cpu_s"] = statistics.median(
         sum(s["useful"] for s in r["steps"]) / max(1e-9, sum(s.get("cpu_seconds", 0.0) for s in r["steps"])) for r in ok)
     row["step_seconds_median"] = statistics.median(s["seconds"] for r in ok for s in r["steps"])
+    row["minor_faults_per_step"] = statistics.median(s.get("faults", 0) for r in ok for s in r["steps"])
     row["peak_memory_gib"] = statistics.median(r["peak_memory_bytes"] for r in ok) / 2**30
     row["flops_per_useful_token"] = flops_per_useful_token(ok[0]["flop_terms"], ok[0]["data"])
     row["achieved_flops"] = row["useful_tokens_per_s"] * row["flops_per_useful_token"]
@@ -812,6 +840,7 @@ def write_markdown(path: str, result: dict) -> None:
                          f"S={d['causal_pairs']:,} -> {r['flops_per_useful_token'] / 1e6:.1f} MFLOP/token; "
                          f"useful tok/s per repeat {r['useful_tokens_per_s_all']}"
                          + (f"; batch {r['batch_size']}" if "batch_size" in r else "")
+                         + f"; minor page faults per step {r['minor_faults_per_step']:,.0f}"
                          + ("; PADDED rows (the isolation probe found packed documents leaking)"
                             if r.get("packing") is False else ""))
     with open(path, "w") as f:
@@ -871,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(args.model)
     data_path(args.data)
     if args.data == "synthetic":  # the seed recipe tokenizes a JSONL file
-        configs = [c for c in configs if c not in ("seed", "seed_ckpt")]
+        configs = [c for c in configs if c not in ("seed", "seed_ckpt", "seed_retained")]
     targets = args.targets.split(",") if "," in args.targets else args.targets
     base = {"model": model, "data": args.data, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "hf_batch": args.hf_batch, "method": args.method, "r": args.r, "alpha": args.alpha, "targets": targets,

@@ -30,6 +30,10 @@ in small blocks in backward, which at ~130-token documents costs 4-5x its forwar
 matmuls that keep the [H, n, n] probabilities, with the mask and scale inside the QK^T GEMM,
 cost ~3.4x less per layer (fwd + bwd, bf16, SmolLM2 shapes, 7 documents of ~150 tokens:
 benchmarks/attention_cpu.py). They also read grouped K/V heads in place, without repeat_kv's copy.
+With `train.batch_short_documents` (default) all documents of a micro-batch go through one
+autograd node per layer, `PackedShortAttention`: the same kernels document by document, without
+the per-document views, nodes, concatenations and output transposes (7-document SmolLM2 row,
+forward + backward: 5.4 -> 4.4-4.9 ms per layer).
 """
 
 from __future__ import annotations
@@ -155,6 +159,93 @@ def _bias_cache(position_ids: torch.Tensor) -> dict | None:
     return cache
 
 
+class PackedShortAttention(torch.autograd.Function):
+    """Every document of a packed batch in one autograd node (train.batch_short_documents).
+
+    The math per short document is `ShortCausalAttention`'s, run document by document so each
+    one's [H_kv, g n, n] scores stay in the core's cache between the matmuls and the softmax;
+    what this node removes is the per-document framework work around them: splitting q, k, v
+    into views, one autograd node per document, concatenating the outputs and transposing them
+    to [B, T, H, D] (and the same again in backward). Outputs are written straight into one
+    [B, T, H, D] tensor, gradients straight into [B, T, H, D]-ordered buffers whose transposed
+    views are returned (transformers' q, k, v are such views already).
+        query [B, H, T, D], key / value [B, H_kv, T, D]; docs [(b, start, n)] of up to the limit;
+        long_docs [(b, start, n)] with their outputs already computed (SDPA) and passed as extra
+        inputs [1, H, n, D], copied into place (their gradients routed back as slices).
+    -> [B, T, H, D]
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float, docs, biases, long_docs, *long_outs):
+        B, H, T, D = query.shape
+        H_kv = key.shape[1]
+        out = query.new_empty(B, T, H, D)
+        saved = []
+        with torch.autocast(query.device.type, enabled=False):
+            for b, start, n in docs:
+                qg = query[b, :, start:start + n].reshape(H_kv, H // H_kv * n, D)   # a copy: rows (group member, position)
+                k = key[b, :, start:start + n]                                      # [H_kv, n, D] views
+                v = value[b, :, start:start + n]
+                s = torch.baddbmm(biases[n], qg, k.transpose(1, 2), alpha=scale)     # [H_kv, g n, n]
+                p = torch.softmax(s, dim=-1)
+                del s
+                out[b, start:start + n].copy_(torch.bmm(p, v).view(H, n, D).transpose(0, 1))
+                saved += [qg, p]
+        for (b, start, n), o in zip(long_docs, long_outs):
+            out[b, start:start + n].copy_(o[0].transpose(0, 1))
+        ctx.save_for_backward(key, value, *saved)
+        ctx.scale, ctx.docs, ctx.long_docs, ctx.heads = scale, docs, long_docs, H
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        key, value, *saved = ctx.saved_tensors
+        B, H_kv, T, D = key.shape
+        H, scale = ctx.heads, ctx.scale
+        dq = grad_out.new_empty(B, T, H, D)
+        dk, dv = (grad_out.new_empty(B, T, H_kv, D) for _ in range(2))
+        for i, (b, start, n) in enumerate(ctx.docs):
+            qg, p = saved[2 * i], saved[2 * i + 1]
+            k = key[b, :, start:start + n]
+            v = value[b, :, start:start + n]
+            do = grad_out[b, start:start + n].transpose(0, 1).reshape(H_kv, H // H_kv * n, D).to(qg.dtype)
+            dv[b, start:start + n].copy_(torch.bmm(p.transpose(1, 2), do).transpose(0, 1))   # [n, H_kv, D]
+            dp = torch.bmm(do, v.transpose(1, 2))                                           # [H_kv, g n, n]
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)                           # P * (dP - rowsum(dP * P))
+            del dp
+            torch.mul(torch.bmm(ds, k).view(H, n, D).transpose(0, 1), scale, out=dq[b, start:start + n])
+            torch.mul(torch.bmm(ds.transpose(1, 2), qg).transpose(0, 1), scale, out=dk[b, start:start + n])
+        long_grads = [grad_out[b:b + 1, start:start + n].transpose(1, 2) for b, start, n in ctx.long_docs]
+        if ctx.long_docs:  # positions of long documents got no gradient above: theirs flows through SDPA
+            for b, start, n in ctx.long_docs:
+                for t in (dq, dk, dv):
+                    t[b, start:start + n].zero_()
+        return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, *long_grads)
+
+
+def _packed_short_attention(query, key, value, lengths, limit: int, scale: float, dropout: float, scaling,
+                            cache):
+    """Packed attention through `PackedShortAttention`: documents of up to `limit` tokens inside it,
+    longer ones by SDPA (one call each) handed to it. -> [B, T, H, D]."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    docs, long_docs = [], []
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            (docs if n <= limit else long_docs).append((b, start, n))
+            start += n
+    biases = {n: causal_bias(n, groups, query.dtype, query.device, cache) for n in {d[2] for d in docs}}
+    long_outs = []
+    for b, start, n in long_docs:
+        q, k, v = (t[b:b + 1, :, start:start + n] for t in (query, key, value))
+        if groups > 1:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        long_outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling))
+    return PackedShortAttention.apply(query, key, value, scale, docs, biases, long_docs, *long_outs)
+
+
 def _short_attention_limit(module, query: torch.Tensor, dropout: float) -> int:
     """Longest document ShortCausalAttention takes here: train.cpu_short_attention on a CPU
     under bf16 without attention dropout, else 0 (SDPA for every document)."""
@@ -189,6 +280,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     short = _short_attention_limit(module, query, p)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     biases = _bias_cache(position_ids) if short else None
+    if short and getattr(module, "_engine_batch_short_documents", False):
+        return _packed_short_attention(query, key, value, lengths, short, scale, p, scaling, biases), None
     rows = []
     with _per_document_backends(query):
         for b, row_lengths in enumerate(lengths):
@@ -227,6 +320,14 @@ def set_cpu_short_attention(model, max_len: int) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("Attention"):
             module._engine_cpu_short_attention = max_len
+
+
+def set_batch_short_documents(model, enabled: bool) -> None:
+    """train.batch_short_documents: all documents of a micro-batch in one `PackedShortAttention`
+    node instead of one ShortCausalAttention node (and its splits and concatenations) each."""
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention"):
+            module._engine_batch_short_documents = enabled
 
 
 def set_packed_attention(model, enabled: bool) -> None:

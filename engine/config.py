@@ -227,6 +227,11 @@ class TrainConfig:
     (engine/attention.py ShortCausalAttention) instead of the CPU flash kernel, whose backward is
     slow at short lengths; 0: off. Same math (scores rounded to bf16 as in eager attention; errors
     on par with the flash kernel's); memory grows as n^2, hence the limit."""
+    batch_short_documents: bool = True
+    """With cpu_short_attention: the short documents of a micro-batch run as one batched call per
+    group of similar lengths, each padded to its group's longest (engine/attention.py
+    DocumentLayout), instead of one call per document. Same math (the padding is causally masked
+    away); fewer, larger kernels."""
     compile_norms: Any = "auto"
     """auto | true | false: each RMSNorm's forward and backward as one fused kernel (torch.compile
     of the module's own forward, training forward only; engine/compiled.py). Same math; ~8x less
@@ -237,6 +242,12 @@ class TrainConfig:
     """auto | true | false: with chunked_loss, the cross-entropy and its gradient as two fused
     compiled passes over each chunk's logits in their own dtype, instead of an fp32 copy and
     five eager passes (engine/compiled.py, engine/loss.py). Same math; auto as compile_norms."""
+    retain_host_memory: Any = "auto"
+    """auto | true | false: keep the host memory a step frees inside the process (glibc's malloc
+    thresholds fixed, engine/host_memory.py) instead of letting each step's large activations come
+    back from the kernel page by page (20-60k page faults per quickstart step on a CPU). A process
+    setting; the chunked loss then keeps each chunk's logits under 32 MiB. auto: training on a
+    CPU with glibc."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"
@@ -270,6 +281,7 @@ class TrainConfig:
         if self.offload_activations and not self.activation_checkpointing:
             _fail("train.offload_activations", "needs train.activation_checkpointing=true "
                   "(what is offloaded are the block checkpoints)")
+        _one_of("train.retain_host_memory", self.retain_host_memory, ("auto", True, False))
         for key in ("compile_norms", "compile_loss"):
             _one_of(f"train.{key}", getattr(self, key), ("auto", True, False))
             if getattr(self, key) is True and self.fsdp:

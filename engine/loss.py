@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine import host_memory
 from engine.compiled import compiled_cross_entropy, compiled_loss_enabled
 
 IGNORE_INDEX = -100
@@ -103,6 +104,33 @@ def cross_entropy_and_grad_fused(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss, grad
 
 
+def chunk_bounds(n: int, chunk_size: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    """[start, end) of the loss chunks over n labelled rows: at most `chunk_size` rows each and, on
+    a CPU retaining host memory (engine/host_memory.py), at most as many as keep the chunk's
+    logits (`row_bytes` per row) within the heap's largest block, so they reuse the process's
+    memory instead of a fresh mmap faulted in page by page (a 403 x 49k bf16 chunk: 40 MB, ~10k
+    faults). Chunks are equal to within one row: 403 rows under a 341-row limit -> 202 + 201."""
+    limit = host_memory.heap_block_limit() if device.type == "cpu" else None
+    rows = chunk_size if limit is None or row_bytes <= 0 else max(1, min(chunk_size, limit // row_bytes))
+    count = -(-n // rows)
+    edges = [n * i // count for i in range(count + 1)] if count else [0]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _logit_row_bytes(head: nn.Module, hidden: Tensor, fused: bool) -> int:
+    """Bytes of one row of a chunk's largest [C, V] tensor: fp32 logits, or the head's output
+    dtype (autocast's, else the hidden states') for the fused kernel; 0 if V is not known."""
+    vocab = getattr(head, "out_features", None)
+    if not isinstance(vocab, int):
+        weight = getattr(head, "weight", None)
+        vocab = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0
+    if not fused:
+        return 4 * vocab
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    return vocab * dtype.itemsize
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum CE(f(head(hidden)), labels) over rows, chunk by chunk, gradients computed in forward.
 
@@ -130,11 +158,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_params = [torch.zeros_like(p, dtype=torch.float32) if need else None
                        for p, need in zip(params, need_params)]
         wrt = [p for p, need in zip(params, need_params) if need]
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size].detach().requires_grad_(need_hidden)  # [C, H]
-            y = labels[start:start + chunk_size]  # [C]
+        fused = compiled and transform is None and bool(need_hidden or wrt)
+        for start, end in chunk_bounds(hidden.shape[0], chunk_size, _logit_row_bytes(head, hidden, fused),
+                                       hidden.device):
+            h = hidden[start:end].detach().requires_grad_(need_hidden)  # [C, H]
+            y = labels[start:end]  # [C]
             inputs = ([h] if need_hidden else []) + wrt
-            fused = compiled and transform is None and bool(inputs)
             with torch.set_grad_enabled(bool(inputs)):
                 # [C, V]: the only big tensor; fp32, or the head's own dtype for the fused kernel
                 logits = head(h) if fused else _logits_fp32(head, h, transform)
@@ -149,7 +178,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grads = list(torch.autograd.grad(logits, inputs, grad_outputs=grad_z))
                 del grad_z
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = grads.pop(0)
+                    grad_hidden[start:end] = grads.pop(0)
                 for i, need in enumerate(need_params):
                     if need:
                         grad_params[i] += grads.pop(0)

@@ -484,11 +484,12 @@ def apply_speed_switches(model: nn.Module, train_cfg, *, precision: str = "fp32"
     train.fused_lora (LoRALinear's addmm forward), train.grouped_lora (one A matmul for sibling
     linears reading the same input, engine/lora_groups.py), train.packed_attention (one causal SDPA
     call per packed document, engine/attention.py), train.cpu_short_attention (its explicit
-    kernel for short documents on a CPU under bf16), train.compile_norms and train.compile_loss
+    kernel for short documents on a CPU under bf16) and train.batch_short_documents (those in
+    batched calls), train.compile_norms and train.compile_loss
     (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; their auto
     depends on the resolved training `precision`; `announce`: say on stderr why auto leaves them off)."""
     from engine import compiled
-    from engine.attention import set_cpu_short_attention, set_packed_attention
+    from engine.attention import set_batch_short_documents, set_cpu_short_attention, set_packed_attention
     from engine.lora import set_fused_lora
     from engine.lora_groups import set_grouped_lora
 
@@ -496,6 +497,7 @@ def apply_speed_switches(model: nn.Module, train_cfg, *, precision: str = "fp32"
     set_grouped_lora(model, train_cfg.grouped_lora and not train_cfg.fsdp)
     set_packed_attention(model, train_cfg.packed_attention)
     set_cpu_short_attention(model, train_cfg.cpu_short_attention)
+    set_batch_short_documents(model, train_cfg.batch_short_documents)
     device = next(model.parameters()).device
     norms, loss = (compiled.resolve(key, getattr(train_cfg, key), device, train_cfg.fsdp, precision,
                                     announce=announce) for key in ("compile_norms", "compile_loss"))

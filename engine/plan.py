@@ -443,7 +443,7 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     # the loss: lm_head + cross-entropy
     head_extra = 0
     if chunked_loss:
-        C = min(loss_chunk_size, N)
+        C = -(-N // -(-N // loss_chunk_size)) if N else 0  # the largest of engine.loss.chunk_bounds' equal chunks
         # per chunk: the fp32 logits, whose storage then holds their own gradient (the softmax is
         # built in place, engine.loss._cross_entropy_and_grad), + under 16-bit autocast the 16-bit
         # logits / gradient beside them. A logit transform's output cannot take the softmax in

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from engine import amp, checkpoint
+from engine import amp, checkpoint, host_memory
 from engine.config import ConfigError, RunConfig
 from engine.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_ints,
                                 all_reduce_sum_tensor, barrier, gather_to_main, init_distributed, local_scalar,
@@ -97,6 +97,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     if ctx.is_main and cfg.train.precision == "auto" and device.type == "cpu" and amp.cpu_has_native_bf16():
         print("note: this CPU has native bf16 matmuls: train.precision=bf16 trains 2-3x faster than the fp32 "
               "that auto means on a CPU (README, quickstart)", file=sys.stderr)
+    host_memory.configure(cfg.train.retain_host_memory, device.type, announce=ctx.is_main)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:

@@ -174,3 +174,14 @@ def tiny_qwen2_dir(tmp_path):
 @pytest.fixture(params=["llama", "phi3", "qwen2"])
 def tiny_model_dir(request, tmp_path):
     return make_tiny_model_dir(tmp_path, request.param)
+
+
+@pytest.fixture(autouse=True)
+def _host_memory_flag_per_test():
+    """A test that trains in-process on a CPU makes engine.host_memory retain memory (train.
+    retain_host_memory=auto). glibc's thresholds then stay fixed for the rest of the process
+    (harmless), but the flag also caps the chunked loss's chunks: reset it so what a later test
+    measures does not depend on which tests ran before it."""
+    yield
+    from engine import host_memory
+    host_memory._retained = False

@@ -405,6 +405,68 @@ def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch,
         assert s < 1.5 * f + 1e-2, (name, s, f)
 
 
+# ----------------------------------------------------------------------------- train.batch_short_documents
+
+@pytest.mark.parametrize("limit", [256, 6])  # 6: the 9- and 7-token documents go through SDPA
+def test_packed_short_attention_equals_attention_per_document(limit):
+    """PackedShortAttention in float64 over two packed rows with GQA: output and q, k, v gradients
+    equal causal SDPA run per document (also where long documents come in from SDPA), and its
+    hand-written backward passes gradcheck."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from engine.attention import _packed_short_attention
+
+    lengths = [[5, 9, 3, 7], [10, 4, 10]]
+    g = torch.Generator().manual_seed(0)
+    # [B, T, H, D] storage seen as [B, H, T, D], as transformers hands q, k, v over
+    q, k, v = (torch.randn(2, 24, h, 4, dtype=torch.float64, generator=g).transpose(1, 2).requires_grad_()
+               for h in (6, 2, 2))
+
+    def packed(a, b, c):
+        return _packed_short_attention(a, b, c, lengths, limit, 0.3, 0.0, 0.3, {})
+
+    def per_document(a, b, c):
+        rows = []
+        for row, n_docs in enumerate(lengths):
+            outs = [torch.nn.functional.scaled_dot_product_attention(
+                x[row:row + 1], repeat_kv(y[row:row + 1], 3), repeat_kv(z[row:row + 1], 3), is_causal=True, scale=0.3)
+                for x, y, z in zip(a.split(n_docs, 2), b.split(n_docs, 2), c.split(n_docs, 2))]
+            rows.append(torch.cat(outs, 2))
+        return torch.cat(rows).transpose(1, 2)                                  # [B, T, H, D]
+
+    w = torch.randn(2, 24, 6, 4, dtype=torch.float64, generator=g)
+    out, ref = packed(q, k, v), per_document(q, k, v)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(packed, (q, k, v))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen2", "gemma"])
+def test_batch_short_documents_step_equals_one_node_per_document(family):
+    """A packed bf16 training step gives the same logits and gradients with all documents in one
+    PackedShortAttention node as with a ShortCausalAttention node per document: bit for bit (the
+    same kernels on the same operands per document)."""
+    import engine.attention as attention
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model(family)
+    model.set_attn_implementation("sdpa")
+    attention.set_packed_attention(model, True)
+    ids, pos = _packed_inputs(model.config.vocab_size)
+    per_node = _bf16_packed_step(model, 30, ids, pos)
+    attention.set_batch_short_documents(model, True)
+    nodes = []
+    real = attention.PackedShortAttention.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention.PackedShortAttention, "apply", lambda *a: nodes.append(len(a[4])) or real(*a))
+        one_node = _bf16_packed_step(model, 30, ids, pos)
+    assert nodes == [5] * model.config.num_hidden_layers        # both rows' documents, one node a layer
+    torch.testing.assert_close(one_node[0], per_node[0], rtol=0, atol=0)
+    for name, grad in per_node[1].items():
+        torch.testing.assert_close(one_node[1][name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_cpu_short_attention_stays_off_in_fp32_with_dropout_and_at_zero():
     import engine.attention as attention
 

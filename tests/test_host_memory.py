@@ -1,0 +1,139 @@
+"""train.retain_host_memory (engine/host_memory.py) and the loss chunks it bounds.
+
+glibc's thresholds are a process setting without undo: what they do to page faults is measured in
+fresh interpreters; the in-process tests only flip the module's flag (reset after every test by
+conftest's autouse fixture)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from engine import host_memory
+from engine.config import ConfigError, TrainConfig
+from engine.loss import chunk_bounds, lm_head_loss
+
+GLIBC = host_memory.unavailable_reason() is None
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+# A training step in miniature: a "forward" keeps activations of a few MB per layer (their sizes
+# change with every row length), a "backward" frees them all; minor faults counted over the last
+# steps. glibc gives the freed heap top back to the kernel and the next step faults it in again.
+FAULTS_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+from engine import host_memory
+if sys.argv[1] == "retain":
+    host_memory.configure("auto", "cpu")
+lengths = (1024, 998, 921, 977, 1003, 950)
+def step(n):
+    t = lengths[n % len(lengths)]
+    saved = []
+    for layer in range(24):
+        h = torch.ones(t, 1536, dtype=torch.bfloat16)
+        saved += [h * 2, torch.ones(t, 576)]
+    return sum(float(s[0, 0]) for s in saved)
+for n in range(6):
+    step(n)
+f0 = host_memory.minor_faults()
+for n in range(6, 18):
+    step(n)
+print(json.dumps({"faults_per_step": (host_memory.minor_faults() - f0) / 12}))
+"""
+
+
+def faults_per_step(mode: str) -> float:
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode, str(ROOT)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["faults_per_step"]
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only (mallopt)")
+def test_retained_memory_stops_the_page_faults_of_changing_sizes():
+    default, retained = faults_per_step("default"), faults_per_step("retain")
+    # the default C library gives the freed heap top back to the kernel and faults it in again
+    # thousands of faults); retained, the process reuses its own heap
+    assert default > 2000, default
+    assert retained < default / 8, (retained, default)
+
+
+def test_config_values():
+    TrainConfig(retain_host_memory=False).validate()
+    TrainConfig(retain_host_memory="auto").validate()
+    with pytest.raises(ConfigError, match="train.retain_host_memory"):
+        TrainConfig(retain_host_memory="always").validate()
+
+
+def test_configure_modes(monkeypatch, capsys):
+    retained = []
+    monkeypatch.setattr(host_memory, "retain", lambda: retained.append(True))
+    assert host_memory.configure(False, "cpu") is False
+    assert host_memory.configure("auto", "cuda") is False      # a GPU's activations are CUDA's
+    assert retained == []
+    monkeypatch.setattr(host_memory, "_glibc", lambda: object())
+    assert host_memory.configure("auto", "cpu") is True and retained == [True]
+    assert host_memory.configure(True, "cuda") is True and retained == [True, True]
+
+
+def test_without_glibc_auto_says_so_and_true_is_an_error(monkeypatch, capsys):
+    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
+    assert host_memory.configure("auto", "cpu") is False
+    assert "retain_host_memory=auto: the C library is not glibc" in capsys.readouterr().err
+    with pytest.raises(host_memory.HostMemoryError, match="retain_host_memory=true: the C library is not glibc"):
+        host_memory.configure(True, "cpu")
+    assert not host_memory.is_retained()
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only (mallopt)")
+def test_retain_sets_the_flag_and_the_heap_limit():
+    assert host_memory.heap_block_limit() is None
+    host_memory.retain()   # this test process keeps glibc's fixed thresholds (harmless)
+    assert host_memory.is_retained() and host_memory.heap_block_limit() == 32 * 2**20
+
+
+def test_chunk_bounds(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("meta")
+    assert chunk_bounds(0, 1024, 100, cpu) == []
+    assert chunk_bounds(403, 1024, 98304, cpu) == [(0, 403)]                     # not retained: chunk_size only
+    assert chunk_bounds(1000, 300, 4, cpu) == [(0, 250), (250, 500), (500, 750), (750, 1000)]  # equal chunks
+    monkeypatch.setattr(host_memory, "_retained", True)
+    assert chunk_bounds(403, 1024, 49152 * 2, cpu) == [(0, 201), (201, 403)]     # 40 MB -> two under 32 MiB
+    assert chunk_bounds(403, 1024, 49152 * 2, gpu) == [(0, 403)]                 # CPU memory only
+    assert chunk_bounds(5, 1024, 2**30, cpu) == [(i, i + 1) for i in range(5)]   # at least one row a chunk
+    assert chunk_bounds(5, 1024, 0, cpu) == [(0, 5)]                             # unknown vocab: no cap
+    bounds = chunk_bounds(1001, 1024, 49152 * 4, cpu)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 1001 and all(b - a <= 170 for a, b in bounds)
+    assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_loss_split_under_the_heap_limit_is_the_same(monkeypatch, autocast):
+    """The chunks the heap limit forces give the same loss and gradients as one chunk."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+
+    def run():
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = lm_head_loss(hidden, labels, head, chunk_size=1024)
+        loss.backward()
+        return loss.detach(), hidden.grad.clone()
+
+    ref = run()
+    monkeypatch.setattr(host_memory, "_retained", True)
+    monkeypatch.setattr(host_memory, "HEAP_BLOCK_LIMIT", 4 * 50 * 4)   # 4 fp32 rows of 50 logits
+    calls = []
+    original = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+    split = run()
+    assert calls == [3, 4, 4, 4]                                        # 15 labelled rows
+    torch.testing.assert_close(split[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[1], ref[1], rtol=1e-5, atol=1e-5)
