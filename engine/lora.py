@@ -101,9 +101,12 @@ class LoRALinear(nn.Module):
     stacked A matmul serves this layer and its siblings reading the same input, or None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)                                        # [..., out]
         if self.merged or self.disabled:
-            return out
+            return self.base_layer(x)
+        lead = x.shape[:-1]
+        # the base on the flattened tokens: a fresh [tokens, out] tensor the fused update can add
+        # into in place (nothing saved for backward aliases it: a linear saves its input and weight)
+        out = self.base_layer(x.reshape(-1, self.in_features))          # [tokens, out]
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                          # fp32 branch
         if self.shared_input is not None:  # train.grouped_lora: one A matmul for the siblings
@@ -111,14 +114,14 @@ class LoRALinear(nn.Module):
         else:
             xa = self.lora_A(self.lora_dropout(x))                      # [..., r]
         if self.fused and xa.dtype == out.dtype:
-            # addmm(out, xa, B^T, alpha=s) = out + s * xa @ B^T; under autocast it runs in the
-            # autocast dtype like the plain path. In backward the scale lands on the [r]-wide
-            # gradients (of xa and of B), never on a [tokens, out] tensor.
-            flat = torch.addmm(out.reshape(-1, self.out_features), xa.reshape(-1, self.r),
-                               self.lora_B.weight.t(), alpha=self.scaling)
-            return flat.view(out.shape)
+            # out += s * xa @ B^T inside B's GEMM (addmm_, beta = 1): no pass over [tokens, out]
+            # besides the GEMM's own; B is cast to out's dtype by hand (in-place ops bypass
+            # autocast), as autocast would. In backward the scale lands on the [r]-wide gradients
+            # (of xa and of B), never on a [tokens, out] tensor.
+            out.addmm_(xa.reshape(-1, self.r), self.lora_B.weight.t().to(out.dtype), alpha=self.scaling)
+            return out.view(*lead, self.out_features)
         update = self.lora_B(xa) * self.scaling                         # [..., r] -> [..., out]
-        return out + update.to(out.dtype)
+        return (out + update.reshape(-1, self.out_features).to(out.dtype)).view(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in fp32, shape [out, in]: what merging adds to W (DoRA also rescales the rows)."""

@@ -80,26 +80,19 @@ def test_fused_lora_equals_plain_on_a_4bit_base():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_lora_switch_changes_the_path():
-    """The switch must really select the addmm path (else the tests above compare a path with itself)."""
+def test_fused_lora_switch_changes_the_path(monkeypatch):
+    """The switch must really select the in-place addmm path (else the tests above compare a path
+    with itself)."""
     layer = _layer(nn.Linear(8, 8))
     calls = []
-    original = torch.addmm
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    torch.addmm = spy
-    try:
-        layer.fused = False
-        layer(torch.randn(2, 8))
-        assert not calls
-        layer.fused = True
-        layer(torch.randn(2, 8))
-        assert calls
-    finally:
-        torch.addmm = original
+    original = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    layer.fused = False
+    layer(torch.randn(2, 8))
+    assert not calls
+    layer.fused = True
+    layer(torch.randn(2, 8))
+    assert calls
 
 
 def test_tiny_model_step_same_loss_and_grads_with_fused_lora(tmp_path):
