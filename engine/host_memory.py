@@ -13,11 +13,12 @@ project's CPU, AMD EPYC Zen 5 in a VM):
     so 40-130 ms; one row length once took 250k (0.5 s of a 2 s step)
 
 `retain()` fixes the thresholds instead (mallopt): every block up to `HEAP_BLOCK_LIMIT` (32 MiB,
-the largest glibc accepts) comes from the heap, and the heap is not trimmed (below 2 GiB free), so after the
-first steps a step reuses memory the process already has: ~0 faults per step. The cost is that
-the process keeps its peak: its resident memory does not shrink after a peak (a training
-process's peak is what it needs anyway). Blocks above the limit are still mmapped per call:
-the chunked loss (engine/loss.py) keeps each chunk's [C, V] logits under it while this is on.
+the largest glibc accepts) comes from the heap, and the heap is not trimmed below 2 GiB free, so
+after the first steps a step mostly reuses memory the process already has (the quickstart step in
+bf16: 23.7k -> 5.6k faults per step, benchmarks/throughput.py's engine vs engine_malloc_default
+rows). The cost: resident memory does not shrink after a peak (a training process's peak is what
+it needs anyway). Blocks above the limit are still mmapped per call: the chunked loss
+(engine/loss.py) keeps each chunk's [C, V] logits under it while this is on.
 
 Switch: `train.retain_host_memory` (auto | true | false); auto = training on a CPU with glibc.
 It is a process setting (there is no undo: mallopt disables glibc's dynamic thresholds), taken
