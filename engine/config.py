@@ -228,10 +228,10 @@ class TrainConfig:
     slow at short lengths; 0: off. Same math (scores rounded to bf16 as in eager attention; errors
     on par with the flash kernel's); memory grows as n^2, hence the limit."""
     batch_short_documents: bool = True
-    """With cpu_short_attention: the short documents of a micro-batch run as one batched call per
-    group of similar lengths, each padded to its group's longest (engine/attention.py
-    DocumentLayout), instead of one call per document. Same math (the padding is causally masked
-    away); fewer, larger kernels."""
+    """With cpu_short_attention: all documents of a micro-batch go through one autograd node per
+    layer (engine/attention.py PackedShortAttention), computed one by one with the same kernels,
+    instead of one node per document with its splits, concatenations and output transposes.
+    Bit-identical results; less framework work per document."""
     compile_norms: Any = "auto"
     """auto | true | false: each RMSNorm's forward and backward as one fused kernel (torch.compile
     of the module's own forward, training forward only; engine/compiled.py). Same math; ~8x less

@@ -484,8 +484,8 @@ def apply_speed_switches(model: nn.Module, train_cfg, *, precision: str = "fp32"
     train.fused_lora (LoRALinear's addmm forward), train.grouped_lora (one A matmul for sibling
     linears reading the same input, engine/lora_groups.py), train.packed_attention (one causal SDPA
     call per packed document, engine/attention.py), train.cpu_short_attention (its explicit
-    kernel for short documents on a CPU under bf16) and train.batch_short_documents (those in
-    batched calls), train.compile_norms and train.compile_loss
+    kernel for short documents on a CPU under bf16) and train.batch_short_documents (all of a
+    micro-batch's documents in one autograd node per layer), train.compile_norms and train.compile_loss
     (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; their auto
     depends on the resolved training `precision`; `announce`: say on stderr why auto leaves them off)."""
     from engine import compiled
