@@ -85,6 +85,7 @@ SEED_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "seed", "formatted_tr
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "engine", "bench")
 T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
+SEED_CONFIGS = ("seed", "seed_ckpt", "seed_retained")  # the seed's recipe (its str(line) JSONL text)
 ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_doc_nodes", "engine_eager_norms",
                "engine_eager_loss", "engine_ungrouped", "engine_compiled", "engine_malloc_default", "engine_ckpt", "hf_padded", "hf_flat", "seed",
                "seed_ckpt", "seed_retained")
@@ -371,12 +372,6 @@ def _precision(spec: dict) -> str:
     return "fp16" if spec["t4"] else ("fp32" if spec["device"] == "cpu" else "bf16")
 
 
-def _minor_faults() -> int:
-    """Minor page faults of this process so far: memory the C library got back from the kernel
-    and touched again (engine/host_memory.py); recorded per step."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def _peak_memory(torch, device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -468,7 +463,7 @@ def run_engine(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(spec["warmup"] + spec["steps"]):
-        t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), host_memory.minor_faults()
         micro = [next(batches)]
         step_loss, n_loss = engine_step(model, micro, optimizer, scaler, precision=precision, device=device,
                                         chunk_size=chunk)
@@ -477,7 +472,7 @@ def run_engine(spec: dict) -> dict:
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(step_loss) / max(1, n_loss))  # sync (after the timer): sanity only
         if i >= spec["warmup"]:
-            steps.append({"seconds": dt, "cpu_seconds": cpu, "faults": _minor_faults() - f0,
+            steps.append({"seconds": dt, "cpu_seconds": cpu, "faults": host_memory.minor_faults() - f0,
                           "padded": sum(b["input_ids"].numel() for b in micro),
                           "useful": sum(b["num_tokens"] for b in micro), "loss": n_loss})
     return {"steps": steps, "losses": losses, "peak_memory_bytes": _peak_memory(torch, device),
@@ -522,11 +517,11 @@ def run_hf(spec: dict, mode: str) -> dict:
     from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
     precision = _precision(spec)
+    from engine import host_memory
     if mode == "seed_retained":
-        from engine import host_memory
         host_memory.retain()
     model, tokenizer = _hf_model(spec, torch, device, precision)
-    if mode in ("seed", "seed_ckpt", "seed_retained"):
+    if mode in SEED_CONFIGS:
         path = data_path(spec["data"])
         if path is None:
             raise SystemExit("the seed recipe needs a JSONL file (--data quickstart | seed | PATH)")
@@ -562,7 +557,7 @@ def run_hf(spec: dict, mode: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            ends.append((time.perf_counter(), time.process_time(), _minor_faults()))
+            ends.append((time.perf_counter(), time.process_time(), host_memory.minor_faults()))
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -705,7 +700,7 @@ def run_worker(spec: dict) -> dict:
         return run_probe(spec)
     if kind.startswith("engine"):
         out = run_engine(spec)
-    elif kind in ("hf_padded", "hf_flat", "seed", "seed_ckpt", "seed_retained"):
+    elif kind in ("hf_padded", "hf_flat", *SEED_CONFIGS):
         out = run_hf(spec, kind)
     else:
         raise SystemExit(f"unknown configuration {kind!r} (known: {', '.join(ALL_CONFIGS)})")
@@ -900,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(args.model)
     data_path(args.data)
     if args.data == "synthetic":  # the seed recipe tokenizes a JSONL file
-        configs = [c for c in configs if c not in ("seed", "seed_ckpt", "seed_retained")]
+        configs = [c for c in configs if c not in SEED_CONFIGS]
     targets = args.targets.split(",") if "," in args.targets else args.targets
     base = {"model": model, "data": args.data, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "hf_batch": args.hf_batch, "method": args.method, "r": args.r, "alpha": args.alpha, "targets": targets,

@@ -216,10 +216,9 @@ class PackedShortAttention(torch.autograd.Function):
             torch.mul(torch.bmm(ds, k).view(H, n, D).transpose(0, 1), scale, out=dq[b, start:start + n])
             torch.mul(torch.bmm(ds.transpose(1, 2), qg).transpose(0, 1), scale, out=dk[b, start:start + n])
         long_grads = [grad_out[b:b + 1, start:start + n].transpose(1, 2) for b, start, n in ctx.long_docs]
-        if ctx.long_docs:  # positions of long documents got no gradient above: theirs flows through SDPA
-            for b, start, n in ctx.long_docs:
-                for t in (dq, dk, dv):
-                    t[b, start:start + n].zero_()
+        for b, start, n in ctx.long_docs:  # no gradient above for these positions: theirs flows through SDPA
+            for t in (dq, dk, dv):
+                t[b, start:start + n].zero_()
         return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, *long_grads)
 
 

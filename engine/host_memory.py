@@ -84,15 +84,14 @@ def configure(mode, device_type: str, *, announce: bool = True) -> bool:
     """train.retain_host_memory (auto | true | false) -> whether this process now retains.
     auto: when training on a CPU with glibc (on a GPU the activations live in CUDA's caching
     allocator already); true: anywhere, or HostMemoryError where it cannot."""
-    if mode is False:
+    if mode is False or (mode is not True and device_type != "cpu"):
         return _retained
-    if mode is not True and device_type != "cpu":
-        return _retained
-    if mode is not True and unavailable_reason():
+    reason = unavailable_reason() if mode is not True else None  # true: retain() says why it cannot
+    if reason:
         if announce:
             import sys
-            print(f"note: train.retain_host_memory=auto: {unavailable_reason()}; each step's large "
-                  "activations come back from the kernel page by page", file=sys.stderr)
+            print(f"note: train.retain_host_memory=auto: {reason}; each step's large activations "
+                  "come back from the kernel page by page", file=sys.stderr)
         return False
     retain()
     return True
