@@ -137,3 +137,14 @@ def test_loss_split_under_the_heap_limit_is_the_same(monkeypatch, autocast):
     assert calls == [3, 4, 4, 4]                                        # 15 labelled rows
     torch.testing.assert_close(split[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_refused_mallopt_is_an_error_naming_the_option(monkeypatch):
+    class Libc:
+        def mallopt(self, option, value):
+            return 0                                        # glibc's answer to a value it rejects
+
+    monkeypatch.setattr(host_memory, "_glibc", lambda: Libc())
+    with pytest.raises(host_memory.HostMemoryError, match=r"mallopt\(-3, 33554432\) was refused by glibc"):
+        host_memory.retain()
+    assert not host_memory.is_retained()
