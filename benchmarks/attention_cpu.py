@@ -4,7 +4,7 @@
     python benchmarks/attention_cpu.py --lengths 64,64,128,256,512 --heads 32 --kv-heads 8 --head-dim 128
 
 Times one layer's attention forward + backward over one packed row (the documents' q, k, v as
-transformers hands them to engine/attention.py: [1, H, T, D] views of a [1, T, H, D] tensor),
+transformers hands them to engine/model/attention.py: [1, H, T, D] views of a [1, T, H, D] tensor),
 the way `train.cpu_short_attention` switches it: PyTorch's causal SDPA per document (K/V heads
 repeated, as transformers' SDPA path does) against `ShortCausalAttention`. Also reports each
 one's relative error against an fp64 reference (output and the three gradients). Median of
@@ -52,7 +52,7 @@ def sdpa_row(q, k, v, lengths):
 def short_row(q, k, v, lengths):
     import torch
 
-    from engine.attention import ShortCausalAttention, causal_bias
+    from engine.model.attention import ShortCausalAttention, causal_bias
 
     groups = q.shape[1] // k.shape[1]
     cache: dict = {}

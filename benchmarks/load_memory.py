@@ -3,7 +3,7 @@
 Builds a random Llama-shaped fp32 checkpoint (~325 MB in 4 shards of <=100 MB) in a temp dir,
 then loads it in fresh subprocesses and reports each child's peak RSS (getrusage ru_maxrss):
   import-only        python + torch + transformers (+ its Llama module) + bitsandbytes, nothing loaded
-  engine lora        engine.model.load_base_model (meta skeleton + shard-by-shard streaming), fp32
+  engine lora        engine.model.build.load_base_model (meta skeleton + shard-by-shard streaming), fp32
   engine qlora       same, decoder linears quantized to NF4 (double quant) as they arrive
   hf from_pretrained transformers' own loader, fp32 (reference point, not used by the engine)
 The claim checked: peak - import-only ~= the loaded model's size + at most one shard.
@@ -43,7 +43,7 @@ def build_checkpoint(directory: str) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from engine.model import params_on_meta
+    from engine.model.build import params_on_meta
 
     config = LlamaConfig(**SHAPE)
     config.save_pretrained(directory)
@@ -93,8 +93,8 @@ def child(mode: str, directory: str) -> None:
     import transformers
     import transformers.models.llama.modeling_llama  # noqa: F401  (lazy import every loader pays)
 
-    from engine.model import load_base_model
-    from engine.quant import QuantSpec
+    from engine.model.build import load_base_model
+    from engine.layers.quant import QuantSpec
 
     transformers.utils.logging.disable_progress_bar()
     rss_after_import = _proc_status_bytes("VmRSS")

@@ -2,7 +2,7 @@
 
     python benchmarks/memory_techniques.py [--seq-len 2048] [--out-dir benchmarks/results]
 
-Every row is one training step (forward + backward of engine.loss.causal_lm_loss, LoRA r=16 on
+Every row is one training step (forward + backward of engine.training.loss.causal_lm_loss, LoRA r=16 on
 all linears, fp32, CPU) of a random model, run in a fresh subprocess and measured two ways:
   - peak RSS growth: the process's peak resident memory (ru_maxrss) minus its resident memory
     just before the step (model built, batch made); includes allocator effects;
@@ -42,7 +42,7 @@ def build(shape: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.lora import inject_lora, mark_only_lora_trainable
+    from engine.layers.lora import inject_lora, mark_only_lora_trainable
 
     config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["hidden"] * 3,
                          num_hidden_layers=shape["layers"], num_attention_heads=max(1, shape["hidden"] // 64),
@@ -59,8 +59,8 @@ def build(shape: dict):
 def worker(spec: dict) -> dict:
     import torch
 
-    from engine.loss import causal_lm_loss
-    from engine.model import enable_activation_checkpointing
+    from engine.training.loss import causal_lm_loss
+    from engine.model.build import enable_activation_checkpointing
     from engine.plan import LiveBytes, batch_tensors
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))

@@ -36,7 +36,7 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
   seed_ckpt       the same with gradient checkpointing always on, as the seed notebook trained
                   (../shared/seed/NOTES.md): the recipe as its users ran it
   seed_retained   the seed recipe in a process that retains host memory as the engine does
-                  (engine.host_memory.retain before the model is built): what that setting alone
+                  (engine.speed.host_memory.retain before the model is built): what that setting alone
                   would give the seed's users
 Every configuration uses the same model, LoRA config (r, alpha, targets, dropout 0), optimizer
 (AdamW, lr 2e-4, clip 1.0), precision and checkpointing setting (seed_ckpt excepted). HF padded / flat take
@@ -119,7 +119,7 @@ def smollm2_hf_dir() -> str:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.model import default_model_path
+    from engine.model.build import default_model_path
 
     gguf = default_model_path()
     directory, name = os.path.dirname(gguf), os.path.basename(gguf)
@@ -175,14 +175,14 @@ def resolve_model(spec: str) -> str:
 
 def random_base_model(config, *, method: str, device, dtype, quant_type: str = "nf4", seed: int = 0):
     """The frozen base of a real architecture with random weights (N(0, 0.02), norms 1), built
-    the way engine.model.load_base_model builds one: parameters on the meta device, decoder
+    the way engine.model.build.load_base_model builds one: parameters on the meta device, decoder
     linears swapped for empty 4-bit layers for qlora, then each tensor made on `device` and
     quantized as it arrives; so an 8B-shaped QLoRA base never exists in 16 bits at once."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.model import _slots, decoder_linear_names, params_on_meta
-    from engine.quant import QuantSpec, is_linear4bit, set_4bit_weight, swap_in_empty_linear4bit
+    from engine.model.build import _slots, decoder_linear_names, params_on_meta
+    from engine.layers.quant import QuantSpec, is_linear4bit, set_4bit_weight, swap_in_empty_linear4bit
 
     device = torch.device(device)
     with params_on_meta():
@@ -292,7 +292,7 @@ def seed_features(path: str, tokenizer) -> tuple[list[dict], dict]:
 
 def flop_terms(model) -> dict:
     """P_lin, P_lora, P_head, L, d_attn of a built model (see the module docstring)."""
-    from engine.quant import logical_numel
+    from engine.layers.quant import logical_numel
 
     cfg = model.config
     head = model.get_output_embeddings()
@@ -325,7 +325,7 @@ def measure_peak(spec: dict) -> dict:
     cuda = spec["device"].startswith("cuda")
     # the peak of the precision the configurations train in: fp16 / bf16 tensor cores on a GPU,
     # fp32 on a CPU unless --precision bf16 (AVX512-BF16 / AMX: several times the fp32 peak)
-    from engine.amp import DTYPES
+    from engine.training.amp import DTYPES
 
     n, dtype = (8192 if cuda else 2048), DTYPES[_precision(spec)]
     a = torch.randn(n, n, device=spec["device"], dtype=dtype)
@@ -421,13 +421,14 @@ def engine_step(model, micro: list[dict], optimizer, scaler, *, precision: str, 
 def run_engine(spec: dict) -> dict:
     """This engine's real training step (engine.train's pieces, in the loop's order)."""
     torch, device = _setup_torch(spec)
-    from engine import amp, host_memory
+    from engine.training import amp
+    from engine.speed import host_memory
     from engine.config import ModelConfig, OptimConfig, PeftConfig, TrainConfig
     from engine.data import make_loader
-    from engine.isolation import packing_for
-    from engine.lora import inject_lora, mark_only_lora_trainable
-    from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
-    from engine.optim import build_optimizer
+    from engine.model.isolation import packing_for
+    from engine.layers.lora import inject_lora, mark_only_lora_trainable
+    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
+    from engine.training.optim import build_optimizer
     from engine.train import seed_everything
 
     precision = _precision(spec)
@@ -484,7 +485,7 @@ def _hf_model(spec: dict, torch, device, precision: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from engine.amp import DTYPES
+    from engine.training.amp import DTYPES
 
     torch.manual_seed(0)
     dtype = DTYPES[precision]  # the base stored in the training precision, as the engine's
@@ -517,7 +518,7 @@ def run_hf(spec: dict, mode: str) -> dict:
     from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
     precision = _precision(spec)
-    from engine import host_memory
+    from engine.speed import host_memory
     if mode == "seed_retained":
         host_memory.retain()
     model, tokenizer = _hf_model(spec, torch, device, precision)
@@ -613,10 +614,10 @@ def run_probe(spec: dict) -> dict:
     bisection to 512 tokens, within spec["probe_budget_s"]. One document per sequence, loss on
     its last 30%."""
     torch, device = _setup_torch(spec)
-    from engine import amp
+    from engine.training import amp
     from engine.config import TrainConfig
-    from engine.lora import inject_lora, mark_only_lora_trainable
-    from engine.model import apply_speed_switches, enable_activation_checkpointing
+    from engine.layers.lora import inject_lora, mark_only_lora_trainable
+    from engine.model.build import apply_speed_switches, enable_activation_checkpointing
     from engine.train import forward_backward, seed_everything
 
     precision = _precision(spec)

@@ -8,8 +8,13 @@ Code below the entry points takes these dataclasses (or plain arguments), never 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Tuple
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+"""The Hydra config tree (conf/ beside the package in a checkout)."""
 
 
 class ConfigError(ValueError):
@@ -113,7 +118,7 @@ class DataConfig:
     packing: bool = True
     """Pack several documents per row (block-diagonal attention via restarted position_ids);
     false pads one document per row to the longest in the batch. A model that would let packed
-    documents see each other (a probe before training, engine/isolation.py) gets padded rows."""
+    documents see each other (a probe before training, engine/model/isolation.py) gets padded rows."""
     loss_on: str = "assistant"
     """Which tokens carry loss: assistant | last_assistant | all."""
     length_policy: str = "truncate"
@@ -215,36 +220,36 @@ class TrainConfig:
     over [tokens, out] (speed only, same math; benchmarks/results/throughput_*.md has the row)."""
     grouped_lora: bool = True
     """LoRA A matmuls of sibling linears that read the same input (q/k/v, gate/up) as one matmul
-    over their stacked A matrices, each way (engine/lora_groups.py). Same math; off under FSDP
+    over their stacked A matrices, each way (engine/layers/groups.py). Same math; off under FSDP
     and for DoRA or LoRA dropout."""
     packed_attention: bool = True
-    """Packed rows: one causal SDPA call per document (engine/attention.py) instead of SDPA over
+    """Packed rows: one causal SDPA call per document (engine/model/attention.py) instead of SDPA over
     all T x T pairs with a block-diagonal mask; same math, O(sum n_i^2) work. Needs
     model.attn_implementation=sdpa; other rows fall back to transformers' SDPA."""
     cpu_short_attention: int = 256
     """With packed_attention, on a CPU under bf16: documents of up to this many tokens run attention
     as explicit matmuls that keep the [heads, n, n] probabilities for backward
-    (engine/attention.py ShortCausalAttention) instead of the CPU flash kernel, whose backward is
+    (engine/model/attention.py ShortCausalAttention) instead of the CPU flash kernel, whose backward is
     slow at short lengths; 0: off. Same math (scores rounded to bf16 as in eager attention; errors
     on par with the flash kernel's); memory grows as n^2, hence the limit."""
     batch_short_documents: bool = True
     """With cpu_short_attention: all documents of a micro-batch go through one autograd node per
-    layer (engine/attention.py PackedShortAttention), computed one by one with the same kernels,
+    layer (engine/model/attention.py PackedShortAttention), computed one by one with the same kernels,
     instead of one node per document with its splits, concatenations and output transposes.
     Bit-identical results; less framework work per document."""
     compile_norms: Any = "auto"
     """auto | true | false: each RMSNorm's forward and backward as one fused kernel (torch.compile
-    of the module's own forward, training forward only; engine/compiled.py). Same math; ~8x less
+    of the module's own forward, training forward only; engine/speed/compiled.py). Same math; ~8x less
     time per norm on a CPU, paid for once by a compilation in the first step (~10 s cold, ~1 s
     from inductor's cache). auto: on a CPU training in bf16 with a C++ compiler, outside FSDP (in
     fp32 the step measured no faster); true elsewhere (a GPU, with triton) is not measured yet."""
     compile_loss: Any = "auto"
     """auto | true | false: with chunked_loss, the cross-entropy and its gradient as two fused
     compiled passes over each chunk's logits in their own dtype, instead of an fp32 copy and
-    five eager passes (engine/compiled.py, engine/loss.py). Same math; auto as compile_norms."""
+    five eager passes (engine/speed/compiled.py, engine/training/loss.py). Same math; auto as compile_norms."""
     retain_host_memory: Any = "auto"
     """auto | true | false: keep the host memory a step frees inside the process (glibc's malloc
-    thresholds fixed, engine/host_memory.py) instead of letting each step's large activations come
+    thresholds fixed, engine/speed/host_memory.py) instead of letting each step's large activations come
     back from the kernel page by page (20-60k page faults per quickstart step on a CPU). A process
     setting; the chunked loss then keeps each chunk's logits under 32 MiB. auto: training on a
     CPU with glibc."""

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from engine import amp
-from engine.distributed import DistContext
+from engine.training import amp
+from engine.parallel.distributed import DistContext
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def heldout_loss(model, dataset, *, max_seq_len: int, batch_size: int, packing: 
     Every rank evaluates the whole file (held-out sets are small; this keeps the number exact
     and independent of the world size)."""
     from engine.data import make_loader
-    from engine.loss import causal_lm_loss
+    from engine.training.loss import causal_lm_loss
 
     loader = make_loader(dataset, max_seq_len=max_seq_len, micro_batch_size=batch_size, packing=packing,
                          seed=0, pad_token_id=pad_token_id, shuffle=False)
@@ -140,7 +140,7 @@ def generation_scores(model, tokenizer, examples: list[dict], *, max_new_tokens:
     is None when compare_base is False), rows = one record per example for generations.jsonl.
     """
     from engine.generate import decode, encode_prompt, generate_tokens, stop_token_ids
-    from engine.lora import adapters_disabled
+    from engine.layers.lora import adapters_disabled
 
     task_score = _task_scorer(task)
     stops = stop_token_ids(tokenizer)
@@ -249,8 +249,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     from engine.config import DataConfig
     from engine.data import load_dataset
     from engine.generate import load_for_inference
-    from engine.isolation import packing_for
-    from engine.lora import adapters_disabled
+    from engine.model.isolation import packing_for
+    from engine.layers.lora import adapters_disabled
 
     if not os.path.isfile(args.data):
         raise EvalError(f"data file {args.data!r} does not exist")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine import amp
+from engine.training import amp
 
 _PROBE = "PROBE_REPLY_7f3a"
 
@@ -179,10 +179,10 @@ def load_for_inference(model_path: str, adapter_dir: str | None, *, method: str 
     otherwise) with the adapter loaded, eval mode. `method` None = what the adapter's run says.
 
     info = {"method", "precision", "device", ...the quantization settings}."""
-    from engine.adapter import load_adapter, read_adapter_config
-    from engine.distributed import resolve_device
-    from engine.model import load_base_model, load_tokenizer, resolve_dtype
-    from engine.quant import QuantSpec
+    from engine.export.adapter import load_adapter, read_adapter_config
+    from engine.parallel.distributed import resolve_device
+    from engine.model.build import load_base_model, load_tokenizer, resolve_dtype
+    from engine.layers.quant import QuantSpec
 
     device = resolve_device(device) if isinstance(device, str) else device
     if adapter_dir is not None:

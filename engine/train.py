@@ -23,9 +23,13 @@ from pathlib import Path
 
 import torch
 
-from engine import amp, checkpoint, host_memory
+from engine.training import amp
+
+from engine.training import checkpoint
+
+from engine.speed import host_memory
 from engine.config import ConfigError, RunConfig
-from engine.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_ints,
+from engine.parallel.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_ints,
                                 all_reduce_sum_tensor, barrier, gather_to_main, init_distributed, local_scalar,
                                 shutdown)
 
@@ -88,9 +92,9 @@ class MetricsLog:
 def build_everything(cfg: RunConfig, ctx: DistContext):
     """Model, tokenizer, data, loader, optimizer, schedule, scaler: everything the loop needs."""
     from engine.data import load_dataset, make_loader
-    from engine.isolation import packing_for
-    from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
-    from engine.optim import build_optimizer, build_scheduler
+    from engine.model.isolation import packing_for
+    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
+    from engine.training.optim import build_optimizer, build_scheduler
 
     device = ctx.device
     precision = amp.resolve_precision(cfg.train.precision, device)
@@ -106,7 +110,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
-        from engine.fsdp import apply_fsdp
+        from engine.parallel.fsdp import apply_fsdp
         apply_fsdp(model, ctx)
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
@@ -134,12 +138,12 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     Every rank's RNG state is gathered (dropout draws differ per rank). The loader state is
     rank 0's: it is the same on every rank (epoch, index into each rank's own share). Under FSDP
     the sharded LoRA weights and Adam moments are gathered to full tensors first."""
-    from engine.adapter import save_adapter
+    from engine.export.adapter import save_adapter
 
     rng_ranks = gather_to_main(resume_point["rng"], ctx)
     weights = nullcontext()
     if ctx.fsdp:
-        from engine.fsdp import full_lora_weights, full_trainable_state
+        from engine.parallel.fsdp import full_lora_weights, full_trainable_state
         trainable, optim_state = full_trainable_state(model, optimizer)
         if ctx.is_main:
             weights = full_lora_weights(model, trainable)  # save_adapter reads the full tensors
@@ -175,7 +179,7 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
             f"checkpoint {path} does not match this model's trainable parameters "
             f"(missing: {sorted(set(params) - set(trainable))[:3]}, unexpected: {sorted(set(trainable) - set(params))[:3]})")
     if ctx.fsdp:  # every rank keeps its shard of the full tensors
-        from engine.fsdp import load_full_trainable_state
+        from engine.parallel.fsdp import load_full_trainable_state
         load_full_trainable_state(model, optimizer, trainable, state["optimizer"])
     else:
         with torch.no_grad():
@@ -201,7 +205,7 @@ def forward_backward(model, micro: list[dict], *, n_loss: int, scale: float, pre
     n_loss is the step's global count of loss-carrying tokens, so micro-batch 8 x accumulation 1
     and micro-batch 1 x accumulation 8 give the same gradient. Returns the summed token loss
     (detached, on the device: no sync)."""
-    from engine.loss import causal_lm_loss
+    from engine.training.loss import causal_lm_loss
 
     step_loss = torch.zeros((), device=device)
     for batch in micro:
@@ -240,7 +244,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     from engine.evaluate import heldout_loss
 
     if cfg.train.fsdp:
-        from engine.fsdp import ensure_process_group
+        from engine.parallel.fsdp import ensure_process_group
         ctx = ensure_process_group(ctx)
     out = Path(cfg.output_dir)
     if ctx.is_main:
@@ -468,11 +472,11 @@ def _hydra_main():
     import hydra
     from omegaconf import OmegaConf
 
-    from engine.config import from_dict, register_configs
+    from engine.config import CONF_DIR, from_dict, register_configs
 
     register_configs()
 
-    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR),
                 config_name="config")
     def main(dcfg) -> None:
         try:

@@ -15,7 +15,7 @@
 #      model at 2k tokens (benchmarks/throughput.py --t4);
 #   2. the longest sequence whose step fits 14.7 GiB with every memory switch on (chunked loss,
 #      activation checkpointing + offload, fused LoRA), with the planner's prediction
-#      (engine.plan.predict) next to each measured max_memory_allocated (--probe), 8B shape;
+#      (engine.plan.planner.predict) next to each measured max_memory_allocated (--probe), 8B shape;
 #   3. step 1 on the Phi-3-mini shape;  4. scripts/gpu_check_fsdp.sh (not in --dry-run);
 #   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON;
 #   7. the compiled kernels (train.compile_norms / compile_loss, off by default on a GPU until

@@ -178,10 +178,10 @@ def tiny_model_dir(request, tmp_path):
 
 @pytest.fixture(autouse=True)
 def _host_memory_flag_per_test():
-    """A test that trains in-process on a CPU makes engine.host_memory retain memory (train.
+    """A test that trains in-process on a CPU makes engine.speed.host_memory retain memory (train.
     retain_host_memory=auto). glibc's thresholds then stay fixed for the rest of the process
     (harmless), but the flag also caps the chunked loss's chunks: reset it so what a later test
     measures does not depend on which tests ran before it."""
     yield
-    from engine import host_memory
+    from engine.speed import host_memory
     host_memory._retained = False

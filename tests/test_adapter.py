@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_tiny_model
-from engine.adapter import AdapterError, AdapterNotFoundError, load_adapter, read_adapter_config, save_adapter
+from engine.export.adapter import AdapterError, AdapterNotFoundError, load_adapter, read_adapter_config, save_adapter
 from engine.config import PeftConfig
-from engine.lora import inject_lora, lora_modules, lora_state_dict, merge_lora
+from engine.layers.lora import inject_lora, lora_modules, lora_state_dict, merge_lora
 
 
 def _trained(cfg, family="llama", seed=3):

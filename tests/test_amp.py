@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.amp import DynamicLossScaler, autocast, resolve_precision
+from engine.training.amp import DynamicLossScaler, autocast, resolve_precision
 
 
 def test_auto_is_fp32_on_cpu_and_explicit_fp16_stays():
@@ -24,7 +24,7 @@ def test_auto_is_fp32_on_cpu_and_explicit_fp16_stays():
     ("cuda", torch.bfloat16, torch.bfloat16),
 ])
 def test_auto_base_dtype_follows_a_fast_16_bit_compute_dtype(device, compute, expected):
-    from engine.model import resolve_dtype
+    from engine.model.build import resolve_dtype
 
     assert resolve_dtype("auto", torch.device(device), compute) == expected
     assert resolve_dtype("fp32", torch.device(device), compute) == torch.float32
@@ -33,7 +33,7 @@ def test_auto_base_dtype_follows_a_fast_16_bit_compute_dtype(device, compute, ex
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     import warnings
 
-    from engine import amp
+    from engine.training import amp
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)

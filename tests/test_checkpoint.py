@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import (CheckpointError, capture_rng, find_resume_checkpoint, load_checkpoint,
+from engine.training.checkpoint import (CheckpointError, capture_rng, find_resume_checkpoint, load_checkpoint,
                                restore_rng, save_checkpoint, verify_checkpoint)
 
 

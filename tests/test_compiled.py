@@ -1,4 +1,4 @@
-"""engine/compiled.py. train.compile_norms: compiled RMSNorm computes what the module's own forward
+"""engine/speed/compiled.py. train.compile_norms: compiled RMSNorm computes what the module's own forward
 does (forward and backward, fp32 and bf16, per norm and in a whole LoRA step), only in the training
 forward, and switches on and off without touching parameters. train.compile_loss: the fused
 cross-entropy equals the eager chunked loss (loss, hidden and lm_head LoRA gradients, fp32 and
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import compiled
-from engine.compiled import CompileError, is_rms_norm, resolve, set_compiled_norms
+from engine.speed import compiled
+from engine.speed.compiled import CompileError, is_rms_norm, resolve, set_compiled_norms
 from engine.config import ConfigError, TrainConfig
 from tests.conftest import make_tiny_model
 
@@ -60,7 +60,7 @@ def test_compiled_norms_equal_the_modules_forward_and_backward(family):
 
 
 def test_a_bf16_lora_step_with_compiled_norms_matches_eager():
-    from engine.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
+    from engine.layers.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
 
     model, _ = make_tiny_model("llama")
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def test_auto_true_false_resolve_as_documented(monkeypatch, capsys, key):
 
 
 def test_apply_speed_switches_sets_both_and_turns_them_off():
-    from engine.model import apply_speed_switches
+    from engine.model.build import apply_speed_switches
 
     model, _ = make_tiny_model("llama")
     apply_speed_switches(model, TrainConfig(), precision="fp32")
@@ -166,7 +166,7 @@ def test_apply_speed_switches_sets_both_and_turns_them_off():
 # ----------------------------------------------------------------------------- train.compile_loss
 
 def _loss_and_grads(hidden, labels, head, *, compiled_loss, chunk, transform=None, dtype=None):
-    from engine.loss import lm_head_loss
+    from engine.training.loss import lm_head_loss
 
     h = hidden.detach().clone().requires_grad_(True)
     head.zero_grad(set_to_none=True)
@@ -177,7 +177,7 @@ def _loss_and_grads(hidden, labels, head, *, compiled_loss, chunk, transform=Non
 
 
 def _head_and_batch(dtype=torch.float32):
-    from engine.lora import LoRALinear
+    from engine.layers.lora import LoRALinear
 
     torch.manual_seed(0)
     head = LoRALinear(torch.nn.Linear(32, 300, bias=False), r=4, alpha=8.0)  # a LoRA-targeted lm_head
@@ -211,10 +211,10 @@ def test_compiled_loss_under_bf16_is_as_close_to_fp32_as_the_eager_one():
 
 
 def test_compiled_loss_is_used_only_with_gradients_and_without_a_transform(monkeypatch):
-    import engine.loss
+    import engine.training.loss
 
     calls = []
-    real = engine.loss.compiled_cross_entropy
+    real = engine.training.loss.compiled_cross_entropy
 
     def counting():
         fn = real()
@@ -223,12 +223,12 @@ def test_compiled_loss_is_used_only_with_gradients_and_without_a_transform(monke
             calls.append(z.dtype)
             return fn(z, y)
         return wrapped
-    monkeypatch.setattr(engine.loss, "compiled_cross_entropy", counting)
+    monkeypatch.setattr(engine.training.loss, "compiled_cross_entropy", counting)
     head, hidden, labels = _head_and_batch()
     _loss_and_grads(hidden, labels, head, compiled_loss=True, chunk=4)
     assert len(calls) == 4  # 15 labelled rows in chunks of 4
     with torch.no_grad():
-        engine.loss.lm_head_loss(hidden, labels, head, chunk_size=4, compiled=True)
+        engine.training.loss.lm_head_loss(hidden, labels, head, chunk_size=4, compiled=True)
     _loss_and_grads(hidden, labels, head, compiled_loss=True, chunk=4, transform=lambda z: 30 * torch.tanh(z / 30))
     _loss_and_grads(hidden, labels, head, compiled_loss=True, chunk=None)
     assert len(calls) == 4

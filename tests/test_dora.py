@@ -1,4 +1,4 @@
-"""DoRA (engine/dora.py): the layer math, PEFT parity (logits and gradients, float and 4-bit
+"""DoRA (engine/layers/dora.py): the layer math, PEFT parity (logits and gradients, float and 4-bit
 bases), fresh-adapter identity, adapter files both ways, merge, build_model, failure paths."""
 
 import copy
@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from tests.conftest import counting_run_config, make_tiny_model, make_tiny_model_dir
-from engine.adapter import AdapterError, load_adapter, save_adapter
+from engine.export.adapter import AdapterError, load_adapter, save_adapter
 from engine.config import ModelConfig, OptimConfig, PeftConfig
-from engine.dora import DoRALinear
-from engine.lora import (LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict,
+from engine.layers.dora import DoRALinear
+from engine.layers.lora import (LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict,
                          mark_only_lora_trainable, merge_lora, unmerge_lora)
-from engine.quant import QuantSpec, dequantize_weight, quantize_linear, quantize_module_linears
+from engine.layers.quant import QuantSpec, dequantize_weight, quantize_linear, quantize_module_linears
 
 peft = pytest.importorskip("peft")
 
@@ -341,8 +341,8 @@ def test_unmerge_without_merge_scale_fails():
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_build_model_with_dora(tmp_path, method):
-    from engine.model import build_model
-    from engine.optim import build_optimizer
+    from engine.model.build import build_model
+    from engine.training.optim import build_optimizer
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(path=str(model_dir)), PeftConfig(method=method, r=4, alpha=8, use_dora=True),
@@ -370,8 +370,8 @@ def test_inject_plain_lora_is_not_dora():
 def test_run_training_trains_and_saves_the_magnitudes(tmp_path):
     """Through engine.train.run_training: the magnitudes train, land in the checkpoint and in the
     adapter, and PEFT loads the adapter with the same logits as ours."""
-    from engine.checkpoint import find_resume_checkpoint, load_checkpoint
-    from engine.model import load_base_model
+    from engine.training.checkpoint import find_resume_checkpoint, load_checkpoint
+    from engine.model.build import load_base_model
     from engine.train import run_training
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     cfg = counting_run_config(tmp_path, model_dir, PeftConfig(r=4, alpha=8.0, use_dora=True))

@@ -12,7 +12,7 @@ import torch
 from engine.config import DataConfig, EvalConfig, ModelConfig, PeftConfig, RunConfig
 from engine.evaluate import (EvalError, before_after_scores, detect_task, generation_scores, heldout_loss, main,
                              reference_examples)
-from engine.lora import inject_lora, lora_modules
+from engine.layers.lora import inject_lora, lora_modules
 from engine.metrics_text import exact_match, lcs_length, normalize, rouge_l, text_scores, token_f1
 from tests.conftest import make_tiny_model, make_tiny_model_dir
 
@@ -114,7 +114,7 @@ def test_generation_scores_base_vs_adapter(lora_model):
     """References set to the base model's own greedy outputs: base scores 1 on every metric,
     the adapter (which generates something else) less."""
     from engine.generate import decode, encode_prompt, generate_tokens
-    from engine.lora import adapters_disabled
+    from engine.layers.lora import adapters_disabled
 
     model, tokenizer = lora_model
     chats = [[{"role": "user", "content": " ".join(WORDS[i:i + 4])}] for i in range(0, 12, 3)]
@@ -149,7 +149,7 @@ def test_task_metrics_are_added(lora_model, tmp_path):
 
 
 def test_before_after_scores_for_the_training_loop(tmp_path):
-    from engine.model import build_model
+    from engine.model.build import build_model
 
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     evalf = write_chats(tmp_path / "eval.jsonl", 5, seed=2)
@@ -177,8 +177,8 @@ def test_before_after_scores_for_the_training_loop(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    from engine.adapter import save_adapter
-    from engine.model import load_base_model
+    from engine.export.adapter import save_adapter
+    from engine.model.build import load_base_model
 
     root = tmp_path_factory.mktemp("evalcli")
     model_dir = make_tiny_model_dir(root, "llama")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.export_gguf import GGUFExportError, export_gguf, permute_qk
+from engine.export.gguf import GGUFExportError, export_gguf, permute_qk
 from tests.conftest import make_tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61, 120, 8, 77, 30, 2]])
@@ -81,7 +81,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_merge_cli_writes_gguf_and_reports_its_drift(tmp_path):
-    from engine.merge import merge
+    from engine.export.merge import merge
     from tests.conftest import make_tiny_model_dir
     from tests.test_merge import make_adapter
 

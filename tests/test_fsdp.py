@@ -1,4 +1,4 @@
-"""FSDP2 for LoRA / QLoRA (engine/fsdp.py): the sharding plan, the quant_storage view, error
+"""FSDP2 for LoRA / QLoRA (engine/parallel/fsdp.py): the sharding plan, the quant_storage view, error
 messages, and — in two gloo processes on the CPU — one sharded step against the unsharded one
 (loss, summed gradients, updated weights) for a float and a 4-bit base, and the full-state-dict
 round trip of the LoRA weights and their optimizer state."""
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, PeftConfig
-from engine.distributed import DistContext
-from engine.fsdp import (FsdpError, apply_fsdp, ensure_process_group, quant_storage_dtype, set_quant_storage_,
+from engine.parallel.distributed import DistContext
+from engine.parallel.fsdp import (FsdpError, apply_fsdp, ensure_process_group, quant_storage_dtype, set_quant_storage_,
                          shard_plan)
 from tests.conftest import make_tiny_model_dir
 
@@ -40,7 +40,7 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 400) -> su
 
 
 def build(model_dir, method: str):
-    from engine.model import build_model
+    from engine.model.build import build_model
 
     torch.manual_seed(0)
     model, tok = build_model(ModelConfig(path=str(model_dir)), PeftConfig(method=method, r=4, alpha=8),
@@ -56,7 +56,7 @@ def test_shard_plan_is_every_decoder_block_then_decoder_and_lm_head(tiny_llama_d
 
 
 def test_shard_plan_with_lora_on_a_tied_lm_head(tmp_path):
-    from engine.model import build_model
+    from engine.model.build import build_model
 
     model, _ = build_model(ModelConfig(path=str(make_tiny_model_dir(tmp_path, "llama", tie_word_embeddings=True))),
                            PeftConfig(r=4, alpha=8, targets=["q_proj", "lm_head"]), "cpu", torch.float32)
@@ -94,7 +94,7 @@ def test_quant_storage_follows_the_base_dtype(tiny_llama_dir):
 
 
 def test_unquantized_4bit_layer_is_refused(tiny_llama_dir):
-    from engine.quant import QuantSpec, empty_linear4bit
+    from engine.layers.quant import QuantSpec, empty_linear4bit
 
     model, _ = build(tiny_llama_dir, "lora")
     model.model.layers[1].mlp.up_proj = empty_linear4bit(64, 128, False, QuantSpec())
@@ -105,7 +105,7 @@ def test_unquantized_4bit_layer_is_refused(tiny_llama_dir):
 def test_torch_older_than_the_verified_one_is_warned_about():
     """FSDP ran green on torch 2.13 (CPU) and failed on torch 2.11 (CUDA): older torch gets a warning
     that names the symptom; the verified version and newer ones stay quiet."""
-    from engine.fsdp import warn_if_unverified_torch
+    from engine.parallel.fsdp import warn_if_unverified_torch
 
     with pytest.warns(UserWarning, match="older than 2.13.*mixed torch.Tensor and DTensor"):
         assert warn_if_unverified_torch("2.11.0+cu130")
@@ -132,10 +132,10 @@ WORKER = r'''
 import json, sys, zlib
 import torch, torch.distributed as dist
 from engine.config import ModelConfig, PeftConfig
-from engine.distributed import init_distributed
-from engine.fsdp import apply_fsdp, full_trainable_state, load_full_trainable_state, ensure_process_group
-from engine.loss import causal_lm_loss
-from engine.model import build_model
+from engine.parallel.distributed import init_distributed
+from engine.parallel.fsdp import apply_fsdp, full_trainable_state, load_full_trainable_state, ensure_process_group
+from engine.training.loss import causal_lm_loss
+from engine.model.build import build_model
 
 # also run by scripts/gpu_check_fsdp.sh with device cuda (python -c "...WORKER..." > worker.py)
 model_dir, out = sys.argv[1], sys.argv[2]

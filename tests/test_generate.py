@@ -10,7 +10,7 @@ import torch
 
 from engine.generate import (adapter_training_info, cut_at_stop, decode, encode_prompt, generate_tokens, left_pad,
                              main, stop_token_ids)
-from engine.lora import adapters_disabled, inject_lora, lora_modules
+from engine.layers.lora import adapters_disabled, inject_lora, lora_modules
 from tests.conftest import make_tiny_model, make_tiny_model_dir
 
 
@@ -130,9 +130,9 @@ def test_adapter_training_info_reads_the_run_config(tmp_path):
 
 
 def test_cli_prompt_streams_the_answer(tmp_path, capsys):
-    from engine.adapter import save_adapter
+    from engine.export.adapter import save_adapter
     from engine.config import PeftConfig
-    from engine.model import load_base_model, load_tokenizer
+    from engine.model.build import load_base_model, load_tokenizer
 
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     model, tokenizer = load_base_model(str(model_dir)), load_tokenizer(str(model_dir))

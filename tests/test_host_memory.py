@@ -1,4 +1,4 @@
-"""train.retain_host_memory (engine/host_memory.py) and the loss chunks it bounds.
+"""train.retain_host_memory (engine/speed/host_memory.py) and the loss chunks it bounds.
 
 glibc's thresholds are a process setting without undo: what they do to page faults is measured in
 fresh interpreters; the in-process tests only flip the module's flag (reset after every test by
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine import host_memory
+from engine.speed import host_memory
 from engine.config import ConfigError, TrainConfig
-from engine.loss import chunk_bounds, lm_head_loss
+from engine.training.loss import chunk_bounds, lm_head_loss
 
 GLIBC = host_memory.unavailable_reason() is None
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 FAULTS_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
-from engine import host_memory
+from engine.speed import host_memory
 if sys.argv[1] == "retain":
     host_memory.configure("auto", "cpu")
 lengths = (1024, 998, 921, 977, 1003, 950)

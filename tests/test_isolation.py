@@ -1,11 +1,11 @@
-"""engine.isolation: the two-document probe that decides whether packed rows can be honoured."""
+"""engine.model.isolation: the two-document probe that decides whether packed rows can be honoured."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.isolation import LEAK_TOLERANCE, packing_for, packing_leak
+from engine.model.isolation import LEAK_TOLERANCE, packing_for, packing_leak
 from tests.conftest import FAMILIES, make_tiny_model
 
 
@@ -20,7 +20,7 @@ def test_isolated_families_measure_rounding_noise(family):
 def test_isolated_under_the_engines_packed_attention_in_bf16(family):
     """The training path: per-document attention (ShortCausalAttention on a CPU under bf16) on
     every row the probe compares."""
-    from engine.attention import set_cpu_short_attention, set_packed_attention
+    from engine.model.attention import set_cpu_short_attention, set_packed_attention
 
     model, _ = make_tiny_model(family)
     model = model.to(torch.bfloat16)
@@ -36,7 +36,7 @@ def test_default_model_packs_in_bf16_with_the_training_switches():
     compared the packed row with the document alone pitted ShortCausalAttention against SDPA and
     measured 0.26 here, so the quickstart silently trained on padded rows."""
     from engine.config import ModelConfig, PeftConfig, TrainConfig
-    from engine.model import apply_speed_switches, build_model
+    from engine.model.build import apply_speed_switches, build_model
 
     model, _ = build_model(ModelConfig(), PeftConfig(), device=torch.device("cpu"), compute_dtype=torch.bfloat16)
     apply_speed_switches(model, TrainConfig(), precision="bf16")
@@ -48,7 +48,7 @@ def test_a_leak_through_positions_alone_is_found():
     """Attention kept per document, but learned absolute positions counted along the row (as a
     model that ignores position_ids would): a document after a longer one sees other positions.
     (With rotary positions such a shift would be harmless: RoPE sees only relative positions.)"""
-    from engine.attention import set_packed_attention
+    from engine.model.attention import set_packed_attention
 
     model, _ = make_tiny_model("gpt2")
     model.set_attn_implementation("sdpa")
@@ -87,7 +87,7 @@ def test_leaking_architectures_measure_order_one(family, attn):
 def test_opt_is_isolated_under_the_engines_packed_attention():
     """OPT reads position_ids for its learned positions; the engine's per-document attention then
     keeps its packed rows apart (transformers' mask does not)."""
-    from engine.attention import set_packed_attention
+    from engine.model.attention import set_packed_attention
 
     model = _default_init("opt", "sdpa")
     set_packed_attention(model, True)
@@ -95,14 +95,14 @@ def test_opt_is_isolated_under_the_engines_packed_attention():
 
 
 def test_packing_for_keeps_packing_off_without_probing_and_falls_back_with_a_note(monkeypatch, capsys):
-    import engine.isolation
+    import engine.model.isolation
 
     def no_probe(*a, **k):
         raise AssertionError("probed although packing was not requested")
-    monkeypatch.setattr(engine.isolation, "packing_is_safe", no_probe)
+    monkeypatch.setattr(engine.model.isolation, "packing_is_safe", no_probe)
     assert packing_for(object(), False) is False
 
-    monkeypatch.setattr(engine.isolation, "packing_is_safe", lambda model, precision: (False, 1.07))
+    monkeypatch.setattr(engine.model.isolation, "packing_is_safe", lambda model, precision: (False, 1.07))
     assert packing_for(torch.nn.Linear(1, 1), True) is False
     err = capsys.readouterr().err
     assert "Linear lets the documents of a packed row see each other (probe ratio 1.07" in err
@@ -110,6 +110,6 @@ def test_packing_for_keeps_packing_off_without_probing_and_falls_back_with_a_not
     assert packing_for(torch.nn.Linear(1, 1), True, announce=False) is False
     assert capsys.readouterr().err == ""
 
-    monkeypatch.setattr(engine.isolation, "packing_is_safe", lambda model, precision: (True, 1e-6))
+    monkeypatch.setattr(engine.model.isolation, "packing_is_safe", lambda model, precision: (True, 1e-6))
     assert packing_for(torch.nn.Linear(1, 1), True) is True
     assert LEAK_TOLERANCE < 0.5

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.conftest import make_tiny_model
-from engine.lora import (LoRALinear, adapters_disabled, LoRATargetError, find_targets, inject_lora, lora_modules, lora_state_dict,
+from engine.layers.lora import (LoRALinear, adapters_disabled, LoRATargetError, find_targets, inject_lora, lora_modules, lora_state_dict,
                          mark_only_lora_trainable, merge_lora, parameter_report, target_modules_for_config,
                          unmerge_lora)
 

@@ -1,4 +1,4 @@
-"""train.grouped_lora (engine/lora_groups.py): sibling LoRA layers reading the same input share one
+"""train.grouped_lora (engine/layers/groups.py): sibling LoRA layers reading the same input share one
 A matmul; the step computes what the ungrouped layers do, members reading another input leave
 their group, nothing is cached past the parent's forward, and the switch is reversible."""
 
@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from engine.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
-from engine.lora_groups import SharedInputGroup, set_grouped_lora
+from engine.layers.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
+from engine.layers.groups import SharedInputGroup, set_grouped_lora
 from tests.conftest import make_tiny_model
 
 
@@ -123,8 +123,8 @@ def test_a_member_called_with_another_tensor_gets_its_own_projection():
 
 def test_training_runs_with_groups_through_build_model_and_checkpointing(tmp_path):
     from engine.config import ModelConfig, PeftConfig, TrainConfig
-    from engine.loss import causal_lm_loss
-    from engine.model import apply_speed_switches, build_model, enable_activation_checkpointing
+    from engine.training.loss import causal_lm_loss
+    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
     from tests.conftest import make_tiny_model_dir
 
     model, _ = build_model(ModelConfig(path=str(make_tiny_model_dir(tmp_path, "llama"))), PeftConfig(r=4, alpha=8.0),

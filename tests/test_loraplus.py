@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import make_tiny_model_dir
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig
-from engine.distributed import init_distributed
+from engine.parallel.distributed import init_distributed
 from engine.train import build_everything
 
 LR = 1e-3
@@ -59,7 +59,7 @@ def test_build_everything_gives_two_learning_rates(workdir, ratio):
 def test_first_adam_step_moves_b_by_ratio_times_lr(workdir):
     """Adam's first update is lr * g / (|g| + eps) ~ lr * sign(g): B moves by 16 lr; A, whose grad
     is 0 while B = 0, does not move."""
-    from engine.loss import causal_lm_loss
+    from engine.training.loss import causal_lm_loss
     model, _, _, _, loader, optimizer, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=16.0),
                                                                   init_distributed("cpu"))
     groups = _groups(optimizer)
@@ -74,7 +74,7 @@ def test_first_adam_step_moves_b_by_ratio_times_lr(workdir):
 
 def test_dora_magnitudes_get_the_base_learning_rate(workdir):
     """The DoRA magnitude is neither A nor B: group "other" at lr (PEFT's create_loraplus_optimizer
-    puts 1-D parameters with B, at ratio x lr; engine/optim.py does not)."""
+    puts 1-D parameters with B, at ratio x lr; engine/training/optim.py does not)."""
     model, _, _, _, _, optimizer, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=4.0, use_dora=True),
                                                              init_distributed("cpu"))
     groups = _groups(optimizer)

@@ -1,4 +1,4 @@
-"""engine.loss: summed fp32 cross-entropy, chunked == plain, masking, empty batches, memory."""
+"""engine.training.loss: summed fp32 cross-entropy, chunked == plain, masking, empty batches, memory."""
 
 from types import SimpleNamespace
 
@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.loss import causal_lm_loss, lm_head_loss, logit_transform, per_token_losses
+from engine.training.loss import causal_lm_loss, lm_head_loss, logit_transform, per_token_losses
 
 VOCAB = 97
 

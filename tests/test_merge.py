@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.adapter import AdapterError, AdapterNotFoundError, save_adapter
+from engine.export.adapter import AdapterError, AdapterNotFoundError, save_adapter
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig
-from engine.lora import LoRATargetError, inject_lora, lora_modules
-from engine.merge import MergeError, main, merge
-from engine.model import load_base_model
+from engine.layers.lora import LoRATargetError, inject_lora, lora_modules
+from engine.export.merge import MergeError, main, merge
+from engine.model.build import load_base_model
 from tests.conftest import make_tiny_model_dir
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61, 120, 8, 77, 30]])
@@ -35,7 +35,7 @@ def make_adapter(model_dir: Path, out: Path, targets="all-linear", seed: int = 0
 
 @torch.no_grad()
 def ours_logits(model_dir: Path, adapter: Path, quant=None) -> torch.Tensor:
-    from engine.adapter import load_adapter
+    from engine.export.adapter import load_adapter
     model = load_adapter(load_base_model(str(model_dir), quant=quant), str(adapter))
     return model(input_ids=IDS, use_cache=False).logits
 
@@ -85,7 +85,7 @@ def test_sharded_fp16_export_and_generation_config(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.dtype == torch.float16
     gen = json.loads((out / "generation_config.json").read_text())
-    from engine.model import load_tokenizer
+    from engine.model.build import load_tokenizer
     assert load_tokenizer(str(out)).convert_ids_to_tokens(gen["eos_token_id"]) == "<|im_end|>"
     # fp16 rounding of the weights is the only drift, and it is small but not zero
     assert 0 < report["drift"]["max_abs_logit_diff"] < 0.05
@@ -138,7 +138,7 @@ def test_trained_adapter_loads_in_peft_and_merges(tmp_path):
 def test_qlora_merge_reports_drift_both_ways(tmp_path):
     from peft import PeftModel
 
-    from engine.quant import QuantSpec
+    from engine.layers.quant import QuantSpec
 
     model_dir, run = train_tiny(tmp_path, "qlora")
     adapter = run / "adapter"
@@ -247,7 +247,7 @@ def test_cli_error_has_no_traceback(tmp_path, llama_and_adapter):
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "engine.merge", "--model", str(model_dir), "--adapter", str(adapter),
+    proc = subprocess.run([sys.executable, "-m", "engine.export.merge", "--model", str(model_dir), "--adapter", str(adapter),
                            "--out", str(out)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 1
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -257,7 +257,7 @@ def test_cli_error_has_no_traceback(tmp_path, llama_and_adapter):
 def test_gguf_base_merges_into_its_dequantized_tensors(tmp_path):
     """A GGUF base (here a tiny Llama written by our exporter; the default SmolLM2 is one too):
     the "original weights" are the GGUF tensors as transformers dequantizes them."""
-    from engine.export_gguf import export_gguf
+    from engine.export.gguf import export_gguf
     from tests.conftest import make_tiny_model
 
     model, tokenizer = make_tiny_model("llama")

@@ -11,10 +11,10 @@ from torch import nn
 
 from tests.conftest import make_tiny_model_dir
 from engine.config import ModelConfig, PeftConfig
-from engine.lora import LoRALinear, lora_state_dict
-from engine.model import (ModelLoadError, ModelNotFoundError, build_model, default_model_path,
+from engine.layers.lora import LoRALinear, lora_state_dict
+from engine.model.build import (ModelLoadError, ModelNotFoundError, build_model, default_model_path,
                           enable_activation_checkpointing, load_base_model, load_tokenizer)
-from engine.quant import is_linear4bit
+from engine.layers.quant import is_linear4bit
 
 
 def _ids(vocab, seed=0):
@@ -63,7 +63,7 @@ def test_load_equals_transformers_on_renamed_fused_and_eager_families(tmp_path, 
 
 
 def test_qlora_load_of_fused_experts_quantizes_the_decoder_linears(tmp_path):
-    from engine.quant import QuantSpec
+    from engine.layers.quant import QuantSpec
 
     model = load_base_model(str(make_tiny_model_dir(tmp_path, "mixtral")), quant=QuantSpec("nf4", True))
     kinds = {n: is_linear4bit(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -95,7 +95,7 @@ def test_load_in_half_precision(tmp_path):
 
 
 def test_qlora_load_quantizes_decoder_linears_only(tmp_path):
-    from engine.quant import QuantSpec
+    from engine.layers.quant import QuantSpec
 
     model = load_base_model(str(make_tiny_model_dir(tmp_path, "phi3")), quant=QuantSpec("fp4", False))
     kinds = {n: is_linear4bit(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -147,7 +147,7 @@ def test_shape_mismatch(tmp_path):
 
 
 def test_shape_mismatch_of_quantized_weight(tmp_path):
-    from engine.quant import QuantSpec
+    from engine.layers.quant import QuantSpec
 
     directory = make_tiny_model_dir(tmp_path, "llama")
     _rewrite_weights(directory, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": torch.ones(64, 32)}))
@@ -299,7 +299,7 @@ def test_gguf_is_loaded_dense_even_where_transformers_could_keep_it_packed(monke
     the dense unpacking explicitly."""
     import transformers
 
-    from engine.model import DEFAULT_GGUF_FILE, default_model_path, load_base_model
+    from engine.model.build import DEFAULT_GGUF_FILE, default_model_path, load_base_model
 
     seen = {}
 
@@ -322,7 +322,7 @@ def test_gguf_is_loaded_dense_even_where_transformers_could_keep_it_packed(monke
 def test_conv1d_round_trip_and_refusal_while_adapters_are_unmerged():
     from transformers.pytorch_utils import Conv1D
 
-    from engine.model import conv1d_to_linear, linear_to_conv1d
+    from engine.model.build import conv1d_to_linear, linear_to_conv1d
     from tests.conftest import make_tiny_model
 
     base, _ = make_tiny_model("gpt2")
@@ -335,7 +335,7 @@ def test_conv1d_round_trip_and_refusal_while_adapters_are_unmerged():
     for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
         assert torch.equal(a, b), name
 
-    from engine.lora import inject_lora
+    from engine.layers.lora import inject_lora
     conv1d_to_linear(model)
     inject_lora(model, "all-linear", 2, 4.0)
     with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn: expected the plain nn.Linear of a "

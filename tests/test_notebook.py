@@ -40,7 +40,7 @@ ARGPARSE_CLIS = {  # module run by `python -m` -> module whose main() builds and
     "engine.data": "engine.data.__main__",
     "engine.evaluate": "engine.evaluate",
     "engine.generate": "engine.generate",
-    "engine.merge": "engine.merge",
+    "engine.export.merge": "engine.export.merge",
     "engine.plot": "engine.plot",
 }
 HYDRA_CLIS = ("engine.train", "engine.plan")
@@ -281,7 +281,7 @@ def test_notebook_runs_the_seed_use_case():
     for c in _commands():
         by_module.setdefault(c["module"], []).append(c["argv"])
     assert set(by_module) == {"engine.data", "engine.plan", "engine.train", "engine.plot",
-                              "engine.evaluate", "engine.generate", "engine.merge"}
+                              "engine.evaluate", "engine.generate", "engine.export.merge"}
     train = by_module["engine.train"][0]
     assert by_module["engine.plan"][0] == train[:4], "plan and train must take the same overrides"
     assert train[0] == "+experiment=seed_msa_qlora"
@@ -330,7 +330,7 @@ def test_checker_accepts_the_correct_forms(tmp_path):
      "unrecognized arguments: --max-new"),
     ("!python -m engine.evaluate --model {MODEL}", "the following arguments are required: --data"),
     ("!python -m engine.generate --prompt hi --prompt-file {DATA}", "not allowed with argument"),
-    ("!python -m engine.merge --adapter a --out o --gguf q4", "invalid choice: 'q4'"),
+    ("!python -m engine.export.merge --adapter a --out o --gguf q4", "invalid choice: 'q4'"),
     ("!python -m engine.data {DATA} --max-seq-len {MODEL}", "invalid int value: '/content/m'"),
     ("!cd x && python -m engine.plot {RUN} --bogus", "unrecognized arguments: --bogus"),
     ("!python -m engine.evaluate --model {MODLE} --data {DATA}", "MODLE is not set in the Settings cell"),
@@ -364,7 +364,7 @@ def test_checker_rejects_a_settings_cell_that_runs_code(tmp_path):
 
 
 def test_shell_lines_join_continuations_and_skip_python():
-    source = 'x = "!not a command"\n  !python -m engine.plot \\\n      a \\\n   b\n# !python -m engine.merge\n!ls'
+    source = 'x = "!not a command"\n  !python -m engine.plot \\\n      a \\\n   b\n# !python -m engine.export.merge\n!ls'
     assert shell_lines(source) == ["python -m engine.plot a b", "ls"]
     assert engine_commands("cd d && python -m engine.plot a > log.txt 2>&1; python -m engine.data f | tee r") == \
         [("engine.plot", ["a"]), ("engine.data", ["f"])]

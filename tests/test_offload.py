@@ -1,4 +1,4 @@
-"""Activation offload (engine/offload.py): same losses and LoRA grads with and without it, and the
+"""Activation offload (engine/speed/offload.py): same losses and LoRA grads with and without it, and the
 hooks really see (and round-trip) one checkpoint per decoder block."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, PeftConfig
-from engine.loss import causal_lm_loss
-from engine.lora import lora_state_dict
-from engine.model import build_model, enable_activation_checkpointing
-from engine.offload import OffloadCheckpoints, install_offload, offloaded_checkpoint
+from engine.training.loss import causal_lm_loss
+from engine.layers.lora import lora_state_dict
+from engine.model.build import build_model, enable_activation_checkpointing
+from engine.speed.offload import OffloadCheckpoints, install_offload, offloaded_checkpoint
 from tests.conftest import make_tiny_model_dir
 
 

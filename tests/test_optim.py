@@ -1,4 +1,4 @@
-"""engine.optim: named groups, LoRA+, AdamW / bitsandbytes paged AdamW, schedules and resume."""
+"""engine.training.optim: named groups, LoRA+, AdamW / bitsandbytes paged AdamW, schedules and resume."""
 
 import math
 import sys
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError, OptimConfig
-from engine.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+from engine.training.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
 
 
 class TinyLoRA(nn.Module):
@@ -72,9 +72,9 @@ def test_adamw_is_fused_on_cpu_and_updates_as_the_foreach_one():
 
 
 def test_adamw_stays_foreach_for_sharded_cpu_parameters(monkeypatch):
-    import engine.optim
+    import engine.training.optim
 
-    monkeypatch.setattr(engine.optim, "_is_dtensor", lambda p: True)  # as FSDP's DTensor shards
+    monkeypatch.setattr(engine.training.optim, "_is_dtensor", lambda p: True)  # as FSDP's DTensor shards
     opt = build_optimizer(TinyLoRA(), OptimConfig(lr=1e-2))
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model
-from engine.adapter import load_adapter, save_adapter
+from engine.export.adapter import load_adapter, save_adapter
 from engine.config import PeftConfig
-from engine.lora import inject_lora, lora_state_dict, target_modules_for_config
+from engine.layers.lora import inject_lora, lora_state_dict, target_modules_for_config
 
 peft = pytest.importorskip("peft")
 
@@ -120,7 +120,7 @@ def test_same_seed_same_init_as_peft():
 def test_gpt2_conv1d_layers_match_peft_both_ways(tmp_path):
     """GPT-2's Conv1D layers (W stored [in, out]) become nn.Linear in the engine; PEFT wraps the
     Conv1D itself (fan_in_fan_out). Same logits, and adapters load in either direction."""
-    from engine.model import conv1d_to_linear
+    from engine.model.build import conv1d_to_linear
 
     base, _ = make_tiny_model("gpt2", seed=1)
     ours = copy.deepcopy(base)
@@ -155,7 +155,7 @@ def test_our_adapter_loads_in_peft_on_more_families(tmp_path, family):
     gives PEFT on transformers' own load of the same checkpoint the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from engine.model import load_base_model
+    from engine.model.build import load_base_model
     from tests.conftest import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path, family)

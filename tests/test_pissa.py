@@ -1,4 +1,4 @@
-"""PiSSA (engine/pissa.py): SVD init equals PEFT's, the model is unchanged right after init, the
+"""PiSSA (engine/layers/pissa.py): SVD init equals PEFT's, the model is unchanged right after init, the
 saved (converted) adapter applied to the original base equals the trained model (ours and PEFT's
 loaders), QLoRA + PiSSA quantizes the residual, evaluation's "adapters off" is the base model,
 failure paths."""
@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from tests.conftest import counting_run_config, make_tiny_model, make_tiny_model_dir
-from engine.adapter import AdapterError, load_adapter, save_adapter
+from engine.export.adapter import AdapterError, load_adapter, save_adapter
 from engine.config import ModelConfig, PeftConfig
-from engine.lora import LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict
-from engine.pissa import converted_alpha, is_pissa, pissa_init_, pissa_init_model, pissa_to_lora
-from engine.quant import QuantSpec, dequantize_weight, is_linear4bit, quantize_linear
+from engine.layers.lora import LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict
+from engine.layers.pissa import converted_alpha, is_pissa, pissa_init_, pissa_init_model, pissa_to_lora
+from engine.layers.quant import QuantSpec, dequantize_weight, is_linear4bit, quantize_linear
 
 peft = pytest.importorskip("peft")
 
@@ -165,7 +165,7 @@ def test_adapters_disabled_is_the_base_model():
 def _qlora_gap(model_dir, init, tmp_path):
     """(max |logit diff|, mean |logit diff|) between the trained 4-bit model and its saved adapter
     applied to the original fp32 base."""
-    from engine.model import build_model, load_base_model
+    from engine.model.build import build_model, load_base_model
     cfg = PeftConfig(method="qlora", r=8, alpha=16.0, init=init)
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(path=str(model_dir)), cfg, "cpu", torch.float32)
@@ -182,7 +182,7 @@ def _qlora_gap(model_dir, init, tmp_path):
 def test_qlora_pissa_quantizes_the_residual_and_reports_the_gap(tmp_path):
     """QLoRA + PiSSA builds and runs; its converted adapter on the 16-bit base is equal to the trained
     4-bit model only up to the residual's quantization error. Printed next to plain QLoRA's gap."""
-    from engine.model import load_base_model
+    from engine.model.build import load_base_model
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     model, pissa_max, pissa_mean = _qlora_gap(model_dir, "pissa", tmp_path)
     _, lora_max, lora_mean = _qlora_gap(model_dir, "default", tmp_path)
@@ -209,7 +209,7 @@ def test_qlora_pissa_quantizes_the_residual_and_reports_the_gap(tmp_path):
 # ----------------------------------------------------------------------------- failure paths
 
 def test_refuses_4bit_base_dora_and_large_rank():
-    from engine.dora import DoRALinear
+    from engine.layers.dora import DoRALinear
     with pytest.raises(TypeError, match="run it before quantizing"):
         pissa_init_(LoRALinear(quantize_linear(nn.Linear(64, 32), QuantSpec()), r=2, alpha=4))
     with pytest.raises(TypeError, match="PiSSA with DoRA is not supported"):
@@ -251,7 +251,7 @@ def test_load_refuses_unconverted_mutating_init(tmp_path, init):
 
 def test_build_model_pissa_is_deterministic_and_unchanged(tmp_path):
     """Resume rebuilds the model: A0, B0 and the residual must come out the same."""
-    from engine.model import build_model, load_base_model
+    from engine.model.build import build_model, load_base_model
     model_dir = make_tiny_model_dir(tmp_path, "qwen2")
     cfg = PeftConfig(r=4, alpha=8.0, init="pissa")
     models = []
@@ -272,8 +272,8 @@ def test_build_model_pissa_is_deterministic_and_unchanged(tmp_path):
 def test_run_training_writes_the_converted_adapter(tmp_path):
     """Through engine.train.run_training: the adapter the run writes, applied to the ORIGINAL base
     (our loader and PEFT's), equals the trained PiSSA model rebuilt from its checkpoint."""
-    from engine.checkpoint import find_resume_checkpoint, load_checkpoint
-    from engine.model import build_model, load_base_model
+    from engine.training.checkpoint import find_resume_checkpoint, load_checkpoint
+    from engine.model.build import build_model, load_base_model
     from engine.train import run_training
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     cfg = counting_run_config(tmp_path, model_dir, PeftConfig(r=4, alpha=8.0, init="pissa"))

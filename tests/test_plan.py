@@ -20,8 +20,8 @@ from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, Phi3
                           SmolLM3Config)
 
 from engine import plan
-from engine.lora import inject_lora, mark_only_lora_trainable
-from engine.model import enable_activation_checkpointing
+from engine.layers.lora import inject_lora, mark_only_lora_trainable
+from engine.model.build import enable_activation_checkpointing
 from engine.plan import GIB, PlanError, predict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,8 +158,8 @@ def test_checkpointing_keeps_one_hidden_state_per_block():
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_quantized_weights_and_state_are_exact(double_quant):
-    from engine.model import decoder_linear_names
-    from engine.quant import QuantSpec, quantize_module_linears
+    from engine.model.build import decoder_linear_names
+    from engine.layers.quant import QuantSpec, quantize_module_linears
 
     config = tiny(hidden_size=128, intermediate_size=384)
     base = AutoModelForCausalLM.from_config(config)
@@ -222,7 +222,7 @@ def test_known_shapes_build_and_weights_match_a_meta_model(name):
 
 
 def test_a_logit_transform_adds_its_buffers_to_the_chunk_peak():
-    """Soft-capping / logit scaling (engine.loss.logit_transform): the chunked loss cannot build
+    """Soft-capping / logit scaling (engine.training.loss.logit_transform): the chunked loss cannot build
     its softmax in the transformed logits' storage: a scale adds 8 bytes per logit of the chunk,
     soft-capping makes it 20 in all (fp16 here: 6 without a transform)."""
     plain, scaled, capped = (plan.known_config("llama-3.1-8b") for _ in range(3))
@@ -291,7 +291,7 @@ def test_offload_moves_checkpoints_to_host():
 
 
 def test_host_offload_bytes_match_the_offloader():
-    from engine.offload import OffloadCheckpoints, install_offload
+    from engine.speed.offload import OffloadCheckpoints, install_offload
 
     config = tiny(num_hidden_layers=3)
     model = build(config, checkpointing=True)
@@ -441,7 +441,7 @@ def test_answers_tables_render():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prediction_against_cuda_max_memory_allocated():
     """Allocated peak of a real fp16 step on the GPU vs predicted (static + dynamic, no context/slack)."""
-    from engine.loss import causal_lm_loss
+    from engine.training.loss import causal_lm_loss
 
     config = small("llama", num_hidden_layers=8, hidden_size=1024, intermediate_size=2816,
                    num_attention_heads=16, num_key_value_heads=4)

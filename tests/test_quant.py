@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from tests.conftest import make_tiny_model_dir
-from engine.adapter import load_adapter, save_adapter
+from engine.export.adapter import load_adapter, save_adapter
 from engine.config import PeftConfig
-from engine.lora import (LoRALinear, inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable,
+from engine.layers.lora import (LoRALinear, inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable,
                          merge_lora, parameter_report)
-from engine.model import load_base_model
-from engine.quant import QuantSpec, dequantize_weight, is_linear4bit, logical_numel, quantize_linear
+from engine.model.build import load_base_model
+from engine.layers.quant import QuantSpec, dequantize_weight, is_linear4bit, logical_numel, quantize_linear
 
 COMBOS = list(itertools.product(["nf4", "fp4"], [True, False]))
 # fp32 compute dequantizes and multiplies in fp32: matches the float reference to rounding.

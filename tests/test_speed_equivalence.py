@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, PeftConfig
-from engine.loss import causal_lm_loss
-from engine.lora import LoRALinear, lora_state_dict, set_fused_lora
-from engine.model import build_model
+from engine.training.loss import causal_lm_loss
+from engine.layers.lora import LoRALinear, lora_state_dict, set_fused_lora
+from engine.model.build import build_model
 from tests.conftest import make_tiny_model_dir
 
 
@@ -69,7 +69,7 @@ def test_fused_lora_half_base_without_autocast_keeps_the_plain_path():
 
 
 def test_fused_lora_equals_plain_on_a_4bit_base():
-    from engine.quant import QuantSpec, quantize_linear
+    from engine.layers.quant import QuantSpec, quantize_linear
 
     torch.manual_seed(0)
     base = quantize_linear(nn.Linear(64, 32), QuantSpec("nf4", True, torch.float32), "cpu")
@@ -129,7 +129,7 @@ def _packed_inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "qwen2"])
 def test_packed_attention_equals_masked_sdpa(family):
-    from engine.attention import NAME, set_packed_attention
+    from engine.model.attention import NAME, set_packed_attention
     from tests.conftest import make_tiny_model
 
     model, _ = make_tiny_model(family)
@@ -154,7 +154,7 @@ def test_packed_attention_equals_masked_sdpa(family):
 def test_packed_attention_runs_one_causal_call_per_document(monkeypatch):
     """The per-document path is really taken for packed rows (3 + 2 documents x 2 layers), and
     not for rows holding one document (transformers' SDPA path, bit-identical)."""
-    import engine.attention as attention
+    import engine.model.attention as attention
     from tests.conftest import make_tiny_model
 
     model, _ = make_tiny_model("llama")
@@ -194,7 +194,7 @@ def test_packed_attention_keeps_cudnn_out_of_the_per_document_calls(monkeypatch)
     On the CPU the backend choice is left alone."""
     import contextlib
 
-    import engine.attention as attention
+    import engine.model.attention as attention
     from torch.nn.attention import SDPBackend
 
     assert isinstance(attention._per_document_backends(torch.zeros(1)), contextlib.nullcontext)
@@ -211,7 +211,7 @@ def test_packed_attention_keeps_cudnn_out_of_the_per_document_calls(monkeypatch)
 def test_packed_attention_padded_batch_and_generation_fall_back():
     """Padded mode (attention_mask, one document per row) and cached generation take
     transformers' SDPA path: the same outputs as a plain SDPA model."""
-    from engine.attention import set_packed_attention
+    from engine.model.attention import set_packed_attention
     from tests.conftest import make_tiny_model
 
     model, _ = make_tiny_model("llama")
@@ -230,7 +230,7 @@ def test_packed_attention_padded_batch_and_generation_fall_back():
 
 
 def test_packed_attention_keeps_eager_and_sliding_window_models_as_they_are():
-    from engine.attention import _needs_dense_mask, set_packed_attention
+    from engine.model.attention import _needs_dense_mask, set_packed_attention
     from tests.conftest import make_tiny_model
 
     model, _ = make_tiny_model("llama")  # built with attn_implementation="eager"
@@ -246,7 +246,7 @@ def test_packed_attention_with_checkpointing_and_through_build_model(tmp_path):
     """Real path: build_model + apply_speed_switches + activation checkpointing (the recompute
     reuses the cached boundaries) gives the plain model's loss and LoRA grads."""
     from engine.config import TrainConfig
-    from engine.model import apply_speed_switches, enable_activation_checkpointing
+    from engine.model.build import apply_speed_switches, enable_activation_checkpointing
 
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(path=str(make_tiny_model_dir(tmp_path, "llama")), attn_implementation="sdpa"),
@@ -283,7 +283,7 @@ def test_short_causal_attention_gradcheck_and_equals_sdpa(heads, kv_heads):
     gradients equal causal SDPA over K/V repeated per query head (GQA as transformers does it)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from engine.attention import ShortCausalAttention, causal_bias
+    from engine.model.attention import ShortCausalAttention, causal_bias
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(heads, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -310,7 +310,7 @@ def test_short_causal_attention_bf16_is_as_close_to_fp64_as_sdpa():
     (both against fp64; S and dP are bf16 GEMM outputs here, fp32-accumulated in a flash kernel)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from engine.attention import ShortCausalAttention, causal_bias
+    from engine.model.attention import ShortCausalAttention, causal_bias
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(h, 150, 64, dtype=torch.float64, generator=g) for h in (9, 3, 3))
@@ -336,7 +336,7 @@ def test_short_causal_attention_bf16_is_as_close_to_fp64_as_sdpa():
 
 
 def test_causal_bias_masks_the_future_per_group_and_is_cached():
-    from engine.attention import causal_bias
+    from engine.model.attention import causal_bias
 
     cache = {}
     bias = causal_bias(3, 2, torch.float32, "cpu", cache)
@@ -350,7 +350,7 @@ def test_causal_bias_masks_the_future_per_group_and_is_cached():
 def _bf16_packed_step(model, short: int, ids, pos):
     """Logits and every grad of a bf16 forward/backward of a packed batch: a bf16 base under bf16
     autocast, as build_model makes it for train.precision=bf16 (q, k, v reach attention in bf16)."""
-    from engine.attention import set_cpu_short_attention
+    from engine.model.attention import set_cpu_short_attention
 
     model = copy.deepcopy(model).to(torch.bfloat16).train()
     set_cpu_short_attention(model, short)
@@ -366,7 +366,7 @@ def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch,
     it, 12 and 25 keep SDPA) lands as close to the fp32 reference as the all-SDPA bf16 step does.
     Families: fused qkv (phi3), q/k/v biases (qwen2), a head_dim that is not hidden / heads (gemma),
     mistral."""
-    import engine.attention as attention
+    import engine.model.attention as attention
     from tests.conftest import make_tiny_model
 
     model, _ = make_tiny_model(family)  # 4 heads, 2 KV heads: the grouped path
@@ -407,7 +407,7 @@ def test_packed_short_attention_equals_attention_per_document(limit):
     hand-written backward passes gradcheck."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from engine.attention import _packed_short_attention
+    from engine.model.attention import _packed_short_attention
 
     lengths = [[5, 9, 3, 7], [10, 4, 10]]
     g = torch.Generator().manual_seed(0)
@@ -440,7 +440,7 @@ def test_batch_short_documents_step_equals_one_node_per_document(family):
     """A packed bf16 training step gives the same logits and gradients with all documents in one
     PackedShortAttention node as with a ShortCausalAttention node per document: bit for bit (the
     same kernels on the same operands per document)."""
-    import engine.attention as attention
+    import engine.model.attention as attention
     from tests.conftest import make_tiny_model
 
     model, _ = make_tiny_model(family)
@@ -461,7 +461,7 @@ def test_batch_short_documents_step_equals_one_node_per_document(family):
 
 
 def test_cpu_short_attention_stays_off_in_fp32_with_dropout_and_at_zero():
-    import engine.attention as attention
+    import engine.model.attention as attention
 
     class Attn(nn.Module):
         _engine_cpu_short_attention = 256

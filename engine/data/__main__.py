@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_tokenizer(spec: str):
-    """'default' / a .gguf file / a model directory (engine.model.load_tokenizer), or a directory
+    """'default' / a .gguf file / a model directory (engine.model.build.load_tokenizer), or a directory
     holding only tokenizer files (tokenizer.json + tokenizer_config.json)."""
     try:
         if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(spec)
-        from engine.model import load_tokenizer
+        from engine.model.build import load_tokenizer
 
         return load_tokenizer(spec)
     except Exception as e:  # missing path, missing package, unreadable files: one line, no traceback

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.checkpoint import sha256_file
+from engine.training.checkpoint import sha256_file
 from engine.config import DataConfig
 from engine.data.formats import DataError, data_error, format_of, load_examples
 from engine.data.render import (char_to_token, ensure_eos, fit_length, render_chat, resolve_template,

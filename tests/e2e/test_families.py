@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from engine.checkpoint import find_resume_checkpoint, load_checkpoint
+from engine.training.checkpoint import find_resume_checkpoint, load_checkpoint
 from engine.config import PeftConfig
 from engine.train import run_training
 from tests.conftest import MORE_FAMILIES, counting_run_config, make_tiny_model_dir

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import engine.loss
+import engine.training.loss
 from engine import train as train_mod
-from engine.amp import Fp16Overflow
+from engine.training.amp import Fp16Overflow
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig
 from tests.conftest import make_tiny_model_dir
 
@@ -114,7 +114,7 @@ def test_qlora_run_lowers_loss(workdir):
 def test_accumulation_is_normalised_by_total_tokens(workdir):
     """micro-batch 8 x accumulation 1 == micro-batch 1 x accumulation 8 (documents of different lengths)."""
     from engine.data import load_dataset, make_loader
-    from engine.model import build_model
+    from engine.model.build import build_model
 
     cfg = make_cfg(workdir, "unused", data={"packing": False})
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_accumulation_is_normalised_by_total_tokens(workdir):
 
 
 def test_micro_batch_without_targets_adds_nothing(workdir):
-    from engine.model import build_model
+    from engine.model.build import build_model
 
     cfg = make_cfg(workdir, "unused")
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ class CrashAt:
 
     def __init__(self, n: int, action):
         self.n, self.calls, self.action = n, 0, action
-        self.inner = engine.loss.causal_lm_loss
+        self.inner = engine.training.loss.causal_lm_loss
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -187,12 +187,12 @@ def test_resume_is_bit_exact(workdir, monkeypatch, precision):
     # micro-batch calls: 1 eval pass (4 batches of 2 rows? no: eval uses its own loader) -> count
     # only training calls by crashing late enough: step 5's first micro-batch.
     crash = CrashAt(n=10**9, action=_boom)
-    monkeypatch.setattr(engine.loss, "causal_lm_loss", crash)
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash)
     eval_calls = _eval_calls(cut)
     crash.n = eval_calls + 2 * 4 + 1  # eval before, then 4 steps x 2 micro-batches, then step 5
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_mod.run_training(cut)
-    monkeypatch.setattr(engine.loss, "causal_lm_loss", crash.inner)
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash.inner)
     assert sorted(p.name for p in (Path(cut.output_dir) / "checkpoints").iterdir()) == ["step-3"]
     train_mod.run_training(cut)  # resume=auto
 
@@ -206,7 +206,7 @@ def test_resume_is_bit_exact(workdir, monkeypatch, precision):
 
 def _eval_calls(cfg) -> int:
     from engine.data import load_dataset, make_loader
-    from engine.model import load_tokenizer
+    from engine.model.build import load_tokenizer
 
     tok = load_tokenizer(cfg.model.path)
     ds = load_dataset(cfg.data.eval_path, tok, cfg.data)
@@ -223,12 +223,12 @@ def test_ctrl_c_checkpoints_and_resumes_exactly(workdir, monkeypatch, sig):
     train_mod.run_training(full)
     cut = make_cfg(workdir, f"cut_c{sig}", train={"max_steps": 6})
     crash = CrashAt(n=_eval_calls(cut) + 2 * 2 + 1, action=lambda: os.kill(os.getpid(), sig))
-    monkeypatch.setattr(engine.loss, "causal_lm_loss", crash)
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash)
     with pytest.raises(train_mod.Stopped) as stopped:
         train_mod.run_training(cut)  # the signal during step 3 -> checkpoint at the end of step 3
     assert stopped.value.signum == sig
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
-    monkeypatch.setattr(engine.loss, "causal_lm_loss", crash.inner)
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash.inner)
     assert (Path(cut.output_dir) / "checkpoints/step-3/manifest.json").exists()
     train_mod.run_training(cut)
     assert losses(full.output_dir) == losses(cut.output_dir)
@@ -246,7 +246,7 @@ def test_ctrl_c_delivered_twice_at_once_still_checkpoints(workdir, monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
 
     crash = CrashAt(n=_eval_calls(cfg) + 2 * 2 + 1, action=press_once_delivered_twice)
-    monkeypatch.setattr(engine.loss, "causal_lm_loss", crash)
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash)
     with pytest.raises(KeyboardInterrupt):
         train_mod.run_training(cfg)
     assert (Path(cfg.output_dir) / "checkpoints/step-3/manifest.json").exists()
@@ -270,7 +270,7 @@ def test_a_second_ctrl_c_after_the_duplicate_window_aborts(monkeypatch):
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import engine.checkpoint as ck
+    import engine.training.checkpoint as ck
     from engine import train
     from engine.config import from_dict
     import json
@@ -306,10 +306,10 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(workdir):
 SIGTERM_THROUGH_CLI = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import engine.loss
+    import engine.training.loss
     from engine import train
     from tests.e2e.test_train import CrashAt
-    engine.loss.causal_lm_loss = CrashAt({at}, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    engine.training.loss.causal_lm_loss = CrashAt({at}, lambda: os.kill(os.getpid(), signal.SIGTERM))
     sys.argv = ["engine.train", *{overrides!r}]
     train._hydra_main()
 """)
@@ -347,7 +347,7 @@ def test_fp16_on_cpu_trains_with_loss_scaling(workdir):
 
 def test_injected_inf_gradient_is_skipped(workdir, monkeypatch):
     cfg = make_cfg(workdir, "inf", train={"max_steps": 4, "precision": "fp16", "save_every": 1, "keep_last": 10})
-    inner = engine.loss.causal_lm_loss
+    inner = engine.training.loss.causal_lm_loss
     calls = {"n": 0, "poison": _eval_calls(cfg) + 2 * 2 + 1}  # first micro-batch of step 3
 
     def poisoned(*args, **kwargs):
@@ -355,7 +355,7 @@ def test_injected_inf_gradient_is_skipped(workdir, monkeypatch):
         loss, n = inner(*args, **kwargs)
         return (loss * math.inf if calls["n"] == calls["poison"] else loss), n
 
-    monkeypatch.setattr(engine.loss, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", poisoned)
     with pytest.warns(UserWarning, match="step 3: inf/NaN gradients"):
         summary = train_mod.run_training(cfg)
     assert summary["skipped_steps"] == 1
@@ -373,8 +373,8 @@ def test_injected_inf_gradient_is_skipped(workdir, monkeypatch):
 
 def test_repeated_overflow_stops_with_diagnosis(workdir, monkeypatch):
     cfg = make_cfg(workdir, "overflow", train={"max_steps": 10, "precision": "fp16", "max_consecutive_skips": 3})
-    inner = engine.loss.causal_lm_loss
-    monkeypatch.setattr(engine.loss, "causal_lm_loss",
+    inner = engine.training.loss.causal_lm_loss
+    monkeypatch.setattr(engine.training.loss, "causal_lm_loss",
                         lambda *a, **k: (lambda r: (r[0] * math.inf, r[1]))(inner(*a, **k)))
     with pytest.raises(Fp16Overflow, match=r"3 steps in a row overflowed.*lora_[AB]"):
         with pytest.warns(UserWarning):
@@ -386,7 +386,7 @@ def test_run_training_leaves_the_process_group_it_made_and_keeps_one_it_was_give
     group run_training joins itself is destroyed before it returns; a caller's group is left alone."""
     import torch.distributed as dist
 
-    from engine.distributed import DistContext
+    from engine.parallel.distributed import DistContext
 
     def one_rank_group(device="auto"):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

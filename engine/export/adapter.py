@@ -11,7 +11,7 @@ PEFT writes the same keys (no adapter name); `load_adapter` also accepts keys wi
 
 Variants: DoRA adapters are saved as PEFT saves them (`use_dora: true` + the magnitudes). A PiSSA
 adapter is saved *converted* to the plain rank-2r LoRA it amounts to on the original base
-weights (engine/pissa.py; PEFT's `path_initial_model_for_weight_conversion`), so it loads
+weights (engine/layers/pissa.py; PEFT's `path_initial_model_for_weight_conversion`), so it loads
 wherever a LoRA adapter does. Adapters that still need a mutated base (PEFT files saved with
 init_lora_weights = "pissa", "olora", "corda", "loftq", ... without conversion) are refused.
 """
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from engine.config import PeftConfig
-from engine.lora import inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable, target_modules_for_config
-from engine.pissa import converted_alpha, is_pissa, pissa_to_lora
+from engine.layers.lora import inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable, target_modules_for_config
+from engine.layers.pissa import converted_alpha, is_pissa, pissa_to_lora
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -84,7 +84,7 @@ def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_mode
         # one sync per tensor, deliberate: files need CPU memory; contiguous fp32 copies
         tensors[PREFIX + key] = value.detach().float().contiguous().cpu()
     r, alpha = peft_cfg.r, peft_cfg.alpha
-    if pissa:  # the change to the original W, as a rank-2r plain LoRA (engine/pissa.py)
+    if pissa:  # the change to the original W, as a rank-2r plain LoRA (engine/layers/pissa.py)
         for name, m in modules.items():
             a, b = pissa_to_lora(m)
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
@@ -99,7 +99,7 @@ def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_mode
         "target_modules": target_modules_for_config(model, peft_cfg.targets),
         "bias": "none",
         "use_rslora": peft_cfg.use_rslora,
-        # GPT-2-style Conv1D targets (nn.Linear here, engine/model.py): PEFT marks them so; the
+        # GPT-2-style Conv1D targets (nn.Linear here, engine/model/build.py): PEFT marks them so; the
         # A and B tensors are the same either way
         "fan_in_fan_out": any(n in getattr(model, "_engine_conv1d", ()) for n in modules),
         "base_model_name_or_path": base_model_name_or_path,

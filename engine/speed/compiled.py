@@ -15,13 +15,13 @@ train.compile_norms -- every RMSNorm's forward and backward as one kernel each w
     PyTorch kernel). The swap is the module's `forward` attribute only: parameters, state-dict
     keys and checkpoints are untouched; switching off deletes the attribute again.
 
-train.compile_loss -- the chunked loss's cross-entropy and its gradient (engine/loss.py) in two
+train.compile_loss -- the chunked loss's cross-entropy and its gradient (engine/training/loss.py) in two
     fused passes over the chunk's logits in their own dtype (a max / sum-exp reduction, then
     `softmax - onehot` written once, cast to the logits' dtype), instead of an fp32 copy and five
     eager passes over it and a cast back: for SmolLM2's 49k vocabulary and ~400 labelled tokens
     per row, lm_head + loss forward and backward took 85 ms instead of 120 in a microbenchmark
     and 81 instead of 97 inside the training step (bf16, this CPU). Its peak is lower too (no
-    fp32 [C, V] tensor); engine/plan.py still predicts the eager path's (an over-estimate).
+    fp32 [C, V] tensor); engine/plan/ still predicts the eager path's (an over-estimate).
 
 Only training compiles: the compiled norm runs while autograd records (`torch.is_grad_enabled()`)
 and the compiled loss where a gradient is needed; evaluation and generation stay eager, so their
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 _EAGER = "_engine_eager_forward"      # where a norm's own forward waits while it is compiled
-_LOSS_FLAG = "_engine_compiled_loss"  # on the model: engine.loss.causal_lm_loss reads it
+_LOSS_FLAG = "_engine_compiled_loss"  # on the model: engine.training.loss.causal_lm_loss reads it
 
 
 class CompileError(RuntimeError):
@@ -130,9 +130,9 @@ _CROSS_ENTROPY = None
 
 
 def compiled_cross_entropy():
-    """engine.loss.cross_entropy_and_grad_fused, compiled once per process (dynamic shapes)."""
+    """engine.training.loss.cross_entropy_and_grad_fused, compiled once per process (dynamic shapes)."""
     global _CROSS_ENTROPY
     if _CROSS_ENTROPY is None:
-        from engine.loss import cross_entropy_and_grad_fused
+        from engine.training.loss import cross_entropy_and_grad_fused
         _CROSS_ENTROPY = torch.compile(cross_entropy_and_grad_fused, dynamic=True)
     return _CROSS_ENTROPY

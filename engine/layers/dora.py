@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.lora import LoRALinear
-from engine.quant import dequantize_weight
+from engine.layers.lora import LoRALinear
+from engine.layers.quant import dequantize_weight
 
 
 class DoRALinear(LoRALinear):

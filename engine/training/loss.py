@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine import host_memory
-from engine.compiled import compiled_cross_entropy, compiled_loss_enabled
+from engine.speed import host_memory
+from engine.speed.compiled import compiled_cross_entropy, compiled_loss_enabled
 
 IGNORE_INDEX = -100
 
@@ -92,7 +92,7 @@ def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: 
 def cross_entropy_and_grad_fused(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(sum_i CE(z_i, y_i) in fp32, softmax(z) - onehot(y) in z's dtype) for logits z [C, V] in
     any float dtype: the math of `_cross_entropy_and_grad`, written for inductor
-    (train.compile_loss, engine/compiled.py), which makes it one reduction pass over z (max and
+    (train.compile_loss, engine/speed/compiled.py), which makes it one reduction pass over z (max and
     sum of exp, in fp32) and one pointwise pass writing the gradient already cast to z's dtype,
     the dtype the lm_head's backward takes. No fp32 [C, V] copy of z is ever stored."""
     zf = z.float()
@@ -106,7 +106,7 @@ def cross_entropy_and_grad_fused(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def chunk_bounds(n: int, chunk_size: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
     """[start, end) of the loss chunks over n labelled rows: at most `chunk_size` rows each and, on
-    a CPU retaining host memory (engine/host_memory.py), at most as many as keep the chunk's
+    a CPU retaining host memory (engine/speed/host_memory.py), at most as many as keep the chunk's
     logits (`row_bytes` per row) within the heap's largest block, so they reuse the process's
     memory instead of a fresh mmap faulted in page by page (a 403 x 49k bf16 chunk: 40 MB, ~10k
     faults). Chunks are equal to within one row: 403 rows under a 341-row limit -> 202 + 201."""

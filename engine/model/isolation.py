@@ -7,7 +7,7 @@ Gemma, GPT-NeoX, Falcon, MoE models, ...). Some do not: OPT computes its learned
 the attention mask, BLOOM's ALiBi mask ignores position_ids. There a packed document attends to
 the ones before it and sees shifted positions: training on such rows is silently wrong.
 
-The probe runs the model's decoder (the training forward: `engine.loss.decoder_hidden`, no KV
+The probe runs the model's decoder (the training forward: `engine.training.loss.decoder_hidden`, no KV
 cache) on three packed rows of 9 random tokens that hold the same document b after different
 neighbours, and once with b's first token changed:
 
@@ -44,8 +44,8 @@ LEAK_TOLERANCE = 0.1  # ratio; isolated models measure 0 or rounding noise, leak
 @torch.no_grad()
 def packing_leak(model: nn.Module, *, precision: str = "fp32") -> float:
     """The ratio of the module docstring for `model` (on its device, under `precision`'s autocast)."""
-    from engine import amp
-    from engine.loss import decoder_hidden
+    from engine.training import amp
+    from engine.training.loss import decoder_hidden
 
     device = next(model.parameters()).device
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -86,6 +86,6 @@ def packing_for(model: nn.Module, requested: bool, *, precision: str = "fp32", a
     safe, ratio = packing_is_safe(model, precision=precision)
     if not safe and announce:
         print(f"note: {type(model).__name__} lets the documents of a packed row see each other (probe ratio "
-              f"{ratio:.2f}, engine/isolation.py): using padded rows instead (as data.packing=false)",
+              f"{ratio:.2f}, engine/model/isolation.py): using padded rows instead (as data.packing=false)",
               file=sys.stderr)
     return safe

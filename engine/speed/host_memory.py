@@ -18,7 +18,7 @@ after the first steps a step mostly reuses memory the process already has (the q
 bf16: 23.7k -> 5.6k faults per step, benchmarks/throughput.py's engine vs engine_malloc_default
 rows). The cost: resident memory does not shrink after a peak (a training process's peak is what
 it needs anyway). Blocks above the limit are still mmapped per call: the chunked loss
-(engine/loss.py) keeps each chunk's [C, V] logits under it while this is on.
+(engine/training/loss.py) keeps each chunk's [C, V] logits under it while this is on.
 
 Switch: `train.retain_host_memory` (auto | true | false); auto = training on a CPU with glibc.
 It is a process setting (there is no undo: mallopt disables glibc's dynamic thresholds), taken

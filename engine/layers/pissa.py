@@ -11,7 +11,7 @@ and the frozen base keeps the rest.
 so right after initialisation W_res + s*B0 A0 = W (up to rounding): the model is unchanged. For
 QLoRA the *residual* is what gets quantized (its error is smaller than quantize(W)'s: the largest
 singular directions stay in fp32 in A and B), so the SVD runs on the float weights before
-quantizing (engine.model.build_model does it layer by layer).
+quantizing (engine.model.build.build_model does it layer by layer).
 
 Files work anywhere a plain LoRA adapter does: the trained adapter is saved as the change it
 makes to the *original* W (PEFT's `path_initial_model_for_weight_conversion`,
@@ -34,8 +34,8 @@ import math
 import torch
 from torch import nn
 
-from engine.lora import LoRALinear, lora_modules
-from engine.quant import QuantSpec, is_linear4bit, quantize_linear
+from engine.layers.lora import LoRALinear, lora_modules
+from engine.layers.quant import QuantSpec, is_linear4bit, quantize_linear
 
 
 def pissa_init_(layer: LoRALinear, niter: int | None = None) -> None:

@@ -10,7 +10,7 @@ micro-batch is divided by the *global* count of loss-carrying tokens (itself all
 the summed gradient is exactly the gradient of the mean token loss over the global batch: N ranks
 at micro-batch b equal one rank at micro-batch N*b (FIELD.md bug 1, across ranks). It also
 sidesteps DDP + reentrant checkpointing failing on QLoRA (trl #921): nothing hooks backward.
-With `train.fsdp=true` (engine/fsdp.py) FSDP2 reduce-scatters the gradients itself, with SUM, and
+With `train.fsdp=true` (engine/parallel/fsdp.py) FSDP2 reduce-scatters the gradients itself, with SUM, and
 `all_reduce_grads_` leaves them alone.
 
 What each rank owns: rank 0 writes logs, checkpoints and the adapter; every rank reads the
@@ -36,7 +36,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     fsdp: bool = False
-    """Parameters are FSDP2-sharded DTensors (engine/fsdp.py): FSDP reduces the gradients."""
+    """Parameters are FSDP2-sharded DTensors (engine/parallel/fsdp.py): FSDP reduces the gradients."""
 
     @property
     def is_main(self) -> bool:

@@ -1,6 +1,6 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for LoRA / QLoRA: a base model larger than one GPU.
 
-Data parallelism (engine/distributed.py) keeps a full copy of the frozen base on every rank. With
+Data parallelism (engine/parallel/distributed.py) keeps a full copy of the frozen base on every rank. With
 `train.fsdp=true` every rank holds 1/W of it instead (Zhao et al. 2023, "PyTorch FSDP",
 arXiv:2304.11277; FSDP2 shards each parameter on dim 0 as a DTensor):
 
@@ -12,7 +12,7 @@ Plan (the one torchtune and the Answer.AI FSDP-QLoRA work use):
   * one `fully_shard` group per decoder block, applied bottom-up; then one group for the rest of
     the decoder (embeddings, final norm) together with the lm_head, made with the list form
     `fully_shard([embed_tokens, norm, lm_head])` that FSDP2 offers for chunked losses:
-    engine.loss runs `model.get_decoder()` and then calls the lm_head chunk by chunk *after* the
+    engine.training.loss runs `model.get_decoder()` and then calls the lm_head chunk by chunk *after* the
     decoder's forward has returned; one group also keeps a tied embedding / lm_head weight whole;
     last the decoder itself (holding no parameters of its own) becomes the FSDP root, the module
     whose forward runs first. A block's all-gather is only alive while it runs;
@@ -29,7 +29,7 @@ Plan (the one torchtune and the Answer.AI FSDP-QLoRA work use):
     bitsandbytes' `fix_4bit_weight_quant_state_from_module` re-attaches it to the all-gathered
     plain tensor at the start of every forward;
   * gradients are *summed* over ranks (divide factor 1, SUM reductions): the loss is already
-    divided by the global count of loss tokens (engine/distributed.py), exactly as without FSDP.
+    divided by the global count of loss tokens (engine/parallel/distributed.py), exactly as without FSDP.
 
 Checkpoints and adapters stay in the full, unsharded layout: `full_trainable_state` gathers only
 the trainable (LoRA) parameters and their optimizer state to rank 0's CPU
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.distributed import DistContext
+from engine.parallel.distributed import DistContext
 
 
 class FsdpError(RuntimeError):
@@ -72,7 +72,7 @@ def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def shard_plan(model: nn.Module) -> list[list[str]]:
     """The `fully_shard` groups, as lists of module names, in the order they are applied:
     [block] for every decoder block; [the decoder's other children with parameters (embeddings,
-    final norm), lm_head]; [the decoder] last, as the root (what `engine.loss.causal_lm_loss`
+    final norm), lm_head]; [the decoder] last, as the root (what `engine.training.loss.causal_lm_loss`
     runs first; it owns no parameters directly)."""
     names = {id(m): n for n, m in model.named_modules()}
     blocks = decoder_blocks(model)
@@ -116,7 +116,7 @@ def set_quant_storage_(model: nn.Module, dtype: torch.dtype) -> int:
             raise FsdpError(f"{name}: 4-bit weight is not quantized yet; quantize before sharding")
         if getattr(module, "quant_state", None) is None:
             raise FsdpError(f"{name}: Linear4bit has no module.quant_state; FSDP loses the weight's quant_state "
-                            "and needs the module's copy (quantize with engine.quant.set_4bit_weight)")
+                            "and needs the module's copy (quantize with engine.layers.quant.set_4bit_weight)")
         raw = weight.data.view(torch.uint8).reshape(-1)  # [N/2] the packed codes
         if raw.numel() % dtype.itemsize:
             raise FsdpError(f"{name}: {raw.numel()} packed bytes are not a multiple of {dtype} ({dtype.itemsize} bytes)")

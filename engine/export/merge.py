@@ -1,6 +1,6 @@
 """Fold a LoRA adapter into its base and export a plain Hugging Face model (and optionally a GGUF).
 
-    python -m engine.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf f16]
+    python -m engine.export.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf f16]
 
     W_merged = W + s * B @ A          (s = alpha / r, or alpha / sqrt(r) with rsLoRA; Hu et al. 2021)
 
@@ -71,10 +71,10 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
                  trust_remote_code: bool = False):
     """(plain HF model with the adapter folded in (fp32), reference logits of base + adapter as
     trained on `drift_inputs` (or None), "what W was")."""
-    from engine.adapter import load_adapter
-    from engine.lora import lora_modules, merge_lora
-    from engine.model import linear_to_conv1d, load_base_model
-    from engine.quant import QuantSpec
+    from engine.export.adapter import load_adapter
+    from engine.layers.lora import lora_modules, merge_lora
+    from engine.model.build import linear_to_conv1d, load_base_model
+    from engine.layers.quant import QuantSpec
 
     qlora = info["method"] == "qlora"
     if from_dequantized and not qlora:
@@ -206,15 +206,15 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
     """Merge, write `out_dir`, measure drift; returns the report (also out_dir/merge_report.json)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.adapter import read_adapter_config
+    from engine.export.adapter import read_adapter_config
     from engine.generate import adapter_training_info
-    from engine.model import _resolve, load_tokenizer
+    from engine.model.build import _resolve, load_tokenizer
 
     out = check_output_dir(out_dir)
     if dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None:
-        from engine.export_gguf import GGUF_TYPES
+        from engine.export.gguf import GGUF_TYPES
         if gguf not in GGUF_TYPES:
             raise MergeError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}")
     read_adapter_config(adapter_dir)
@@ -232,7 +232,7 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
         write_hf_dir(model, tokenizer, tmp, dtype=DTYPES[dtype], max_shard_size=max_shard_size)
         gguf_file = None
         if gguf is not None:
-            from engine.export_gguf import export_gguf
+            from engine.export.gguf import export_gguf
             gguf_file = f"model-{gguf}.gguf"
             export_gguf(model, tokenizer, tmp / gguf_file, gguf)
         del model
@@ -270,7 +270,7 @@ def print_report(report: dict, out: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.merge", description="Fold a LoRA adapter into its base model.")
+    p = argparse.ArgumentParser(prog="python -m engine.export.merge", description="Fold a LoRA adapter into its base model.")
     p.add_argument("--model", default="default", help="HF model dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
