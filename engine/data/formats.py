@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 FORMATS = ("chat", "messages_per_line", "prompt_completion", "alpaca", "text")
@@ -50,6 +51,50 @@ class _BadLine(Exception):
     def __init__(self, field: str, why: str, value: Any):
         super().__init__(field, why, value)
         self.field, self.why, self.value = field, why, value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate (UTF-8 decoding already refuses raw ones)."""
+
+
+def _lone_surrogate(obj: Any) -> tuple[str, str] | None:
+    """(field path, string) of the first string (key or value) holding a lone UTF-16 surrogate
+    (JSON allows "\\ud800"; no tokenizer can encode it), or None. Iterative: no recursion."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "(line)", value.encode("utf-8", errors="backslashreplace").decode("ascii")
+        elif isinstance(value, dict):
+            for k, v in reversed(list(value.items())):
+                stack.append((f"{where}.{k}" if where else str(k), v))
+                stack.append((f"{where}.{k}" if where else str(k), k))
+        elif isinstance(value, list):
+            for i in reversed(range(len(value))):
+                stack.append((f"{where}[{i}]", value[i]))
+    return None
+
+
+def parse_object(raw: str) -> dict:
+    """One JSONL line -> a dict, or _BadLine: not JSON, not an object, nested beyond the recursion
+    limit (json.loads raises RecursionError), or a string holding a lone surrogate."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise _BadLine("(line)", f"not valid JSON ({e.msg} at column {e.colno})", raw) from None
+    except RecursionError:  # e.g. an array nested 100,000 deep
+        raise _BadLine("(line)", "nested too deeply to parse (arrays/objects inside each other "
+                       "beyond Python's recursion limit)", raw) from None
+    if not isinstance(obj, dict):
+        raise _BadLine("(line)", f"must be a JSON object, got {type(obj).__name__}", raw)
+    bad = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(raw) else None
+    if bad is not None:
+        raise _BadLine(bad[0], "holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): "
+                       "not text any tokenizer can encode", bad[1])
+    return obj
 
 
 def _string(obj: dict, key: str, where: str | None = None, *, optional: bool = False) -> str:
@@ -200,12 +245,7 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
                 continue
             nonblank += 1
             try:
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise _BadLine("(line)", f"not valid JSON ({e.msg} at column {e.colno})", raw) from None
-                if not isinstance(obj, dict):
-                    raise _BadLine("(line)", f"must be a JSON object, got {type(obj).__name__}", raw)
+                obj = parse_object(raw)
                 if detected is None:
                     detected = detect_format(obj)
                     if detected is None:
@@ -251,8 +291,8 @@ def format_of(path: str, fmt: str = "auto") -> str:
     with open(path, "rb") as f:
         for raw in _lines(path, f):
             try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError:
+                obj = parse_object(raw)
+            except _BadLine:
                 continue
             if isinstance(obj, dict) and detect_format(obj):
                 return detect_format(obj)
