@@ -323,6 +323,34 @@ class EvalConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    name: str = "sft"
+    """sft (next-token loss on the labelled tokens) | dpo | orpo (preference pairs: data.train_path
+    holds {prompt, chosen, rejected} lines; engine/preference/)."""
+    beta: float = 0.1
+    """dpo: the KL strength beta of DPO's implicit reward beta * log(pi / pi_ref); orpo: the weight
+    lambda of the odds-ratio term."""
+    loss_type: str = "sigmoid"
+    """dpo: sigmoid (the DPO paper's loss) | robust | hinge."""
+    label_smoothing: float = 0.0
+    """dpo: the assumed share of flipped labels eps in [0, 0.5) (conservative DPO for sigmoid, robust DPO)."""
+    precompute_ref: bool = False
+    """dpo: compute the reference log-probs of every training pair once before training (one
+    reference forward per pair per run) instead of once per micro-batch."""
+
+    def validate(self) -> None:
+        _one_of("objective.name", self.name, ("sft", "dpo", "orpo"))
+        _one_of("objective.loss_type", self.loss_type, ("sigmoid", "robust", "hinge"))
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            _fail("objective.beta", f"must be > 0, got {self.beta!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            _fail("objective.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.name != "dpo" and (self.label_smoothing or self.precompute_ref):
+            key = "label_smoothing" if self.label_smoothing else "precompute_ref"
+            _fail(f"objective.{key}", f"only applies to objective=dpo, not {self.name}")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, adapter/, summary.json."""
@@ -332,9 +360,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.model, self.data, self.peft, self.optim, self.train, self.eval):
+        for section in (self.model, self.data, self.peft, self.optim, self.train, self.eval, self.objective):
             section.validate()
         if not self.output_dir:
             _fail("output_dir", "is empty")
@@ -342,7 +371,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "peft": PeftConfig,
-            "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
+            "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig, "objective": ObjectiveConfig}
 
 
 def from_dict(raw: dict) -> RunConfig:

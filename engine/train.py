@@ -115,16 +115,23 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
 
-    train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
-    eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
+    if cfg.objective.name != "sft":  # preference pairs (engine/preference/); auto: 1 row of 2 x max_seq_len
+        from engine.preference.run import load_pair_data
+        train_set, eval_set, loader = load_pair_data(
+            cfg, tokenizer, packing=packing, rank=ctx.rank, world_size=ctx.world_size,
+            micro_batch_size=1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size)
+    else:
+        train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
+        eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     micro_batch_size = cfg.train.micro_batch_size
-    if micro_batch_size == "auto":
+    if micro_batch_size == "auto" and cfg.objective.name == "sft":
         from engine.plan import auto_micro_batch_size
         # planned for the rows really used (padded ones carry a mask: a little more memory)
         micro_batch_size = auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
-    loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
-                         packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                         rank=ctx.rank, world_size=ctx.world_size)
+    if cfg.objective.name == "sft":
+        loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
+                             packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
+                             rank=ctx.rank, world_size=ctx.world_size)
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
@@ -199,19 +206,25 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
 
 
 def forward_backward(model, micro: list[dict], *, n_loss: int, scale: float, precision: str,
-                     device: torch.device, chunk_size: int | None) -> torch.Tensor:
+                     device: torch.device, chunk_size: int | None, objective=None, metric_sums: dict | None = None):
     """Accumulate into .grad the gradient of  scale * sum(token losses) / n_loss  over `micro`.
 
     n_loss is the step's global count of loss-carrying tokens, so micro-batch 8 x accumulation 1
     and micro-batch 1 x accumulation 8 give the same gradient. Returns the summed token loss
-    (detached, on the device: no sync)."""
+    (detached, on the device: no sync). With a preference `objective` (engine/preference/) n_loss
+    counts pairs, and its metric sums are added into `metric_sums` (device tensors)."""
     from engine.training.loss import causal_lm_loss
 
     step_loss = torch.zeros((), device=device)
     for batch in micro:
         batch = to_device(batch, device)
         with amp.autocast(precision, device):
-            loss_sum, _ = causal_lm_loss(model, batch, chunk_size=chunk_size)
+            if objective is not None:
+                loss_sum, metrics = objective.loss_sum(model, batch)
+                for key, value in metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0) + value
+            else:
+                loss_sum, _ = causal_lm_loss(model, batch, chunk_size=chunk_size)
         (loss_sum * (scale / n_loss)).backward()
         step_loss += loss_sum.detach()
     return step_loss
@@ -263,6 +276,14 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     def evaluate(step: int) -> float | None:
         if eval_set is None:
             return None
+        if objective is not None:
+            from engine.preference.run import preference_eval
+            result = preference_eval(model, objective, eval_set, max_seq_len=cfg.data.max_seq_len,
+                                     batch_size=cfg.eval.batch_size, packing=loader.packing, precision=precision,
+                                     device=device, pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk)
+            metrics.write({"step": step, "eval_loss": result["loss"],
+                           **{f"eval_{k}": v for k, v in result.items() if k not in ("loss", "pairs")}})
+            return result["loss"]
         result = heldout_loss(model, eval_set, max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
                               packing=loader.packing, precision=precision, device=device,
                               pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk, ctx=ctx)
@@ -270,6 +291,14 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         return result["loss"]
 
     loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
+    from engine.preference.objective import build_objective
+    objective = build_objective(cfg.objective, chunk_size=loss_chunk)  # None: sft
+    count = objective.count if objective is not None else (lambda b: b["num_loss_tokens"])
+    if objective is not None and cfg.objective.precompute_ref:
+        objective.precompute_reference(model, train_set, max_seq_len=cfg.data.max_seq_len,
+                                       micro_batch_size=loader.micro_batch_size, packing=loader.packing,
+                                       pad_token_id=tokenizer.pad_token_id, device=device,
+                                       autocast=lambda: amp.autocast(precision, device))
     if start_step == 0 and counters["eval_loss_before"] is None:
         counters["eval_loss_before"] = evaluate(0)
     batches = iter(loader)
@@ -284,13 +313,15 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             #    token loss is divided by it, so accumulation and ranks never weight a short
             #    sequence more than a long one (FIELD.md bug 1).
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            n_loss = all_reduce_sum_int(sum(b["num_loss_tokens"] for b in micro), ctx)
+            n_loss = all_reduce_sum_int(sum(count(b) for b in micro), ctx)
             if n_loss == 0:
                 raise RuntimeError(f"step {step}: no micro-batch on any rank has a loss-carrying token")
             # 2. Forward / backward. loss_sum is a sum over tokens in fp32, times the fp16 loss
             #    scale (1 otherwise). A micro-batch without targets adds zero gradients, not NaN.
+            metric_sums: dict = {}
             step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
-                                         device=device, chunk_size=loss_chunk)
+                                         device=device, chunk_size=loss_chunk, objective=objective,
+                                         metric_sums=metric_sums)
             all_reduce_grads_([p for _, p in params], ctx)
             # 3. Unscale; a step with inf/NaN grads is skipped: the optimizer never sees it.
             overflowed = scaler.unscale_(params)
@@ -310,11 +341,14 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
 
             # 5. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides
             #    along so every rank stops (and checkpoints) at the same step.
-            tokens, stops = all_reduce_sum_ints([sum(b["num_tokens"] for b in micro), int(stop.requested)], ctx)
+            tokens, stops, loss_tokens = all_reduce_sum_ints([sum(b["num_tokens"] for b in micro), int(stop.requested),
+                                                              sum(b["num_loss_tokens"] for b in micro)], ctx)
             stop_now = stops > 0
             elapsed = time.perf_counter() - t0
             counters["tokens"] += tokens
-            counters["loss_tokens"] += n_loss
+            counters["loss_tokens"] += loss_tokens
+            if objective is not None:
+                counters["pairs"] = counters.get("pairs", 0) + n_loss
             counters["train_seconds"] += elapsed
             window["tokens"] += tokens
             window["seconds"] += elapsed
@@ -326,6 +360,10 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                           "grad_norm": local_scalar(grad_norm), "tokens": counters["tokens"],
                           "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                           "loss_scale": scaler.scale, "peak_mem_gib": peak_memory_bytes(device) / 2**30}
+                if metric_sums:  # preference metrics, per pair (one more all-reduce, on log steps only)
+                    keys = sorted(metric_sums)
+                    sums = all_reduce_sum_tensor(torch.stack([metric_sums[k].float() for k in keys]), ctx)
+                    record.update({k: v / n_loss for k, v in zip(keys, sums.tolist())})
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
@@ -358,7 +396,14 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "train_seconds": counters["train_seconds"],
         "precision": precision, "world_size": ctx.world_size,
     }
-    if cfg.eval.generate and eval_set is not None:
+    if objective is not None and eval_set is not None:
+        from engine.preference.run import preference_accuracy
+        kwargs = dict(max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size, packing=loader.packing,
+                      precision=precision, device=device, pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk)
+        summary.update(objective=cfg.objective.name, pairs=counters.get("pairs", 0),
+                       preference_accuracy_before=preference_accuracy(model, eval_set, base=True, **kwargs),
+                       preference_accuracy_after=preference_accuracy(model, eval_set, **kwargs))
+    if cfg.eval.generate and eval_set is not None and objective is None:
         from engine.evaluate import before_after_scores
         summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
     if ctx.is_main:
@@ -458,7 +503,10 @@ def print_summary(summary: dict) -> None:
     print("\n| metric | before | after |\n|---|---|---|")
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
     print(f"| held-out loss | {fmt(before)} | {fmt(after)} |")
-    if before is not None and after is not None:
+    if "preference_accuracy_before" in summary:
+        print(f"| held-out preference accuracy | {fmt(summary['preference_accuracy_before'])} | "
+              f"{fmt(summary['preference_accuracy_after'])} |")
+    elif before is not None and after is not None:
         print(f"| held-out perplexity | {math.exp(before):.2f} | {math.exp(after):.2f} |")
     for name, pair in (summary.get("scores") or {}).get("table", {}).items():
         print(f"| {name} | {fmt(pair['before'])} | {fmt(pair['after'])} |")

@@ -1,4 +1,5 @@
-"""`python -m engine.data FILE [FILE ...]`: the data report (see engine/data/report.py).
+"""`python -m engine.data FILE [FILE ...]`: the data report (see engine/data/report.py; preference
+pairs: engine/preference/data.py).
 
 Bad input prints one line on stderr (file, line, field, why) and exits with status 2, no traceback.
 """
@@ -32,13 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = DataConfig(train_path=args.paths[0], format=args.format, max_seq_len=args.max_seq_len,
                          loss_on=args.loss_on, length_policy=args.length_policy, on_bad_line=args.on_bad_line)
+        from engine.preference.data import format_pair_report, is_pair_file, load_pair_dataset, load_pairs
+
         for path in args.paths:  # fail fast on bad files, before loading a tokenizer
             dataclasses.replace(cfg, train_path=path).validate()
-            load_examples(path, cfg.format, cfg.on_bad_line)
+            if is_pair_file(path):  # preference pairs (engine/preference/data.py)
+                load_pairs(path, cfg.on_bad_line)
+            else:
+                load_examples(path, cfg.format, cfg.on_bad_line)
         tokenizer = _load_tokenizer(args.tokenizer)
         from engine.data.tokenized import load_dataset
 
         for i, path in enumerate(args.paths):
+            if is_pair_file(path):
+                ds = load_pair_dataset(path, tokenizer, dataclasses.replace(cfg, train_path=path), cache=args.cache)
+                print(("\n" if i else "") + format_pair_report(ds.stats, cfg.length_policy, args.tokenizer))
+                continue
             ds = load_dataset(path, tokenizer, dataclasses.replace(cfg, train_path=path), cache=args.cache)
             examples = load_examples(path, cfg.format, cfg.on_bad_line)
             print(("\n" if i else "") + format_report(ds.stats, examples, args.tokenizer, cfg.length_policy))

@@ -248,6 +248,9 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
                 obj = parse_object(raw)
                 if detected is None:
                     detected = detect_format(obj)
+                    if detected is None and "chosen" in obj and "rejected" in obj:
+                        raise _BadLine("(keys)", "a preference pair (prompt, chosen, rejected): train on it "
+                                       "with objective=dpo or objective=orpo, not sft", obj)
                     if detected is None:
                         raise _BadLine("(keys)", "cannot tell the format from the keys (expected messages, "
                                        "conversations, role+content, prompt+completion, instruction+output or text)", obj)

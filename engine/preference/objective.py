@@ -9,8 +9,8 @@ Both follow the step's Objective protocol (engine/training/objective.py):
 
 so gradient accumulation and DDP weight every pair equally. Metrics (sums; the loop divides by
 the pair count on log steps only): rewards_chosen, rewards_rejected, reward_margin,
-reward_accuracy (chosen reward > rejected reward), logps_chosen, logps_rejected; ORPO adds nll
-and log_odds_ratio. Nothing here reads a value back to the host.
+reward_accuracy (chosen reward > rejected reward), logps_chosen, logps_rejected,
+preference_accuracy (log pi(y_c|x) > log pi(y_r|x)); ORPO adds nll and log_odds_ratio. Nothing here reads a value back to the host.
 
 DPO's reference log-probs come from the same model with adapters off (engine/preference/logprobs.py),
 once per micro-batch, or from a table computed once over the whole dataset before training
@@ -32,7 +32,8 @@ from engine.preference.loss import dpo_losses, orpo_losses
 def _pair_metrics(logps: Tensor, rewards_c: Tensor, rewards_r: Tensor, P: int) -> dict[str, Tensor]:
     return {"rewards_chosen": rewards_c.sum(), "rewards_rejected": rewards_r.sum(),
             "reward_margin": (rewards_c - rewards_r).sum(), "reward_accuracy": (rewards_c > rewards_r).float().sum(),
-            "logps_chosen": logps[:P].detach().sum(), "logps_rejected": logps[P:].detach().sum()}
+            "logps_chosen": logps[:P].detach().sum(), "logps_rejected": logps[P:].detach().sum(),
+            "preference_accuracy": (logps[:P] > logps[P:]).float().sum()}
 
 
 class DPOObjective:

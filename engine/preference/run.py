@@ -1,0 +1,94 @@
+"""What the training loop needs for a preference objective: pair data, loader, held-out evaluation.
+
+Held-out evaluation (every rank evaluates the whole eval file, in order) reports per pair:
+
+    eval_loss                 the objective's loss (DPO: at step 0 the policy is the reference, log 2)
+    eval_reward_accuracy      share of pairs whose chosen reward beats the rejected one
+    eval_reward_margin        mean reward margin
+    eval_preference_accuracy  share of pairs whose chosen reply is more likely than the rejected
+                              one, log pi(y_c|x) > log pi(y_r|x) (summed reply log-probs)
+
+and `preference_accuracy(..., base=True)` measures the last one for the base model (adapters off),
+the "before" column of the summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from engine.layers.lora import adapters_disabled
+from engine.preference.batches import make_pair_loader
+from engine.preference.data import load_pair_dataset
+from engine.preference.logprobs import sequence_logps
+from engine.training import amp
+
+
+def load_pair_data(cfg, tokenizer, *, packing: bool, micro_batch_size: int, rank: int, world_size: int):
+    """(train PairDataset, eval PairDataset or None, PairLoader) for cfg.data's files."""
+    train_set = load_pair_dataset(cfg.data.train_path, tokenizer, cfg.data)
+    eval_set = load_pair_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
+    if rank == 0:
+        s = train_set.stats
+        print(f"{cfg.objective.name}: {s.kept} training pairs ({s.format}; {len(s.dropped_lines)} dropped, "
+              f"{len(s.truncated_lines)} truncated)", file=sys.stderr)
+    loader = make_pair_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
+                              packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
+                              rank=rank, world_size=world_size)
+    return train_set, eval_set, loader
+
+
+def _eval_batches(dataset, *, max_seq_len: int, batch_size: int, packing: bool, pad_token_id: int, device):
+    loader = make_pair_loader(dataset, max_seq_len=max_seq_len, micro_batch_size=batch_size, packing=packing,
+                              seed=0, pad_token_id=pad_token_id, shuffle=False)
+    for batch in loader.one_pass():
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def preference_eval(model, objective, dataset, *, max_seq_len: int, batch_size: int, packing: bool, precision: str,
+                    device: torch.device, pad_token_id: int, chunk_size: int | None) -> dict:
+    """{"loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
+    "preference_accuracy", "pairs"} over all of `dataset` (module docstring); one host sync."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    pairs = 0
+    try:
+        for batch in _eval_batches(dataset, max_seq_len=max_seq_len, batch_size=batch_size, packing=packing,
+                                   pad_token_id=pad_token_id, device=device):
+            with amp.autocast(precision, device):
+                loss_sum, metrics = objective.loss_sum(model, batch)
+            total += loss_sum.double()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.double()
+            pairs += objective.count(batch)
+    finally:
+        model.train(was_training)
+    keys = ("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "preference_accuracy")
+    values = torch.stack([total] + [sums[k] for k in keys]).tolist()  # sync: the result
+    return {"loss": values[0] / pairs, **{k: v / pairs for k, v in zip(keys, values[1:])}, "pairs": pairs}
+
+
+@torch.no_grad()
+def preference_accuracy(model, dataset, *, max_seq_len: int, batch_size: int, packing: bool, precision: str,
+                        device: torch.device, pad_token_id: int, chunk_size: int | None, base: bool = False) -> float:
+    """Share of held-out pairs with log pi(chosen) > log pi(rejected); base=True: adapters off."""
+    was_training = model.training
+    model.eval()
+    correct, pairs = torch.zeros((), device=device), 0
+    try:
+        with adapters_disabled(model) if base else nullcontext():
+            for batch in _eval_batches(dataset, max_seq_len=max_seq_len, batch_size=batch_size, packing=packing,
+                                       pad_token_id=pad_token_id, device=device):
+                with amp.autocast(precision, device):
+                    logps = sequence_logps(model, batch, chunk_size=chunk_size)
+                P = batch["num_pairs"]
+                correct += (logps[:P] > logps[P:]).sum()
+                pairs += P
+    finally:
+        model.train(was_training)
+    return float(correct.item()) / max(pairs, 1)
