@@ -114,6 +114,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     xs, ys = _series(train, "tokens_per_s")
     bottom.plot(xs, ys, color="C2", lw=1.2, marker=_marker(xs), label="tokens/s")
     bottom.set_ylim(bottom=0)  # from zero: step-to-step noise should not look like a trend
+    if any("reward_accuracy" in r for r in train) or any("eval_preference_accuracy" in r for r in evals):
+        _preference_axis(bottom, train, evals)  # DPO / ORPO runs (engine/preference/)
     if not (train or evals):
         top.text(0.5, 0.5, "no metrics yet", transform=top.transAxes, ha="center", va="center", color="0.4")
         for ax in (top, bottom, lr_axis):
@@ -123,6 +125,21 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     out = Path(out_path) if out_path else run_dir / "loss.png"
     _save(fig, out)
     return out
+
+
+def _preference_axis(bottom, train: list[dict], evals: list[dict]) -> None:
+    """Right axis of the bottom panel: training reward accuracy and held-out preference accuracy."""
+    acc = bottom.twinx()
+    handles = []
+    for records, key, style in ((train, "reward_accuracy", dict(color="C1", lw=1)),
+                                (evals, "eval_reward_accuracy", dict(color="C4", lw=1.5, marker="o", ms=4)),
+                                (evals, "eval_preference_accuracy", dict(color="C3", lw=1.5, marker="s", ms=4))):
+        xs, ys = _series(records, key)
+        if xs:
+            handles += acc.plot(xs, ys, label=key.replace("_", " "), **style)
+    acc.set_ylim(0, 1.02)
+    acc.set_ylabel("accuracy")
+    acc.legend(handles=handles, loc="lower right", framealpha=0.9, fontsize="small")
 
 
 def _run_labels(run_dirs: list[Path]) -> list[str]:
