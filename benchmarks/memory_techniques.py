@@ -42,7 +42,8 @@ def build(shape: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.layers.lora import inject_lora, mark_only_lora_trainable
+    from engine.layers.lora import mark_only_lora_trainable
+    from engine.layers.inject import inject_lora
 
     config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["hidden"] * 3,
                          num_hidden_layers=shape["layers"], num_attention_heads=max(1, shape["hidden"] // 64),

@@ -23,15 +23,19 @@ from pathlib import Path
 
 import torch
 
-from engine.training import amp
-
-from engine.training import checkpoint
-
-from engine.speed import host_memory
+from engine import speed
 from engine.config import ConfigError, RunConfig
-from engine.parallel.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_ints,
-                                all_reduce_sum_tensor, barrier, gather_to_main, init_distributed, local_scalar,
-                                shutdown)
+from engine.data import load_dataset, make_loader
+from engine.evaluate import heldout_loss
+from engine.export.adapter import save_adapter
+from engine.model.build import build_model, enable_activation_checkpointing
+from engine.model.isolation import packing_for
+from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
+                                         gather_to_main, init_distributed, local_scalar, shutdown)
+from engine.training import amp, checkpoint
+from engine.training.objective import CausalLM
+from engine.training.optim import build_optimizer, build_scheduler
+from engine.training.step import train_step
 
 
 # ---------------------------------------------------------------- small helpers
@@ -50,10 +54,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -90,23 +90,20 @@ class MetricsLog:
 
 # ---------------------------------------------------------------- setup
 def build_everything(cfg: RunConfig, ctx: DistContext):
-    """Model, tokenizer, data, loader, optimizer, schedule, scaler: everything the loop needs."""
-    from engine.data import load_dataset, make_loader
-    from engine.model.isolation import packing_for
-    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
-    from engine.training.optim import build_optimizer, build_scheduler
-
+    """Model, tokenizer, data, loader, optimizer, schedule, scaler, objective: what the loop needs.
+    The run's first lines say which precision and which speed plan it took, and why."""
     device = ctx.device
-    precision = amp.resolve_precision(cfg.train.precision, device)
-    if ctx.is_main and cfg.train.precision == "auto" and device.type == "cpu" and amp.cpu_has_native_bf16():
-        print("note: this CPU has native bf16 matmuls: train.precision=bf16 trains 2-3x faster than the fp32 "
-              "that auto means on a CPU (README, quickstart)", file=sys.stderr)
-    host_memory.configure(cfg.train.retain_host_memory, device.type, announce=ctx.is_main)
+    precision, why = amp.choose_precision(cfg.train.precision, device)
+    plan = speed.resolve(cfg.speed, device=device, precision=precision, fsdp=cfg.train.fsdp,
+                         offload_activations=cfg.train.offload_activations)
+    if ctx.is_main:
+        print(f"precision: {precision} ({why})", file=sys.stderr)
+        speed.announce(plan)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
-    apply_speed_switches(model, cfg.train, precision=precision, announce=ctx.is_main)
+        enable_activation_checkpointing(model)
+    kernels = speed.apply(plan, model)
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
@@ -119,16 +116,17 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     micro_batch_size = cfg.train.micro_batch_size
     if micro_batch_size == "auto":
-        from engine.plan import auto_micro_batch_size
+        from engine import plan as planner  # the planner: only for micro_batch_size=auto
         # planned for the rows really used (padded ones carry a mask: a little more memory)
-        micro_batch_size = auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
+        micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
     loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
                          packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                         rank=ctx.rank, world_size=ctx.world_size)
+                         rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
-    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision
+    objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
+    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision, objective
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -138,8 +136,6 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     Every rank's RNG state is gathered (dropout draws differ per rank). The loader state is
     rank 0's: it is the same on every rank (epoch, index into each rank's own share). Under FSDP
     the sharded LoRA weights and Adam moments are gathered to full tensors first."""
-    from engine.export.adapter import save_adapter
-
     rng_ranks = gather_to_main(resume_point["rng"], ctx)
     weights = nullcontext()
     if ctx.fsdp:
@@ -198,25 +194,6 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
     return int(state["step"]), dict(state["counters"])
 
 
-def forward_backward(model, micro: list[dict], *, n_loss: int, scale: float, precision: str,
-                     device: torch.device, chunk_size: int | None) -> torch.Tensor:
-    """Accumulate into .grad the gradient of  scale * sum(token losses) / n_loss  over `micro`.
-
-    n_loss is the step's global count of loss-carrying tokens, so micro-batch 8 x accumulation 1
-    and micro-batch 1 x accumulation 8 give the same gradient. Returns the summed token loss
-    (detached, on the device: no sync)."""
-    from engine.training.loss import causal_lm_loss
-
-    step_loss = torch.zeros((), device=device)
-    for batch in micro:
-        batch = to_device(batch, device)
-        with amp.autocast(precision, device):
-            loss_sum, _ = causal_lm_loss(model, batch, chunk_size=chunk_size)
-        (loss_sum * (scale / n_loss)).backward()
-        step_loss += loss_sum.detach()
-    return step_loss
-
-
 # ---------------------------------------------------------------- the loop
 def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     """Train per `cfg`; return the summary (also written to output_dir/summary.json).
@@ -241,8 +218,6 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
 def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     from tqdm import tqdm
 
-    from engine.evaluate import heldout_loss
-
     if cfg.train.fsdp:
         from engine.parallel.fsdp import ensure_process_group
         ctx = ensure_process_group(ctx)
@@ -251,7 +226,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     (model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler,
-     precision) = build_everything(cfg, ctx)
+     precision, objective) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader, ctx)
@@ -280,32 +255,17 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     with StopOnSignal() as stop:
         for step in range(start_step + 1, tc.max_steps + 1):
             t0 = time.perf_counter()
-            # 1. The step's micro-batches, and the global count of loss-carrying tokens: every
-            #    token loss is divided by it, so accumulation and ranks never weight a short
-            #    sequence more than a long one (FIELD.md bug 1).
+            # 1. The step: forward/backward over grad_accum micro-batches, each token loss divided
+            #    by the step's global count of loss tokens, then unscale, clip, step, schedule
+            #    (engine/training/step.py). An fp16 step with inf/NaN gradients is skipped.
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            n_loss = all_reduce_sum_int(sum(b["num_loss_tokens"] for b in micro), ctx)
-            if n_loss == 0:
-                raise RuntimeError(f"step {step}: no micro-batch on any rank has a loss-carrying token")
-            # 2. Forward / backward. loss_sum is a sum over tokens in fp32, times the fp16 loss
-            #    scale (1 otherwise). A micro-batch without targets adds zero gradients, not NaN.
-            step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
-                                         device=device, chunk_size=loss_chunk)
-            all_reduce_grads_([p for _, p in params], ctx)
-            # 3. Unscale; a step with inf/NaN grads is skipped: the optimizer never sees it.
-            overflowed = scaler.unscale_(params)
-            scaler.update(found_inf=bool(overflowed))
-            if overflowed:
+            result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, precision=precision, device=device,
+                                max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
+            step_loss, n_loss, grad_norm = result.loss_sum, result.count, result.grad_norm
+            if result.overflowed:
                 counters["skipped_steps"] += 1
-                check_overflow(step, overflowed, scaler, tc.max_consecutive_skips)
-                grad_norm = float("nan")
-            else:
-                # 4. Clip (unscaled grads), step.
-                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+                check_overflow(step, result.overflowed, scaler, tc.max_consecutive_skips)
             resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
 
             # 5. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides

@@ -19,7 +19,8 @@ from benchmarks.throughput import (_model_config, _precision, _setup_torch, engi
 from engine import amp  # noqa: E402
 from engine.config import OptimConfig, TrainConfig  # noqa: E402
 from engine.data import make_loader  # noqa: E402
-from engine.layers.lora import inject_lora, mark_only_lora_trainable  # noqa: E402
+from engine.layers.lora import mark_only_lora_trainable  # noqa: E402
+from engine.layers.inject import inject_lora
 from engine.model.build import apply_speed_switches, enable_activation_checkpointing  # noqa: E402
 from engine.training.optim import build_optimizer  # noqa: E402
 

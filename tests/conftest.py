@@ -143,7 +143,7 @@ def counting_run_config(root, model_dir, peft, *, max_steps: int = 3, lr: float 
     return RunConfig(output_dir=str(root / "run"), model=ModelConfig(path=str(model_dir)),
                      data=DataConfig(train_path=str(root / "train.jsonl"), max_seq_len=64, cache_dir=str(root / "cache")),
                      peft=peft, optim=OptimConfig(lr=lr),
-                     train=TrainConfig(max_steps=max_steps, micro_batch_size=2, plots=False)).validate()
+                     train=TrainConfig(max_steps=max_steps, micro_batch_size=2, precision="fp32", plots=False)).validate()
 
 
 @pytest.fixture
@@ -185,3 +185,22 @@ def _host_memory_flag_per_test():
     yield
     from engine.speed import host_memory
     host_memory._retained = False
+
+
+def apply_speed(model, precision: str = "fp32", off=(), **speed):
+    """The speed plan engine.train would resolve for `model` on its device under `precision`
+    (host memory left alone unless asked), minus the switches in `off`, applied; returns the
+    StepKernels for the loss."""
+    from engine.config import SpeedConfig
+    from engine.speed import plan as speed_plan
+
+    speed.setdefault("retain_host_memory", False)
+    plan = speed_plan.resolve(SpeedConfig(**speed), device=next(model.parameters()).device, precision=precision)
+    return speed_plan.apply(plan.off(*off) if off else plan, model)
+
+
+def use_packed_attention(model, enabled: bool = True) -> None:
+    """The core's per-document attention (SDPA per document), or plain SDPA again."""
+    from engine.model.attention import register_packed_attention, set_attention
+
+    set_attention(model, register_packed_attention() if enabled else None)

@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from engine.layers.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
+from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
+from engine.layers.inject import inject_lora
 from engine.layers.groups import SharedInputGroup, set_grouped_lora
 from tests.conftest import make_tiny_model
 
