@@ -9,22 +9,22 @@
 
 Configurations (`--configs`, run in this order, rotated every repeat so none always runs first
 or last; each run is a fresh subprocess, so peak RSS is per configuration):
-  engine          this engine's real step: build_model, engine.data (packed rows of --seq-len),
-                  engine.train.forward_backward (chunked loss, fused LoRA, packed attention),
-                  loss scaler, clip, AdamW
-  engine_nofuse   the same with train.fused_lora=false (what that switch buys)
-  engine_dense_attn  the same with train.packed_attention=false (SDPA over T x T with a mask)
-  engine_sdpa_short  the same with train.cpu_short_attention=0 (acts on a CPU under bf16 only:
+  engine          this engine's real step: build_model, the speed plan engine.train resolves,
+                  engine.data (packed rows of --seq-len), engine.training.step.train_step
+                  (chunked loss, fused LoRA, packed attention, loss scaler, clip, AdamW)
+  engine_nofuse   the same with speed.disable=[fused_lora] (what that switch buys)
+  engine_dense_attn  the same with speed.disable=[packed_attention] (SDPA over T x T with a mask)
+  engine_sdpa_short  the same with speed.disable=[short_attention] (acts on a CPU under bf16 only:
                   SDPA's flash kernel for every document instead of the explicit short-document one)
-  engine_doc_nodes    the same with train.batch_short_documents=false (one attention node per
+  engine_doc_nodes    the same with speed.disable=[batch_short_documents] (one attention node per
                   short document, with its splits and concatenations, instead of one per layer)
-  engine_eager_norms  the same with train.compile_norms=false (RMSNorm as transformers' eager
+  engine_eager_norms  the same with speed.disable=[compile_norms] (RMSNorm as transformers' eager
                   ops; by default a CPU compiles each norm into one kernel, paid in the warmup)
-  engine_eager_loss   the same with train.compile_loss=false (the chunked loss's eager cross-entropy)
-  engine_ungrouped    the same with train.grouped_lora=false (one A matmul per LoRA layer)
-  engine_compiled the same with compile_norms and compile_loss forced true (auto leaves them off on
+  engine_eager_loss   the same with speed.disable=[compile_loss] (the chunked loss's eager cross-entropy)
+  engine_ungrouped    the same with speed.disable=[grouped_lora] (one A matmul per LoRA layer)
+  engine_compiled the same with speed.compile=true (auto leaves them off on
                   a GPU, where they are not measured yet: scripts/gpu_check.sh measures this row)
-  engine_malloc_default  the same with train.retain_host_memory=false (glibc's own malloc thresholds:
+  engine_malloc_default  the same with speed.disable=[retain_host_memory] (glibc's own malloc thresholds:
                   the step's large blocks go back to the kernel and are faulted in again)
   engine_ckpt     the same with activation checkpointing (+ offload with --offload)
   hf_padded       HF Trainer + PEFT LoRA, SDPA, the same tokenized documents and labels, one
@@ -66,43 +66,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its two modules, when imported from elsewhere
+from throughput_inputs import (ALL_CONFIGS, LABELS, RESULTS, ROOT, SEED_CONFIGS, _precision,  # noqa: E402
+                               data_path, flops_per_useful_token, resolve_model)
+from throughput_runs import run_worker  # noqa: E402
 # ----------------------------------------------------------------------------- driver
 
 def engine_switches(kind: str, args) -> dict:
-    """TrainConfig fields of each configuration (the real switches, nothing benchmark-only)."""
-    base = {"chunked_loss": True, "loss_chunk_size": args.loss_chunk_size, "fused_lora": True,
-            "packed_attention": True, "activation_checkpointing": args.checkpointing,
-            "offload_activations": args.offload}
-    if kind == "engine_nofuse":
-        base["fused_lora"] = False
-    if kind == "engine_dense_attn":
-        base["packed_attention"] = False
-    if kind == "engine_sdpa_short":
-        base["cpu_short_attention"] = 0
-    if kind == "engine_doc_nodes":
-        base["batch_short_documents"] = False
-    if kind == "engine_eager_norms":
-        base["compile_norms"] = False
-    if kind == "engine_eager_loss":
-        base["compile_loss"] = False
-    if kind == "engine_ungrouped":
-        base["grouped_lora"] = False
+    """The train and speed settings of each configuration (the real switches, nothing benchmark-only):
+    the default speed plan for the device, minus the switch a row measures."""
+    train = {"chunked_loss": True, "loss_chunk_size": args.loss_chunk_size,
+             "activation_checkpointing": args.checkpointing or kind == "engine_ckpt",
+             "offload_activations": args.offload}
+    speed = {}
+    off = {"engine_nofuse": "fused_lora", "engine_dense_attn": "packed_attention", "engine_sdpa_short": "short_attention",
+           "engine_doc_nodes": "batch_short_documents", "engine_eager_norms": "compile_norms",
+           "engine_eager_loss": "compile_loss", "engine_ungrouped": "grouped_lora",
+           "engine_malloc_default": "retain_host_memory"}
+    if kind in off:
+        speed["disable"] = [off[kind]]
     if kind == "engine_compiled":
-        base["compile_norms"] = base["compile_loss"] = True
-    if kind == "engine_malloc_default":
-        base["retain_host_memory"] = False
-    if kind == "engine_ckpt":
-        base["activation_checkpointing"] = True
-    return base
+        speed["compile"] = True
+    return {"train": train, "speed": speed}
 
 
 def spawn(spec: dict, timeout: float) -> dict:
@@ -366,3 +358,7 @@ def physical_cores() -> int:
         return torch.get_num_threads()
     except ImportError:
         return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

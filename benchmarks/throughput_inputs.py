@@ -2,17 +2,15 @@
 tiny and known shapes, random bases), the data (quickstart, the seed's file, synthetic documents),
 FLOPs per token and the machine's measured peak, and the small per-worker torch setup."""
 
+from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

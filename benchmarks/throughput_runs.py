@@ -7,35 +7,33 @@ the planner's prediction beside each measurement. None of them has a backward or
 of its own.
 """
 
+from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
+import time
 
-def run_engine(spec: dict) -> dict:
-    """This engine's real training step (engine.train's pieces, in the loop's order)."""
-    torch, device = _setup_torch(spec)
-    from engine.training import amp
-    from engine.speed import host_memory
-    from engine.config import ModelConfig, OptimConfig, PeftConfig, TrainConfig
-    from engine.data import make_loader
-    from engine.model.isolation import packing_for
-    from engine.layers.lora import mark_only_lora_trainable
+from throughput_inputs import (ALL_CONFIGS, SEED_BATCH, SEED_CONFIGS, T4_BYTES, _model_config, _peak_memory,
+                               _precision, _setup_torch, data_path, doc_stats, engine_docs, flop_terms, measure_peak,
+                               random_base_model, seed_features)
+
+
+def build_engine(spec: dict, torch, device, precision: str):
+    """(model, tokenizer or None, pad id, kernels, activation offloader or None): the model as
+    engine.train builds it, with the configuration's train and speed settings."""
+    from engine import speed
+    from engine.config import ModelConfig, PeftConfig, SpeedConfig
     from engine.layers.inject import inject_lora
-    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
-    from engine.training.optim import build_optimizer
+    from engine.layers.lora import mark_only_lora_trainable
+    from engine.model.build import build_model, enable_activation_checkpointing
     from engine.train import seed_everything
+    from engine.training import amp
 
-    precision = _precision(spec)
-    tc = TrainConfig(**spec["engine"])
-    host_memory.configure(tc.retain_host_memory, device.type)  # as engine.train does, first
+    tc, sc = spec["engine"]["train"], SpeedConfig(**spec["engine"]["speed"])
+    plan = speed.resolve(sc, device=device, precision=precision,
+                         offload_activations=tc.get("offload_activations", False))
+    print(plan.describe(), file=sys.stderr)
     seed_everything(0)
     peft = PeftConfig(method=spec["method"], r=spec["r"], alpha=spec["alpha"], targets=spec["targets"])
     if spec["model"].startswith("shape:"):
@@ -43,23 +41,42 @@ def run_engine(spec: dict) -> dict:
         model = random_base_model(config, method=spec["method"], device=device, dtype=amp.DTYPES[precision])
         inject_lora(model, peft.targets, peft.r, peft.alpha)
         mark_only_lora_trainable(model)
-        pad_id = 0
-        tokenizer = None
+        tokenizer, pad_id = None, 0
     else:
         model, tokenizer = build_model(ModelConfig(path=spec["model"], attn_implementation="sdpa"), peft,
                                        device=device, compute_dtype=amp.DTYPES[precision])
         pad_id = tokenizer.pad_token_id
-    if tc.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=tc.offload_activations)
-    apply_speed_switches(model, tc, precision=precision)
+    if tc.get("activation_checkpointing"):
+        enable_activation_checkpointing(model)
+    kernels = speed.apply(plan, model)
+    return model, tokenizer, pad_id, kernels, getattr(model, "_activation_offloader", None)
+
+
+def run_engine(spec: dict) -> dict:
+    """This engine's real training step (engine.train's pieces, in the loop's order)."""
+    torch, device = _setup_torch(spec)
+    from engine.config import OptimConfig
+    from engine.data import make_loader
+    from engine.model.isolation import packing_for
+    from engine.speed import host_memory
+    from engine.train import trainable_parameters
+    from engine.training import amp
+    from engine.training.objective import CausalLM
+    from engine.training.optim import build_optimizer
+    from engine.training.step import train_step
+
+    precision = _precision(spec)
+    tc = spec["engine"]["train"]
+    model, tokenizer, pad_id, kernels, _ = build_engine(spec, torch, device, precision)
     packing = packing_for(model, True, precision=precision)  # as engine.train decides it
     docs = engine_docs(spec, tokenizer, model.config.vocab_size)
     stats = doc_stats([len(d["input_ids"]) for d in docs], sum(sum(t != -100 for t in d["labels"]) for d in docs))
     loader = make_loader(docs, max_seq_len=spec["seq_len"], micro_batch_size=spec["micro_batch"], packing=packing,
-                         seed=0, pad_token_id=pad_id)
+                         seed=0, pad_token_id=pad_id, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
-    chunk = tc.loss_chunk_size if tc.chunked_loss else None
+    objective = CausalLM(tc["loss_chunk_size"] if tc.get("chunked_loss", True) else None, kernels)
+    params = trainable_parameters(model)
     batches = iter(loader)
     model.train()
     steps, losses = [], []
@@ -68,8 +85,9 @@ def run_engine(spec: dict) -> dict:
     for i in range(spec["warmup"] + spec["steps"]):
         t0, c0, f0 = time.perf_counter(), time.process_time(), host_memory.minor_faults()
         micro = [next(batches)]
-        step_loss, n_loss = engine_step(model, micro, optimizer, scaler, precision=precision, device=device,
-                                        chunk_size=chunk)
+        result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer, scheduler=None,
+                            scaler=scaler, precision=precision, device=device, max_grad_norm=1.0)
+        step_loss, n_loss = result.loss_sum, result.count
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # time the step, not its launch
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -107,7 +125,7 @@ def _hf_model(spec: dict, torch, device, precision: str):
         tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model.config.use_cache = False
     if spec["method"] == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["engine"]["activation_checkpointing"])
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["engine"]["train"]["activation_checkpointing"])
     targets = spec["targets"]
     lora = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                       target_modules=targets if targets == "all-linear" or isinstance(targets, list) else targets)
@@ -170,7 +188,7 @@ def run_hf(spec: dict, mode: str) -> dict:
             return features[i]
 
     total = spec["warmup"] + spec["steps"]
-    ckpt = spec["engine"]["activation_checkpointing"] or mode == "seed_ckpt"
+    ckpt = spec["engine"]["train"]["activation_checkpointing"] or mode == "seed_ckpt"
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_steps=total,
@@ -217,20 +235,16 @@ def run_probe(spec: dict) -> dict:
     its last 30%."""
     torch, device = _setup_torch(spec)
     from engine.training import amp
-    from engine.config import TrainConfig
-    from engine.layers.lora import mark_only_lora_trainable
-    from engine.layers.inject import inject_lora
-    from engine.model.build import apply_speed_switches, enable_activation_checkpointing
-    from engine.train import forward_backward, seed_everything
+    from engine.model.packing import packing_context
+    from engine.training.objective import CausalLM
+    from engine.training.step import forward_backward
 
     precision = _precision(spec)
-    seed_everything(0)
     config = _model_config(spec["model"])
-    model = random_base_model(config, method=spec["method"], device=device, dtype=amp.DTYPES[precision])
-    inject_lora(model, spec["targets"], spec["r"], spec["alpha"])
-    mark_only_lora_trainable(model)
-    offloader = enable_activation_checkpointing(model, offload=True)
-    apply_speed_switches(model, TrainConfig())  # fused LoRA, packed attention: the defaults
+    spec = {**spec, "engine": {"train": {"activation_checkpointing": True, "offload_activations": True},
+                               "speed": {}}}  # every memory switch on, speed as auto decides
+    model, _, _, kernels, offloader = build_engine(spec, torch, device, precision)
+    objective = CausalLM(1024, kernels)
     model.train()
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
 
@@ -253,14 +267,15 @@ def run_probe(spec: dict) -> dict:
         labels[0, : T - T * 3 // 10] = -100
         labels[0, -1] = -100
         batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T)[None],
-                 "num_loss_tokens": int((labels != -100).sum()), "num_tokens": T}
+                 "num_loss_tokens": int((labels != -100).sum()), "num_tokens": T,
+                 "packing": packing_context(labels, [[T]], num_tokens=T)}
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
-            forward_backward(model, [batch], n_loss=batch["num_loss_tokens"], scale=scaler.scale,
-                             precision=precision, device=device, chunk_size=1024)
+            forward_backward(model, [batch], objective=objective, count=batch["num_loss_tokens"],
+                             scale=scaler.scale, precision=precision, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ok, error = True, None

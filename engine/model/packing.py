@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-@dataclass
+@dataclass(eq=False)
 class PackingContext:
     """Host-side facts about one micro-batch (see the module docstring). Tensors live on the host
     until `to(device)` copies them (non_blocking: pinned on a GPU, the copy overlaps the step)."""
@@ -40,6 +40,13 @@ class PackingContext:
     num_loss_tokens: int
     packed: bool = True
     kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, PackingContext) and self.doc_lengths == other.doc_lengths
+                and torch.equal(self.label_index, other.label_index)
+                and torch.equal(self.label_targets, other.label_targets)
+                and (self.num_tokens, self.num_loss_tokens, self.packed)
+                == (other.num_tokens, other.num_loss_tokens, other.packed))
 
     @property
     def batch_size(self) -> int:
