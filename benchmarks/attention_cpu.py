@@ -52,7 +52,7 @@ def sdpa_row(q, k, v, lengths):
 def short_row(q, k, v, lengths):
     import torch
 
-    from engine.model.attention import ShortCausalAttention, causal_bias
+    from engine.speed.cpu_attention import ShortCausalAttention, causal_bias
 
     groups = q.shape[1] // k.shape[1]
     cache: dict = {}

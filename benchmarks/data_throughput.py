@@ -31,7 +31,7 @@ from engine.config import DataConfig  # noqa: E402
 from engine.data import load_dataset, make_loader, pack_documents  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = [os.path.join(os.path.dirname(ROOT), "shared", "seed", name)  # ../shared beside the checkout
+SEED = [os.path.join(ROOT, "data", "seed_msa", name)  # the seed's files, shipped in the repository
         for name in ("formatted_train_set.jsonl", "formatted_test_set.jsonl")]
 
 

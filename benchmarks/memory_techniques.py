@@ -42,7 +42,8 @@ def build(shape: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.layers.lora import inject_lora, mark_only_lora_trainable
+    from engine.layers.lora import mark_only_lora_trainable
+    from engine.layers.inject import inject_lora
 
     config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["hidden"] * 3,
                          num_hidden_layers=shape["layers"], num_attention_heads=max(1, shape["hidden"] // 64),
@@ -59,15 +60,18 @@ def build(shape: dict):
 def worker(spec: dict) -> dict:
     import torch
 
-    from engine.training.loss import causal_lm_loss
     from engine.model.build import enable_activation_checkpointing
     from engine.plan import LiveBytes, batch_tensors
+    from engine.speed.offload import install_offload
+    from engine.training.loss import causal_lm_loss
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     model = build(spec["shape"])
     offloader = None
     if spec.get("checkpointing"):
-        offloader = enable_activation_checkpointing(model, offload=spec.get("offload", False))
+        enable_activation_checkpointing(model)
+        if spec.get("offload", False):
+            offloader = install_offload(model, use_reentrant=False)
     T = spec["seq_len"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec["shape"]["vocab"], (1, T), generator=g)

@@ -191,9 +191,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     precision: str = "auto"
-    """auto (bf16 where the GPU has it, fp16 on a T4-class GPU, fp32 on CPU) | fp32 | fp16 | bf16.
-    bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX): 2.3-2.9x fp32 measured; fp16 on a
-    CPU only exercises loss scaling (no fast fp16 matmul there)."""
+    """auto | fp32 | fp16 | bf16. auto: bf16 on a GPU that has it, fp16 (with loss scaling) on older
+    GPUs (a T4), bf16 on a CPU with native bf16 matmuls (AVX512-BF16, AMX), fp32 on other CPUs;
+    the run's first lines say which and why. fp16 on a CPU only exercises loss scaling."""
     seed: int = 0
     """Seeds model init (LoRA A), dropout and data order."""
     resume: str = "auto"
@@ -215,44 +215,6 @@ class TrainConfig:
     the full [tokens, vocab] logits never exist."""
     loss_chunk_size: int = 1024
     """Tokens per lm_head/cross-entropy chunk."""
-    fused_lora: bool = True
-    """LoRA forward as one addmm, out + s * (x A^T) B^T, instead of B's matmul, a scale and an add
-    over [tokens, out] (speed only, same math; benchmarks/results/throughput_*.md has the row)."""
-    grouped_lora: bool = True
-    """LoRA A matmuls of sibling linears that read the same input (q/k/v, gate/up) as one matmul
-    over their stacked A matrices, each way (engine/layers/groups.py). Same math; off under FSDP
-    and for DoRA or LoRA dropout."""
-    packed_attention: bool = True
-    """Packed rows: one causal SDPA call per document (engine/model/attention.py) instead of SDPA over
-    all T x T pairs with a block-diagonal mask; same math, O(sum n_i^2) work. Needs
-    model.attn_implementation=sdpa; other rows fall back to transformers' SDPA."""
-    cpu_short_attention: int = 256
-    """With packed_attention, on a CPU under bf16: documents of up to this many tokens run attention
-    as explicit matmuls that keep the [heads, n, n] probabilities for backward
-    (engine/model/attention.py ShortCausalAttention) instead of the CPU flash kernel, whose backward is
-    slow at short lengths; 0: off. Same math (scores rounded to bf16 as in eager attention; errors
-    on par with the flash kernel's); memory grows as n^2, hence the limit."""
-    batch_short_documents: bool = True
-    """With cpu_short_attention: all documents of a micro-batch go through one autograd node per
-    layer (engine/model/attention.py PackedShortAttention), computed one by one with the same kernels,
-    instead of one node per document with its splits, concatenations and output transposes.
-    Bit-identical results; less framework work per document."""
-    compile_norms: Any = "auto"
-    """auto | true | false: each RMSNorm's forward and backward as one fused kernel (torch.compile
-    of the module's own forward, training forward only; engine/speed/compiled.py). Same math; ~8x less
-    time per norm on a CPU, paid for once by a compilation in the first step (~10 s cold, ~1 s
-    from inductor's cache). auto: on a CPU training in bf16 with a C++ compiler, outside FSDP (in
-    fp32 the step measured no faster); true elsewhere (a GPU, with triton) is not measured yet."""
-    compile_loss: Any = "auto"
-    """auto | true | false: with chunked_loss, the cross-entropy and its gradient as two fused
-    compiled passes over each chunk's logits in their own dtype, instead of an fp32 copy and
-    five eager passes (engine/speed/compiled.py, engine/training/loss.py). Same math; auto as compile_norms."""
-    retain_host_memory: Any = "auto"
-    """auto | true | false: keep the host memory a step frees inside the process (glibc's malloc
-    thresholds fixed, engine/speed/host_memory.py) instead of letting each step's large activations come
-    back from the kernel page by page (20-60k page faults per quickstart step on a CPU). A process
-    setting; the chunked loss then keeps each chunk's logits under 32 MiB. auto: training on a
-    CPU with glibc."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
     device: str = "auto"
@@ -276,7 +238,7 @@ class TrainConfig:
         if self.grad_accum <= 0:
             _fail("train.grad_accum", f"must be > 0, got {self.grad_accum!r}")
         _one_of("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
-        for key in ("eval_every", "save_every", "cpu_short_attention"):
+        for key in ("eval_every", "save_every"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)!r}")
         if self.keep_last < 1:
@@ -286,12 +248,6 @@ class TrainConfig:
         if self.offload_activations and not self.activation_checkpointing:
             _fail("train.offload_activations", "needs train.activation_checkpointing=true "
                   "(what is offloaded are the block checkpoints)")
-        _one_of("train.retain_host_memory", self.retain_host_memory, ("auto", True, False))
-        for key in ("compile_norms", "compile_loss"):
-            _one_of(f"train.{key}", getattr(self, key), ("auto", True, False))
-            if getattr(self, key) is True and self.fsdp:
-                _fail(f"train.{key}", "true is not supported with train.fsdp=true (the weights are DTensor "
-                      "shards); use auto or false")
         if self.loss_chunk_size < 1:
             _fail("train.loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size!r}")
         if not (self.resume in ("auto", "never") or os.path.isdir(self.resume)):
@@ -302,6 +258,39 @@ class TrainConfig:
             import torch
             if not torch.cuda.is_available():
                 _fail("train.device", f"{self.device!r} asked for but no CUDA GPU is visible")
+
+
+@dataclass
+class SpeedConfig:
+    """Device-specific speed (engine/speed/): the same math, computed faster where measured to pay.
+    The plan resolved from these for the device, precision and model is printed at start-up."""
+
+    mode: str = "auto"
+    """auto: every speed switch measured to pay on this device and possible here | off: the
+    reference path (plain SDPA with transformers' mask, unfused LoRA, eager kernels), for A/B checks."""
+    compile: Any = "auto"
+    """auto | true | false: RMSNorm and the chunked loss's cross-entropy as compiled fused kernels
+    (engine/speed/compiled.py). auto: on a CPU training in bf16 where inductor finds a C++ compiler,
+    outside FSDP; true elsewhere (a GPU, with triton) is not measured."""
+    retain_host_memory: Any = "auto"
+    """auto | true | false: keep the host memory a step frees inside the process (glibc's malloc
+    thresholds fixed; engine/speed/host_memory.py). A process setting with no undo; the chunked loss
+    then keeps each chunk's logits in the heap. auto: training on a CPU with glibc."""
+    disable: Any = field(default_factory=list)
+    """Speed switches to turn off by name, e.g. [grouped_lora, compile_loss]: fused_lora, grouped_lora,
+    packed_attention, short_attention, batch_short_documents, compile_norms, compile_loss,
+    retain_host_memory (what each does: engine/speed/plan.py)."""
+
+    def validate(self) -> None:
+        _one_of("speed.mode", self.mode, ("auto", "off"))
+        _one_of("speed.compile", self.compile, ("auto", True, False))
+        _one_of("speed.retain_host_memory", self.retain_host_memory, ("auto", True, False))
+        known = ("fused_lora", "grouped_lora", "packed_attention", "short_attention", "batch_short_documents",
+                 "compile_norms", "compile_loss", "retain_host_memory")
+        if not isinstance(self.disable, (list, tuple)):
+            _fail("speed.disable", f"must be a list of switch names, got {self.disable!r}")
+        for name in self.disable:
+            _one_of("speed.disable", name, known)
 
 
 @dataclass
@@ -359,11 +348,13 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.model, self.data, self.peft, self.optim, self.train, self.eval, self.objective):
+        for section in (self.model, self.data, self.peft, self.optim, self.train, self.speed, self.eval,
+                        self.objective):
             section.validate()
         if not self.output_dir:
             _fail("output_dir", "is empty")
@@ -371,7 +362,8 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "peft": PeftConfig,
-            "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig, "objective": ObjectiveConfig}
+            "optim": OptimConfig, "train": TrainConfig, "speed": SpeedConfig, "eval": EvalConfig,
+            "objective": ObjectiveConfig}
 
 
 def from_dict(raw: dict) -> RunConfig:
@@ -395,6 +387,8 @@ def from_dict(raw: dict) -> RunConfig:
             section["betas"] = tuple(section["betas"])
         if name == "peft" and isinstance(section.get("targets"), (list, tuple)):
             section["targets"] = list(section["targets"])
+        if name == "speed" and isinstance(section.get("disable"), (list, tuple)):
+            section["disable"] = list(section["disable"])
         kwargs[name] = cls(**section)
     if "output_dir" in raw:
         kwargs["output_dir"] = str(raw["output_dir"])

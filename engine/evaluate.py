@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-from engine.training import amp
+from engine.data import make_loader
 from engine.parallel.distributed import DistContext
+from engine.training import amp
+from engine.training.loss import causal_lm_loss
+from engine.training.step import to_device
 
 
 @torch.no_grad()
@@ -35,16 +38,13 @@ def heldout_loss(model, dataset, *, max_seq_len: int, batch_size: int, packing: 
 
     Every rank evaluates the whole file (held-out sets are small; this keeps the number exact
     and independent of the world size)."""
-    from engine.data import make_loader
-    from engine.training.loss import causal_lm_loss
-
     loader = make_loader(dataset, max_seq_len=max_seq_len, micro_batch_size=batch_size, packing=packing,
                          seed=0, pad_token_id=pad_token_id, shuffle=False)
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in loader.one_pass():
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with amp.autocast(precision, device):
             loss_sum, n = causal_lm_loss(model, batch, chunk_size=chunk_size)
         total += loss_sum.double()

@@ -23,15 +23,19 @@ from pathlib import Path
 
 import torch
 
-from engine.training import amp
-
-from engine.training import checkpoint
-
-from engine.speed import host_memory
+from engine import speed
 from engine.config import ConfigError, RunConfig
-from engine.parallel.distributed import (DistContext, all_reduce_grads_, all_reduce_sum_int, all_reduce_sum_ints,
-                                all_reduce_sum_tensor, barrier, gather_to_main, init_distributed, local_scalar,
-                                shutdown)
+from engine.data import load_dataset, make_loader
+from engine.evaluate import heldout_loss
+from engine.export.adapter import save_adapter
+from engine.model.build import build_model, enable_activation_checkpointing
+from engine.model.isolation import packing_for
+from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
+                                         gather_to_main, init_distributed, local_scalar, shutdown)
+from engine.training import amp, checkpoint
+from engine.training.objective import CausalLM
+from engine.training.optim import build_optimizer, build_scheduler
+from engine.training.step import train_step
 
 
 # ---------------------------------------------------------------- small helpers
@@ -50,10 +54,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -90,23 +90,20 @@ class MetricsLog:
 
 # ---------------------------------------------------------------- setup
 def build_everything(cfg: RunConfig, ctx: DistContext):
-    """Model, tokenizer, data, loader, optimizer, schedule, scaler: everything the loop needs."""
-    from engine.data import load_dataset, make_loader
-    from engine.model.isolation import packing_for
-    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
-    from engine.training.optim import build_optimizer, build_scheduler
-
+    """Model, tokenizer, data, loader, optimizer, schedule, scaler, objective: what the loop needs.
+    The run's first lines say which precision and which speed plan it took, and why."""
     device = ctx.device
-    precision = amp.resolve_precision(cfg.train.precision, device)
-    if ctx.is_main and cfg.train.precision == "auto" and device.type == "cpu" and amp.cpu_has_native_bf16():
-        print("note: this CPU has native bf16 matmuls: train.precision=bf16 trains 2-3x faster than the fp32 "
-              "that auto means on a CPU (README, quickstart)", file=sys.stderr)
-    host_memory.configure(cfg.train.retain_host_memory, device.type, announce=ctx.is_main)
+    precision, why = amp.choose_precision(cfg.train.precision, device)
+    plan = speed.resolve(cfg.speed, device=device, precision=precision, fsdp=cfg.train.fsdp,
+                         offload_activations=cfg.train.offload_activations)
+    if ctx.is_main:
+        print(f"precision: {precision} ({why})", file=sys.stderr)
+        speed.announce(plan)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=cfg.train.offload_activations)
-    apply_speed_switches(model, cfg.train, precision=precision, announce=ctx.is_main)
+        enable_activation_checkpointing(model)
+    kernels = speed.apply(plan, model)
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
@@ -119,23 +116,28 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
         from engine.preference.run import load_pair_data
         train_set, eval_set, loader = load_pair_data(
             cfg, tokenizer, packing=packing, rank=ctx.rank, world_size=ctx.world_size,
-            micro_batch_size=1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size)
+            micro_batch_size=1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size,
+            pin_memory=device.type == "cuda")
     else:
         train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
         eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     micro_batch_size = cfg.train.micro_batch_size
     if micro_batch_size == "auto" and cfg.objective.name == "sft":
-        from engine.plan import auto_micro_batch_size
+        from engine import plan as planner  # the planner: only for micro_batch_size=auto
         # planned for the rows really used (padded ones carry a mask: a little more memory)
-        micro_batch_size = auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
+        micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
     if cfg.objective.name == "sft":
         loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
                              packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                             rank=ctx.rank, world_size=ctx.world_size)
+                             rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
-    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision
+    objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
+    if cfg.objective.name != "sft":  # DPO / ORPO (engine/preference/objective.py)
+        from engine.preference.objective import build_objective
+        objective = build_objective(cfg.objective, chunk_size=objective.chunk_size)
+    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision, objective
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -145,8 +147,6 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     Every rank's RNG state is gathered (dropout draws differ per rank). The loader state is
     rank 0's: it is the same on every rank (epoch, index into each rank's own share). Under FSDP
     the sharded LoRA weights and Adam moments are gathered to full tensors first."""
-    from engine.export.adapter import save_adapter
-
     rng_ranks = gather_to_main(resume_point["rng"], ctx)
     weights = nullcontext()
     if ctx.fsdp:
@@ -205,31 +205,6 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
     return int(state["step"]), dict(state["counters"])
 
 
-def forward_backward(model, micro: list[dict], *, n_loss: int, scale: float, precision: str,
-                     device: torch.device, chunk_size: int | None, objective=None, metric_sums: dict | None = None):
-    """Accumulate into .grad the gradient of  scale * sum(token losses) / n_loss  over `micro`.
-
-    n_loss is the step's global count of loss-carrying tokens, so micro-batch 8 x accumulation 1
-    and micro-batch 1 x accumulation 8 give the same gradient. Returns the summed token loss
-    (detached, on the device: no sync). With a preference `objective` (engine/preference/) n_loss
-    counts pairs, and its metric sums are added into `metric_sums` (device tensors)."""
-    from engine.training.loss import causal_lm_loss
-
-    step_loss = torch.zeros((), device=device)
-    for batch in micro:
-        batch = to_device(batch, device)
-        with amp.autocast(precision, device):
-            if objective is not None:
-                loss_sum, metrics = objective.loss_sum(model, batch)
-                for key, value in metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0) + value
-            else:
-                loss_sum, _ = causal_lm_loss(model, batch, chunk_size=chunk_size)
-        (loss_sum * (scale / n_loss)).backward()
-        step_loss += loss_sum.detach()
-    return step_loss
-
-
 # ---------------------------------------------------------------- the loop
 def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     """Train per `cfg`; return the summary (also written to output_dir/summary.json).
@@ -254,8 +229,6 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
 def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     from tqdm import tqdm
 
-    from engine.evaluate import heldout_loss
-
     if cfg.train.fsdp:
         from engine.parallel.fsdp import ensure_process_group
         ctx = ensure_process_group(ctx)
@@ -264,7 +237,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     (model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler,
-     precision) = build_everything(cfg, ctx)
+     precision, objective) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader, ctx)
@@ -276,11 +249,11 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     def evaluate(step: int) -> float | None:
         if eval_set is None:
             return None
-        if objective is not None:
+        if preference:
             from engine.preference.run import preference_eval
             result = preference_eval(model, objective, eval_set, max_seq_len=cfg.data.max_seq_len,
                                      batch_size=cfg.eval.batch_size, packing=loader.packing, precision=precision,
-                                     device=device, pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk)
+                                     device=device, pad_token_id=tokenizer.pad_token_id)
             metrics.write({"step": step, "eval_loss": result["loss"],
                            **{f"eval_{k}": v for k, v in result.items() if k not in ("loss", "pairs")}})
             return result["loss"]
@@ -291,10 +264,8 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         return result["loss"]
 
     loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
-    from engine.preference.objective import build_objective
-    objective = build_objective(cfg.objective, chunk_size=loss_chunk)  # None: sft
-    count = objective.count if objective is not None else (lambda b: b["num_loss_tokens"])
-    if objective is not None and cfg.objective.precompute_ref:
+    preference = cfg.objective.name != "sft"
+    if preference and cfg.objective.precompute_ref:
         objective.precompute_reference(model, train_set, max_seq_len=cfg.data.max_seq_len,
                                        micro_batch_size=loader.micro_batch_size, packing=loader.packing,
                                        pad_token_id=tokenizer.pad_token_id, device=device,
@@ -309,34 +280,17 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     with StopOnSignal() as stop:
         for step in range(start_step + 1, tc.max_steps + 1):
             t0 = time.perf_counter()
-            # 1. The step's micro-batches, and the global count of loss-carrying tokens: every
-            #    token loss is divided by it, so accumulation and ranks never weight a short
-            #    sequence more than a long one (FIELD.md bug 1).
+            # 1. The step: forward/backward over grad_accum micro-batches, each token loss divided
+            #    by the step's global count of loss tokens, then unscale, clip, step, schedule
+            #    (engine/training/step.py). An fp16 step with inf/NaN gradients is skipped.
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            n_loss = all_reduce_sum_int(sum(count(b) for b in micro), ctx)
-            if n_loss == 0:
-                raise RuntimeError(f"step {step}: no micro-batch on any rank has a loss-carrying token")
-            # 2. Forward / backward. loss_sum is a sum over tokens in fp32, times the fp16 loss
-            #    scale (1 otherwise). A micro-batch without targets adds zero gradients, not NaN.
-            metric_sums: dict = {}
-            step_loss = forward_backward(model, micro, n_loss=n_loss, scale=scaler.scale, precision=precision,
-                                         device=device, chunk_size=loss_chunk, objective=objective,
-                                         metric_sums=metric_sums)
-            all_reduce_grads_([p for _, p in params], ctx)
-            # 3. Unscale; a step with inf/NaN grads is skipped: the optimizer never sees it.
-            overflowed = scaler.unscale_(params)
-            scaler.update(found_inf=bool(overflowed))
-            if overflowed:
+            result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, precision=precision, device=device,
+                                max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
+            step_loss, n_loss, grad_norm = result.loss_sum, result.count, result.grad_norm
+            if result.overflowed:
                 counters["skipped_steps"] += 1
-                check_overflow(step, overflowed, scaler, tc.max_consecutive_skips)
-                grad_norm = float("nan")
-            else:
-                # 4. Clip (unscaled grads), step.
-                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+                check_overflow(step, result.overflowed, scaler, tc.max_consecutive_skips)
             resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
 
             # 5. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides
@@ -347,7 +301,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             elapsed = time.perf_counter() - t0
             counters["tokens"] += tokens
             counters["loss_tokens"] += loss_tokens
-            if objective is not None:
+            if preference:  # n_loss counts pairs
                 counters["pairs"] = counters.get("pairs", 0) + n_loss
             counters["train_seconds"] += elapsed
             window["tokens"] += tokens
@@ -360,9 +314,9 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                           "grad_norm": local_scalar(grad_norm), "tokens": counters["tokens"],
                           "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                           "loss_scale": scaler.scale, "peak_mem_gib": peak_memory_bytes(device) / 2**30}
-                if metric_sums:  # preference metrics, per pair (one more all-reduce, on log steps only)
-                    keys = sorted(metric_sums)
-                    sums = all_reduce_sum_tensor(torch.stack([metric_sums[k].float() for k in keys]), ctx)
+                if result.metrics:  # preference metrics, per pair (one more all-reduce, on log steps only)
+                    keys = sorted(result.metrics)
+                    sums = all_reduce_sum_tensor(torch.stack([result.metrics[k].float() for k in keys]), ctx)
                     record.update({k: v / n_loss for k, v in zip(keys, sums.tolist())})
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
@@ -396,14 +350,15 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "train_seconds": counters["train_seconds"],
         "precision": precision, "world_size": ctx.world_size,
     }
-    if objective is not None and eval_set is not None:
+    if preference and eval_set is not None:
         from engine.preference.run import preference_accuracy
         kwargs = dict(max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size, packing=loader.packing,
-                      precision=precision, device=device, pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk)
+                      precision=precision, device=device, pad_token_id=tokenizer.pad_token_id,
+                      chunk_size=objective.chunk_size)
         summary.update(objective=cfg.objective.name, pairs=counters.get("pairs", 0),
                        preference_accuracy_before=preference_accuracy(model, eval_set, base=True, **kwargs),
                        preference_accuracy_after=preference_accuracy(model, eval_set, **kwargs))
-    if cfg.eval.generate and eval_set is not None and objective is None:
+    if cfg.eval.generate and eval_set is not None and not preference:
         from engine.evaluate import before_after_scores
         summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
     if ctx.is_main:

@@ -15,10 +15,10 @@
 #      model at 2k tokens (benchmarks/throughput.py --t4);
 #   2. the longest sequence whose step fits 14.7 GiB with every memory switch on (chunked loss,
 #      activation checkpointing + offload, fused LoRA), with the planner's prediction
-#      (engine.plan.planner.predict) next to each measured max_memory_allocated (--probe), 8B shape;
+#      (engine.plan.predict) next to each measured max_memory_allocated (--probe), 8B shape;
 #   3. step 1 on the Phi-3-mini shape;  4. scripts/gpu_check_fsdp.sh (not in --dry-run);
 #   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON;
-#   7. the compiled kernels (train.compile_norms / compile_loss, off by default on a GPU until
+#   7. the compiled kernels (speed.compile, off by default on a GPU until
 #      measured): engine vs engine_compiled on the Phi-3-mini shape.
 # On the device tool's machine ($OUT set) the results go to a scratch folder that is tarred into
 # $OUT/gpu_check.tgz after every step, so a call cut short still returns what it measured.

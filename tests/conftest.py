@@ -143,7 +143,7 @@ def counting_run_config(root, model_dir, peft, *, max_steps: int = 3, lr: float 
     return RunConfig(output_dir=str(root / "run"), model=ModelConfig(path=str(model_dir)),
                      data=DataConfig(train_path=str(root / "train.jsonl"), max_seq_len=64, cache_dir=str(root / "cache")),
                      peft=peft, optim=OptimConfig(lr=lr),
-                     train=TrainConfig(max_steps=max_steps, micro_batch_size=2, plots=False)).validate()
+                     train=TrainConfig(max_steps=max_steps, micro_batch_size=2, precision="fp32", plots=False)).validate()
 
 
 @pytest.fixture
@@ -185,3 +185,48 @@ def _host_memory_flag_per_test():
     yield
     from engine.speed import host_memory
     host_memory._retained = False
+
+
+def apply_speed(model, precision: str = "fp32", off=(), **speed):
+    """The speed plan engine.train would resolve for `model` on its device under `precision`
+    (host memory left alone unless asked), minus the switches in `off`, applied; returns the
+    StepKernels for the loss."""
+    from engine.config import SpeedConfig
+    from engine.speed import plan as speed_plan
+
+    speed.setdefault("retain_host_memory", False)
+    plan = speed_plan.resolve(SpeedConfig(**speed), device=next(model.parameters()).device, precision=precision)
+    return speed_plan.apply(plan.off(*off) if off else plan, model)
+
+
+def use_packed_attention(model, enabled: bool = True) -> None:
+    """The core's per-document attention (SDPA per document), or plain SDPA again."""
+    from engine.model.attention import register_packed_attention, set_attention
+
+    set_attention(model, register_packed_attention() if enabled else None)
+
+
+def assert_close_reduced(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,
+                         dtype: torch.dtype = torch.float32, msg: str = "") -> None:
+    """Two computations of the same sums in a different order agree to rounding: each element
+    within c * eps(dtype) * sqrt(terms) * max|expected| (a sum of `terms` products rounds with an
+    error growing as sqrt(terms) on average; c = 16 covers the tail). The bound comes from the
+    dtype and the reduction's size, not from one machine's measurement."""
+    import math
+
+    eps = torch.finfo(dtype).eps
+    scale = expected.detach().abs().max().item() or 1.0
+    tol = 16 * eps * math.sqrt(max(terms, 1)) * scale
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=0, msg=msg or None)
+
+
+def packed_batch(ids: torch.Tensor, doc_lengths: list[list[int]], labels: torch.Tensor | None = None) -> dict:
+    """A packed batch as the loader makes it: positions restarting per document and the packing
+    context (document lengths, labelled positions)."""
+    from engine.model.packing import packing_context
+
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in doc_lengths])
+    if labels is None:
+        labels = torch.full_like(ids, -100)
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids,
+            "packing": packing_context(labels, doc_lengths, num_tokens=ids.numel())}

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import make_tiny_model
 from engine.export.adapter import AdapterError, AdapterNotFoundError, load_adapter, read_adapter_config, save_adapter
 from engine.config import PeftConfig
-from engine.layers.lora import inject_lora, lora_modules, lora_state_dict, merge_lora
+from engine.layers.lora import lora_modules, lora_state_dict, merge_lora
+from engine.layers.inject import inject_lora
 
 
 def _trained(cfg, family="llama", seed=3):

@@ -1,6 +1,6 @@
-"""engine/speed/compiled.py. train.compile_norms: compiled RMSNorm computes what the module's own forward
+"""engine/speed/compiled.py (speed.compile). compile_norms: compiled RMSNorm computes what the module's own forward
 does (forward and backward, fp32 and bf16, per norm and in a whole LoRA step), only in the training
-forward, and switches on and off without touching parameters. train.compile_loss: the fused
+forward, and switches on and off without touching parameters. compile_loss: the fused
 cross-entropy equals the eager chunked loss (loss, hidden and lm_head LoRA gradients, fp32 and
 bf16), and only where a gradient is needed without a logit transform. auto / true / false
 resolve as documented."""
@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.config import ConfigError, SpeedConfig
 from engine.speed import compiled
-from engine.speed.compiled import CompileError, is_rms_norm, resolve, set_compiled_norms
-from engine.config import ConfigError, TrainConfig
+from engine.speed import plan as speed_plan
+from engine.speed.compiled import CompileError, is_rms_norm, set_compiled_norms
+from engine.training.loss import EAGER, StepKernels
 from tests.conftest import make_tiny_model
 
 CPU = torch.device("cpu")
@@ -60,7 +62,8 @@ def test_compiled_norms_equal_the_modules_forward_and_backward(family):
 
 
 def test_a_bf16_lora_step_with_compiled_norms_matches_eager():
-    from engine.layers.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
+    from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
+    from engine.layers.inject import inject_lora
 
     model, _ = make_tiny_model("llama")
     torch.manual_seed(0)
@@ -121,18 +124,22 @@ def test_only_the_training_forward_is_compiled_and_switching_off_restores_the_mo
     assert len(calls) == n
 
 
-@pytest.mark.parametrize("key", ["compile_norms", "compile_loss"])
-def test_auto_true_false_resolve_as_documented(monkeypatch, capsys, key):
-    assert resolve(key, False, CPU, fsdp=False, precision="bf16") is False
-    assert resolve(key, "auto", CPU, fsdp=False, precision="bf16") is True  # this machine has a C++ compiler
-    assert resolve(key, "auto", CPU, fsdp=False, precision="fp32") is False  # measured no faster
-    assert resolve(key, True, CPU, fsdp=False, precision="fp32") is True
-    assert resolve(key, True, CPU, fsdp=False, precision="bf16") is True
-    assert resolve(key, "auto", CPU, fsdp=True, precision="bf16") is False
-    assert resolve(key, "auto", torch.device("cuda"), fsdp=False, precision="bf16") is False  # not measured on a GPU yet
-    with pytest.raises(CompileError, match=f"train.{key}=true: FSDP"):
-        resolve(key, True, CPU, fsdp=True, precision="bf16")
-    assert capsys.readouterr().err == ""
+def _compiles(mode, device=CPU, fsdp=False, precision="bf16") -> bool:
+    plan = speed_plan.resolve(SpeedConfig(compile=mode), device=device, precision=precision, fsdp=fsdp)
+    assert plan.compile_norms == plan.compile_loss
+    return plan.compile_norms
+
+
+def test_auto_true_false_resolve_as_documented(monkeypatch):
+    assert _compiles(False) is False
+    assert _compiles("auto") is True  # this machine has a C++ compiler
+    assert _compiles("auto", precision="fp32") is False  # measured no faster
+    assert _compiles(True, precision="fp32") is True
+    assert _compiles(True) is True
+    assert _compiles("auto", fsdp=True) is False
+    assert _compiles("auto", device=torch.device("cuda")) is False  # not measured on a GPU yet
+    with pytest.raises(CompileError, match="speed.compile=true: FSDP"):
+        _compiles(True, fsdp=True)
 
     import torch._inductor.cpp_builder as cpp_builder
 
@@ -140,30 +147,28 @@ def test_auto_true_false_resolve_as_documented(monkeypatch, capsys, key):
         raise RuntimeError("no working C++ compiler found")
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     assert "no C++ compiler" in compiled.unavailable_reason(CPU, fsdp=False)
-    assert resolve(key, "auto", CPU, fsdp=False, precision="bf16") is False
-    assert f"train.{key}=auto: inductor finds no C++ compiler" in capsys.readouterr().err
-    assert resolve(key, "auto", CPU, fsdp=False, precision="bf16", announce=False) is False
-    assert capsys.readouterr().err == ""
-    with pytest.raises(CompileError, match=f"train.{key}=true: inductor finds no C.. compiler"):
-        resolve(key, True, CPU, fsdp=False, precision="bf16")
+    plan = speed_plan.resolve(SpeedConfig(), device=CPU, precision="bf16")
+    assert not plan.compile_norms and any("compile off: inductor finds no C++ compiler" in n for n in plan.notes)
+    assert "inductor finds no C++ compiler" in plan.describe()
+    with pytest.raises(CompileError, match="speed.compile=true: inductor finds no C.. compiler"):
+        _compiles(True)
 
 
-def test_apply_speed_switches_sets_both_and_turns_them_off():
-    from engine.model.build import apply_speed_switches
-
+def test_the_speed_plan_applies_both_and_turns_them_off():
     model, _ = make_tiny_model("llama")
-    apply_speed_switches(model, TrainConfig(), precision="fp32")
-    assert not compiled.compiled_loss_enabled(model)
+    on = speed_plan.resolve(SpeedConfig(), device=CPU, precision="bf16")
+    kernels = speed_plan.apply(on.off("compile_norms", "compile_loss"), model)
+    assert kernels.cross_entropy is None
     assert not any("forward" in m.__dict__ for m in model.modules())
-    apply_speed_switches(model, TrainConfig(), precision="bf16")
-    assert compiled.compiled_loss_enabled(model)
+    kernels = speed_plan.apply(on, model)
+    assert kernels.cross_entropy is not None
     assert all("forward" in m.__dict__ for m in model.modules() if is_rms_norm(m))
-    apply_speed_switches(model, TrainConfig(compile_norms=False, compile_loss=False))
-    assert not compiled.compiled_loss_enabled(model)
+    kernels = speed_plan.apply(on.off("compile_norms", "compile_loss"), model)
+    assert kernels.cross_entropy is None
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-# ----------------------------------------------------------------------------- train.compile_loss
+# ----------------------------------------------------------------------------- compile_loss
 
 def _loss_and_grads(hidden, labels, head, *, compiled_loss, chunk, transform=None, dtype=None):
     from engine.training.loss import lm_head_loss
@@ -171,7 +176,9 @@ def _loss_and_grads(hidden, labels, head, *, compiled_loss, chunk, transform=Non
     h = hidden.detach().clone().requires_grad_(True)
     head.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = lm_head_loss(h, labels, head, transform=transform, chunk_size=chunk, compiled=compiled_loss)
+        kernels = StepKernels(cross_entropy=compiled.compiled_cross_entropy()) if compiled_loss is True else \
+            (compiled_loss or EAGER)
+        loss = lm_head_loss(h, labels, head, transform=transform, chunk_size=chunk, kernels=kernels)
     (loss * 0.5).backward()  # a scale (as the loss scaler's) reaches every gradient
     return [loss.detach()] + [t.grad.float() for t in [h] + [p for p in head.parameters() if p.requires_grad]]
 
@@ -210,36 +217,36 @@ def test_compiled_loss_under_bf16_is_as_close_to_fp32_as_the_eager_one():
         assert (b - ref).abs().max() <= 2 * (a - ref).abs().max() + 1e-3 * ref.abs().max()
 
 
-def test_compiled_loss_is_used_only_with_gradients_and_without_a_transform(monkeypatch):
-    import engine.training.loss
-
+def test_compiled_loss_is_used_only_with_gradients_and_without_a_transform():
     calls = []
-    real = engine.training.loss.compiled_cross_entropy
+    fn = compiled.compiled_cross_entropy()
 
-    def counting():
-        fn = real()
-
-        def wrapped(z, y):
-            calls.append(z.dtype)
-            return fn(z, y)
-        return wrapped
-    monkeypatch.setattr(engine.training.loss, "compiled_cross_entropy", counting)
+    def counting(z, y):
+        calls.append(z.dtype)
+        return fn(z, y)
+    kernels = StepKernels(cross_entropy=counting)
     head, hidden, labels = _head_and_batch()
-    _loss_and_grads(hidden, labels, head, compiled_loss=True, chunk=4)
+    _loss_and_grads(hidden, labels, head, compiled_loss=kernels, chunk=4)
     assert len(calls) == 4  # 15 labelled rows in chunks of 4
     with torch.no_grad():
-        engine.training.loss.lm_head_loss(hidden, labels, head, chunk_size=4, compiled=True)
-    _loss_and_grads(hidden, labels, head, compiled_loss=True, chunk=4, transform=lambda z: 30 * torch.tanh(z / 30))
-    _loss_and_grads(hidden, labels, head, compiled_loss=True, chunk=None)
+        from engine.training.loss import lm_head_loss
+        lm_head_loss(hidden, labels, head, chunk_size=4, kernels=kernels)
+    _loss_and_grads(hidden, labels, head, compiled_loss=kernels, chunk=4, transform=lambda z: 30 * torch.tanh(z / 30))
+    _loss_and_grads(hidden, labels, head, compiled_loss=kernels, chunk=None)
     assert len(calls) == 4
-    _loss_and_grads(hidden.to(torch.bfloat16), labels, head, compiled_loss=True, chunk=1024, dtype=torch.bfloat16)
+    _loss_and_grads(hidden.to(torch.bfloat16), labels, head, compiled_loss=kernels, chunk=1024, dtype=torch.bfloat16)
     assert calls[-1] == torch.bfloat16  # the head's own dtype, never an fp32 copy
 
 
-@pytest.mark.parametrize("key", ["compile_norms", "compile_loss"])
-def test_bad_values_and_true_with_fsdp_are_refused_by_the_config(key):
-    with pytest.raises(ConfigError, match=f"train.{key}.*'yes' is not one of 'auto', True, False"):
-        TrainConfig(**{key: "yes"}).validate()
-    with pytest.raises(ConfigError, match=f"train.{key}.*not supported with train.fsdp=true"):
-        TrainConfig(**{key: True}, fsdp=True).validate()
-    TrainConfig(**{key: "auto"}, fsdp=True).validate()
+def test_bad_speed_values_are_refused_by_the_config():
+    with pytest.raises(ConfigError, match="speed.compile.*'yes' is not one of 'auto', True, False"):
+        SpeedConfig(compile="yes").validate()
+    with pytest.raises(ConfigError, match="speed.retain_host_memory.*'always' is not one of"):
+        SpeedConfig(retain_host_memory="always").validate()
+    with pytest.raises(ConfigError, match="speed.mode.*'fast' is not one of 'auto', 'off'"):
+        SpeedConfig(mode="fast").validate()
+    with pytest.raises(ConfigError, match="speed.disable.*'flash' is not one of 'fused_lora'"):
+        SpeedConfig(disable=["flash"]).validate()
+    with pytest.raises(ConfigError, match="speed.disable': must be a list"):
+        SpeedConfig(disable="grouped_lora").validate()
+    SpeedConfig(disable=["grouped_lora", "compile_loss"]).validate()

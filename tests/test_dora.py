@@ -12,8 +12,8 @@ from tests.conftest import counting_run_config, make_tiny_model, make_tiny_model
 from engine.export.adapter import AdapterError, load_adapter, save_adapter
 from engine.config import ModelConfig, OptimConfig, PeftConfig
 from engine.layers.dora import DoRALinear
-from engine.layers.lora import (LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict,
-                         mark_only_lora_trainable, merge_lora, unmerge_lora)
+from engine.layers.lora import LoRALinear, adapters_disabled, lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora, unmerge_lora
+from engine.layers.inject import inject_lora
 from engine.layers.quant import QuantSpec, dequantize_weight, quantize_linear, quantize_module_linears
 
 peft = pytest.importorskip("peft")

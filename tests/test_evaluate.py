@@ -12,7 +12,8 @@ import torch
 from engine.config import DataConfig, EvalConfig, ModelConfig, PeftConfig, RunConfig
 from engine.evaluate import (EvalError, before_after_scores, detect_task, generation_scores, heldout_loss, main,
                              reference_examples)
-from engine.layers.lora import inject_lora, lora_modules
+from engine.layers.lora import lora_modules
+from engine.layers.inject import inject_lora
 from engine.metrics_text import exact_match, lcs_length, normalize, rouge_l, text_scores, token_f1
 from tests.conftest import make_tiny_model, make_tiny_model_dir
 

@@ -10,7 +10,8 @@ import torch
 
 from engine.generate import (adapter_training_info, cut_at_stop, decode, encode_prompt, generate_tokens, left_pad,
                              main, stop_token_ids)
-from engine.layers.lora import adapters_disabled, inject_lora, lora_modules
+from engine.layers.lora import adapters_disabled, lora_modules
+from engine.layers.inject import inject_lora
 from tests.conftest import make_tiny_model, make_tiny_model_dir
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.model.isolation import LEAK_TOLERANCE, packing_for, packing_leak
-from tests.conftest import FAMILIES, make_tiny_model
+from tests.conftest import FAMILIES, apply_speed, make_tiny_model, use_packed_attention
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -20,13 +20,10 @@ def test_isolated_families_measure_rounding_noise(family):
 def test_isolated_under_the_engines_packed_attention_in_bf16(family):
     """The training path: per-document attention (ShortCausalAttention on a CPU under bf16) on
     every row the probe compares."""
-    from engine.model.attention import set_cpu_short_attention, set_packed_attention
-
     model, _ = make_tiny_model(family)
     model = model.to(torch.bfloat16)
     model.set_attn_implementation("sdpa")
-    set_packed_attention(model, True)
-    set_cpu_short_attention(model, 256)
+    apply_speed(model, "bf16", compile=False)
     assert packing_leak(model, precision="bf16") < 1e-2
 
 
@@ -35,11 +32,11 @@ def test_default_model_packs_in_bf16_with_the_training_switches():
     """SmolLM2 (trained weights) in bf16 with the engine's attention: isolated. A probe that
     compared the packed row with the document alone pitted ShortCausalAttention against SDPA and
     measured 0.26 here, so the quickstart silently trained on padded rows."""
-    from engine.config import ModelConfig, PeftConfig, TrainConfig
-    from engine.model.build import apply_speed_switches, build_model
+    from engine.config import ModelConfig, PeftConfig
+    from engine.model.build import build_model
 
     model, _ = build_model(ModelConfig(), PeftConfig(), device=torch.device("cpu"), compute_dtype=torch.bfloat16)
-    apply_speed_switches(model, TrainConfig(), precision="bf16")
+    apply_speed(model, "bf16")
     assert packing_for(model, True, precision="bf16") is True
     assert packing_leak(model, precision="bf16") < 1e-2
 
@@ -48,11 +45,9 @@ def test_a_leak_through_positions_alone_is_found():
     """Attention kept per document, but learned absolute positions counted along the row (as a
     model that ignores position_ids would): a document after a longer one sees other positions.
     (With rotary positions such a shift would be harmless: RoPE sees only relative positions.)"""
-    from engine.model.attention import set_packed_attention
-
     model, _ = make_tiny_model("gpt2")
     model.set_attn_implementation("sdpa")
-    set_packed_attention(model, True)
+    use_packed_attention(model)
     assert packing_leak(model) < 1e-4
     wpe = model.transformer.wpe
     original = wpe.forward
@@ -87,10 +82,8 @@ def test_leaking_architectures_measure_order_one(family, attn):
 def test_opt_is_isolated_under_the_engines_packed_attention():
     """OPT reads position_ids for its learned positions; the engine's per-document attention then
     keeps its packed rows apart (transformers' mask does not)."""
-    from engine.model.attention import set_packed_attention
-
     model = _default_init("opt", "sdpa")
-    set_packed_attention(model, True)
+    use_packed_attention(model)
     assert packing_leak(model) < 1e-4
 
 

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from tests.conftest import make_tiny_model
-from engine.layers.lora import (LoRALinear, adapters_disabled, LoRATargetError, find_targets, inject_lora, lora_modules, lora_state_dict,
-                         mark_only_lora_trainable, merge_lora, parameter_report, target_modules_for_config,
-                         unmerge_lora)
+from engine.layers.lora import LoRALinear, adapters_disabled, LoRATargetError, lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora, parameter_report, unmerge_lora
+from engine.layers.inject import find_targets, inject_lora, target_modules_for_config
 
 
 def _ids(vocab, seed=0):

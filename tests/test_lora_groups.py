@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from engine.layers.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
+from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
+from engine.layers.inject import inject_lora
 from engine.layers.groups import SharedInputGroup, set_grouped_lora
 from tests.conftest import make_tiny_model
 
@@ -122,10 +123,10 @@ def test_a_member_called_with_another_tensor_gets_its_own_projection():
 
 
 def test_training_runs_with_groups_through_build_model_and_checkpointing(tmp_path):
-    from engine.config import ModelConfig, PeftConfig, TrainConfig
+    from engine.config import ModelConfig, PeftConfig
+    from engine.model.build import build_model, enable_activation_checkpointing
     from engine.training.loss import causal_lm_loss
-    from engine.model.build import apply_speed_switches, build_model, enable_activation_checkpointing
-    from tests.conftest import make_tiny_model_dir
+    from tests.conftest import apply_speed, make_tiny_model_dir
 
     model, _ = build_model(ModelConfig(path=str(make_tiny_model_dir(tmp_path, "llama"))), PeftConfig(r=4, alpha=8.0),
                            "cpu", torch.float32)
@@ -137,7 +138,7 @@ def test_training_runs_with_groups_through_build_model_and_checkpointing(tmp_pat
     results = []
     for grouped, ckpt in ((False, False), (True, False), (True, True)):
         m = copy.deepcopy(model).train()
-        apply_speed_switches(m, TrainConfig(grouped_lora=grouped, compile_norms=False, compile_loss=False))
+        apply_speed(m, compile=False, disable=[] if grouped else ["grouped_lora"])
         if ckpt:
             enable_activation_checkpointing(m)
         for _ in range(2):  # the second step runs with the learned groups

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from engine.export.adapter import AdapterError, AdapterNotFoundError, save_adapter
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig
-from engine.layers.lora import LoRATargetError, inject_lora, lora_modules
+from engine.layers.lora import LoRATargetError, lora_modules
+from engine.layers.inject import inject_lora
 from engine.export.merge import MergeError, main, merge
 from engine.model.build import load_base_model
 from tests.conftest import make_tiny_model_dir

@@ -335,7 +335,7 @@ def test_conv1d_round_trip_and_refusal_while_adapters_are_unmerged():
     for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
         assert torch.equal(a, b), name
 
-    from engine.layers.lora import inject_lora
+    from engine.layers.inject import inject_lora
     conv1d_to_linear(model)
     inject_lora(model, "all-linear", 2, 4.0)
     with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn: expected the plain nn.Linear of a "

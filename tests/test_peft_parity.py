@@ -10,7 +10,8 @@ import torch
 from tests.conftest import make_tiny_model
 from engine.export.adapter import load_adapter, save_adapter
 from engine.config import PeftConfig
-from engine.layers.lora import inject_lora, lora_state_dict, target_modules_for_config
+from engine.layers.lora import lora_state_dict
+from engine.layers.inject import inject_lora, target_modules_for_config
 
 peft = pytest.importorskip("peft")
 

@@ -14,7 +14,8 @@ from torch import nn
 from tests.conftest import counting_run_config, make_tiny_model, make_tiny_model_dir
 from engine.export.adapter import AdapterError, load_adapter, save_adapter
 from engine.config import ModelConfig, PeftConfig
-from engine.layers.lora import LoRALinear, adapters_disabled, inject_lora, lora_modules, lora_state_dict
+from engine.layers.lora import LoRALinear, adapters_disabled, lora_modules, lora_state_dict
+from engine.layers.inject import inject_lora
 from engine.layers.pissa import converted_alpha, is_pissa, pissa_init_, pissa_init_model, pissa_to_lora
 from engine.layers.quant import QuantSpec, dequantize_weight, is_linear4bit, quantize_linear
 

@@ -20,7 +20,8 @@ from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, Phi3
                           SmolLM3Config)
 
 from engine import plan
-from engine.layers.lora import inject_lora, mark_only_lora_trainable
+from engine.layers.lora import mark_only_lora_trainable
+from engine.layers.inject import inject_lora
 from engine.model.build import enable_activation_checkpointing
 from engine.plan import GIB, PlanError, predict
 

@@ -9,8 +9,8 @@ from torch import nn
 from tests.conftest import make_tiny_model_dir
 from engine.export.adapter import load_adapter, save_adapter
 from engine.config import PeftConfig
-from engine.layers.lora import (LoRALinear, inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable,
-                         merge_lora, parameter_report)
+from engine.layers.lora import LoRALinear, lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora, parameter_report
+from engine.layers.inject import inject_lora
 from engine.model.build import load_base_model
 from engine.layers.quant import QuantSpec, dequantize_weight, is_linear4bit, logical_numel, quantize_linear
 

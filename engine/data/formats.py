@@ -234,7 +234,7 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
     if on_bad_line not in ("error", "skip"):
         raise DataError(f"{path}:0: field 'on_bad_line': must be 'error' or 'skip' — {on_bad_line!r}")
     if not os.path.isfile(path):
-        raise DataError(f"{path}:0: field '(file)': does not exist — ")
+        raise DataError(f"{path}:0: field '(file)': does not exist")
     skipped = skipped if skipped is not None else []
     parsed: list[tuple[int, dict]] = []
     detected = None if fmt == "auto" else fmt

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from engine.data.render import IGNORE_INDEX
+from engine.model.packing import packing_context
 
 
 def pack_documents(lengths: list[int], max_len: int, order: list[int] | np.ndarray | None = None) -> list[list[int]]:
@@ -82,7 +83,7 @@ class Loader:
 
     def __init__(self, dataset, *, max_seq_len: int, micro_batch_size: int, packing: bool, seed: int,
                  pad_token_id: int, shuffle: bool = True, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, pin_memory: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if not 0 <= rank < world_size:
@@ -97,7 +98,7 @@ class Loader:
                                  f"> max_seq_len {max_seq_len}; load the dataset with the same max_seq_len")
         self.max_seq_len, self.micro_batch_size, self.packing = max_seq_len, micro_batch_size, packing
         self.seed, self.pad_token_id, self.shuffle, self.drop_last = seed, pad_token_id, shuffle, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self._epoch, self._index = 0, 0
         self._plan_cache: tuple[int, list[list[list[int]]]] | None = None
         # Batches per epoch do not depend on the epoch: best-fit decreasing sees the lengths in
@@ -149,6 +150,7 @@ class Loader:
         position_ids = torch.zeros((B, T), dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
         num_tokens = 0
+        doc_lengths = []  # per row; the padding at a row's end counts as one more document
         for b, row in enumerate(rows):
             t = 0
             for i in row:
@@ -161,10 +163,14 @@ class Loader:
             num_tokens += t
             # padding: positions restart (packed) or continue (padded, masked out anyway)
             position_ids[b, t:] = torch.arange(T - t) if self.packing else torch.arange(t, T)
+            doc_lengths.append([self.lengths[i] for i in row] + ([T - t] if t < T else []))
+        packing = packing_context(labels, doc_lengths, num_tokens=num_tokens, packed=self.packing)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                 "num_tokens": num_tokens, "num_loss_tokens": int((labels != IGNORE_INDEX).sum())}
+                 "num_tokens": num_tokens, "num_loss_tokens": packing.num_loss_tokens, "packing": packing}
         if not self.packing:
             batch["attention_mask"] = attention_mask
+        if self.pin_memory:  # a GPU run: the step's non_blocking copy then overlaps queued work
+            batch = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in batch.items()}
         return batch
 
     def epoch_batches(self, epoch: int | None = None) -> Iterator[dict]:
@@ -206,8 +212,9 @@ class Loader:
 
 def make_loader(dataset, *, max_seq_len: int, micro_batch_size: int, packing: bool, seed: int,
                 pad_token_id: int, shuffle: bool = True, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1) -> Loader:
-    """Build the micro-batch Loader for a TokenizedDataset (see the module docstring)."""
+                world_size: int = 1, pin_memory: bool = False) -> Loader:
+    """Build the micro-batch Loader for a TokenizedDataset (see the module docstring).
+    pin_memory: batches in page-locked host memory (for a GPU: asynchronous copies)."""
     return Loader(dataset, max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, packing=packing,
                   seed=seed, pad_token_id=pad_token_id, shuffle=shuffle, drop_last=drop_last,
-                  rank=rank, world_size=world_size)
+                  rank=rank, world_size=world_size, pin_memory=pin_memory)

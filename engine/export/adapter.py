@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from engine.config import PeftConfig
-from engine.layers.lora import inject_lora, lora_modules, lora_state_dict, mark_only_lora_trainable, target_modules_for_config
+from engine.layers.lora import lora_modules, lora_state_dict, mark_only_lora_trainable
+from engine.layers.inject import inject_lora, target_modules_for_config
 from engine.layers.pissa import converted_alpha, is_pissa, pissa_to_lora
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.lora import LoRALinear
+
 
 class SharedInputGroup:
     """The members' stacked A projection of the first tensor a member reads in the current
@@ -67,8 +69,6 @@ class SharedInputGroup:
 
 
 def groupable(module: nn.Module) -> bool:
-    from engine.layers.lora import LoRALinear
-
     return type(module) is LoRALinear and isinstance(module.lora_dropout, nn.Identity)
 
 

@@ -5,18 +5,37 @@ A weight W [out, in] is cut into blocks of 64 values; each block stores 4-bit co
     W_hat[i] = table[code[i]] * absmax[block(i)]
 Double quantization stores the fp32 absmax constants themselves in 8 bits (blocks of 256),
 saving ~0.37 bit per weight. The matmul dequantizes W_hat to `compute_dtype` on the fly.
+
+bitsandbytes is imported only when a 4-bit layer is made (`bnb()`): a LoRA run on a 16-bit base
+works where it cannot be imported, and QLoRA without it fails with one line saying so. Until it is
+imported no module can be a Linear4bit, which is how `is_linear4bit` answers without importing it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import torch
 from torch import nn
 
-import bitsandbytes as bnb
-from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-from bitsandbytes.nn import Linear4bit, Params4bit
+
+class BitsAndBytesMissing(ImportError):
+    """4-bit weights asked for where bitsandbytes cannot be imported; the message says how to fix it."""
+
+
+def bnb():
+    """The bitsandbytes module, imported on first use (a heavy optional dependency)."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401  (dequantize_4bit, the CPU repacking helpers)
+        import bitsandbytes.nn  # noqa: F401
+    except ImportError as err:
+        raise BitsAndBytesMissing(f"QLoRA (4-bit base weights) needs bitsandbytes, which cannot be imported "
+                                  f"({err}); pip install bitsandbytes, or train LoRA on a 16-bit base "
+                                  "(peft=lora)") from None
+    return bitsandbytes
 
 
 @dataclass(frozen=True)
@@ -32,20 +51,22 @@ class QuantSpec:
 
 
 def is_linear4bit(module: nn.Module) -> bool:
-    return isinstance(module, Linear4bit)
+    bnb_nn = sys.modules.get("bitsandbytes.nn")  # not imported: nothing can be a Linear4bit
+    return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
 
 
 def logical_numel(param: torch.Tensor) -> int:
     """Elements the tensor stands for: out*in for a quantized 4-bit weight (its storage holds
     out*in/2 packed bytes), numel() otherwise."""
-    if isinstance(param, Params4bit) and param.bnb_quantized and param.quant_state is not None:
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is not None and isinstance(param, bnb_nn.Params4bit) and param.bnb_quantized and param.quant_state is not None:
         return int(torch.Size(param.quant_state.shape).numel())
     return param.numel()
 
 
-def empty_linear4bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> Linear4bit:
+def empty_linear4bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> nn.Linear:
     """A Linear4bit with its weight and bias on the meta device, waiting for `set_4bit_weight`."""
-    module = Linear4bit(in_features, out_features, bias=bias, compute_dtype=spec.compute_dtype,
+    module = bnb().nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=spec.compute_dtype,
                         compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta")
     # bitsandbytes repacks the weight (with bf16 scales) on the first no-grad eval forward on CPUs
     # with AVX512-BF16: that changes the numbers, and undoing it (to save) re-quantizes the
@@ -67,16 +88,16 @@ def swap_in_empty_linear4bit(model: nn.Module, names: list[str], spec: QuantSpec
                                                linear.bias is not None, spec))
 
 
-def set_4bit_weight(module: Linear4bit, weight: torch.Tensor, device: torch.device | str) -> None:
+def set_4bit_weight(module: nn.Linear, weight: torch.Tensor, device: torch.device | str) -> None:
     """Quantize a float weight [out, in] on `device` (the GPU when there is one) into `module`."""
     if tuple(weight.shape) != (module.out_features, module.in_features):
         raise ValueError(f"4-bit weight shape {tuple(weight.shape)} != ({module.out_features}, {module.in_features})")
-    param = Params4bit(weight.detach(), requires_grad=False, compress_statistics=module.weight.compress_statistics,
+    param = bnb().nn.Params4bit(weight.detach(), requires_grad=False, compress_statistics=module.weight.compress_statistics,
                        quant_type=module.weight.quant_type, quant_storage=module.quant_storage, module=module)
     module.weight = param._quantize(torch.device(device))
 
 
-def quantize_linear(linear: nn.Linear, spec: QuantSpec, device: torch.device | str | None = None) -> Linear4bit:
+def quantize_linear(linear: nn.Linear, spec: QuantSpec, device: torch.device | str | None = None) -> nn.Linear:
     """A frozen Linear4bit holding `linear`'s weight quantized (and its bias, kept in float)."""
     device = torch.device(device) if device is not None else linear.weight.device
     module = empty_linear4bit(linear.in_features, linear.out_features, linear.bias is not None, spec)
@@ -93,8 +114,9 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.detach()
     weight = module.weight
     if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by a bnb CPU forward
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        weight.data, weight.quant_state = bnb().functional._convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state)
+    return bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
 def quantize_module_linears(model: nn.Module, names: list[str], spec: QuantSpec,

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, PeftConfig
-from engine.layers.lora import LoRATargetError, find_targets, inject_lora, mark_only_lora_trainable
+from engine.layers.lora import LoRATargetError, mark_only_lora_trainable
+from engine.layers.inject import find_targets, inject_lora
 from engine.layers.pissa import pissa_init_model
 from engine.layers.quant import (QuantSpec, is_linear4bit, quantize_module_linears, set_4bit_weight,
                           swap_in_empty_linear4bit)
@@ -455,17 +456,15 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | torc
     return model, tokenizer
 
 
-def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
+def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder block in backward (torch.utils.checkpoint, use_reentrant=False).
 
     Non-reentrant checkpointing tracks grads into the LoRA weights inside a block even when the
     block's input (the frozen embeddings' output) does not require grad, so the
     `enable_input_require_grads` hook transformers adds is removed again (it would only make
     autograd compute a useless grad for the embeddings' output). Non-reentrant is also the
-    DDP-safe variant (FIELD.md bug 10).
-    offload: the saved block inputs (the checkpoints) go to pinned CPU memory through
-    `engine.speed.offload.OffloadCheckpoints` (asynchronous side-stream copies on a GPU); returns that
-    offloader (its `stats` count what moved), else None.
+    DDP-safe variant (FIELD.md bug 10). Offloading the saved block inputs to host memory is the
+    speed plan's (engine/speed/offload.py, train.offload_activations).
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
@@ -473,33 +472,3 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.disable_input_require_grads()
-    if not offload:
-        return None
-    from engine.speed.offload import install_offload
-    return install_offload(model, **kwargs)
-
-
-def apply_speed_switches(model: nn.Module, train_cfg, *, precision: str = "fp32", announce: bool = True) -> None:
-    """The same-math speed switches of `train_cfg` (a TrainConfig) on a built model:
-    train.fused_lora (LoRALinear's addmm forward), train.grouped_lora (one A matmul for sibling
-    linears reading the same input, engine/layers/groups.py), train.packed_attention (one causal SDPA
-    call per packed document, engine/model/attention.py), train.cpu_short_attention (its explicit
-    kernel for short documents on a CPU under bf16) and train.batch_short_documents (all of a
-    micro-batch's documents in one autograd node per layer), train.compile_norms and train.compile_loss
-    (RMSNorm and the cross-entropy as compiled fused kernels, engine/speed/compiled.py; their auto
-    depends on the resolved training `precision`; `announce`: say on stderr why auto leaves them off)."""
-    from engine.speed import compiled
-    from engine.model.attention import set_batch_short_documents, set_cpu_short_attention, set_packed_attention
-    from engine.layers.lora import set_fused_lora
-    from engine.layers.groups import set_grouped_lora
-
-    set_fused_lora(model, train_cfg.fused_lora)
-    set_grouped_lora(model, train_cfg.grouped_lora and not train_cfg.fsdp)
-    set_packed_attention(model, train_cfg.packed_attention)
-    set_cpu_short_attention(model, train_cfg.cpu_short_attention)
-    set_batch_short_documents(model, train_cfg.batch_short_documents)
-    device = next(model.parameters()).device
-    norms, loss = (compiled.resolve(key, getattr(train_cfg, key), device, train_cfg.fsdp, precision,
-                                    announce=announce) for key in ("compile_norms", "compile_loss"))
-    compiled.set_compiled_norms(model, norms)
-    compiled.set_compiled_loss(model, loss)

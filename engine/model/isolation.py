@@ -38,15 +38,16 @@ import sys
 import torch
 from torch import nn
 
+from engine.model.packing import packing_context
+from engine.training import amp
+from engine.training.loss import decoder_hidden
+
 LEAK_TOLERANCE = 0.1  # ratio; isolated models measure 0 or rounding noise, leaking ones O(1)
 
 
 @torch.no_grad()
 def packing_leak(model: nn.Module, *, precision: str = "fp32") -> float:
     """The ratio of the module docstring for `model` (on its device, under `precision`'s autocast)."""
-    from engine.training import amp
-    from engine.training.loss import decoder_hidden
-
     device = next(model.parameters()).device
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     g = torch.Generator().manual_seed(0)
@@ -59,17 +60,22 @@ def packing_leak(model: nn.Module, *, precision: str = "fp32") -> float:
     model.eval()  # no dropout: the forwards must differ only by what the row holds
     try:
         with amp.autocast(precision, device):
-            first, second, other = (
-                decoder_hidden(model, {"input_ids": ids.to(device),
-                                       "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device)}
-                               )[0].float()
-                for ids, lengths in rows)
+            first, second, other = (decoder_hidden(model, _probe_batch(ids, lengths, device))[0].float()
+                                    for ids, lengths in rows)
     finally:
         model.train(was_training)
     b_first, b_second, b_other = first[5:9], second[3:7], other[3:7]
     leak = (b_first - b_second).abs().max()
     context = (b_second[1:] - b_other[1:]).abs().max()
     return (leak / torch.maximum(context, 1e-3 * b_second.abs().max()).clamp_min(1e-30)).item()
+
+
+def _probe_batch(ids: torch.Tensor, lengths: tuple[int, ...], device) -> dict:
+    """A packed one-row batch as the loader makes it: restarted positions and the packing context."""
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = torch.full_like(ids, -100)
+    return {"input_ids": ids.to(device), "position_ids": position_ids.to(device),
+            "packing": packing_context(labels, [list(lengths)], num_tokens=ids.shape[1]).to(device)}
 
 
 def packing_is_safe(model: nn.Module, *, precision: str = "fp32") -> tuple[bool, float]:

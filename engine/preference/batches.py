@@ -7,16 +7,17 @@ restart at both sides' starts, so attention is block-diagonal exactly as for SFT
 Padded (a model that leaks across packed documents, engine/model/isolation.py): one side per
 row, right-padded, with an attention_mask.
 
-Besides input_ids / labels / position_ids (/ attention_mask), the host builds everything the
-device needs to sum each side's reply log-probs without a sync (no boolean indexing):
+Besides input_ids / labels / position_ids (/ attention_mask) and the packing context
+(engine/model/packing.py: every side a document, `label_index` [N] / `label_targets` [N] the
+labelled tokens in row-major order), the host builds what the device needs to sum each side's
+reply log-probs without a sync (no boolean indexing):
 
-    label_index  [N] long   flat positions b*T + t of the N labelled tokens
-    label_target [N] long   their target ids (labels[b, t])
-    label_seq    [N] long   which sequence each belongs to: pair p's chosen side is p, its rejected P + p
+    label_seq    [N] long   which sequence each labelled token belongs to: pair p's chosen side is
+                            p, its rejected side P + p (same order as packing.label_index)
     seq_tokens   [2P] fp32  labelled tokens per sequence (ORPO's per-token average)
     num_pairs    P (int), num_tokens, num_loss_tokens (ints), pair_index [P] (dataset indices)
 
-so logp[s] = index_add over label_seq of log softmax(z)[label_target] gives the [2P] sums.
+so logp[s] = index_add over label_seq of log softmax(z)[label_targets] gives the [2P] sums.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from engine.data.loader import Loader
 from engine.data.render import IGNORE_INDEX
+from engine.model.packing import packing_context
 
 
 class PairLoader(Loader):
@@ -54,9 +56,10 @@ class PairLoader(Loader):
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((B, T), dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
-        index, target, seq = [], [], []
+        seq: list[int] = []
         seq_tokens = [0] * (2 * P)
         num_tokens = 0
+        doc_lengths = []  # per row; the padding at a row's end counts as one more document
         for b, row in enumerate(out_rows):
             t = 0
             for s, ids, lab in row:
@@ -64,30 +67,31 @@ class PairLoader(Loader):
                 input_ids[b, t:t + n] = torch.tensor(ids)
                 labels[b, t:t + n] = torch.tensor(lab)
                 position_ids[b, t:t + n] = torch.arange(n)
-                for j, y in enumerate(lab):
-                    if y != IGNORE_INDEX:
-                        index.append(b * T + t + j)
-                        target.append(y)
-                        seq.append(s)
-                        seq_tokens[s] += 1
+                k = sum(1 for y in lab if y != IGNORE_INDEX)
+                seq += [s] * k  # row-major, like the packing context's label_index
+                seq_tokens[s] += k
                 t += n
             attention_mask[b, :t] = 1
             num_tokens += t
             position_ids[b, t:] = torch.arange(T - t) if self.packing else torch.arange(t, T)
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                 "label_index": torch.tensor(index, dtype=torch.long),
-                 "label_target": torch.tensor(target, dtype=torch.long),
+            doc_lengths.append([len(ids) for _, ids, _ in row] + ([T - t] if t < T else []))
+        packing = packing_context(labels, doc_lengths, num_tokens=num_tokens, packed=self.packing)
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "packing": packing,
                  "label_seq": torch.tensor(seq, dtype=torch.long),
                  "seq_tokens": torch.tensor(seq_tokens, dtype=torch.float32),
                  "pair_index": torch.tensor(pairs, dtype=torch.long),
-                 "num_pairs": P, "num_tokens": num_tokens, "num_loss_tokens": len(index)}
+                 "num_pairs": P, "num_tokens": num_tokens, "num_loss_tokens": packing.num_loss_tokens}
         if not self.packing:
             batch["attention_mask"] = attention_mask
+        if self.pin_memory:  # a GPU run: the step's non_blocking copy then overlaps queued work
+            batch = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in batch.items()}
         return batch
 
 
 def make_pair_loader(dataset, *, max_seq_len: int, micro_batch_size: int, packing: bool, seed: int,
-                     pad_token_id: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> PairLoader:
+                     pad_token_id: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> PairLoader:
     """A PairLoader over a PairDataset; micro_batch_size counts rows (packed) or pairs (padded)."""
     return PairLoader(dataset, max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, packing=packing,
-                      seed=seed, pad_token_id=pad_token_id, shuffle=shuffle, rank=rank, world_size=world_size)
+                      seed=seed, pad_token_id=pad_token_id, shuffle=shuffle, rank=rank, world_size=world_size,
+                      pin_memory=pin_memory)

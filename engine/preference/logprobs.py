@@ -1,8 +1,8 @@
 """Summed reply log-probs of every sequence of a pair batch, for the policy and the reference.
 
     h      = decoder(input_ids, position_ids)              [B, T, H]  (packed rows: isolated documents)
-    h_lab  = h.flatten(0, 1)[label_index]                  [N, H]     host-provided indices, no mask
-    lp_i   = log softmax(f(h_lab_i W^T))[label_target_i]   [N]        fp32, chunk by chunk
+    h_lab  = h.flatten(0, 1)[label_index]                  [N, H]     the packing context's host indices
+    lp_i   = log softmax(f(h_lab_i W^T))[label_targets_i]  [N]        fp32, chunk by chunk
     logp_s = sum_{i: label_seq_i = s} lp_i                 [2P]       index_add_
 
 Only the N labelled positions reach the lm_head, `chunk_size` rows at a time, each chunk under
@@ -36,8 +36,8 @@ def sequence_logps(model, batch: dict, *, chunk_size: int | None = 1024) -> Tens
     hidden = decoder_hidden(model, batch)
     head = model.get_output_embeddings()
     transform = logit_transform(model.config)
-    index = batch["label_index"].to(hidden.device)
-    targets = batch["label_target"].to(hidden.device)
+    packing = batch["packing"].to(hidden.device)
+    index, targets = packing.label_index, packing.label_targets
     h = hidden.flatten(0, 1).index_select(0, index)  # [N, H]
     n = h.shape[0]
     step = n if not chunk_size else chunk_size

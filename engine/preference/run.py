@@ -26,7 +26,8 @@ from engine.preference.logprobs import sequence_logps
 from engine.training import amp
 
 
-def load_pair_data(cfg, tokenizer, *, packing: bool, micro_batch_size: int, rank: int, world_size: int):
+def load_pair_data(cfg, tokenizer, *, packing: bool, micro_batch_size: int, rank: int, world_size: int,
+                   pin_memory: bool = False):
     """(train PairDataset, eval PairDataset or None, PairLoader) for cfg.data's files."""
     train_set = load_pair_dataset(cfg.data.train_path, tokenizer, cfg.data)
     eval_set = load_pair_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
@@ -36,7 +37,7 @@ def load_pair_data(cfg, tokenizer, *, packing: bool, micro_batch_size: int, rank
               f"{len(s.truncated_lines)} truncated)", file=sys.stderr)
     loader = make_pair_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
                               packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                              rank=rank, world_size=world_size)
+                              rank=rank, world_size=world_size, pin_memory=pin_memory)
     return train_set, eval_set, loader
 
 
@@ -49,7 +50,7 @@ def _eval_batches(dataset, *, max_seq_len: int, batch_size: int, packing: bool, 
 
 @torch.no_grad()
 def preference_eval(model, objective, dataset, *, max_seq_len: int, batch_size: int, packing: bool, precision: str,
-                    device: torch.device, pad_token_id: int, chunk_size: int | None) -> dict:
+                    device: torch.device, pad_token_id: int) -> dict:
     """{"loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
     "preference_accuracy", "pairs"} over all of `dataset` (module docstring); one host sync."""
     was_training = model.training

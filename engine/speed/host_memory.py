@@ -6,21 +6,17 @@ threshold with a fresh mmap and unmaps it on free; the threshold starts at 128 K
 top is given back to the kernel (trimmed) once twice the threshold lies free there. A training
 step frees and remakes the same activations every step, 1-40 MB each, whose sizes change with
 every packed row length; whichever of them the moving thresholds send back to the kernel returns
-page by page, one minor page fault per 4 KiB page as it is first written (~2.1 us each on this
-project's CPU, AMD EPYC Zen 5 in a VM):
-
-    SmolLM2-135M, bf16, 1,024-token rows (the quickstart step, ~1 s): 20-60k faults per step,
-    so 40-130 ms; one row length once took 250k (0.5 s of a 2 s step)
+page by page, one minor page fault per 4 KiB page as it is first written: tens of thousands of
+faults per step (benchmarks/results/ counts them per row).
 
 `retain()` fixes the thresholds instead (mallopt): every block up to `HEAP_BLOCK_LIMIT` (32 MiB,
 the largest glibc accepts) comes from the heap, and the heap is not trimmed below 2 GiB free, so
-after the first steps a step mostly reuses memory the process already has (the quickstart step in
-bf16: 23.7k -> 5.6k faults per step, benchmarks/throughput.py's engine vs engine_malloc_default
-rows). The cost: resident memory does not shrink after a peak (a training process's peak is what
+after the first steps a step mostly reuses memory the process already has (the benchmark's
+engine vs engine_malloc_default rows). The cost: resident memory does not shrink after a peak (a training process's peak is what
 it needs anyway). Blocks above the limit are still mmapped per call: the chunked loss
 (engine/training/loss.py) keeps each chunk's [C, V] logits under it while this is on.
 
-Switch: `train.retain_host_memory` (auto | true | false); auto = training on a CPU with glibc.
+Switch: `speed.retain_host_memory` (auto | true | false); auto = training on a CPU with glibc.
 It is a process setting (there is no undo: mallopt disables glibc's dynamic thresholds), taken
 once when training starts; `false` leaves the C library as it is.
 """
@@ -40,7 +36,7 @@ _retained = False
 
 
 class HostMemoryError(RuntimeError):
-    """train.retain_host_memory=true where the C library has no mallopt (not glibc)."""
+    """speed.retain_host_memory=true where the C library has no mallopt (not glibc)."""
 
 
 def _glibc():
@@ -62,7 +58,7 @@ def retain() -> None:
     global _retained
     libc = _glibc()
     if libc is None:
-        raise HostMemoryError(f"train.retain_host_memory=true: {unavailable_reason()}; set it to auto or false")
+        raise HostMemoryError(f"speed.retain_host_memory=true: {unavailable_reason()}; set it to auto or false")
     for option, value in ((_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
                           (_M_TOP_PAD, _TOP_PAD)):
         if libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) != 1:
@@ -74,27 +70,18 @@ def is_retained() -> bool:
     return _retained
 
 
-def heap_block_limit() -> int | None:
-    """The largest block the heap serves while memory is retained (None: not retained, the C
-    library's own rules apply)."""
-    return HEAP_BLOCK_LIMIT if _retained else None
-
-
-def configure(mode, device_type: str, *, announce: bool = True) -> bool:
-    """train.retain_host_memory (auto | true | false) -> whether this process now retains.
-    auto: when training on a CPU with glibc (on a GPU the activations live in CUDA's caching
-    allocator already); true: anywhere, or HostMemoryError where it cannot."""
-    if mode is False or (mode is not True and device_type != "cpu"):
-        return _retained
-    reason = unavailable_reason() if mode is not True else None  # true: retain() says why it cannot
-    if reason:
-        if announce:
-            import sys
-            print(f"note: train.retain_host_memory=auto: {reason}; each step's large activations "
-                  "come back from the kernel page by page", file=sys.stderr)
+def choose(mode, device_type: str, notes: list[str] | None = None) -> bool:
+    """speed.retain_host_memory (auto | true | false) -> whether to retain. auto: when training on a
+    CPU with glibc (on a GPU the activations live in CUDA's caching allocator already; why auto
+    says no goes to `notes`); true: yes (`retain` raises HostMemoryError where it cannot)."""
+    if mode is True:
+        return True
+    if mode is False or device_type != "cpu":
         return False
-    retain()
-    return True
+    reason = unavailable_reason()
+    if reason and notes is not None:
+        notes.append(f"retain_host_memory off: {reason}")
+    return reason is None
 
 
 def minor_faults() -> int:

@@ -26,29 +26,40 @@ class Fp16Overflow(RuntimeError):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 where the GPU has it, fp16 on older GPUs (a T4), fp32 on CPU.
+    """train.precision -> the precision used on `device` (see `choose_precision`)."""
+    return choose_precision(precision, device)[0]
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(precision, why): auto -> bf16 on a GPU that has it, fp16 on older GPUs (a T4), bf16 on a CPU
+    with native bf16 matmuls, fp32 on other CPUs: the fastest that trains safely there.
 
     bf16 asked of a GPU without it falls back to fp16, with a warning that says so; bf16 asked of
     a CPU without native bf16 runs, with a warning that it will be slow."""
     if device.type != "cuda":
-        if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        native = device.type == "cpu" and cpu_has_native_bf16()
+        if precision == "bf16" and device.type == "cpu" and not native:
             warnings.warn("train.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 or AMX): "
                           "they are emulated there and slower than fp32")
-        return "fp32" if precision == "auto" else precision
+        if precision != "auto":
+            return precision, "asked for"
+        if native:
+            return "bf16", "auto: this CPU has native bf16 matmuls (AVX512-BF16 or AMX), several times fp32's speed"
+        return "fp32", "auto: this CPU has no native bf16 matmuls, where bf16 would be emulated and slower"
     has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
-        return "bf16" if has_bf16 else "fp16"
+        return (("bf16", "auto: the GPU has bf16") if has_bf16 else
+                ("fp16", "auto: the GPU has no bf16; fp16 with dynamic loss scaling"))
     if precision == "bf16" and not has_bf16:
         warnings.warn(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16: "
                       "falling back to fp16 with dynamic loss scaling")
-        return "fp16"
-    return precision
+        return "fp16", "bf16 asked for, but the GPU has none: fp16 with dynamic loss scaling"
+    return precision, "asked for"
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls several times faster than fp32 (4.4x on a 2-core Zen 5:
-    the throughput benchmark's 2048^3 peaks, 933 vs 210 GFLOP/s, benchmarks/results/
-    throughput_cpu_smollm2_quickstart_{bf16,idle}.md). Other CPUs emulate bf16, slower than fp32."""
+    """AVX512-BF16 or AMX: bf16 matmuls several times faster than fp32 (the throughput benchmark
+    measures both peaks, benchmarks/results/). Other CPUs emulate bf16, slower than fp32."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private helpers; a torch without them: assume not

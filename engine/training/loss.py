@@ -24,16 +24,34 @@ gradient) exist at any time, in forward and in backward; what is kept for backwa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.speed import host_memory
-from engine.speed.compiled import compiled_cross_entropy, compiled_loss_enabled
+from engine.model.packing import PackingContext
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class StepKernels:
+    """The loss's hooks for device-specific speed (filled by the speed plan, engine/speed/plan.py).
+
+    cross_entropy: (z [C, V] in the head's dtype, y [C]) -> (sum CE in fp32, softmax - onehot in z's
+        dtype) for chunks that need gradients (the math of `cross_entropy_and_grad_fused`, compiled);
+        None: the eager fp32 path.
+    max_chunk_bytes: the largest a chunk's logits may be (a CPU retaining host memory keeps each
+        chunk in its heap); None: `chunk_size` rows alone decide.
+    """
+
+    cross_entropy: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    max_chunk_bytes: int | None = None
+
+
+EAGER = StepKernels()
 
 
 def logit_transform(config) -> Callable[[Tensor], Tensor] | None:
@@ -92,7 +110,7 @@ def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: 
 def cross_entropy_and_grad_fused(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(sum_i CE(z_i, y_i) in fp32, softmax(z) - onehot(y) in z's dtype) for logits z [C, V] in
     any float dtype: the math of `_cross_entropy_and_grad`, written for inductor
-    (train.compile_loss, engine/speed/compiled.py), which makes it one reduction pass over z (max and
+    (speed.compile, engine/speed/compiled.py), which makes it one reduction pass over z (max and
     sum of exp, in fp32) and one pointwise pass writing the gradient already cast to z's dtype,
     the dtype the lm_head's backward takes. No fp32 [C, V] copy of z is ever stored."""
     zf = z.float()
@@ -104,14 +122,11 @@ def cross_entropy_and_grad_fused(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss, grad
 
 
-def chunk_bounds(n: int, chunk_size: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
-    """[start, end) of the loss chunks over n labelled rows: at most `chunk_size` rows each and, on
-    a CPU retaining host memory (engine/speed/host_memory.py), at most as many as keep the chunk's
-    logits (`row_bytes` per row) within the heap's largest block, so they reuse the process's
-    memory instead of a fresh mmap faulted in page by page (a 403 x 49k bf16 chunk: 40 MB, ~10k
-    faults). Chunks are equal to within one row: 403 rows under a 341-row limit -> 202 + 201."""
-    limit = host_memory.heap_block_limit() if device.type == "cpu" else None
-    rows = chunk_size if limit is None or row_bytes <= 0 else max(1, min(chunk_size, limit // row_bytes))
+def chunk_bounds(n: int, chunk_size: int, row_bytes: int, max_chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of the loss chunks over n labelled rows: at most `chunk_size` rows each and,
+    given `max_chunk_bytes`, at most as many as keep the chunk's logits (`row_bytes` per row) within
+    it. Chunks are equal to within one row: 403 rows under a 341-row limit -> 202 + 201."""
+    rows = chunk_size if max_chunk_bytes is None or row_bytes <= 0 else max(1, min(chunk_size, max_chunk_bytes // row_bytes))
     count = -(-n // rows)
     edges = [n * i // count for i in range(count + 1)] if count else [0]
     return list(zip(edges[:-1], edges[1:]))
@@ -134,7 +149,7 @@ def _logit_row_bytes(head: nn.Module, hidden: Tensor, fused: bool) -> int:
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum CE(f(head(hidden)), labels) over rows, chunk by chunk, gradients computed in forward.
 
-    forward(hidden [N, H], labels [N], head, transform, chunk_size, compiled, *params) -> 0-dim fp32 sum.
+    forward(hidden [N, H], labels [N], head, transform, chunk_size, kernels, *params) -> 0-dim fp32 sum.
     `params` are the head's trainable parameters (e.g. LoRA A/B on a targeted lm_head): they are
     inputs of the Function so autograd routes their gradients. For each chunk the forward runs
     the head under `enable_grad` on a detached slice, the cross-entropy and its gradient
@@ -142,14 +157,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     logit transform), and `torch.autograd.grad` through the head at once, so the
     chunk's logits are freed before the next chunk starts: the peak is about one [C, V] fp32
     tensor (two with a transform).
-    `compiled` (train.compile_loss, no transform): the head's output is not upcast; the compiled
-    `cross_entropy_and_grad_fused` reads it in its own dtype and returns the gradient in it.
+    `kernels.cross_entropy` (a fused kernel, no transform): the head's output is not upcast; the
+    kernel reads it in its own dtype and returns the gradient in it.
     Backward only scales the stored gradients by the incoming gradient (the loss is linear in
     its own output, so e.g. a GradScaler's scale is applied exactly).
     """
 
     @staticmethod
-    def forward(ctx, hidden, labels, head, transform, chunk_size, compiled, *params):
+    def forward(ctx, hidden, labels, head, transform, chunk_size, kernels, *params):
         need_hidden = ctx.needs_input_grad[0]
         need_params = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -158,9 +173,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_params = [torch.zeros_like(p, dtype=torch.float32) if need else None
                        for p, need in zip(params, need_params)]
         wrt = [p for p, need in zip(params, need_params) if need]
-        fused = compiled and transform is None and bool(need_hidden or wrt)
+        fused = kernels.cross_entropy is not None and transform is None and bool(need_hidden or wrt)
         for start, end in chunk_bounds(hidden.shape[0], chunk_size, _logit_row_bytes(head, hidden, fused),
-                                       hidden.device):
+                                       kernels.max_chunk_bytes):
             h = hidden[start:end].detach().requires_grad_(need_hidden)  # [C, H]
             y = labels[start:end]  # [C]
             inputs = ([h] if need_hidden else []) + wrt
@@ -169,7 +184,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = head(h) if fused else _logits_fp32(head, h, transform)
             z = logits.detach()
             if fused:
-                loss, grad_z = compiled_cross_entropy()(z, y)
+                loss, grad_z = kernels.cross_entropy(z, y)
             else:
                 # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's
                 # storage; not with a logit transform, whose last op could have saved z for its backward
@@ -201,41 +216,46 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def lm_head_loss(hidden: Tensor, labels: Tensor, head: nn.Module, *, transform=None,
-                 chunk_size: int | None = None, compiled: bool = False) -> Tensor:
+                 chunk_size: int | None = None, kernels: StepKernels = EAGER,
+                 packing: PackingContext | None = None) -> Tensor:
     """Summed fp32 cross-entropy of `f(head(hidden))` against already-shifted `labels`.
 
     hidden [B, T, H], labels [B, T] (-100 = no loss). chunk_size None: full logits [B, T, V];
-    else labelled rows only, `chunk_size` at a time (see module docstring); there `compiled`
-    (train.compile_loss) takes the fused compiled cross-entropy for chunks that need gradients.
-    A batch without labelled tokens gives an exact 0 that is still connected to the graph (zero
-    grads, no NaN).
+    else labelled rows only, `chunk_size` at a time (see module docstring), computed with
+    `kernels`. The labelled rows are the packing context's `label_index` (found by the loader on
+    the host: no device sync); without a context they are found here (one sync, deliberate: tests
+    and callers without a loader). A batch without labelled tokens gives an exact 0 that is still
+    connected to the graph (zero grads, no NaN).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"lm_head_loss: hidden states {tuple(hidden.shape)} do not match "
                          f"labels {tuple(labels.shape)} (expected [B, T, H] and [B, T])")
-    labels = labels.to(hidden.device)
     if chunk_size is None:
         logits = _logits_fp32(head, hidden, transform)  # [B, T, V]
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+        return F.cross_entropy(logits.flatten(0, 1), labels.to(hidden.device).flatten(), reduction="sum",
                                ignore_index=IGNORE_INDEX)
     if chunk_size < 1:
         raise ValueError(f"lm_head_loss: chunk_size must be >= 1 or None, got {chunk_size} "
                          "(config key train.loss_chunk_size)")
-    keep = labels != IGNORE_INDEX  # [B, T]
-    # boolean indexing has a data-dependent shape: one host sync per micro-batch, deliberate
-    selected = hidden[keep]  # [N, H]
-    targets = labels[keep]   # [N]
+    if packing is not None:
+        selected = hidden.flatten(0, 1).index_select(0, packing.label_index)  # [N, H]
+        targets = packing.label_targets                                       # [N]
+    else:
+        labels = labels.to(hidden.device)
+        keep = labels != IGNORE_INDEX  # [B, T]; boolean indexing: a host sync, deliberate (no loader here)
+        selected, targets = hidden[keep], labels[keep]
     # under no_grad (evaluation) no gradient is wanted, not even for a LoRA-targeted head's
     # parameters (the Function would otherwise compute theirs: its inputs still require grad)
     params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-    return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, compiled, *params)
+    return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, kernels, *params)
 
 
 def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
     """Last hidden state [B, T, H] of the decoder body (no lm_head, no KV cache) for a batch's
-    input_ids / position_ids / attention_mask (those present)."""
+    input_ids / position_ids / attention_mask (those present); its packing context, if any, goes
+    down to every attention call (`packing=`, engine/model/attention.py)."""
     inputs = {"input_ids": batch["input_ids"]}
-    for key in ("position_ids", "attention_mask"):
+    for key in ("position_ids", "attention_mask", "packing"):
         if batch.get(key) is not None:
             inputs[key] = batch[key]
     # use_cache=False: with a cache transformers 5 ignores the restarted position_ids of packed
@@ -244,7 +264,8 @@ def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None) -> tuple[Tensor, int]:
+def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None,
+                   kernels: StepKernels = EAGER) -> tuple[Tensor, int]:
     """(loss_sum, n_loss_tokens) for one micro-batch: fp32 0-dim sum and a python int.
 
     Runs `model.get_decoder()` on input_ids / position_ids / attention_mask (those present) with
@@ -257,8 +278,9 @@ def causal_lm_loss(model: nn.Module, batch: dict, *, chunk_size: int | None) -> 
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"causal_lm_loss: {type(model).__name__} has no output embeddings (lm_head)")
+    packing = batch.get("packing")
     loss_sum = lm_head_loss(hidden, batch["labels"], head, transform=logit_transform(model.config),
-                            chunk_size=chunk_size, compiled=compiled_loss_enabled(model))
+                            chunk_size=chunk_size, kernels=kernels, packing=packing)
     n = batch.get("num_loss_tokens")
     if n is None:
         n = int((batch["labels"] != IGNORE_INDEX).sum())  # host sync; engine.data provides it

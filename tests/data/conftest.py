@@ -12,9 +12,8 @@ import pytest
 
 from engine.config import DataConfig
 
-# ../shared/seed beside the checkout (read-only; also there in CI)
-SEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
-                        "shared", "seed")
+# the seed's two real files, shipped in the repository
+SEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "seed_msa")
 SEED_TRAIN = os.path.join(SEED_DIR, "formatted_train_set.jsonl")
 SEED_TEST = os.path.join(SEED_DIR, "formatted_test_set.jsonl")
 

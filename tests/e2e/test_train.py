@@ -60,7 +60,7 @@ def make_cfg(workdir, out: str, *, peft: dict | None = None, train: dict | None 
                         cache_dir=str(root / "cache")),
         peft=PeftConfig(r=4, alpha=8, targets="all-linear"),
         optim=OptimConfig(lr=1e-2, warmup_steps=2, schedule="cosine"),
-        train=TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=2, seed=0, plots=False),
+        train=TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=2, seed=0, precision="fp32", plots=False),
     )
     for section, values in (("peft", peft), ("train", train), ("optim", optim), ("data", data)):
         if values:

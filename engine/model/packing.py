@@ -1,0 +1,117 @@
+"""The packing context: what the host knows about one micro-batch, handed to the model's forward once.
+
+A packed row holds several documents back to back; positions restart at each one:
+
+    row b:         [ doc 0 (n0) | doc 1 (n1) | ... | padding ]
+    position_ids:  [ 0 .. n0-1  | 0 .. n1-1  | ... | 0 ..    ]
+    attention:     block-diagonal causal -- a token sees the earlier tokens of its own document
+
+    doc_lengths    [[n0, n1, ...], ...]   per row, summing to the row's length T (padding counts
+                                          as one more document of its own: it attends to nothing real)
+    cu_seqlens     [0, n0, n0+n1, ...]    int32, over the flattened [B*T] tokens: what varlen kernels take
+    label_index    [N]                    int64 flat indices (b*T + t) of the tokens that carry a label
+    label_targets  [N]                    their labels (the next token)
+
+The data loader builds it on the host while it builds the batch (it knows every length already),
+so neither attention nor the loss ever asks the device where documents start or which tokens carry
+a label: no `nonzero`, no boolean indexing, no device-to-host copy in the step. It travels as one
+keyword argument, `packing=`, through the model's forward (transformers hands extra keyword
+arguments down to the attention function) and is read by `engine.model.attention` and
+`engine.training.loss`. `kernel_cache` is a per-forward scratch dict for tensors every layer of
+the forward shares (a causal bias per document length, say); it lives and dies with the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class PackingContext:
+    """Host-side facts about one micro-batch (see the module docstring). Tensors live on the host
+    until `to(device)` copies them (non_blocking: pinned on a GPU, the copy overlaps the step)."""
+
+    doc_lengths: list[list[int]]
+    label_index: torch.Tensor
+    label_targets: torch.Tensor
+    num_tokens: int
+    num_loss_tokens: int
+    packed: bool = True
+    kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, PackingContext) and self.doc_lengths == other.doc_lengths
+                and torch.equal(self.label_index, other.label_index)
+                and torch.equal(self.label_targets, other.label_targets)
+                and (self.num_tokens, self.num_loss_tokens, self.packed)
+                == (other.num_tokens, other.num_loss_tokens, other.packed))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.doc_lengths)
+
+    @property
+    def row_length(self) -> int:
+        return sum(self.doc_lengths[0]) if self.doc_lengths else 0
+
+    @property
+    def max_doc_length(self) -> int:
+        return max((n for row in self.doc_lengths for n in row), default=0)
+
+    @property
+    def has_several_documents(self) -> bool:
+        """True when some row holds more than one document: attention must keep them apart."""
+        return self.packed and any(len(row) > 1 for row in self.doc_lengths)
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """[docs + 1] int32 offsets of every document in the flattened [B*T] tokens (host tensor)."""
+        edges = [0]
+        for row in self.doc_lengths:
+            for n in row:
+                edges.append(edges[-1] + n)
+        return torch.tensor(edges, dtype=torch.int32)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackingContext":
+        device = torch.device(device)
+        if self.label_index.device == device:
+            return self
+        return PackingContext(self.doc_lengths,
+                              self.label_index.to(device, non_blocking=non_blocking),
+                              self.label_targets.to(device, non_blocking=non_blocking),
+                              self.num_tokens, self.num_loss_tokens, self.packed)
+
+    def pin_memory(self) -> "PackingContext":
+        return PackingContext(self.doc_lengths, self.label_index.pin_memory(), self.label_targets.pin_memory(),
+                              self.num_tokens, self.num_loss_tokens, self.packed)
+
+
+def packing_context(labels: torch.Tensor, doc_lengths: list[list[int]], *, num_tokens: int,
+                    packed: bool = True, ignore_index: int = -100) -> PackingContext:
+    """The context of a host-side batch: `labels` [B, T] (already shifted, `ignore_index` = no
+    loss) and each row's document lengths (summing to T). Host work only."""
+    if labels.device.type != "cpu":
+        raise ValueError("packing_context is built on the host, from the loader's CPU labels")
+    B, T = labels.shape
+    for b, row in enumerate(doc_lengths):
+        if sum(row) != T:
+            raise ValueError(f"row {b}: document lengths {row} sum to {sum(row)}, the row has {T} tokens")
+    flat = labels.reshape(-1)
+    index = (flat != ignore_index).nonzero().flatten()   # host tensor: no device involved
+    return PackingContext(doc_lengths=[list(row) for row in doc_lengths], label_index=index,
+                          label_targets=flat[index], num_tokens=num_tokens, num_loss_tokens=int(index.numel()),
+                          packed=packed)
+
+
+def lengths_from_positions(position_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, the lengths of the runs where position_ids increase by one (host [B, T] tensor):
+    the document lengths of rows whose positions restart at each document (tests, the probe)."""
+    pos = position_ids.detach().cpu()
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    rows = []
+    for row in starts:
+        idx = row.nonzero().flatten().tolist() + [pos.shape[1]]
+        rows.append([b - a for a, b in zip(idx[:-1], idx[1:])])
+    return rows

@@ -1,0 +1,150 @@
+"""The speed plan: every device-specific speed choice of a run, resolved once, printed once, applied once.
+
+The core (layers, loss, model building, the training step) computes the same math on every device
+and exposes hooks; this module decides which fast implementation plugs into each hook here:
+
+    switch                  hook in the core                          what it buys
+    fused_lora              LoRALinear.fused                          B's GEMM adds into the base output (addmm_)
+    grouped_lora            engine.layers.groups (parent hooks)       one A matmul for q/k/v, one for gate/up
+    packed_attention        engine.model.attention (AttentionInterface) per-document attention, O(sum n_i^2)
+    short_attention         a DocumentKernel (engine.speed.cpu_attention) CPU bf16: short documents as explicit matmuls
+    batch_short_documents   the same kernel, one autograd node per layer
+    compile_norms           RMSNorm forwards swapped (engine.speed.compiled) one fused kernel each way
+    compile_loss            StepKernels.cross_entropy (engine.training.loss) the chunked loss in two fused passes
+    retain_host_memory      StepKernels.max_chunk_bytes + glibc mallopt   a CPU step reuses its memory
+    offload_activations     checkpointed blocks' inputs to pinned host    long context (a memory trick)
+
+`resolve` turns the user's `speed` config (auto / off, plus per-switch opt-outs) into a `SpeedPlan`
+for (device, precision, model, FSDP); `apply` swaps the implementations in and returns the
+`StepKernels` the training step passes to the loss. Every switch computes the same math as with it
+off (tests/speed/), and each has a benchmark row (benchmarks/throughput.py, results in
+benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from engine.config import SpeedConfig
+from engine.layers.groups import set_grouped_lora
+from engine.layers.lora import set_fused_lora
+from engine.model.attention import register_packed_attention, set_attention
+import engine.speed.compiled as compiled
+import engine.speed.host_memory as host_memory
+from engine.speed.cpu_attention import short_document_kernel
+from engine.speed.offload import install_offload
+from engine.training.loss import StepKernels
+
+SHORT_ATTENTION_MAX_LEN = 256
+"""Longest document the CPU short-attention kernel takes: its saved probabilities grow as n^2; at
+n <= 4 head_dim they are no larger than q, k, v and the output together."""
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """What runs fast where (see the module docstring). Built by `resolve`; fields are plain values
+    so a benchmark can flip one (`dataclasses.replace`) and measure what it buys."""
+
+    fused_lora: bool = True
+    grouped_lora: bool = True
+    packed_attention: bool = True
+    short_attention: int = 0
+    batch_short_documents: bool = True
+    compile_norms: bool = False
+    compile_loss: bool = False
+    retain_host_memory: bool = False
+    offload_activations: bool = False
+    notes: tuple[str, ...] = ()
+
+    SWITCHES = ("fused_lora", "grouped_lora", "packed_attention", "short_attention", "batch_short_documents",
+                "compile_norms", "compile_loss", "retain_host_memory")
+
+    def describe(self) -> str:
+        """One line: the switches that are on, and why auto left any off."""
+        on = [f"{name}={self.short_attention}" if name == "short_attention" else name
+              for name in self.SWITCHES if getattr(self, name)]
+        if self.offload_activations:
+            on.append("offload_activations")
+        line = "speed: " + (", ".join(on) if on else "reference path (every switch off)")
+        return line + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+    def off(self, *names: str) -> "SpeedPlan":
+        """This plan with `names` switched off (benchmark rows, tests)."""
+        unknown = set(names) - set(self.SWITCHES)
+        if unknown:
+            raise ValueError(f"unknown speed switches {sorted(unknown)} (known: {', '.join(self.SWITCHES)})")
+        return replace(self, **{n: 0 if n == "short_attention" else False for n in names})
+
+
+def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: bool = False,
+            offload_activations: bool = False) -> SpeedPlan:
+    """The plan for this run: `cfg.mode=off` is the reference path (every switch off); `auto` turns
+    on what is measured to pay on this device (and possible here), minus `cfg.disable`."""
+    if cfg.mode == "off":
+        return SpeedPlan(fused_lora=False, grouped_lora=False, packed_attention=False,
+                         offload_activations=offload_activations)
+    notes = []
+    cpu_bf16 = device.type == "cpu" and precision == "bf16"
+    compile_on = _compile_choice(cfg.compile, device, fsdp, precision, notes)
+    retain = host_memory.choose(cfg.retain_host_memory, device.type, notes)
+    plan = SpeedPlan(
+        fused_lora=True,
+        grouped_lora=not fsdp,  # FSDP's parameters are DTensor shards outside the block's forward
+        packed_attention=True,
+        short_attention=SHORT_ATTENTION_MAX_LEN if cpu_bf16 else 0,
+        batch_short_documents=cpu_bf16,
+        compile_norms=compile_on, compile_loss=compile_on,
+        retain_host_memory=retain, offload_activations=offload_activations, notes=tuple(notes))
+    return plan.off(*cfg.disable) if cfg.disable else plan
+
+
+def _compile_choice(mode, device: torch.device, fsdp: bool, precision: str, notes: list) -> bool:
+    """speed.compile: auto = on a CPU training in bf16 where inductor can compile, outside FSDP (the
+    only place it is measured to pay); true = on, or CompileError saying why it cannot be."""
+    if mode is False:
+        return False
+    if mode is not True and (device.type != "cpu" or fsdp or precision != "bf16"):
+        return False  # decided before probing for a compiler, which imports inductor (~1 s)
+    reason = compiled.unavailable_reason(device, fsdp)
+    if mode is True:
+        if reason:
+            raise compiled.CompileError(f"speed.compile=true: {reason}; set speed.compile=false")
+        return True
+    if reason:
+        notes.append(f"compile off: {reason}")
+    return reason is None
+
+
+def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
+    """Swap the plan's implementations into `model` (and this process) and return the kernels the
+    training step hands to the loss. Idempotent; applying another plan undoes what it turns off
+    (except retained host memory: a process setting without undo)."""
+    if plan.retain_host_memory:
+        host_memory.retain()
+    set_fused_lora(model, plan.fused_lora)
+    set_grouped_lora(model, plan.grouped_lora)
+    if plan.packed_attention and plan.short_attention:
+        name = register_packed_attention(f"engine_packed_short{plan.short_attention}"
+                                         f"{'_batched' if plan.batch_short_documents else ''}",
+                                         short_document_kernel(plan.short_attention, plan.batch_short_documents))
+    elif plan.packed_attention:
+        name = register_packed_attention()
+    else:
+        name = None
+    set_attention(model, name)
+    compiled.set_compiled_norms(model, plan.compile_norms)
+    if plan.offload_activations and not getattr(model, "_activation_offloader", None):
+        install_offload(model, use_reentrant=False)
+    return StepKernels(cross_entropy=compiled.compiled_cross_entropy() if plan.compile_loss else None,
+                       max_chunk_bytes=host_memory.HEAP_BLOCK_LIMIT if plan.retain_host_memory else None)
+
+
+def announce(plan: SpeedPlan) -> None:
+    print(plan.describe(), file=sys.stderr)
+
+
+__all__ = ["SpeedPlan", "resolve", "apply", "announce", "SHORT_ATTENTION_MAX_LEN"]
