@@ -16,7 +16,8 @@ import torch
 
 from tests.conftest import make_tiny_model
 from engine.config import DataConfig
-from engine.layers.lora import inject_lora, lora_state_dict, mark_only_lora_trainable, target_modules_for_config
+from engine.layers.inject import inject_lora, target_modules_for_config
+from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
 from engine.preference.batches import make_pair_loader
 from engine.preference.data import load_pair_dataset
 from engine.preference.objective import DPOObjective, ORPOObjective
