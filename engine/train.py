@@ -265,11 +265,14 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
 
     loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
     preference = cfg.objective.name != "sft"
-    if preference and cfg.objective.precompute_ref:
-        objective.precompute_reference(model, train_set, max_seq_len=cfg.data.max_seq_len,
-                                       micro_batch_size=loader.micro_batch_size, packing=loader.packing,
-                                       pad_token_id=tokenizer.pad_token_id, device=device,
-                                       autocast=lambda: amp.autocast(precision, device))
+    if preference and cfg.objective.precompute_ref:  # once per dataset, cached beside the tokenized pairs
+        from engine.preference.run import prepare_reference, reference_cache_file
+        prepare_reference(objective, model, train_set, max_seq_len=cfg.data.max_seq_len,
+                          micro_batch_size=loader.micro_batch_size, packing=loader.packing,
+                          pad_token_id=tokenizer.pad_token_id, device=device,
+                          autocast=lambda: amp.autocast(precision, device),
+                          cache_file=reference_cache_file(cfg, tokenizer, precision=precision, packing=loader.packing,
+                                                          micro_batch_size=loader.micro_batch_size))
     if start_step == 0 and counters["eval_loss_before"] is None:
         counters["eval_loss_before"] = evaluate(0)
     batches = iter(loader)

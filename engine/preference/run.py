@@ -14,6 +14,9 @@ the "before" column of the summary.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from contextlib import nullcontext
 
@@ -21,7 +24,7 @@ import torch
 
 from engine.layers.lora import adapters_disabled
 from engine.preference.batches import make_pair_loader
-from engine.preference.data import load_pair_dataset
+from engine.preference.data import load_pair_dataset, pair_cache_key
 from engine.preference.logprobs import sequence_logps
 from engine.training import amp
 
@@ -93,3 +96,52 @@ def preference_accuracy(model, dataset, *, max_seq_len: int, batch_size: int, pa
     finally:
         model.train(was_training)
     return float(correct.item()) / max(pairs, 1)
+
+
+REFERENCE_CACHE_VERSION = "engine-reference-v1"
+
+
+def _model_fingerprint(path: str) -> list:
+    """(name, size, mtime) of the model's files: a changed checkpoint misses the reference cache."""
+    if path == "default":
+        from engine.model.build import default_model_path
+        path = default_model_path()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
+    return [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]
+
+
+def reference_cache_file(cfg, tokenizer, *, precision: str, packing: bool, micro_batch_size: int) -> str:
+    """Where the precomputed reference log-probs of cfg.data.train_path are cached: beside the
+    tokenized pairs (data.cache_dir), keyed by the pair cache key and everything that changes the
+    base model's numbers (model files, dtype, 4-bit quantization, PiSSA's residual, precision, batching)."""
+    from engine.data.render import resolve_template
+    from engine.data.tokenized import default_cache_dir
+
+    template, _ = resolve_template(tokenizer)
+    p = cfg.peft
+    parts = [REFERENCE_CACHE_VERSION, pair_cache_key(cfg.data.train_path, tokenizer, template, cfg.data),
+             _model_fingerprint(cfg.model.path), cfg.model.dtype, cfg.model.attn_implementation, p.method,
+             p.quant_type, p.double_quant, p.compute_dtype, p.init, p.r if p.init == "pissa" else 0,
+             precision, packing, micro_batch_size]
+    key = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+    return os.path.join(cfg.data.cache_dir or default_cache_dir(), key + ".reference.safetensors")
+
+
+def prepare_reference(objective, model, train_set, *, cache_file: str | None, **kwargs) -> None:
+    """objective.precompute_ref: load the reference table from `cache_file`, or compute it once
+    over the whole training set (`DPOObjective.precompute_reference`) and save it there."""
+    from safetensors.torch import load_file, save_file
+
+    device = kwargs["device"]
+    if cache_file and os.path.isfile(cache_file):
+        table = load_file(cache_file).get("reference")
+        if table is not None and table.shape == (len(train_set), 2):
+            objective.ref_table = table.to(device)
+            print(f"reference log-probs of {len(train_set)} pairs loaded from {cache_file}", file=sys.stderr)
+            return
+    objective.precompute_reference(model, train_set, **kwargs)
+    if cache_file:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        tmp = f"{cache_file}.tmp{os.getpid()}"
+        save_file({"reference": objective.ref_table.cpu().contiguous()}, tmp)
+        os.replace(tmp, cache_file)  # atomic: a crash never leaves half a table

@@ -39,11 +39,11 @@ def tiny(tmp_path_factory):
         for _, p in sorted(lora_state_dict(model).items()):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     ds = load_pair_dataset(str(path), tok, DataConfig(train_path=str(path), max_seq_len=48, cache_dir=str(root / "c")))
-    return model, tok, ds
+    return model, tok, ds, model_dir
 
 
 def batch_of(tiny, packing, size=8):
-    model, tok, ds = tiny
+    model, tok, ds, model_dir = tiny
     loader = make_pair_loader(ds, max_seq_len=64, micro_batch_size=size, packing=packing, seed=0,
                               pad_token_id=tok.pad_token_id, shuffle=False)
     return list(loader.one_pass())
@@ -111,7 +111,7 @@ def test_accumulation_is_normalised_by_pairs(tiny, objective):
 
 
 def test_precomputed_reference_equals_the_per_batch_one(tiny):
-    model, tok, ds = tiny
+    model, tok, ds, model_dir = tiny
     model.train()
     dpo = DPOObjective(beta=0.1)
     batch = batch_of(tiny, True, size=1)[1]
@@ -143,3 +143,28 @@ def test_loss_formulas():
         ratio = math.log(odds(a_c[i].item()) / odds(a_r[i].item()))
         assert log_odds[i].item() == pytest.approx(ratio, rel=1e-5)
         assert losses[i].item() == pytest.approx(-a_c[i].item() + 0.3 * math.log1p(math.exp(-ratio)), rel=1e-5)
+
+
+def test_precomputed_reference_is_cached_beside_the_tokenized_pairs(tiny, tmp_path, capsys):
+    from dataclasses import replace
+
+    from engine.config import ObjectiveConfig, RunConfig
+    from engine.preference.run import prepare_reference, reference_cache_file
+
+    model, tok, ds, model_dir = tiny
+    cfg = RunConfig(model=ModelConfig(path=str(model_dir)), peft=PeftConfig(r=4, alpha=8),
+                    data=DataConfig(train_path=ds.stats.path, max_seq_len=48, cache_dir=str(tmp_path / "c")),
+                    objective=ObjectiveConfig(name="dpo", precompute_ref=True))
+    file = reference_cache_file(cfg, tok, precision="fp32", packing=True, micro_batch_size=2)
+    assert file.startswith(str(tmp_path / "c"))
+    qlora = replace(cfg, peft=replace(cfg.peft, method="qlora"))
+    assert reference_cache_file(qlora, tok, precision="fp32", packing=True, micro_batch_size=2) != file
+    assert reference_cache_file(cfg, tok, precision="bf16", packing=True, micro_batch_size=2) != file
+    kwargs = dict(max_seq_len=48, micro_batch_size=2, packing=True, pad_token_id=tok.pad_token_id,
+                  device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+    first, second = DPOObjective(), DPOObjective()
+    prepare_reference(first, model, ds, cache_file=file, **kwargs)
+    assert "precomputed for 6 pairs" in capsys.readouterr().err
+    prepare_reference(second, model, ds, cache_file=file, **kwargs)
+    assert "loaded from" in capsys.readouterr().err
+    assert torch.equal(first.ref_table, second.ref_table) and first.ref_table.shape == (6, 2)
