@@ -135,3 +135,11 @@ def test_data_report_covers_pairs(tmp_path, capsys, tiny_llama_dir):
     out = capsys.readouterr().out
     assert "preference pairs (mixed)" in out and "pairs kept: 2" in out
     assert "carrying loss: chosen " in out
+
+
+def test_an_sft_file_given_to_dpo_names_the_missing_fields(tmp_path):
+    path = write(tmp_path, [SFT_ROWS["chat"][0]])
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert f"{path}:1: field 'prompt': missing (a preference pair needs prompt, chosen and rejected; " \
+           "keys present: 'messages')" in str(e.value)

@@ -145,3 +145,13 @@ def test_qlora_dpo_with_activation_checkpointing_trains_and_loads_in_peft(workdi
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # trained
+
+
+@pytest.mark.slow
+def test_dpo_fp16_loss_scaling(workdir):
+    cfg = make_cfg(workdir, "fp16", train={"max_steps": 2, "precision": "fp16"})
+    summary = train_mod.run_training(cfg)
+    train = [r for r in records(cfg.output_dir) if "loss" in r and "eval_loss" not in r]
+    assert summary["precision"] == "fp16" and summary["skipped_steps"] == 0
+    assert train[0]["loss_scale"] == 2.0 ** 16 and all(math.isfinite(r["loss"]) for r in train)
+    assert train[-1]["grad_norm"] > 0
