@@ -10,7 +10,8 @@ Both follow the step's Objective protocol (engine/training/objective.py):
 so gradient accumulation and DDP weight every pair equally. Metrics (sums; the loop divides by
 the pair count on log steps only): rewards_chosen, rewards_rejected, reward_margin,
 reward_accuracy (chosen reward > rejected reward), logps_chosen, logps_rejected,
-preference_accuracy (log pi(y_c|x) > log pi(y_r|x)); ORPO adds nll and log_odds_ratio. Nothing here reads a value back to the host.
+preference_accuracy (log pi(y_c|x) > log pi(y_r|x)); ORPO adds nll and log_odds_ratio.
+Nothing here reads a value back to the host.
 
 DPO's reference log-probs come from the same model with adapters off (engine/preference/logprobs.py),
 once per micro-batch, or from a table computed once over the whole dataset before training
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from engine.preference.logprobs import reference_logps, sequence_logps
 from engine.preference.loss import dpo_losses, orpo_losses
+from engine.training.step import to_device
 
 
 def _pair_metrics(logps: Tensor, rewards_c: Tensor, rewards_r: Tensor, P: int) -> dict[str, Tensor]:
@@ -75,7 +77,7 @@ class DPOObjective:
                                   packing=packing, seed=0, pad_token_id=pad_token_id, shuffle=False)
         table = torch.zeros(len(dataset), 2, dtype=torch.float32, device=device)
         for batch in loader.one_pass():
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             with autocast():
                 ref = reference_logps(model, batch, chunk_size=self.chunk_size)
             P = int(batch["num_pairs"])
@@ -103,10 +105,6 @@ class ORPOObjective:
         metrics = _pair_metrics(logps, rc, rr, P)
         metrics.update(nll=-avg[:P].detach().sum(), log_odds_ratio=log_odds.sum())
         return losses.sum(), metrics
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def build_objective(cfg, *, chunk_size: int | None = 1024):

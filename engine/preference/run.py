@@ -27,6 +27,7 @@ from engine.preference.batches import make_pair_loader
 from engine.preference.data import load_pair_dataset, pair_cache_key
 from engine.preference.logprobs import sequence_logps
 from engine.training import amp
+from engine.training.step import to_device
 
 
 def load_pair_data(cfg, tokenizer, *, packing: bool, micro_batch_size: int, rank: int, world_size: int,
@@ -48,7 +49,7 @@ def _eval_batches(dataset, *, max_seq_len: int, batch_size: int, packing: bool, 
     loader = make_pair_loader(dataset, max_seq_len=max_seq_len, micro_batch_size=batch_size, packing=packing,
                               seed=0, pad_token_id=pad_token_id, shuffle=False)
     for batch in loader.one_pass():
-        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        yield to_device(batch, device)
 
 
 @torch.no_grad()
