@@ -187,6 +187,8 @@ class PairDataset:
     docs: list[dict]
     stats: PairStats
     from_cache: bool = False
+    ref_table: object = None
+    """[pairs, 2] reference log-probs (chosen, rejected), once a DPO evaluation has computed them."""
 
     def __len__(self) -> int:
         return len(self.docs)

@@ -69,7 +69,7 @@ class DPOObjective:
 
     @torch.no_grad()
     def precompute_reference(self, model, dataset, *, max_seq_len: int, micro_batch_size: int, packing: bool,
-                             pad_token_id: int, device: torch.device, autocast) -> None:
+                             pad_token_id: int, device: torch.device, autocast, announce: bool = True) -> None:
         """Fill `ref_table` with one in-order pass over all of `dataset` (every rank the same)."""
         from engine.preference.batches import make_pair_loader
 
@@ -83,7 +83,8 @@ class DPOObjective:
             P = int(batch["num_pairs"])
             table[batch["pair_index"]] = torch.stack([ref[:P], ref[P:]], dim=1)
         self.ref_table = table
-        print(f"reference log-probs precomputed for {len(dataset)} pairs", file=sys.stderr)
+        if announce:
+            print(f"reference log-probs precomputed for {len(dataset)} pairs", file=sys.stderr)
 
 
 class ORPOObjective:

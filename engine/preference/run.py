@@ -9,7 +9,8 @@ Held-out evaluation (every rank evaluates the whole eval file, in order) reports
                               one, log pi(y_c|x) > log pi(y_r|x) (summed reply log-probs)
 
 and `preference_accuracy(..., base=True)` measures the last one for the base model (adapters off),
-the "before" column of the summary.
+the "before" column of the summary. DPO evaluations compute the held-out reference log-probs once
+(the base does not change) and keep them on the eval dataset (`ref_table`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def preference_eval(model, objective, dataset, *, max_seq_len: int, batch_size: 
     sums: dict[str, torch.Tensor] = {}
     total = torch.zeros((), dtype=torch.float64, device=device)
     pairs = 0
+    train_table = getattr(objective, "ref_table", None)
+    if hasattr(objective, "ref_table"):  # DPO: the eval set's reference, computed at the first evaluation only
+        if getattr(dataset, "ref_table", None) is None:
+            eval_ref = type(objective)(chunk_size=objective.chunk_size)
+            eval_ref.precompute_reference(model, dataset, max_seq_len=max_seq_len, micro_batch_size=batch_size,
+                                          packing=packing, pad_token_id=pad_token_id, device=device,
+                                          autocast=lambda: amp.autocast(precision, device), announce=False)
+            dataset.ref_table = eval_ref.ref_table
+        objective.ref_table = dataset.ref_table
     try:
         for batch in _eval_batches(dataset, max_seq_len=max_seq_len, batch_size=batch_size, packing=packing,
                                    pad_token_id=pad_token_id, device=device):
@@ -73,6 +83,8 @@ def preference_eval(model, objective, dataset, *, max_seq_len: int, batch_size: 
             pairs += objective.count(batch)
     finally:
         model.train(was_training)
+        if hasattr(objective, "ref_table"):
+            objective.ref_table = train_table
     keys = ("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "preference_accuracy")
     values = torch.stack([total] + [sums[k] for k in keys]).tolist()  # sync: the result
     return {"loss": values[0] / pairs, **{k: v / pairs for k, v in zip(keys, values[1:])}, "pairs": pairs}
@@ -81,7 +93,11 @@ def preference_eval(model, objective, dataset, *, max_seq_len: int, batch_size: 
 @torch.no_grad()
 def preference_accuracy(model, dataset, *, max_seq_len: int, batch_size: int, packing: bool, precision: str,
                         device: torch.device, pad_token_id: int, chunk_size: int | None, base: bool = False) -> float:
-    """Share of held-out pairs with log pi(chosen) > log pi(rejected); base=True: adapters off."""
+    """Share of held-out pairs with log pi(chosen) > log pi(rejected); base=True: adapters off
+    (the reference table of a DPO evaluation, when there is one: the same numbers)."""
+    table = getattr(dataset, "ref_table", None)
+    if base and table is not None:
+        return float((table[:, 0] > table[:, 1]).sum().item()) / max(len(table), 1)
     was_training = model.training
     model.eval()
     correct, pairs = torch.zeros((), device=device), 0

@@ -168,3 +168,28 @@ def test_precomputed_reference_is_cached_beside_the_tokenized_pairs(tiny, tmp_pa
     prepare_reference(second, model, ds, cache_file=file, **kwargs)
     assert "loaded from" in capsys.readouterr().err
     assert torch.equal(first.ref_table, second.ref_table) and first.ref_table.shape == (6, 2)
+
+
+def test_evaluation_computes_the_held_out_reference_once(tiny, monkeypatch):
+    import engine.preference.objective as objective_mod
+    from engine.preference.run import preference_accuracy, preference_eval
+
+    model, tok, ds, _ = tiny
+    ds.ref_table = None
+    kwargs = dict(max_seq_len=64, batch_size=2, packing=True, precision="fp32", device=torch.device("cpu"),
+                  pad_token_id=tok.pad_token_id)
+    dpo = DPOObjective(beta=0.1)
+    per_batch = {}
+    for b in batch_of(tiny, True, size=2):  # the reference of every batch, computed the plain way
+        with torch.no_grad():
+            per_batch.update(by_pair(b, dpo.reference(model, b)))
+    first = preference_eval(model, dpo, ds, **kwargs)
+    assert dpo.ref_table is None and ds.ref_table.shape == (6, 2)  # the training table is left alone
+    for i, (c, r) in per_batch.items():
+        torch.testing.assert_close(ds.ref_table[i], torch.stack([c, r]), atol=0, rtol=0)
+    calls = []
+    monkeypatch.setattr(objective_mod, "reference_logps", lambda *a, **k: calls.append(1))
+    assert preference_eval(model, dpo, ds, **kwargs) == first and calls == []  # no second reference pass
+    base = preference_accuracy(model, ds, base=True, chunk_size=None, **kwargs)
+    ds.ref_table = None
+    assert preference_accuracy(model, ds, base=True, chunk_size=None, **kwargs) == base
