@@ -7,6 +7,7 @@ check for overflow, clip, step, schedule, log, evaluate, checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -23,15 +24,20 @@ from pathlib import Path
 
 import torch
 
+from engine import plan as planner
 from engine import speed
-from engine.config import ConfigError, RunConfig
+from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_configs
 from engine.data import load_dataset, make_loader
-from engine.evaluate import heldout_loss
+from engine.evaluate import before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.isolation import packing_for
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          gather_to_main, init_distributed, local_scalar, shutdown)
+from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
+                                  load_full_trainable_state)
+from engine.plot import plot_run
+from engine.tensorboard import maybe_tensorboard
 from engine.training import amp, checkpoint
 from engine.training.objective import CausalLM
 from engine.training.optim import build_optimizer, build_scheduler
@@ -76,7 +82,6 @@ class MetricsLog:
                 except json.JSONDecodeError:  # a line half-written when the process was killed
                     continue
         path.write_text("".join(line + "\n" for line in kept))
-        from engine.tensorboard import maybe_tensorboard
         self.tensorboard = maybe_tensorboard(path.parent, enabled=True,
                                              purge_step=resume_step + 1 if resume_step else None)
 
@@ -107,7 +112,6 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
-        from engine.parallel.fsdp import apply_fsdp
         apply_fsdp(model, ctx)
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
@@ -116,7 +120,6 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     micro_batch_size = cfg.train.micro_batch_size
     if micro_batch_size == "auto":
-        from engine import plan as planner  # the planner: only for micro_batch_size=auto
         # planned for the rows really used (padded ones carry a mask: a little more memory)
         micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
     loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
@@ -139,7 +142,6 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     rng_ranks = gather_to_main(resume_point["rng"], ctx)
     weights = nullcontext()
     if ctx.fsdp:
-        from engine.parallel.fsdp import full_lora_weights, full_trainable_state
         trainable, optim_state = full_trainable_state(model, optimizer)
         if ctx.is_main:
             weights = full_lora_weights(model, trainable)  # save_adapter reads the full tensors
@@ -175,7 +177,6 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
             f"checkpoint {path} does not match this model's trainable parameters "
             f"(missing: {sorted(set(params) - set(trainable))[:3]}, unexpected: {sorted(set(trainable) - set(params))[:3]})")
     if ctx.fsdp:  # every rank keeps its shard of the full tensors
-        from engine.parallel.fsdp import load_full_trainable_state
         load_full_trainable_state(model, optimizer, trainable, state["optimizer"])
     else:
         with torch.no_grad():
@@ -219,7 +220,6 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     from tqdm import tqdm
 
     if cfg.train.fsdp:
-        from engine.parallel.fsdp import ensure_process_group
         ctx = ensure_process_group(ctx)
     out = Path(cfg.output_dir)
     if ctx.is_main:
@@ -319,7 +319,6 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "precision": precision, "world_size": ctx.world_size,
     }
     if cfg.eval.generate and eval_set is not None:
-        from engine.evaluate import before_after_scores
         summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -396,9 +395,7 @@ def make_plotter(cfg: RunConfig, out: Path, ctx: DistContext):
     """A callable that redraws loss.png (a no-op without matplotlib or when plots are off)."""
     if not (cfg.train.plots and ctx.is_main):
         return lambda: None
-    try:
-        from engine.plot import plot_run
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("plots are off: matplotlib is not installed (pip install 'engine[plot]')", file=sys.stderr)
         return lambda: None
 
@@ -432,7 +429,6 @@ def _hydra_main():
     import hydra
     from omegaconf import OmegaConf
 
-    from engine.config import CONF_DIR, from_dict, register_configs
 
     register_configs()
 

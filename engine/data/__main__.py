@@ -11,6 +11,10 @@ import os
 import sys
 
 from engine.config import ConfigError, DataConfig
+from engine.data.formats import DataError, load_examples
+from engine.data.report import format_report
+from engine.data.tokenized import load_dataset
+from engine.model.build import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", action="store_true", help="use (and fill) the tokenized-data cache")
     args = p.parse_args(argv)
 
-    from engine.data.formats import DataError, load_examples
-    from engine.data.report import format_report
 
     try:
         cfg = DataConfig(train_path=args.paths[0], format=args.format, max_seq_len=args.max_seq_len,
@@ -36,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
             dataclasses.replace(cfg, train_path=path).validate()
             load_examples(path, cfg.format, cfg.on_bad_line)
         tokenizer = _load_tokenizer(args.tokenizer)
-        from engine.data.tokenized import load_dataset
 
         for i, path in enumerate(args.paths):
             ds = load_dataset(path, tokenizer, dataclasses.replace(cfg, train_path=path), cache=args.cache)
@@ -56,7 +57,6 @@ def _load_tokenizer(spec: str):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(spec)
-        from engine.model.build import load_tokenizer
 
         return load_tokenizer(spec)
     except Exception as e:  # missing path, missing package, unreadable files: one line, no traceback
