@@ -23,8 +23,15 @@ from pathlib import Path
 
 import torch
 
-from engine.data import make_loader
+from engine.cli import run_cli
+from engine.config import DataConfig
+from engine.data import load_dataset, load_examples, make_loader
+from engine.generate import decode, encode_prompt, generate_tokens, load_for_inference, stop_token_ids
+from engine.layers.lora import adapters_disabled
+from engine.metrics_text import text_scores
+from engine.model.isolation import packing_for
 from engine.parallel.distributed import DistContext
+from engine.tasks import orders
 from engine.training import amp
 from engine.training.loss import causal_lm_loss
 from engine.training.step import to_device
@@ -70,7 +77,6 @@ def reference_examples(path: str, fmt: str = "auto", max_examples: int | None = 
     """The first `max_examples` conversations of a JSONL file (any format engine.data reads) as
     {"messages": the turns before the final assistant reply, "reference": that reply,
     "source_line": n}. Plain-text examples have no reference and are left out."""
-    from engine.data import load_examples
 
     out = []
     for ex in load_examples(path, fmt):
@@ -94,14 +100,12 @@ def _task_scorer(task: str | None):
     if task is None:
         return None
     if task == "orders":
-        from engine.tasks import orders
         return orders.score
     raise EvalError(f"unknown task {task!r} (known: orders)")
 
 
 def detect_task(examples: list[dict]) -> str | None:
     """"orders" when the examples carry the quickstart task's system prompt, else None."""
-    from engine.tasks import orders
 
     for ex in examples:
         if any(m["role"] == "system" and m["content"] == orders.SYSTEM_PROMPT for m in ex["messages"]):
@@ -110,7 +114,6 @@ def detect_task(examples: list[dict]) -> str | None:
 
 
 def _score(prediction: str, reference: str, task_score) -> dict:
-    from engine.metrics_text import text_scores
 
     scores = text_scores(prediction, reference)
     if task_score is not None:
@@ -139,8 +142,6 @@ def generation_scores(model, tokenizer, examples: list[dict], *, max_new_tokens:
     Returns (table, rows): table = {metric: {"before": base mean, "after": adapter mean}} (before
     is None when compare_base is False), rows = one record per example for generations.jsonl.
     """
-    from engine.generate import decode, encode_prompt, generate_tokens, stop_token_ids
-    from engine.layers.lora import adapters_disabled
 
     task_score = _task_scorer(task)
     stops = stop_token_ids(tokenizer)
@@ -237,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default=None, help="extra task metrics (orders); default: detected from the data")
     p.add_argument("--out", default=None, help="output directory (default: <adapter>/../eval)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto: bf16 on a GPU or CPU that has it, fp16 on older GPUs, fp32 elsewhere")
     args = p.parse_args(argv)
     for key in ("max_seq_len", "batch_size", "max_examples", "max_new_tokens"):
         if getattr(args, key) < 1:
@@ -246,11 +249,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the CLI's evaluation; returns what scores.json holds."""
-    from engine.config import DataConfig
-    from engine.data import load_dataset
-    from engine.generate import load_for_inference
-    from engine.model.isolation import packing_for
-    from engine.layers.lora import adapters_disabled
 
     if not os.path.isfile(args.data):
         raise EvalError(f"data file {args.data!r} does not exist")
@@ -259,7 +257,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise EvalError("--out is required when no --adapter is given")
     if os.path.exists(out) and not os.path.isdir(out):
         raise EvalError(f"output path {out!r} exists and is not a directory")
-    model, tokenizer, info = load_for_inference(args.model, args.adapter, method=args.method, device=args.device)
+    model, tokenizer, info = load_for_inference(args.model, args.adapter, method=args.method, device=args.device,
+                                                precision=args.precision)
     device, precision = torch.device(info["device"]), info["precision"]
     packing = packing_for(model, args.packing, precision=precision)
     data_cfg = DataConfig(train_path=args.data, format=args.format, max_seq_len=args.max_seq_len, packing=packing)
@@ -296,7 +295,6 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_cli
 
     args = parse_args(argv)
 

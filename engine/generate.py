@@ -24,6 +24,12 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import run_cli
+from engine.data.render import resolve_template, special_token_ids
+from engine.export.adapter import load_adapter, read_adapter_config
+from engine.layers.quant import QuantSpec
+from engine.model.build import load_base_model, load_tokenizer, resolve_dtype
+from engine.parallel.distributed import resolve_device
 from engine.training import amp
 
 _PROBE = "PROBE_REPLY_7f3a"
@@ -36,7 +42,6 @@ class GenerateError(ValueError):
 # ----------------------------------------------------------------------------- prompts
 
 def chat_template(tokenizer) -> str:
-    from engine.data.render import resolve_template
     return resolve_template(tokenizer)[0]
 
 
@@ -45,7 +50,6 @@ def stop_token_ids(tokenizer, template: str | None = None) -> list[int]:
 
     Found by rendering [user, assistant=PROBE] and tokenizing what follows PROBE: if its first
     token is a special token (ChatML's <|im_end|>, Llama 3's <|eot_id|>) it ends a turn."""
-    from engine.data.render import special_token_ids
 
     stops: list[int] = []
     eos = tokenizer.eos_token_id
@@ -174,15 +178,12 @@ def adapter_training_info(adapter_dir: str | None) -> dict:
 
 
 def load_for_inference(model_path: str, adapter_dir: str | None, *, method: str | None = None,
-                       device: str | torch.device = "auto", trust_remote_code: bool = False):
+                       device: str | torch.device = "auto", trust_remote_code: bool = False,
+                       precision: str = "auto"):
     """(model, tokenizer, info): the base as it was trained on (4-bit for qlora, float
     otherwise) with the adapter loaded, eval mode. `method` None = what the adapter's run says.
 
     info = {"method", "precision", "device", ...the quantization settings}."""
-    from engine.export.adapter import load_adapter, read_adapter_config
-    from engine.parallel.distributed import resolve_device
-    from engine.model.build import load_base_model, load_tokenizer, resolve_dtype
-    from engine.layers.quant import QuantSpec
 
     device = resolve_device(device) if isinstance(device, str) else device
     if adapter_dir is not None:
@@ -193,7 +194,7 @@ def load_for_inference(model_path: str, adapter_dir: str | None, *, method: str 
         info["method"] = method
     if info["method"] not in ("lora", "qlora"):
         raise GenerateError(f"method must be lora or qlora, got {info['method']!r}")
-    precision = amp.resolve_precision("auto", device)
+    precision = amp.resolve_precision(precision, device)
     compute = amp.DTYPES[precision]
     quant = None
     if info["method"] == "qlora":
@@ -247,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto: bf16 on a GPU or CPU that has it, fp16 on older GPUs, fp32 elsewhere")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
@@ -256,14 +259,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_cli
 
     args = parse_args(argv)
 
     def body() -> int:
         prompts = ([args.prompt] if args.prompt is not None
                    else _prompts_from_file(args.prompt_file) if args.prompt_file else None)
-        model, tokenizer, info = load_for_inference(args.model, args.adapter, method=args.method, device=args.device)
+        model, tokenizer, info = load_for_inference(args.model, args.adapter, method=args.method, device=args.device,
+                                                    precision=args.precision)
         device, precision = torch.device(info["device"]), info["precision"]
         stops = stop_token_ids(tokenizer)
         system = [{"role": "system", "content": args.system}] if args.system else []

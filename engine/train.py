@@ -7,6 +7,7 @@ check for overflow, clip, step, schedule, log, evaluate, checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -23,15 +24,23 @@ from pathlib import Path
 
 import torch
 
+from engine import plan as planner
 from engine import speed
-from engine.config import ConfigError, RunConfig
+from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_configs
 from engine.data import load_dataset, make_loader
-from engine.evaluate import heldout_loss
+from engine.evaluate import before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.isolation import packing_for
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          gather_to_main, init_distributed, local_scalar, shutdown)
+from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
+                                  load_full_trainable_state)
+from engine.plot import plot_run
+from engine.preference.objective import build_objective
+from engine.preference.run import (load_pair_data, preference_accuracy, preference_eval, prepare_reference,
+                                   reference_cache_file)
+from engine.tensorboard import maybe_tensorboard
 from engine.training import amp, checkpoint
 from engine.training.objective import CausalLM
 from engine.training.optim import build_optimizer, build_scheduler
@@ -76,7 +85,6 @@ class MetricsLog:
                 except json.JSONDecodeError:  # a line half-written when the process was killed
                     continue
         path.write_text("".join(line + "\n" for line in kept))
-        from engine.tensorboard import maybe_tensorboard
         self.tensorboard = maybe_tensorboard(path.parent, enabled=True,
                                              purge_step=resume_step + 1 if resume_step else None)
 
@@ -107,13 +115,11 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
-        from engine.parallel.fsdp import apply_fsdp
         apply_fsdp(model, ctx)
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
 
     if cfg.objective.name != "sft":  # preference pairs (engine/preference/); auto: 1 row of 2 x max_seq_len
-        from engine.preference.run import load_pair_data
         train_set, eval_set, loader = load_pair_data(
             cfg, tokenizer, packing=packing, rank=ctx.rank, world_size=ctx.world_size,
             micro_batch_size=1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size,
@@ -123,7 +129,6 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
         eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     micro_batch_size = cfg.train.micro_batch_size
     if micro_batch_size == "auto" and cfg.objective.name == "sft":
-        from engine import plan as planner  # the planner: only for micro_batch_size=auto
         # planned for the rows really used (padded ones carry a mask: a little more memory)
         micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
     if cfg.objective.name == "sft":
@@ -135,7 +140,6 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
     objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
     if cfg.objective.name != "sft":  # DPO / ORPO (engine/preference/objective.py)
-        from engine.preference.objective import build_objective
         objective = build_objective(cfg.objective, chunk_size=objective.chunk_size)
     return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision, objective
 
@@ -150,7 +154,6 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     rng_ranks = gather_to_main(resume_point["rng"], ctx)
     weights = nullcontext()
     if ctx.fsdp:
-        from engine.parallel.fsdp import full_lora_weights, full_trainable_state
         trainable, optim_state = full_trainable_state(model, optimizer)
         if ctx.is_main:
             weights = full_lora_weights(model, trainable)  # save_adapter reads the full tensors
@@ -186,7 +189,6 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
             f"checkpoint {path} does not match this model's trainable parameters "
             f"(missing: {sorted(set(params) - set(trainable))[:3]}, unexpected: {sorted(set(trainable) - set(params))[:3]})")
     if ctx.fsdp:  # every rank keeps its shard of the full tensors
-        from engine.parallel.fsdp import load_full_trainable_state
         load_full_trainable_state(model, optimizer, trainable, state["optimizer"])
     else:
         with torch.no_grad():
@@ -230,7 +232,6 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     from tqdm import tqdm
 
     if cfg.train.fsdp:
-        from engine.parallel.fsdp import ensure_process_group
         ctx = ensure_process_group(ctx)
     out = Path(cfg.output_dir)
     if ctx.is_main:
@@ -246,14 +247,16 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main)
     plotter = make_plotter(cfg, out, ctx)
 
+    last_eval: dict = {}  # the latest preference evaluation (its preference_accuracy is the summary's "after")
+
     def evaluate(step: int) -> float | None:
         if eval_set is None:
             return None
         if preference:
-            from engine.preference.run import preference_eval
             result = preference_eval(model, objective, eval_set, max_seq_len=cfg.data.max_seq_len,
                                      batch_size=cfg.eval.batch_size, packing=loader.packing, precision=precision,
                                      device=device, pad_token_id=tokenizer.pad_token_id)
+            last_eval.update(result)
             metrics.write({"step": step, "eval_loss": result["loss"],
                            **{f"eval_{k}": v for k, v in result.items() if k not in ("loss", "pairs")}})
             return result["loss"]
@@ -266,7 +269,6 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
     preference = cfg.objective.name != "sft"
     if preference and cfg.objective.precompute_ref:  # once per dataset, cached beside the tokenized pairs
-        from engine.preference.run import prepare_reference, reference_cache_file
         prepare_reference(objective, model, train_set, max_seq_len=cfg.data.max_seq_len,
                           micro_batch_size=loader.micro_batch_size, packing=loader.packing,
                           pad_token_id=tokenizer.pad_token_id, device=device,
@@ -354,15 +356,13 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "precision": precision, "world_size": ctx.world_size,
     }
     if preference and eval_set is not None:
-        from engine.preference.run import preference_accuracy
         kwargs = dict(max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size, packing=loader.packing,
                       precision=precision, device=device, pad_token_id=tokenizer.pad_token_id,
                       chunk_size=objective.chunk_size)
         summary.update(objective=cfg.objective.name, pairs=counters.get("pairs", 0),
                        preference_accuracy_before=preference_accuracy(model, eval_set, base=True, **kwargs),
-                       preference_accuracy_after=preference_accuracy(model, eval_set, **kwargs))
+                       preference_accuracy_after=last_eval["preference_accuracy"])
     if cfg.eval.generate and eval_set is not None and not preference:
-        from engine.evaluate import before_after_scores
         summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -439,9 +439,7 @@ def make_plotter(cfg: RunConfig, out: Path, ctx: DistContext):
     """A callable that redraws loss.png (a no-op without matplotlib or when plots are off)."""
     if not (cfg.train.plots and ctx.is_main):
         return lambda: None
-    try:
-        from engine.plot import plot_run
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("plots are off: matplotlib is not installed (pip install 'engine[plot]')", file=sys.stderr)
         return lambda: None
 
@@ -478,7 +476,6 @@ def _hydra_main():
     import hydra
     from omegaconf import OmegaConf
 
-    from engine.config import CONF_DIR, from_dict, register_configs
 
     register_configs()
 

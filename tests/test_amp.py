@@ -8,9 +8,14 @@ import torch
 from engine.training.amp import DynamicLossScaler, autocast, resolve_precision
 
 
-def test_auto_is_fp32_on_cpu_and_explicit_fp16_stays():
+def test_auto_on_cpu_follows_native_bf16_and_explicit_fp16_stays(monkeypatch):
+    from engine.training import amp
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("fp16", cpu) == "fp16"
     with autocast("fp16", cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
@@ -43,7 +48,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_precision("bf16", cpu) == "bf16"
-        assert resolve_precision("auto", cpu) == "fp32"
+        assert resolve_precision("auto", cpu) == "bf16"
 
 
 def _params():

@@ -144,7 +144,7 @@ def test_cli_prompt_streams_the_answer(tmp_path, capsys):
     save_adapter(model, str(tmp_path / "adapter"), PeftConfig(r=4, alpha=8), str(model_dir))
     capsys.readouterr()
     assert main(["--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "hello",
-                 "--max-new-tokens", "8"]) == 0
+                 "--max-new-tokens", "8", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     expected = decode(tokenizer, generate_tokens(model, tokenizer, [encode_prompt(
         tokenizer, [{"role": "user", "content": "hello"}])], max_new_tokens=8)[0])

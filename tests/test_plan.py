@@ -20,6 +20,8 @@ from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, Phi3
                           SmolLM3Config)
 
 from engine import plan
+from engine.plan import prediction as plan_predict
+from engine.plan import report as plan_report
 from engine.layers.lora import mark_only_lora_trainable
 from engine.layers.inject import inject_lora
 from engine.model.build import enable_activation_checkpointing
@@ -206,9 +208,9 @@ def test_lm_head_target_and_tied_embeddings():
 
 def test_8bit_optimizer_state_follows_bitsandbytes_rules():
     # tensors >= 4096 values: uint8 moments + an fp32 absmax per 256; smaller ones: fp32 moments
-    assert plan._optimizer_bytes([4096], "paged_adamw_8bit") == 2 * (4096 + 4 * 16)
-    assert plan._optimizer_bytes([4095], "paged_adamw_8bit") == 8 * 4095
-    assert plan._optimizer_bytes([4096], "paged_adamw_32bit") == 8 * 4096
+    assert plan_predict._optimizer_bytes([4096], "paged_adamw_8bit") == 2 * (4096 + 4 * 16)
+    assert plan_predict._optimizer_bytes([4095], "paged_adamw_8bit") == 8 * 4095
+    assert plan_predict._optimizer_bytes([4096], "paged_adamw_32bit") == 8 * 4096
 
 
 @pytest.mark.slow
@@ -277,14 +279,14 @@ def test_full_logits_of_128k_vocabulary_match_field_figure():
 
 def test_each_switch_lowers_the_prediction():
     config = plan.known_config("llama-3.1-8b")
-    totals = [plan.predict_for(config, 8192, 1, **plan._qlora(**flags)).total for _, flags in plan.SWITCHES]
+    totals = [plan.predict_for(config, 8192, 1, **plan_report._qlora(**flags)).total for _, flags in plan_report.SWITCHES]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
 
 
 def test_offload_moves_checkpoints_to_host():
     config = plan.known_config("llama-3.1-8b")
-    on = plan.predict_for(config, 16384, 1, **plan._qlora(activation_checkpointing=True, chunked_loss=True))
-    off = plan.predict_for(config, 16384, 1, **plan._qlora(activation_checkpointing=True, chunked_loss=True,
+    on = plan.predict_for(config, 16384, 1, **plan_report._qlora(activation_checkpointing=True, chunked_loss=True))
+    off = plan.predict_for(config, 16384, 1, **plan_report._qlora(activation_checkpointing=True, chunked_loss=True,
                                                            offload_activations=True))
     checkpoint = 16384 * 4096 * 2
     assert on.activations - off.activations == 30 * checkpoint   # 2 of 32 stay on the GPU
@@ -306,7 +308,7 @@ def test_host_offload_bytes_match_the_offloader():
 
 def test_max_micro_batch_and_seq_len_are_the_boundary():
     config = plan.known_config("phi-3-mini")
-    s = plan._qlora(activation_checkpointing=True, chunked_loss=True)
+    s = plan_report._qlora(activation_checkpointing=True, chunked_loss=True)
     budget = int(14.7 * GIB)
     mb = plan.max_micro_batch(config, 2048, budget, **s)
     assert mb >= 1
@@ -318,6 +320,7 @@ def test_max_micro_batch_and_seq_len_are_the_boundary():
 
 def _run_config(tmp_path, **train):
     from engine.config import RunConfig, TrainConfig, DataConfig
+    train.setdefault("precision", "fp32")  # the CPU model of these tests is fp32
     return RunConfig(output_dir=str(tmp_path), data=DataConfig(max_seq_len=64), train=TrainConfig(**train))
 
 
@@ -327,10 +330,10 @@ def test_auto_micro_batch_size_on_cpu_uses_the_budget(tmp_path):
     mb = plan.auto_micro_batch_size(cfg, model)
     s = plan.plan_settings(cfg, precision="fp32", base_dtype="fp32", cuda=False)
     budget = int(0.01 * GIB)
-    assert 1 <= mb < plan.MAX_AUTO_MICRO_BATCH
+    assert 1 <= mb < plan_predict.MAX_AUTO_MICRO_BATCH
     assert plan.predict_for(model.config, 64, mb, **s).total <= budget < plan.predict_for(model.config, 64, mb + 1, **s).total
     big = _run_config(tmp_path, micro_batch_size="auto", memory_budget_gib=100.0)
-    assert plan.auto_micro_batch_size(big, model) == plan.MAX_AUTO_MICRO_BATCH
+    assert plan.auto_micro_batch_size(big, model) == plan_predict.MAX_AUTO_MICRO_BATCH
 
 
 def test_auto_micro_batch_size_warns_and_returns_one_when_nothing_fits(tmp_path):
@@ -401,7 +404,7 @@ def test_run_plan_auto_micro_batch_and_config_errors(tmp_path, capsys):
     from engine.config import ConfigError
     report = plan.run_plan({"model": {"path": "shape:smollm2-135m"}, "data": {"max_seq_len": 1024},
                             "train": {"micro_batch_size": "auto", "activation_checkpointing": True}})
-    assert report["micro_batch"] == min(report["max_micro_batch"], plan.MAX_AUTO_MICRO_BATCH)
+    assert report["micro_batch"] == min(report["max_micro_batch"], plan_predict.MAX_AUTO_MICRO_BATCH)
     with pytest.raises(ConfigError, match=r"data.max_seq_len"):
         plan.run_plan({"model": {"path": "shape:smollm2-135m"}, "data": {"max_seq_len": 4}})
     with pytest.raises(ConfigError, match=r"peft.r"):

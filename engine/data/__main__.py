@@ -12,6 +12,11 @@ import os
 import sys
 
 from engine.config import ConfigError, DataConfig
+from engine.data.formats import DataError, load_examples
+from engine.data.report import format_report
+from engine.data.tokenized import load_dataset
+from engine.model.build import load_tokenizer
+from engine.preference.data import format_pair_report, is_pair_file, load_pair_dataset, load_pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,14 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", action="store_true", help="use (and fill) the tokenized-data cache")
     args = p.parse_args(argv)
 
-    from engine.data.formats import DataError, load_examples
-    from engine.data.report import format_report
 
     try:
         cfg = DataConfig(train_path=args.paths[0], format=args.format, max_seq_len=args.max_seq_len,
                          loss_on=args.loss_on, length_policy=args.length_policy, on_bad_line=args.on_bad_line)
-        from engine.preference.data import format_pair_report, is_pair_file, load_pair_dataset, load_pairs
-
         for path in args.paths:  # fail fast on bad files, before loading a tokenizer
             dataclasses.replace(cfg, train_path=path).validate()
             if is_pair_file(path):  # preference pairs (engine/preference/data.py)
@@ -42,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 load_examples(path, cfg.format, cfg.on_bad_line)
         tokenizer = _load_tokenizer(args.tokenizer)
-        from engine.data.tokenized import load_dataset
 
         for i, path in enumerate(args.paths):
             if is_pair_file(path):
@@ -66,7 +66,6 @@ def _load_tokenizer(spec: str):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(spec)
-        from engine.model.build import load_tokenizer
 
         return load_tokenizer(spec)
     except Exception as e:  # missing path, missing package, unreadable files: one line, no traceback

@@ -2,13 +2,13 @@
 (`python -m engine.plan`, docs/PLANNER.md).
 
     shapes.py   a model's block shape, known shapes, LoRA targets
-    predict.py  the per-token formulas, `predict`, and what a run config asks of it
+    prediction.py  the per-token formulas, `predict`, and what a run config asks of it
     measure.py  measuring a real step (live bytes, saved activations): the formulas' ground truth
     report.py   the report table, `run_plan`, the docs' tables
 """
 
 from engine.plan.measure import LiveBytes, batch_tensors, measure_step, saved_tensor_bytes
-from engine.plan.predict import (Breakdown, auto_micro_batch_size, max_micro_batch, max_seq_len, plan_settings,
+from engine.plan.prediction import (Breakdown, auto_micro_batch_size, max_micro_batch, max_seq_len, plan_settings,
                                  predict, predict_for)
 from engine.plan.report import answers_markdown, format_report, make_report, run_plan
 from engine.plan.shapes import (GIB, KNOWN_SHAPE_NAMES, SUPPORTED, PlanError, Shape, known_config,

@@ -29,6 +29,7 @@ import sys
 
 from engine.plan.report import answers_markdown, run_plan
 from engine.plan.shapes import PlanError
+from engine.config import CONF_DIR, ConfigError, register_configs
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -36,7 +37,6 @@ def _hydra_main():
     import hydra
     from omegaconf import OmegaConf
 
-    from engine.config import CONF_DIR, ConfigError, register_configs
 
     register_configs()
 

@@ -5,6 +5,8 @@ the ground truth the planner's formulas are checked against (tests/test_plan.py)
 from __future__ import annotations
 
 import weakref
+from engine.training.loss import lm_head_loss, logit_transform
+from engine.training.loss import causal_lm_loss
 
 # ----------------------------------------------------------------------------- measurement (CPU or GPU)
 
@@ -93,7 +95,6 @@ def measure_step(model, batch: dict, *, chunk_size: int | None, precision: str =
     whole forward + backward above the start). Runs under autocast when precision is 16-bit."""
     import torch
 
-    from engine.training.loss import lm_head_loss, logit_transform
 
     device = next(model.parameters()).device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -133,7 +134,6 @@ def measure_step(model, batch: dict, *, chunk_size: int | None, precision: str =
     step_tracker = LiveBytes()
     step_tracker.exclude(params + list(batch_tensors(batch)))
     with step_tracker:
-        from engine.training.loss import causal_lm_loss
         with autocast():
             loss, _ = causal_lm_loss(model, batch, chunk_size=chunk_size)
         loss.backward()

@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 from engine.plan.shapes import ALLOCATOR_SLACK, GIB, KNOWN_SHAPE_NAMES, known_config, load_model_config
-from engine.plan.predict import MAX_AUTO_MICRO_BATCH, max_micro_batch, max_seq_len, plan_settings, predict_for
+from engine.plan.prediction import MAX_AUTO_MICRO_BATCH, max_micro_batch, max_seq_len, plan_settings, predict_for
+from engine.config import ConfigError
+from engine.config import from_dict
 
 # ----------------------------------------------------------------------------- report
 
@@ -73,7 +75,6 @@ def format_report(report: dict) -> str:
 
 def _validate_for_planning(cfg) -> None:
     """RunConfig.validate without the checks that need files the planner does not read."""
-    from engine.config import ConfigError
 
     for section in (cfg.peft, cfg.optim, cfg.train, cfg.eval):
         section.validate()
@@ -85,7 +86,6 @@ def _validate_for_planning(cfg) -> None:
 
 def run_plan(raw: dict) -> dict:
     """Plan from a raw config dict (Hydra's, resolved); `plan_json` (optional) names a JSON output file."""
-    from engine.config import from_dict
 
     raw = dict(raw)
     json_path = raw.pop("plan_json", None)

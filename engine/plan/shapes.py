@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from engine.training.loss import logit_transform
+from engine.model.build import default_model_path
 
 
 GIB = 2**30
@@ -71,7 +73,6 @@ def model_shape(config) -> Shape:
         linears = (("q_proj", h, q, qkv_bias), ("k_proj", h, kv, qkv_bias), ("v_proj", h, kv, qkv_bias),
                    ("o_proj", q, h, o_bias), ("gate_proj", h, i, mlp_bias), ("up_proj", h, i, mlp_bias),
                    ("down_proj", i, h, mlp_bias))
-    from engine.training.loss import logit_transform  # torch is loaded already (transformers' config)
 
     transform = logit_transform(config) is not None
     return Shape(family, h, i, config.num_hidden_layers, nh, nkv, hd, config.vocab_size,
@@ -144,7 +145,6 @@ def load_model_config(path: str):
     if path.startswith("shape:"):
         return known_config(path[len("shape:"):])
     if path == "default":
-        from engine.model.build import default_model_path
         path = default_model_path()
     if os.path.isfile(path) and path.endswith(".gguf"):
         return AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))

@@ -38,6 +38,7 @@ import numpy as np
 
 from engine.config import DataConfig
 from engine.data.formats import ROLES, DataError, _BadLine, _content, _lines, _role, data_error, parse_object
+from engine.data.report import histogram
 from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, render_chat, resolve_template,
                                 shift_labels, special_token_ids, token_mask)
 from engine.data.tokenized import cache_key, default_cache_dir, encode_batch
@@ -334,8 +335,6 @@ def _check_trainable(path: str, stats: PairStats, docs: list[dict]) -> None:
 
 def format_pair_report(stats: PairStats, length_policy: str, tokenizer_name: str) -> str:
     """The data report of a preference file (what `python -m engine.data PAIRS.jsonl` prints)."""
-    from engine.data.report import histogram
-
     short = lambda xs: (", ".join(map(str, xs[:30])) + (f", ... ({len(xs)} in all)" if len(xs) > 30 else "")) or "-"
     raw = stats.raw_lengths
     return "\n".join([

@@ -26,6 +26,7 @@ import sys
 import torch
 from torch import Tensor
 
+from engine.preference.batches import make_pair_loader
 from engine.preference.logprobs import reference_logps, sequence_logps
 from engine.preference.loss import dpo_losses, orpo_losses
 from engine.training.step import to_device
@@ -71,8 +72,6 @@ class DPOObjective:
     def precompute_reference(self, model, dataset, *, max_seq_len: int, micro_batch_size: int, packing: bool,
                              pad_token_id: int, device: torch.device, autocast, announce: bool = True) -> None:
         """Fill `ref_table` with one in-order pass over all of `dataset` (every rank the same)."""
-        from engine.preference.batches import make_pair_loader
-
         loader = make_pair_loader(dataset, max_seq_len=max_seq_len, micro_batch_size=micro_batch_size,
                                   packing=packing, seed=0, pad_token_id=pad_token_id, shuffle=False)
         table = torch.zeros(len(dataset), 2, dtype=torch.float32, device=device)

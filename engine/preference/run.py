@@ -22,8 +22,12 @@ import sys
 from contextlib import nullcontext
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from engine.data.render import resolve_template
+from engine.data.tokenized import default_cache_dir
 from engine.layers.lora import adapters_disabled
+from engine.model.build import default_model_path
 from engine.preference.batches import make_pair_loader
 from engine.preference.data import load_pair_dataset, pair_cache_key
 from engine.preference.logprobs import sequence_logps
@@ -121,7 +125,6 @@ REFERENCE_CACHE_VERSION = "engine-reference-v1"
 def _model_fingerprint(path: str) -> list:
     """(name, size, mtime) of the model's files: a changed checkpoint misses the reference cache."""
     if path == "default":
-        from engine.model.build import default_model_path
         path = default_model_path()
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
     return [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]
@@ -131,9 +134,6 @@ def reference_cache_file(cfg, tokenizer, *, precision: str, packing: bool, micro
     """Where the precomputed reference log-probs of cfg.data.train_path are cached: beside the
     tokenized pairs (data.cache_dir), keyed by the pair cache key and everything that changes the
     base model's numbers (model files, dtype, 4-bit quantization, PiSSA's residual, precision, batching)."""
-    from engine.data.render import resolve_template
-    from engine.data.tokenized import default_cache_dir
-
     template, _ = resolve_template(tokenizer)
     p = cfg.peft
     parts = [REFERENCE_CACHE_VERSION, pair_cache_key(cfg.data.train_path, tokenizer, template, cfg.data),
@@ -147,8 +147,6 @@ def reference_cache_file(cfg, tokenizer, *, precision: str, packing: bool, micro
 def prepare_reference(objective, model, train_set, *, cache_file: str | None, **kwargs) -> None:
     """objective.precompute_ref: load the reference table from `cache_file`, or compute it once
     over the whole training set (`DPOObjective.precompute_reference`) and save it there."""
-    from safetensors.torch import load_file, save_file
-
     device = kwargs["device"]
     if cache_file and os.path.isfile(cache_file):
         table = load_file(cache_file).get("reference")

@@ -17,8 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine.evaluate
 import engine.training.loss
+import engine.training.objective
 from engine import train as train_mod
+from engine.training.objective import CausalLM
+from engine.training.step import forward_backward
 from engine.training.amp import Fp16Overflow
 from engine.config import DataConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig, TrainConfig
 from tests.conftest import make_tiny_model_dir
@@ -133,8 +137,8 @@ def test_accumulation_is_normalised_by_total_tokens(workdir):
         lengths = {b["num_loss_tokens"] for b in micro}
         n = sum(b["num_loss_tokens"] for b in micro)
         model.zero_grad(set_to_none=True)
-        loss = train_mod.forward_backward(model, micro, n_loss=n, scale=1.0, precision="fp32",
-                                          device=torch.device("cpu"), chunk_size=16)
+        loss, _ = forward_backward(model, micro, objective=CausalLM(16), count=n, scale=1.0, precision="fp32",
+                                   device=torch.device("cpu"))
         grads.append((loss / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
     assert len(lengths) > 1, "documents of equal length would not test the normalisation"
     assert grads[0][0].item() == pytest.approx(grads[1][0].item(), abs=1e-6)
@@ -150,12 +154,18 @@ def test_micro_batch_without_targets_adds_nothing(workdir):
     model, _ = build_model(cfg.model, cfg.peft, "cpu", torch.float32)
     batch = {"input_ids": torch.randint(0, 50, (1, 10)), "labels": torch.full((1, 10), -100),
              "position_ids": torch.arange(10)[None], "num_tokens": 10, "num_loss_tokens": 0}
-    loss = train_mod.forward_backward(model, [batch], n_loss=5, scale=1.0, precision="fp32",
-                                      device=torch.device("cpu"), chunk_size=4)
+    loss, _ = forward_backward(model, [batch], objective=CausalLM(4), count=5, scale=1.0, precision="fp32",
+                               device=torch.device("cpu"))
     assert loss.item() == 0.0
     for n, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
             assert torch.all(p.grad == 0) and torch.isfinite(p.grad).all(), n
+
+
+def patch_loss(monkeypatch, fn) -> None:
+    """Every caller of causal_lm_loss (the training objective, held-out evaluation) calls `fn`."""
+    for module in (engine.training.objective, engine.evaluate):
+        monkeypatch.setattr(module, "causal_lm_loss", fn)
 
 
 class CrashAt:
@@ -187,12 +197,12 @@ def test_resume_is_bit_exact(workdir, monkeypatch, precision):
     # micro-batch calls: 1 eval pass (4 batches of 2 rows? no: eval uses its own loader) -> count
     # only training calls by crashing late enough: step 5's first micro-batch.
     crash = CrashAt(n=10**9, action=_boom)
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash)
+    patch_loss(monkeypatch, crash)
     eval_calls = _eval_calls(cut)
     crash.n = eval_calls + 2 * 4 + 1  # eval before, then 4 steps x 2 micro-batches, then step 5
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_mod.run_training(cut)
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash.inner)
+    patch_loss(monkeypatch, crash.inner)
     assert sorted(p.name for p in (Path(cut.output_dir) / "checkpoints").iterdir()) == ["step-3"]
     train_mod.run_training(cut)  # resume=auto
 
@@ -223,12 +233,12 @@ def test_ctrl_c_checkpoints_and_resumes_exactly(workdir, monkeypatch, sig):
     train_mod.run_training(full)
     cut = make_cfg(workdir, f"cut_c{sig}", train={"max_steps": 6})
     crash = CrashAt(n=_eval_calls(cut) + 2 * 2 + 1, action=lambda: os.kill(os.getpid(), sig))
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash)
+    patch_loss(monkeypatch, crash)
     with pytest.raises(train_mod.Stopped) as stopped:
         train_mod.run_training(cut)  # the signal during step 3 -> checkpoint at the end of step 3
     assert stopped.value.signum == sig
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash.inner)
+    patch_loss(monkeypatch, crash.inner)
     assert (Path(cut.output_dir) / "checkpoints/step-3/manifest.json").exists()
     train_mod.run_training(cut)
     assert losses(full.output_dir) == losses(cut.output_dir)
@@ -246,7 +256,7 @@ def test_ctrl_c_delivered_twice_at_once_still_checkpoints(workdir, monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
 
     crash = CrashAt(n=_eval_calls(cfg) + 2 * 2 + 1, action=press_once_delivered_twice)
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", crash)
+    patch_loss(monkeypatch, crash)
     with pytest.raises(KeyboardInterrupt):
         train_mod.run_training(cfg)
     assert (Path(cfg.output_dir) / "checkpoints/step-3/manifest.json").exists()
@@ -306,10 +316,10 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(workdir):
 SIGTERM_THROUGH_CLI = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import engine.training.loss
+    import engine.training.objective
     from engine import train
     from tests.e2e.test_train import CrashAt
-    engine.training.loss.causal_lm_loss = CrashAt({at}, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    engine.training.objective.causal_lm_loss = CrashAt({at}, lambda: os.kill(os.getpid(), signal.SIGTERM))
     sys.argv = ["engine.train", *{overrides!r}]
     train._hydra_main()
 """)
@@ -329,11 +339,18 @@ def test_sigterm_through_the_command_line_checkpoints_and_exits_143(workdir):
     assert (out / "checkpoints" / "step-3" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("native,precision,hint", [(True, "auto", True), (True, "fp32", False), (False, "auto", False)])
-def test_auto_precision_on_a_bf16_cpu_points_at_bf16(workdir, monkeypatch, capsys, native, precision, hint):
+@pytest.mark.parametrize("native,precision,expected", [(True, "auto", "bf16"), (True, "fp32", "fp32"),
+                                                       (False, "auto", "fp32")])
+def test_auto_precision_trains_in_bf16_on_a_bf16_cpu_and_says_so(workdir, monkeypatch, capsys, native, precision,
+                                                                 expected):
     monkeypatch.setattr(train_mod.amp, "cpu_has_native_bf16", lambda: native)
-    train_mod.run_training(make_cfg(workdir, f"hint_{native}_{precision}", train={"max_steps": 3, "precision": precision}))
-    assert ("train.precision=bf16 trains 2-3x faster" in capsys.readouterr().err) == hint
+    summary = train_mod.run_training(make_cfg(workdir, f"auto_{native}_{precision}",
+                                              train={"max_steps": 3, "precision": precision}))
+    assert summary["precision"] == expected
+    first = capsys.readouterr().err.splitlines()
+    assert first[0].startswith(f"precision: {expected} (")
+    assert ("native bf16" in first[0]) == (precision == "auto")
+    assert first[1].startswith("speed: ")
 
 
 def test_fp16_on_cpu_trains_with_loss_scaling(workdir):
@@ -355,7 +372,7 @@ def test_injected_inf_gradient_is_skipped(workdir, monkeypatch):
         loss, n = inner(*args, **kwargs)
         return (loss * math.inf if calls["n"] == calls["poison"] else loss), n
 
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss", poisoned)
+    patch_loss(monkeypatch, poisoned)
     with pytest.warns(UserWarning, match="step 3: inf/NaN gradients"):
         summary = train_mod.run_training(cfg)
     assert summary["skipped_steps"] == 1

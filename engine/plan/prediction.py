@@ -21,6 +21,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from engine.plan.shapes import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, OPTIM_8BIT_BLOCK, OPTIM_8BIT_MIN_SIZE, PlanError, QUANT_BLOCK, QUANT_BLOCK2, Shape, model_shape, resolve_targets
+from engine.training import amp
 
 # ----------------------------------------------------------------------------- activations
 
@@ -349,8 +350,6 @@ def auto_micro_batch_size(cfg, model) -> int:
     precision; on a CPU the same budget is used without CUDA context and slack), capped at
     MAX_AUTO_MICRO_BATCH. If even 1 does not fit, warns and returns 1."""
     import torch
-
-    from engine.training import amp
 
     device = next(model.parameters()).device
     precision = amp.resolve_precision(cfg.train.precision, device)

@@ -1,0 +1,70 @@
+"""engine/speed/plan.py: one SpeedPlan per run, resolved from (device, precision, config), said in one
+line, applied in one place; and the run's first lines say which precision and plan it took."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import SpeedConfig
+from engine.speed import plan as speed_plan
+from engine.training import amp
+
+CPU = torch.device("cpu")
+
+
+def test_auto_on_a_cpu_under_bf16_takes_every_cpu_switch():
+    plan = speed_plan.resolve(SpeedConfig(), device=CPU, precision="bf16")
+    assert plan.fused_lora and plan.grouped_lora and plan.packed_attention
+    assert plan.short_attention == speed_plan.SHORT_ATTENTION_MAX_LEN and plan.batch_short_documents
+    fp32 = speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32")
+    assert fp32.short_attention == 0 and not fp32.compile_norms  # the CPU kernels pay in bf16 only
+
+
+def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
+    plan = speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="fp16", fsdp=True)
+    assert plan.short_attention == 0 and not plan.retain_host_memory and not plan.compile_norms
+    assert not plan.grouped_lora and plan.packed_attention and plan.fused_lora
+
+
+def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
+    off = speed_plan.resolve(SpeedConfig(mode="off"), device=CPU, precision="bf16")
+    assert not any(getattr(off, name) for name in speed_plan.SpeedPlan.SWITCHES)
+    assert off.describe() == "speed: reference path (every switch off)"
+    some = speed_plan.resolve(SpeedConfig(disable=["grouped_lora", "short_attention"], retain_host_memory=False),
+                              device=CPU, precision="bf16")
+    assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
+    assert some.describe().startswith("speed: fused_lora, packed_attention, batch_short_documents")
+
+
+def test_off_names_an_unknown_switch():
+    with pytest.raises(ValueError, match=r"unknown speed switches \['flash'\] \(known: fused_lora, "):
+        speed_plan.SpeedPlan().off("flash")
+
+
+def test_applying_a_plan_switches_the_model_and_back():
+    from engine.layers.inject import inject_lora
+    from engine.layers.lora import lora_modules
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    inject_lora(model, "all-linear", 4, 8.0)
+    plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=CPU, precision="bf16").off(
+        "compile_norms", "compile_loss")
+    speed_plan.apply(plan, model)
+    assert model.config._attn_implementation.startswith("engine_packed")
+    assert all(m.fused for m in lora_modules(model).values())
+    assert any(m.shared_input is not None for m in lora_modules(model).values())
+    speed_plan.apply(speed_plan.resolve(SpeedConfig(mode="off"), device=CPU, precision="bf16"), model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m.fused or m.shared_input is not None for m in lora_modules(model).values())
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_on_a_cpu_is_bf16_where_its_matmuls_are_native(monkeypatch, native, expected):
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: native)
+    precision, why = amp.choose_precision("auto", CPU)
+    assert precision == expected
+    assert ("has native bf16" if native else "no native bf16") in why
+    assert amp.choose_precision("fp32", CPU) == ("fp32", "asked for")
