@@ -83,7 +83,6 @@ def test_reference_is_the_base_without_dropout(tiny):
     model.eval()
     with torch.no_grad(), adapters_disabled(model):
         base = sequence_logps(model, b)
-        assert not torch.equal(base, sequence_logps(model, b) + 1)  # (sanity: a tensor, not a constant)
     torch.testing.assert_close(first, base, atol=0, rtol=0)
     with torch.no_grad():
         assert (sequence_logps(model, b) - base).abs().max() > 1e-3  # the adapters change the policy
