@@ -70,20 +70,23 @@ def test_tokenizer_and_template_roundtrip(tmp_path):
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
-    model, tokenizer = make_tiny_model("phi3")
-    with pytest.raises(GGUFExportError, match="llama-architecture .* 'phi3'"):
+    model, tokenizer = make_tiny_model("gpt2")
+    with pytest.raises(GGUFExportError, match="supports model_type llama, .* this model is 'gpt2'"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
-    assert not (tmp_path / "m.gguf").exists()
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.partial").exists()
     model, tokenizer = make_tiny_model("llama")
-    with pytest.raises(GGUFExportError, match="one of f16, q8_0"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k")
+    with pytest.raises(GGUFExportError, match="one of f16, bf16, q8_0, q4_0, got 'q4_k_m'.*llama-quantize"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k_m")
+    with pytest.raises(GGUFExportError, match="one of f16, bf16, q8_0, q4_0, got 'q3'$"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", "q3")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_merge_cli_writes_gguf_and_reports_its_drift(tmp_path):
     from engine.export.merge import merge
     from tests.conftest import make_tiny_model_dir
-    from tests.test_merge import make_adapter
+    from tests.export.test_merge import make_adapter
 
     model_dir = make_tiny_model_dir(tmp_path, "llama")
     adapter = make_adapter(model_dir, tmp_path / "adapter")
