@@ -351,18 +351,17 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
         if gguf is not None:
             from engine.export.gguf import export_gguf_dir
             gguf_file = f"model-{gguf}.gguf"
-            export_gguf_dir(tmp, tokenizer, tmp / gguf_file, gguf)
+            base_name = Path(directory if gguf_base is None else gguf_base).name
+            export_gguf_dir(tmp, tokenizer, tmp / gguf_file, gguf, name=f"{base_name} + {Path(adapter_dir).name}")
         if measure:  # drift of the files as written, loaded the plainest way (computed in fp32)
             merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-            report["drift"] = logit_drift(reference, all_logits(merged, inputs))
+            merged_logits = all_logits(merged, inputs)
+            report["drift"] = logit_drift(reference, merged_logits)
             del merged
             gc.collect()
         if gguf_file is not None:
-            report["gguf"] = {"file": gguf_file, "type": gguf, "drift": None}
-            if measure:
-                back = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file, dtype=torch.float32)
-                report["gguf"]["drift"] = logit_drift(reference, all_logits(back, inputs))
-                del back
+            report["gguf"] = gguf_drift(tmp, gguf_file, gguf, reference, merged_logits, inputs) if measure else \
+                {"file": gguf_file, "type": gguf, "drift": None}
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
         check_output_dir(out)  # still new or empty: then move the finished files into place
         if out.exists():
@@ -371,6 +370,34 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def gguf_drift(directory: Path, gguf_file: str, qtype: str, reference, merged, inputs) -> dict:
+    """The GGUF read back by transformers' GGUF loader: drift vs base + adapter as trained
+    ("drift") and vs the merged HF files ("drift_vs_merged": what the GGUF type alone costs), and
+    whether the latter is within the type's tolerance (engine.export.gguf.DRIFT_TOLERANCE). A
+    family transformers cannot read (gemma) or a read that fails is reported, not raised: the file
+    is written for llama.cpp either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.export.gguf import DRIFT_TOLERANCE
+    from engine.export.gguf_arch import FAMILIES
+
+    entry = {"file": gguf_file, "type": qtype, "drift": None, "tolerance_mean_kl": DRIFT_TOLERANCE[qtype]}
+    family = FAMILIES[AutoConfig.from_pretrained(directory).model_type]
+    if not family.readable:
+        entry["not_read_back"] = f"transformers has no GGUF reader for architecture {family.arch!r}"
+        return entry
+    try:
+        back = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    except (RuntimeError, ValueError, KeyError) as err:
+        entry["not_read_back"] = f"transformers' GGUF reader failed: {str(err).splitlines()[0][:300]}"
+        return entry
+    logits = all_logits(back, inputs)
+    entry["drift"] = logit_drift(reference, logits)
+    entry["drift_vs_merged"] = logit_drift(merged, logits)
+    entry["within_tolerance"] = entry["drift_vs_merged"]["mean_kl"] <= DRIFT_TOLERANCE[qtype]
+    return entry
 
 
 def print_report(report: dict, out: str) -> None:
@@ -384,9 +411,16 @@ def print_report(report: dict, out: str) -> None:
         print(f"drift vs {report['reference']} over {d['examples']} examples / {d['positions']} positions: "
               f"mean KL {d['mean_kl']:.3e}, max KL {d['max_kl']:.3e}, max |logit diff| {d['max_abs_logit_diff']:.3e}")
     if "gguf" in report:
-        g = report["gguf"]["drift"]
-        print(f"GGUF {report['gguf']['file']}" + ("" if g is None else
-              f": mean KL {g['mean_kl']:.3e}, max |logit diff| {g['max_abs_logit_diff']:.3e}"))
+        entry = report["gguf"]
+        g = entry["drift"]
+        if g is not None:
+            verdict = "within" if entry["within_tolerance"] else "ABOVE"
+            m = entry["drift_vs_merged"]
+            print(f"GGUF {entry['file']} (read back by transformers): mean KL {g['mean_kl']:.3e}, max |logit diff| "
+                  f"{g['max_abs_logit_diff']:.3e}; vs the merged files mean KL {m['mean_kl']:.3e} ({verdict} the "
+                  f"{entry['type']} tolerance {entry['tolerance_mean_kl']:.0e})")
+        else:
+            print(f"GGUF {entry['file']}: drift not measured ({entry.get('not_read_back', report['drift_measured'])})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
