@@ -72,7 +72,7 @@ def _skeleton(directory: str, trust_remote_code: bool):
     return config, model, set(conv1d_to_linear(model))
 
 
-def _adapter_tensors(adapter_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+def adapter_tensors(adapter_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     """module path -> {"A", "B"[, "m"]} from adapter_model.safetensors (PEFT key forms)."""
     from safetensors.torch import load_file
 
@@ -135,7 +135,7 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
     decoder = set(decoder_linear_names(model)) if dequantize_spec is not None else set()  # before LoRA wraps them
     # names, shapes and the adapter's config are checked against the meta skeleton (no memory)
     load_adapter(model, adapter_dir)
-    adapter = _adapter_tensors(adapter_dir)
+    adapter = adapter_tensors(adapter_dir)
     from engine.export.adapter import read_adapter_config
     cfg = read_adapter_config(adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
