@@ -4,8 +4,8 @@ GGUF (llama.cpp's format, https://github.com/ggml-org/ggml/blob/master/docs/gguf
 key-value metadata, tensor infos, then the tensors' data. gguf-py's GGUFWriter can take every
 tensor's name, shape and type first and the data afterwards one tensor at a time
 (add_tensor_info ... write_tensor_data), so `export_gguf_dir` reads a safetensors directory
-twice: headers for the infos, then each tensor alone (engine/export/safetensors_io.py). Memory
-is one tensor and its quantized copy, not the model.
+twice: headers for the infos, then each tensor in blocks of rows (engine/export/safetensors_io.py).
+Memory is one block of rows and its quantized copy, not the model (nor its largest tensor).
 
 Per-family names and layouts: engine/export/gguf_arch.py; the tokenizer: engine/export/gguf_vocab.py.
 
@@ -29,12 +29,14 @@ import torch
 
 from engine.export.gguf_arch import GGUFExportError, add_hparams, family_of, gguf_tensor, permute_qk  # noqa: F401
 from engine.export.gguf_vocab import add_tokenizer
+from engine.export.safetensors_io import row_blocks
 
 QTYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 GGUF_TYPES = tuple(QTYPES)
+BLOCK_BYTES = 16 << 20  # fp32 bytes of one block of rows converted at a time
 # Mean KL(p_merged || p_gguf) per position a file of each type may drift from the HF model it was
 # written from, as read back by transformers (merge_report.json flags a file above it). The
 # rounding of 16-bit weights moves next-token distributions by ~1e-6..1e-5, 8-bit blocks by
@@ -74,9 +76,32 @@ def _nbytes(shape: tuple[int, ...], ggml_type: gguf.GGMLQuantizationType) -> int
     return n // block * type_size
 
 
+def _write_blocks(writer: gguf.GGUFWriter, arrays, nbytes: int) -> None:
+    """GGUFWriter.write_tensor_data for the next planned tensor, given as consecutive row blocks
+    (gguf-py 0.19 writes a tensor whole; its padding rules are repeated here)."""
+    from gguf.gguf_writer import WriterState
+
+    file_id = next(i for i, planned in enumerate(writer.tensors) if planned)
+    fout = writer.fout[file_id]
+    name = next(iter(writer.tensors[file_id]))
+    info = writer.tensors[file_id].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for array in arrays:
+        array.tofile(fout)
+        written += array.nbytes
+    if written != info.nbytes or written != nbytes:
+        raise GGUFExportError(f"GGUF export: tensor {name!r} came to {written} bytes, {info.nbytes} were planned")
+    writer.write_padding(fout, written)
+    writer.state = WriterState.WEIGHTS
+
+
 def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16", name: str | None = None) -> Path:
     """Write GGUF `path` from `config`, `tokenizer` and `tensors`: a callable returning a fresh
-    iterator of (HF name, shape, make) where make() gives the tensor; called twice (infos, data).
+    iterator of (HF name, shape, rows) where rows(start, stop) gives those rows (dim 0) of the
+    tensor; called twice (infos, data). Tensors are converted and quantized in blocks of rows of
+    ~16 MB fp32 (ggml blocks run along rows, so the bytes are those of the whole tensor at once),
+    except Llama Q/K weights, which are permuted across a head's rows, and 1-D tensors.
     The file appears under `path` only when complete."""
     check_gguf_type(qtype)
     family = family_of(config)
@@ -96,21 +121,25 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
             if mapped is None:
                 continue
             ggml_type = _ggml_type(mapped[1], qtype)
-            writer.add_tensor_info(mapped[0], shape, np.dtype(np.float32), _nbytes(shape, ggml_type), raw_dtype=ggml_type)
-            plan.append((hf_name, mapped[0], ggml_type))
+            nbytes = _nbytes(shape, ggml_type)
+            writer.add_tensor_info(mapped[0], shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
+            plan.append((hf_name, mapped[0], ggml_type, nbytes))
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         todo, planned = iter(plan), {p[0] for p in plan}
-        for hf_name, shape, make in tensors():
+        for hf_name, shape, rows in tensors():
             if hf_name not in planned:
                 continue
-            expected, gguf_name, ggml_type = next(todo)
+            expected, gguf_name, ggml_type, nbytes = next(todo)
             if expected != hf_name:
                 raise GGUFExportError(f"GGUF export: tensors came in a different order the second time "
                                       f"({hf_name!r} where {expected!r} was planned)")
-            _, tensor = gguf_tensor(family, config, name_map, hf_name, make())
-            writer.write_tensor_data(_encode(tensor, ggml_type))
+            permuted = family.permute_qk and ("self_attn.q_proj." in hf_name or "self_attn.k_proj." in hf_name)
+            blocks = [(0, shape[0])] if permuted or len(shape) < 2 else row_blocks(shape, BLOCK_BYTES)
+            arrays = (_encode(gguf_tensor(family, config, name_map, hf_name, rows(a, b))[1], ggml_type)
+                      for a, b in blocks)
+            _write_blocks(writer, arrays, nbytes)
         writer.close()
         partial.replace(path)
     except BaseException:
@@ -124,9 +153,10 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: st
     """GGUF of an in-memory transformers model (LoRA already merged); a tied lm_head is left out."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and emb is not None and head.weight is emb.weight
-    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    state = {k: v.detach() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     return write_gguf(model.config, tokenizer,
-                      lambda: ((k, tuple(v.shape), (lambda v=v: v)) for k, v in state.items()), path, qtype, name)
+                      lambda: ((k, tuple(v.shape), (lambda a, b, v=v: v[a:b])) for k, v in state.items()),
+                      path, qtype, name)
 
 
 def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: str = "f16",
@@ -136,7 +166,7 @@ def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: s
 
     from transformers import AutoConfig
 
-    from engine.export.safetensors_io import read_header, read_tensor
+    from engine.export.safetensors_io import read_header, read_rows
 
     directory = Path(directory)
     config = AutoConfig.from_pretrained(directory)
@@ -152,5 +182,5 @@ def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: s
                 for name, info in infos.items():
                     if tied and name == "lm_head.weight":
                         continue  # GGUF ties by leaving output.weight out
-                    yield name, info.shape, (lambda info=info, f=f: read_tensor(f, info))
+                    yield name, info.shape, (lambda a, b, info=info, f=f: read_rows(f, info, a, b))
     return write_gguf(config, tokenizer, tensors, path, qtype, name)

@@ -67,13 +67,33 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
 
 def read_tensor(f, info: TensorInfo) -> torch.Tensor:
     """The tensor at `info` of the open binary file `f`, in memory it owns."""
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    f.seek(info.begin)
-    buf = bytearray(info.nbytes)
-    if f.readinto(buf) != info.nbytes:
+    if not info.shape:
+        return read_rows(f, info, 0, 1).reshape(())
+    return read_rows(f, info, 0, info.shape[0])
+
+
+def read_rows(f, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop (along dim 0) of the tensor at `info`: one contiguous byte range."""
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    shape = (stop - start, *info.shape[1:])
+    n = (stop - start) * row_bytes
+    if n == 0:
+        return torch.empty(shape, dtype=info.dtype)
+    f.seek(info.begin + start * row_bytes)
+    buf = bytearray(n)
+    if f.readinto(buf) != n:
         raise SafetensorsFormatError(f"{getattr(f, 'name', '?')}: file ends inside a tensor (truncated?)")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int, element_size: int = 4) -> list[tuple[int, int]]:
+    """(start, stop) row ranges along dim 0 of about block_bytes each (at element_size bytes per value)."""
+    if not shape:
+        return [(0, 1)]
+    row = max(1, torch.Size(shape[1:]).numel() * element_size)
+    step = max(1, block_bytes // row)
+    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [(0, 0)]
 
 
 class StreamWriter:
@@ -112,6 +132,20 @@ class StreamWriter:
         self._check(name, tensor.dtype, tuple(tensor.shape))
         if tensor.numel():
             self._f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def write_blocks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], blocks) -> None:
+        """Append tensor `name` given as consecutive row blocks (an iterable of tensors of `dtype`)."""
+        self._check(name, dtype, shape)
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        written = 0
+        for block in blocks:
+            if block.dtype != dtype:
+                raise SafetensorsFormatError(f"{self.path}: tensor {name!r}: a block of dtype {block.dtype}, not {dtype}")
+            if block.numel():
+                self._f.write(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            written += block.numel() * block.element_size()
+        if written != expected:
+            raise SafetensorsFormatError(f"{self.path}: tensor {name!r}: blocks gave {written} bytes, not {expected}")
 
     def copy_from(self, name: str, src, info: TensorInfo) -> None:
         """Append tensor `name` as the raw bytes at `info` of the open file `src` (same dtype), in chunks."""

@@ -3,11 +3,13 @@
     W_merged = W + s * B @ A                     s = alpha / r (alpha / sqrt(r) with rsLoRA)
     DoRA:      W_merged = m / ||W + s*B A||_c * (W + s*B A)      (row norms, m [out])
 
-Every tensor of every input shard is read alone (seek + read of its bytes), the targeted weights
-summed in fp32 and cast to the output dtype, and appended to an output shard whose header was
-written first (engine/export/safetensors_io.py). Untouched tensors in the output dtype are copied
-as raw bytes in 16 MiB chunks. So peak memory is about the largest targeted weight in fp32 (a few
-copies) plus the adapter, whatever the checkpoint's size; nothing holds a whole shard.
+Every tensor of every input shard is read alone (seek + read of its bytes) and appended to an
+output shard whose header was written first (engine/export/safetensors_io.py). A targeted weight
+is merged in blocks of rows, ~16 MB of fp32 each: W[rows] + s * B[rows] @ A (DoRA's norms are per
+row too), cast to the output dtype and written; untouched tensors in the output dtype are copied
+as raw bytes in 16 MiB chunks, others cast block by block. So peak memory is a few blocks plus the
+adapter, whatever the checkpoint's or the largest tensor's size; nothing holds a shard. Two cases
+take one whole tensor at a time: Conv1D targets and --from-dequantized weights (below).
 
 Layout rules, as the in-memory merge (`merge_lora` + `linear_to_conv1d`):
   * Conv1D checkpoints (GPT-2) store W^T [in, out]: the delta is added transposed;
@@ -29,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from engine.export.safetensors_io import StreamWriter, TensorInfo, read_header, read_tensor
+from engine.export.safetensors_io import StreamWriter, TensorInfo, read_header, read_rows, read_tensor, row_blocks
 
 INDEX_NAME = "model.safetensors.index.json"
+BLOCK_BYTES = 16 << 20  # fp32 bytes of one block of rows merged at a time
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -179,22 +182,39 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
-    def merged(name: str, info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
-        module = name.removesuffix(".weight")
+    def check_pair(module: str) -> dict[str, torch.Tensor]:
+        t = adapter[module]
+        if "A" not in t or "B" not in t:
+            raise StreamMergeError(f"{adapter_dir}: no lora_A / lora_B for {module!r}")
+        return t
+
+    def merged_whole(module: str, raw: torch.Tensor) -> torch.Tensor:
+        """Conv1D targets (stored W^T) and --from-dequantized weights (4-bit blocks and their
+        double-quantized constants span the whole tensor): one tensor at a time."""
         w = raw.float()
-        transposed = module in conv1d
-        if transposed:
+        del raw
+        if module in conv1d:
             w = w.t()
         if module in decoder:
             w = _dequantized(w, dequantize_spec)
         if module in adapter:
-            t = adapter[module]
-            if "A" not in t or "B" not in t:
-                raise StreamMergeError(f"{adapter_dir}: no lora_A / lora_B for {module!r}")
-            w = w + scaling * (t["B"] @ t["A"])
+            t = check_pair(module)
+            w.addmm_(t["B"], t["A"], alpha=scaling)                      # W + s * B @ A, in place
             if "m" in t:  # DoRA
-                w = (t["m"] / torch.linalg.norm(w, dim=1))[:, None] * w
-        return (w.t() if transposed else w).contiguous()
+                w.mul_((t["m"] / torch.linalg.norm(w, dim=1))[:, None])
+        w = w.t() if module in conv1d else w
+        return w.to(out_dtype).contiguous()
+
+    def merged_blocks(module: str, src, info: TensorInfo):
+        """Row blocks of W + s * B[rows] @ A (DoRA: each row rescaled by its own norm), ~16 MB of fp32 each."""
+        t = check_pair(module) if module in adapter else None
+        for start, stop in row_blocks(info.shape, BLOCK_BYTES):
+            w = read_rows(src, info, start, stop).float()
+            if t is not None:
+                w.addmm_(t["B"][start:stop], t["A"], alpha=scaling)
+                if "m" in t:
+                    w.mul_((t["m"][start:stop] / torch.linalg.norm(w, dim=1))[:, None])
+            yield w.to(out_dtype)
 
     index, merged_count = {}, 0
     total = 0
@@ -209,14 +229,17 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
                             h.close()
                         handles = {file: open(file, "rb")}
                     src = handles[file]
-                    touched = name.removesuffix(".weight") in adapter or name.removesuffix(".weight") in decoder
-                    if touched and name.endswith(".weight"):
-                        writer.write(written, merged(name, info, read_tensor(src, info)).to(out_dtype))
-                        merged_count += name.removesuffix(".weight") in adapter
-                    elif out_dtype_of(info) == info.dtype:
-                        writer.copy_from(written, src, info)
+                    module = name.removesuffix(".weight") if name.endswith(".weight") else None
+                    if module in decoder or (module in adapter and module in conv1d):
+                        writer.write(written, merged_whole(module, read_tensor(src, info)))
+                    elif module in adapter or out_dtype_of(info) != info.dtype:
+                        target = out_dtype_of(info)
+                        blocks = (merged_blocks(module, src, info) if module in adapter else
+                                  (read_rows(src, info, a, b).to(target) for a, b in row_blocks(info.shape, BLOCK_BYTES)))
+                        writer.write_blocks(written, target, info.shape, blocks)
                     else:
-                        writer.write(written, read_tensor(src, info).to(out_dtype))
+                        writer.copy_from(written, src, info)
+                    merged_count += module in adapter
                     index[written] = shard_name
                     total += nbytes(info)
     finally:

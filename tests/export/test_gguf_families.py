@@ -102,3 +102,11 @@ def test_gemma_has_no_transformers_reader_but_its_tensors_are_llama_cpp_layout(t
     assert np.array_equal(tensors["blk.0.attn_q.weight"].data, q.astype(np.float16))  # no permutation
     with pytest.raises(ValueError, match="gemma"):
         AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q4_0"])
+def test_blocks_of_rows_write_the_same_bytes(tmp_path, models, monkeypatch, qtype):
+    model, tokenizer = models["gemma2"]  # norms shifted by 1 block by block, too
+    whole = export_gguf(model, tokenizer, tmp_path / "whole.gguf", qtype).read_bytes()
+    monkeypatch.setattr("engine.export.gguf.BLOCK_BYTES", 3 * 64 * 4)  # 3 rows at a time
+    assert export_gguf(model, tokenizer, tmp_path / "blocks.gguf", qtype).read_bytes() == whole

@@ -45,6 +45,11 @@ def test_writer_checks_order_shape_and_completeness(tmp_path):
     w.write("x", torch.zeros(2))
     with pytest.raises(SafetensorsFormatError, match=r"only 1 of 2 tensors were written \(next: 'y'\)"):
         w.close()
+    w = StreamWriter(tmp_path / "b.safetensors", entries)
+    with pytest.raises(SafetensorsFormatError, match="tensor 'x': blocks gave 4 bytes, not 8"):
+        w.write_blocks("x", torch.float32, (2,), [torch.zeros(1)])
+    with pytest.raises(SafetensorsFormatError, match="tensor 'y': a block of dtype torch.float16, not torch.float32"):
+        w.write_blocks("y", torch.float32, (3,), [torch.zeros(3, dtype=torch.float16)])
     with pytest.raises(SafetensorsFormatError, match="tensor 'z': dtype torch.complex64 cannot be written"):
         StreamWriter(tmp_path / "c.safetensors", [("z", torch.complex64, (1,))])
 
