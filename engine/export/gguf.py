@@ -36,7 +36,7 @@ QTYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationTyp
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 GGUF_TYPES = tuple(QTYPES)
-BLOCK_BYTES = 16 << 20  # fp32 bytes of one block of rows converted at a time
+BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows converted at a time
 # Mean KL(p_merged || p_gguf) per position a file of each type may drift from the HF model it was
 # written from, as read back by transformers (merge_report.json flags a file above it). The
 # rounding of 16-bit weights moves next-token distributions by ~1e-6..1e-5, 8-bit blocks by
@@ -100,7 +100,7 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
     """Write GGUF `path` from `config`, `tokenizer` and `tensors`: a callable returning a fresh
     iterator of (HF name, shape, rows) where rows(start, stop) gives those rows (dim 0) of the
     tensor; called twice (infos, data). Tensors are converted and quantized in blocks of rows of
-    ~16 MB fp32 (ggml blocks run along rows, so the bytes are those of the whole tensor at once),
+    ~4 MiB of fp32 (ggml blocks run along rows, so the bytes are those of the whole tensor at once),
     except Llama Q/K weights, which are permuted across a head's rows, and 1-D tensors.
     The file appears under `path` only when complete."""
     check_gguf_type(qtype)

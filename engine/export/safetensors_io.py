@@ -22,7 +22,7 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
           "F64": torch.float64}
 NAMES = {v: k for k, v in DTYPES.items()}
-COPY_CHUNK = 16 << 20  # bytes moved per read when a tensor is copied unchanged
+COPY_CHUNK = 4 << 20  # bytes moved per read when a tensor is copied unchanged
 
 
 class SafetensorsFormatError(ValueError):

@@ -5,9 +5,9 @@
 
 Every tensor of every input shard is read alone (seek + read of its bytes) and appended to an
 output shard whose header was written first (engine/export/safetensors_io.py). A targeted weight
-is merged in blocks of rows, ~16 MB of fp32 each: W[rows] + s * B[rows] @ A (DoRA's norms are per
+is merged in blocks of rows, ~4 MiB of fp32 each: W[rows] + s * B[rows] @ A (DoRA's norms are per
 row too), cast to the output dtype and written; untouched tensors in the output dtype are copied
-as raw bytes in 16 MiB chunks, others cast block by block. So peak memory is a few blocks plus the
+as raw bytes in 4 MiB chunks, others cast block by block. So peak memory is a few blocks plus the
 adapter, whatever the checkpoint's or the largest tensor's size; nothing holds a shard. Two cases
 take one whole tensor at a time: Conv1D targets and --from-dequantized weights (below).
 
@@ -34,7 +34,7 @@ import torch
 from engine.export.safetensors_io import StreamWriter, TensorInfo, read_header, read_rows, read_tensor, row_blocks
 
 INDEX_NAME = "model.safetensors.index.json"
-BLOCK_BYTES = 16 << 20  # fp32 bytes of one block of rows merged at a time
+BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows merged at a time
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -206,7 +206,7 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
         return w.to(out_dtype).contiguous()
 
     def merged_blocks(module: str, src, info: TensorInfo):
-        """Row blocks of W + s * B[rows] @ A (DoRA: each row rescaled by its own norm), ~16 MB of fp32 each."""
+        """Row blocks of W + s * B[rows] @ A (DoRA: each row rescaled by its own norm), ~4 MiB of fp32 each."""
         t = check_pair(module) if module in adapter else None
         for start, stop in row_blocks(info.shape, BLOCK_BYTES):
             w = read_rows(src, info, start, stop).float()

@@ -9,14 +9,18 @@ saving ~0.37 bit per weight. The matmul dequantizes W_hat to `compute_dtype` on 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-import bitsandbytes as bnb
-from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-from bitsandbytes.nn import Linear4bit, Params4bit
+if TYPE_CHECKING:
+    from bitsandbytes.nn import Linear4bit
+# bitsandbytes (~50 MB resident once imported) is imported where a 4-bit layer is made or read:
+# a model without one (a LoRA merge, a float run) never pays for it. No Linear4bit can exist
+# before bitsandbytes.nn is imported, so the type checks look it up in sys.modules.
 
 
 @dataclass(frozen=True)
@@ -32,19 +36,24 @@ class QuantSpec:
 
 
 def is_linear4bit(module: nn.Module) -> bool:
-    return isinstance(module, Linear4bit)
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
 
 
 def logical_numel(param: torch.Tensor) -> int:
     """Elements the tensor stands for: out*in for a quantized 4-bit weight (its storage holds
     out*in/2 packed bytes), numel() otherwise."""
-    if isinstance(param, Params4bit) and param.bnb_quantized and param.quant_state is not None:
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is not None and isinstance(param, bnb_nn.Params4bit) and param.bnb_quantized \
+            and param.quant_state is not None:
         return int(torch.Size(param.quant_state.shape).numel())
     return param.numel()
 
 
 def empty_linear4bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> Linear4bit:
     """A Linear4bit with its weight and bias on the meta device, waiting for `set_4bit_weight`."""
+    from bitsandbytes.nn import Linear4bit
+
     module = Linear4bit(in_features, out_features, bias=bias, compute_dtype=spec.compute_dtype,
                         compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta")
     # bitsandbytes repacks the weight (with bf16 scales) on the first no-grad eval forward on CPUs
@@ -71,6 +80,8 @@ def set_4bit_weight(module: Linear4bit, weight: torch.Tensor, device: torch.devi
     """Quantize a float weight [out, in] on `device` (the GPU when there is one) into `module`."""
     if tuple(weight.shape) != (module.out_features, module.in_features):
         raise ValueError(f"4-bit weight shape {tuple(weight.shape)} != ({module.out_features}, {module.in_features})")
+    from bitsandbytes.nn import Params4bit
+
     param = Params4bit(weight.detach(), requires_grad=False, compress_statistics=module.weight.compress_statistics,
                        quant_type=module.weight.quant_type, quant_storage=module.quant_storage, module=module)
     module.weight = param._quantize(torch.device(device))
@@ -91,6 +102,9 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     it was quantized from), W itself for an nn.Linear."""
     if not is_linear4bit(module):
         return module.weight.detach()
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
     weight = module.weight
     if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by a bnb CPU forward
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
