@@ -1,7 +1,7 @@
-"""Peak host memory and time of `engine.export.merge`: streamed vs in memory, two model sizes.
+"""Peak host memory and time of `engine.export.merge`: streamed vs in memory, three model sizes.
 
-Builds random Llama-shaped bf16 checkpoints in ~50 MB shards (a few hundred MB; the larger is
-the 235M-parameter shape of issue 23) plus a random rank-16 all-linear LoRA adapter, then merges
+Builds random Llama-shaped bf16 checkpoints in ~50 MB shards (225 MB to 886 MB; the middle one is
+about the 235M-parameter model of issue 23) plus a random rank-16 all-linear LoRA adapter, then merges
 each in fresh subprocesses and reports each child's peak RSS (getrusage ru_maxrss) minus the
 peak of a child that only imports the same modules (the idle interpreter):
   idle                  python + torch: the baseline of "over idle"
@@ -31,7 +31,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, ROOT)
 BASE_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
                   num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=2048)
-SIZES = {"small": 4, "large": 16}  # num_hidden_layers
+SIZES = {"small": 4, "large": 16, "xl": 32}  # num_hidden_layers
 QUICK = {"quick": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                        num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=False)}
 SHARD_BYTES = 50 * 10**6

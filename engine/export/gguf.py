@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import torch
 
-from engine.export.gguf_arch import GGUFExportError, add_hparams, family_of, gguf_tensor, permute_qk  # noqa: F401
+from engine.export.gguf_arch import GGUFExportError, add_hparams, family_of, gguf_tensor
 from engine.export.gguf_vocab import add_tokenizer
 from engine.export.safetensors_io import row_blocks
 

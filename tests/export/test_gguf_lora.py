@@ -7,7 +7,6 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-import torch
 
 from engine.export.gguf import export_gguf
 from engine.export.gguf_arch import GGUFExportError
