@@ -80,10 +80,7 @@ def export_lora_gguf(model_path: str, adapter_dir: str, out: str | Path, qtype: 
         if module.split(".")[-1] == "lm_head" and getattr(config, "tie_word_embeddings", False):
             raise GGUFExportError(f"{adapter_dir}: the adapter targets lm_head but the base ties it to the "
                                   "embeddings (its GGUF has no output.weight for llama.cpp to adapt); merge instead")
-        mapped = gguf_tensor(family, config, name_map, f"{module}.weight", t["B"])
-        if mapped is None:
-            raise GGUFExportError(f"{adapter_dir}: no GGUF tensor for the adapter's module {module!r}")
-        name, b = mapped
+        name, b = gguf_tensor(family, config, name_map, f"{module}.weight", t["B"])
         for suffix, value in (("lora_a", t["A"]), ("lora_b", b)):
             data, raw = _encode(value, LORA_TYPES[qtype])
             writer.add_tensor(f"{name}.{suffix}", data, raw_dtype=raw)

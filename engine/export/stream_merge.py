@@ -182,12 +182,6 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
-    def check_pair(module: str) -> dict[str, torch.Tensor]:
-        t = adapter[module]
-        if "A" not in t or "B" not in t:
-            raise StreamMergeError(f"{adapter_dir}: no lora_A / lora_B for {module!r}")
-        return t
-
     def merged_whole(module: str, raw: torch.Tensor) -> torch.Tensor:
         """Conv1D targets (stored W^T) and --from-dequantized weights (4-bit blocks and their
         double-quantized constants span the whole tensor): one tensor at a time."""
@@ -198,7 +192,7 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
         if module in decoder:
             w = _dequantized(w, dequantize_spec)
         if module in adapter:
-            t = check_pair(module)
+            t = adapter[module]  # load_adapter checked every module has its A and B (and m for DoRA)
             w.addmm_(t["B"], t["A"], alpha=scaling)                      # W + s * B @ A, in place
             if "m" in t:  # DoRA
                 w.mul_((t["m"] / torch.linalg.norm(w, dim=1))[:, None])
@@ -207,7 +201,7 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
 
     def merged_blocks(module: str, src, info: TensorInfo):
         """Row blocks of W + s * B[rows] @ A (DoRA: each row rescaled by its own norm), ~4 MiB of fp32 each."""
-        t = check_pair(module) if module in adapter else None
+        t = adapter.get(module)
         for start, stop in row_blocks(info.shape, BLOCK_BYTES):
             w = read_rows(src, info, start, stop).float()
             if t is not None:
