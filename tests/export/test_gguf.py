@@ -84,22 +84,29 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("family, qtype", [("llama", "q8_0"), ("qwen2", "q4_0"), ("phi3", "q4_0")])
-def test_merge_writes_gguf_and_reports_its_drift(tmp_path, family, qtype):
-    """The merge's GGUF, read back by transformers: drift vs base + adapter and vs the merged
+def test_merge_writes_gguf_and_reports_its_drift(tmp_path, capsys, family, qtype):
+    """The merge CLI's GGUF, read back by transformers: drift vs base + adapter and vs the merged
     files, within the type's tolerance; the GGUF is converted from the merged shards."""
+    import json
+
     from engine.export.gguf import DRIFT_TOLERANCE
-    from engine.export.merge import merge
+    from engine.export.merge import main
     from tests.conftest import make_tiny_model_dir
     from tests.export.test_merge import make_adapter
 
     model_dir = make_tiny_model_dir(tmp_path, family)
     adapter = make_adapter(model_dir, tmp_path / "adapter")
-    report = merge(str(model_dir), str(adapter), str(tmp_path / "out"), gguf=qtype)
-    assert (tmp_path / "out" / f"model-{qtype}.gguf").is_file()
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--adapter", str(adapter), "--out", str(out), "--gguf", qtype]) == 0
+    assert (out / f"model-{qtype}.gguf").is_file()
+    report = json.loads((out / "merge_report.json").read_text())
     entry = report["gguf"]
     assert entry["type"] == qtype and entry["tolerance_mean_kl"] == DRIFT_TOLERANCE[qtype]
     assert 0 < entry["drift_vs_merged"]["mean_kl"] < DRIFT_TOLERANCE[qtype] and entry["within_tolerance"]
     assert entry["drift"]["mean_kl"] > 0 and report["drift"]["max_abs_logit_diff"] < 1e-4  # fp32 base: fp32 out
+    printed = capsys.readouterr().out
+    assert f"GGUF model-{qtype}.gguf (read back by transformers)" in printed
+    assert f"within the {qtype} tolerance" in printed and "(fp32, streamed)" in printed
 
 
 def test_llama_cpp_runs_the_file(tmp_path):
