@@ -120,7 +120,7 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
     dtype: output dtype of the float tensors; None = the checkpoint's own (`checkpoint_dtype`).
     dequantize_spec: a QuantSpec for --from-dequantized, else None. Returns {"dtype", "files",
     "tensors", "merged", "untied"} for the report."""
-    from engine.export.adapter import load_adapter
+    from engine.export.adapter import load_adapter, read_adapter_config
     from engine.model.build import ModelLoadError, _checkpoint_names, _slots, _weight_files, decoder_linear_names
 
     config, model, conv1d = _skeleton(directory, trust_remote_code)
@@ -139,7 +139,6 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
     # names, shapes and the adapter's config are checked against the meta skeleton (no memory)
     load_adapter(model, adapter_dir)
     adapter = adapter_tensors(adapter_dir)
-    from engine.export.adapter import read_adapter_config
     cfg = read_adapter_config(adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -157,7 +156,7 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
                 raise StreamMergeError(f"{directory}: the adapter targets {module!r} but the checkpoint has no "
                                        f"tensor {weight!r}")
 
-    # the output plan: (written name, source, cast?) in input order, cut into shards
+    # the output plan: (written name, parameter name, input file, info) in input order, cut into shards
     plan = []
     for file, key, name, info in sources:
         plan.append((key, name, file, info))
