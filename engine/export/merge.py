@@ -423,6 +423,14 @@ def print_report(report: dict, out: str) -> None:
             print(f"GGUF {entry['file']}: drift not measured ({entry.get('not_read_back', report['drift_measured'])})")
 
 
+def _gguf_type(value: str) -> str:
+    if value in GGUF_CHOICES:
+        return value
+    hint = ("; K-quants: write --gguf f16, then run llama.cpp's "
+            f"`llama-quantize model-f16.gguf model-{value}.gguf {value.upper()}`") if "_k" in value.lower() else ""
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(GGUF_CHOICES)}){hint}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine.export.merge", description="Fold a LoRA adapter into its base model.")
     p.add_argument("--model", default="default", help="HF model dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
@@ -435,7 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="output dtype (default: the base's)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output safetensors shard (does not change the "
                    "memory a streamed merge needs)")
-    p.add_argument("--gguf", choices=GGUF_CHOICES, default=None,
+    p.add_argument("--gguf", type=_gguf_type, default=None, metavar="{" + ",".join(GGUF_CHOICES) + "}",
                    help="also write a GGUF file of this type (K-quants such as q4_k_m: write f16, then run "
                         "llama.cpp's llama-quantize; gguf-py cannot make them)")
     p.add_argument("--drift", choices=("auto", "on", "off"), default="auto",

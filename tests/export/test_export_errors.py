@@ -149,3 +149,16 @@ def test_gguf_drift_not_read_back_is_reported(tmp_path):
         report = merge(str(model_dir), str(adapter), str(tmp_path / family / "out"), gguf="f16")
         assert report["gguf"]["drift"] is None and report["gguf"]["not_read_back"].startswith(why), report["gguf"]
         assert (tmp_path / family / "out" / "model-f16.gguf").is_file()
+
+
+def test_cli_names_the_gguf_types_and_how_to_make_k_quants(capsys):
+    from engine.export.merge import parse_args
+
+    for value, message in (("q4", "invalid choice: 'q4' (choose from f16, bf16, q8_0, q4_0)\n"),
+                           ("q4_k_m", "invalid choice: 'q4_k_m' (choose from f16, bf16, q8_0, q4_0); K-quants: "
+                                      "write --gguf f16, then run llama.cpp's `llama-quantize model-f16.gguf "
+                                      "model-q4_k_m.gguf Q4_K_M`")):
+        with pytest.raises(SystemExit):
+            parse_args(["--adapter", "a", "--out", "o", "--gguf", value])
+        assert message in capsys.readouterr().err
+    assert parse_args(["--adapter", "a", "--out", "o", "--gguf", "q4_0"]).gguf == "q4_0"
