@@ -109,28 +109,38 @@ def test_merge_writes_gguf_and_reports_its_drift(tmp_path, capsys, family, qtype
     assert f"within the {qtype} tolerance" in printed and "(fp32, streamed)" in printed
 
 
-def test_llama_cpp_runs_the_file(tmp_path):
-    """Optional: llama.cpp itself (llama-cpp-python, else a llama-cli binary) loads a q4_0 file."""
-    import shutil
-
+def _llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        llama_cpp = None
-    binary = shutil.which("llama-cli")
+        return None
+    return llama_cpp
+
+
+@pytest.mark.parametrize("family, qtype", [("llama", "q4_0"), ("qwen2", "q8_0"), ("phi3", "q4_0"),
+                                           ("qwen3", "f16"), ("gemma2", "q8_0"), ("gemma", "f16")])
+def test_llama_cpp_runs_the_file(tmp_path, family, qtype):
+    """Optional: llama.cpp itself (llama-cpp-python, else a llama-cli binary) loads the file; with
+    llama-cpp-python its logits on the same token ids are within the type's tolerance."""
+    import shutil
+
+    from engine.export.gguf import DRIFT_TOLERANCE
+    from tests.export.test_gguf_families import FAMILIES
+
+    llama_cpp, binary = _llama_cpp(), shutil.which("llama-cli")
     if llama_cpp is None and binary is None:
         pytest.skip("neither llama-cpp-python nor a llama-cli binary is installed")
-    model, tokenizer = make_tiny_model("llama")
-    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_0")
+    model, tokenizer = make_tiny_model(family, **FAMILIES.get(family, {}))
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype)
     ids = IDS[0].tolist()
     if llama_cpp is not None:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
         llm.eval(ids)
         got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
         with torch.no_grad():
             expected = model(input_ids=IDS).logits[0]
         la, lb = torch.log_softmax(expected.double(), -1), torch.log_softmax(got.double(), -1)
-        assert float((la.exp() * (la - lb)).sum(-1).mean()) < 0.1
+        assert float((la.exp() * (la - lb)).sum(-1).mean()) < DRIFT_TOLERANCE[qtype]
     else:
         import subprocess
         proc = subprocess.run([binary, "-m", str(path), "-p", "hello", "-n", "4", "--temp", "0", "-no-cnv"],

@@ -79,3 +79,35 @@ def test_refusals_are_named(tmp_path, capsys):
     assert main(["--model", str(model_dir), "--adapter", str(head), "--out", str(tmp_path / "exists.gguf")]) == 1
     assert "exists; nothing is overwritten" in capsys.readouterr().err
     assert (tmp_path / "exists.gguf").read_text() == "keep"
+
+
+def test_llama_cpp_applies_the_lora(tmp_path):
+    """Optional (llama-cpp-python): base GGUF + --lora file = the merged HF model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.model.build import load_tokenizer
+
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed")
+    model_dir = make_tiny_model_dir(tmp_path, "llama")
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    lora = export_lora_gguf(str(model_dir), str(adapter), tmp_path / "lora.gguf", "f32")
+    base = export_gguf(AutoModelForCausalLM.from_pretrained(str(model_dir)), load_tokenizer(str(model_dir)),
+                       tmp_path / "b.gguf", "f16")
+    merge(str(model_dir), str(adapter), str(tmp_path / "merged"), dtype="fp32", drift="off")
+    ids = [5, 17, 42, 99, 3, 250, 7, 61, 120, 8, 77, 30]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))(input_ids=torch.tensor([ids])).logits[0]
+    scores = {}
+    for name, kwargs in (("base", {}), ("lora", {"lora_path": str(lora)})):
+        llm = llama_cpp.Llama(model_path=str(base), n_ctx=64, logits_all=True, verbose=False, n_threads=1, **kwargs)
+        llm.eval(ids)
+        scores[name] = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+
+    def kl(a, b):
+        la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        return float((la.exp() * (la - lb)).sum(-1).mean())
+    assert kl(expected, scores["lora"]) < 1e-3 < kl(expected, scores["base"])
