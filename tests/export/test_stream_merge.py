@@ -156,3 +156,16 @@ def test_bad_shard_size_and_bad_drift_are_named(tmp_path):
     with pytest.raises(MergeError, match="--drift must be auto, on or off, got 'maybe'"):
         merge(str(model_dir), str(adapter), str(tmp_path / "out"), drift="maybe")
     assert not (tmp_path / "out").exists()
+
+
+def test_drift_auto_skips_what_does_not_fit(tmp_path, monkeypatch):
+    from engine.export import merge as merge_module
+
+    model_dir = make_tiny_model_dir(tmp_path, "llama")
+    monkeypatch.setattr(merge_module, "_available_bytes", lambda: 10**9)
+    assert merge_module.want_drift("auto", str(model_dir), None) == (True, "--drift auto: the fp32 model fits in memory")
+    monkeypatch.setattr(merge_module, "_available_bytes", lambda: 2**18)  # a quarter: 64 KiB
+    measure, why = merge_module.want_drift("auto", str(model_dir), None)
+    assert not measure and why.startswith("--drift auto: skipped, the fp32 model (~0.0 GiB) needs more than a "
+                                          "quarter of the available memory (0.0 GiB); --drift on forces it")
+    assert merge_module.want_drift("on", str(model_dir), None) == (True, "--drift on")
