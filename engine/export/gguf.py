@@ -110,7 +110,9 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(None, arch=family.arch)
     try:
-        writer.add_name(name or f"merged {config.model_type}")
+        # llama.cpp keys token attributes on general.name (a name with "phi3" in it requires Phi-3's
+        # <s>, </s>, <unk> tokens): the default names no family
+        writer.add_name(name or "merged model")
         add_hparams(writer, config, family)
         writer.add_file_type(FILE_TYPES[qtype])
         add_tokenizer(writer, tokenizer, config.vocab_size)

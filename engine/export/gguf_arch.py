@@ -55,6 +55,12 @@ def family_of(config) -> Family:
     if config.model_type not in FAMILIES:
         raise GGUFExportError(f"GGUF export supports model_type {', '.join(FAMILIES)}; this model is "
                               f"{config.model_type!r}")
+    if config.model_type == "gemma2":
+        n_head, _, head_dim = _heads(config)
+        scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+        if scalar not in (head_dim, config.hidden_size // n_head):
+            raise GGUFExportError(f"GGUF export: gemma2 with query_pre_attn_scalar={scalar}: llama.cpp scales queries "
+                                  f"by head_dim ({head_dim}) or hidden_size / heads only")
     for flag in ("attention_bias", "mlp_bias"):
         if config.model_type in ("llama", "mistral") and getattr(config, flag, False):
             raise GGUFExportError(f"GGUF export: {config.model_type} models with {flag} are not supported")

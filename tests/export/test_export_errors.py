@@ -89,6 +89,10 @@ def test_writer_refuses_extra_and_truncated_sources(tmp_path):
 
 
 def test_gguf_refusals_name_the_field(tmp_path):
+    model, tokenizer = make_tiny_model("gemma2", head_dim=16, query_pre_attn_scalar=256)
+    with pytest.raises(GGUFExportError, match="gemma2 with query_pre_attn_scalar=256: llama.cpp scales queries by "
+                                              r"head_dim \(16\) or hidden_size / heads only"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
     model, tokenizer = make_tiny_model("llama", attention_bias=True)
     with pytest.raises(GGUFExportError, match="llama models with attention_bias are not supported"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")

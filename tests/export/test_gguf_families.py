@@ -18,8 +18,10 @@ from engine.export.merge import GGUF_CHOICES
 from tests.conftest import make_tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61, 120, 8, 77, 30, 2]])
-# transformers' reader takes Qwen3's head_dim from the config class default (128), not the file
-FAMILIES = {"llama": {}, "mistral": {}, "qwen2": {}, "phi3": {}, "gemma2": {}, "qwen3": {"head_dim": 128}}
+# transformers' reader takes Qwen3's head_dim and Gemma 2's query_pre_attn_scalar from the config
+# class defaults (128, 256), not the file; llama.cpp scales Gemma 2's queries by head_dim
+FAMILIES = {"llama": {}, "mistral": {}, "qwen2": {}, "phi3": {}, "gemma2": {"head_dim": 256},
+            "qwen3": {"head_dim": 128}}
 # Mistral is llama.cpp's llama architecture (sliding window ignored, as llama.cpp does); the reader
 # builds a Mistral only for a file whose general.name is exactly "mistral"
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
