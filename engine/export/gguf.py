@@ -26,10 +26,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-
-from engine.export.gguf_arch import GGUFExportError, add_hparams, family_of, gguf_tensor
+from engine.export.gguf_arch import add_hparams, family_of, gguf_tensor, GGUFExportError
 from engine.export.gguf_vocab import add_tokenizer
-from engine.export.safetensors_io import row_blocks
+from engine.export.safetensors_io import read_header, read_rows, row_blocks
+
 
 QTYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -168,7 +168,6 @@ def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: s
 
     from transformers import AutoConfig
 
-    from engine.export.safetensors_io import read_header, read_rows
 
     directory = Path(directory)
     config = AutoConfig.from_pretrained(directory)

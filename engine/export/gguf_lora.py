@@ -25,8 +25,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from engine.cli import run_cli
+from engine.export.adapter import read_adapter_config
+from engine.export.gguf_arch import family_of, gguf_tensor, GGUFExportError
+from engine.export.stream_merge import adapter_tensors
+from engine.model.build import _resolve
 
-from engine.export.gguf_arch import GGUFExportError, family_of, gguf_tensor
 
 LORA_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -35,7 +39,6 @@ LORA_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantization
 def _base_config(model_path: str):
     from transformers import AutoConfig
 
-    from engine.model.build import _resolve
 
     directory, gguf_file = _resolve(model_path)
     return AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
@@ -52,8 +55,6 @@ def _encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType):
 
 def export_lora_gguf(model_path: str, adapter_dir: str, out: str | Path, qtype: str = "f16") -> Path:
     """Write the adapter in `adapter_dir` (for the base at `model_path`) as a GGUF LoRA file."""
-    from engine.export.adapter import read_adapter_config
-    from engine.export.stream_merge import adapter_tensors
 
     if qtype not in LORA_TYPES:
         raise GGUFExportError(f"GGUF LoRA type must be one of {', '.join(LORA_TYPES)}, got {qtype!r}")
@@ -99,7 +100,6 @@ def export_lora_gguf(model_path: str, adapter_dir: str, out: str | Path, qtype: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_cli
 
     p = argparse.ArgumentParser(prog="python -m engine.export.gguf_lora",
                                 description="Write a LoRA adapter as a GGUF LoRA file for llama.cpp's --lora.")

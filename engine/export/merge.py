@@ -42,6 +42,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from engine.cli import run_cli
+from engine.data import load_examples
+from engine.export.adapter import load_adapter, read_adapter_config
+from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir
+from engine.export.gguf_arch import FAMILIES
+from engine.export.stream_merge import stream_merge, stream_refusal
+from engine.generate import adapter_training_info, chat_template, stop_token_ids
+from engine.layers.lora import lora_modules, merge_lora
+from engine.layers.quant import QuantSpec
+from engine.model.build import _resolve, linear_to_conv1d, load_base_model, load_tokenizer, NeedsConversion
 
 GGUF_CHOICES = ("f16", "bf16", "q8_0", "q4_0")  # engine.export.gguf.GGUF_TYPES (checked by a test)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -80,10 +90,6 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
                  trust_remote_code: bool = False):
     """(plain HF model with the adapter folded in (fp32), reference logits of base + adapter as
     trained on `drift_inputs` (or None), "what W was")."""
-    from engine.export.adapter import load_adapter
-    from engine.layers.lora import lora_modules, merge_lora
-    from engine.model.build import linear_to_conv1d, load_base_model
-    from engine.layers.quant import QuantSpec
 
     qlora = info["method"] == "qlora"
     if from_dequantized and not qlora:
@@ -143,12 +149,10 @@ def _lm_head_is_tied(model) -> bool:
 def drift_inputs(tokenizer, path: str | None, max_examples: int = 8, max_tokens: int = 256) -> list[list[int]]:
     """Token ids of up to max_examples documents: the conversations (or texts) of a JSONL file,
     rendered whole with the chat template, or the built-in chats; each cut to max_tokens."""
-    from engine.generate import chat_template
 
     if path is None:
         docs = [{"messages": chat} for chat in DRIFT_CHATS]
     else:
-        from engine.data import load_examples
         docs = load_examples(path)[:max_examples]
     template = None
     out = []
@@ -240,8 +244,6 @@ def want_drift(drift: str, directory: str, gguf_file: str | None) -> tuple[bool,
 @torch.no_grad()
 def trained_logits(model_path: str, adapter_dir: str, qlora: bool, quant_spec, inputs) -> list[torch.Tensor]:
     """Logits of base + adapter as trained (4-bit base for QLoRA), the drift reference."""
-    from engine.export.adapter import load_adapter
-    from engine.model.build import load_base_model
 
     model = load_adapter(load_base_model(model_path, dtype=torch.float32, quant=quant_spec if qlora else None),
                          adapter_dir)
@@ -255,7 +257,6 @@ def write_side_files(tokenizer, out: Path, base_dir: str) -> None:
     """Tokenizer files and generation_config.json (the base's, eos = the template's stop tokens)."""
     from transformers import AutoConfig, GenerationConfig
 
-    from engine.generate import stop_token_ids
 
     tokenizer.save_pretrained(out)
     try:
@@ -279,17 +280,11 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
     GGUF base, .bin or fused-on-load checkpoints)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.export.adapter import read_adapter_config
-    from engine.export.stream_merge import stream_refusal
-    from engine.generate import adapter_training_info
-    from engine.layers.quant import QuantSpec
-    from engine.model.build import _resolve, load_tokenizer
 
     out = check_output_dir(out_dir)
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None:
-        from engine.export.gguf import check_gguf_type
         check_gguf_type(gguf)
     read_adapter_config(adapter_dir)
     directory, gguf_base = _resolve(model_path)  # a missing model fails here, before anything is loaded
@@ -314,8 +309,6 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
         tmp.mkdir(parents=True)
         reference, written = None, None
         if stream:
-            from engine.export.stream_merge import stream_merge
-            from engine.model.build import NeedsConversion
             if measure:
                 reference = trained_logits(model_path, adapter_dir, qlora, quant, inputs)
             try:
@@ -349,7 +342,6 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
                   "drift_measured": drift_why, "drift": None}
         gguf_file = None
         if gguf is not None:
-            from engine.export.gguf import export_gguf_dir
             gguf_file = f"model-{gguf}.gguf"
             base_name = Path(directory if gguf_base is None else gguf_base).name
             export_gguf_dir(tmp, tokenizer, tmp / gguf_file, gguf, name=f"{base_name} + {Path(adapter_dir).name}")
@@ -380,8 +372,6 @@ def gguf_drift(directory: Path, gguf_file: str, qtype: str, reference, merged, i
     is written for llama.cpp either way."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine.export.gguf import DRIFT_TOLERANCE
-    from engine.export.gguf_arch import FAMILIES
 
     entry = {"file": gguf_file, "type": qtype, "drift": None, "tolerance_mean_kl": DRIFT_TOLERANCE[qtype]}
     family = FAMILIES[AutoConfig.from_pretrained(directory).model_type]
@@ -454,7 +444,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_cli
 
     args = parse_args(argv)
 

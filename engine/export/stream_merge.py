@@ -30,8 +30,12 @@ import re
 from pathlib import Path
 
 import torch
-
+from engine.export.adapter import _KEY, load_adapter, PREFIX, read_adapter_config, WEIGHTS_NAME
 from engine.export.safetensors_io import StreamWriter, TensorInfo, read_header, read_rows, read_tensor, row_blocks
+from engine.layers.quant import dequantize_weight, quantize_linear
+from engine.model.build import (ModelLoadError, _checkpoint_names, _model_class, _slots, _weight_files,
+                                conv1d_to_linear, decoder_linear_names, params_on_meta)
+
 
 INDEX_NAME = "model.safetensors.index.json"
 BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows merged at a time
@@ -66,7 +70,6 @@ def _skeleton(directory: str, trust_remote_code: bool):
     """(config, the model on the meta device with Conv1D swapped for nn.Linear, conv1d module names)."""
     from transformers import AutoConfig
 
-    from engine.model.build import _model_class, conv1d_to_linear, params_on_meta
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     auto_class = _model_class(config, directory, trust_remote_code)
@@ -79,7 +82,6 @@ def adapter_tensors(adapter_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     """module path -> {"A", "B"[, "m"]} from adapter_model.safetensors (PEFT key forms)."""
     from safetensors.torch import load_file
 
-    from engine.export.adapter import _KEY, PREFIX, WEIGHTS_NAME
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(os.path.join(adapter_dir, WEIGHTS_NAME)).items():
@@ -95,7 +97,6 @@ def _dequantized(weight: torch.Tensor, spec) -> torch.Tensor:
     """dequantize(quantize_4bit(W)) in fp32: the weight a QLoRA adapter was trained on."""
     from torch import nn
 
-    from engine.layers.quant import dequantize_weight, quantize_linear
 
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = nn.Parameter(weight.float(), requires_grad=False)
@@ -120,8 +121,6 @@ def stream_merge(directory: str, adapter_dir: str, out: Path, *, dtype: torch.dt
     dtype: output dtype of the float tensors; None = the checkpoint's own (`checkpoint_dtype`).
     dequantize_spec: a QuantSpec for --from-dequantized, else None. Returns {"dtype", "files",
     "tensors", "merged", "untied"} for the report."""
-    from engine.export.adapter import load_adapter, read_adapter_config
-    from engine.model.build import ModelLoadError, _checkpoint_names, _slots, _weight_files, decoder_linear_names
 
     config, model, conv1d = _skeleton(directory, trust_remote_code)
     files = _weight_files(directory, allow_bin=False)

@@ -50,7 +50,7 @@ def test_adapter_target_missing_from_the_checkpoint(tmp_path, llama):
     (copy / "config.json").write_text(json.dumps(config))
     from engine.config import PeftConfig
     from engine.export.adapter import save_adapter
-    from engine.layers.lora import inject_lora
+    from engine.layers.inject import inject_lora
     from engine.model.build import load_base_model
     model = load_base_model(str(model_dir))
     inject_lora(model, ["lm_head"], 4, 8)

@@ -65,7 +65,7 @@ def test_refusals_are_named(tmp_path, capsys):
     head = make_adapter(model_dir, tmp_path / "head")
     from engine.config import PeftConfig
     from engine.export.adapter import save_adapter
-    from engine.layers.lora import inject_lora
+    from engine.layers.inject import inject_lora
     from engine.model.build import load_base_model
     model = load_base_model(str(model_dir))
     inject_lora(model, ["q_proj", "lm_head"], 4, 8)

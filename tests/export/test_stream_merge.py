@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from engine.config import PeftConfig
 from engine.export.adapter import load_adapter, save_adapter
 from engine.export.merge import MergeError, main, merge
-from engine.layers.lora import inject_lora, lora_modules
+from engine.layers.lora import lora_modules
+from engine.layers.inject import inject_lora
 from engine.model.build import load_base_model
 from tests.conftest import make_tiny_model_dir
 
