@@ -2,7 +2,7 @@
 
     python benchmarks/memory_techniques.py [--seq-len 2048] [--out-dir benchmarks/results]
 
-Every row is one training step (forward + backward of engine.training.loss.causal_lm_loss, LoRA r=16 on
+Every row is one training step (engine.training.step.forward_backward of the SFT objective, LoRA r=16 on
 all linears, fp32, CPU) of a random model, run in a fresh subprocess and measured two ways:
   - peak RSS growth: the process's peak resident memory (ru_maxrss) minus its resident memory
     just before the step (model built, batch made); includes allocator effects;
@@ -62,8 +62,10 @@ def worker(spec: dict) -> dict:
 
     from engine.model.build import enable_activation_checkpointing
     from engine.plan import LiveBytes, batch_tensors
+    from engine.model.packing import packing_context
     from engine.speed.offload import install_offload
-    from engine.training.loss import causal_lm_loss
+    from engine.training.objective import CausalLM
+    from engine.training.step import forward_backward
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     model = build(spec["shape"])
@@ -79,15 +81,16 @@ def worker(spec: dict) -> dict:
     labels[0, -1] = -100
     if spec["loss_share"] < 1.0:
         labels[0, : int(T * (1 - spec["loss_share"]))] = -100
-    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T)[None]}
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T)[None],
+             "packing": packing_context(labels, [[T]], num_tokens=T)}
     params = list(model.parameters()) + list(model.buffers())
     rss_before = current_rss()
     tracker = LiveBytes()
     tracker.exclude(params + list(batch_tensors(batch)))
     t0 = time.perf_counter()
-    with tracker:
-        loss, _ = causal_lm_loss(model, batch, chunk_size=spec["chunk_size"])
-        loss.backward()
+    with tracker:  # the engine's forward/backward of one micro-batch
+        loss, _ = forward_backward(model, [batch], objective=CausalLM(spec["chunk_size"]), count=1, scale=1.0,
+                                   precision="fp32", device=torch.device("cpu"))
     seconds = time.perf_counter() - t0
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"peak_rss_growth": max(0, peak_rss - rss_before), "live_peak": tracker.peak, "seconds": seconds,

@@ -1,8 +1,8 @@
 """`python -m engine.train +experiment=NAME`: the Hydra entry point and the training loop.
 
-Setup lives in small helpers; `run_training` holds the loop and reads top to bottom: fetch the
-step's micro-batches, count their loss tokens, forward/backward each under autocast, unscale and
-check for overflow, clip, step, schedule, log, evaluate, checkpoint.
+Setup lives in small helpers (`build_everything`: precision, speed plan, model, data, optimizer,
+objective); `run_training` holds the loop and reads top to bottom: fetch the step's micro-batches,
+run the one training step (engine/training/step.py), log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                 check_overflow(step, result.overflowed, scaler, tc.max_consecutive_skips)
             resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
 
-            # 5. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides
+            # 2. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides
             #    along so every rank stops (and checkpoints) at the same step.
             tokens, stops, loss_tokens = all_reduce_sum_ints([sum(b["num_tokens"] for b in micro), int(stop.requested),
                                                               sum(b["num_loss_tokens"] for b in micro)], ctx)

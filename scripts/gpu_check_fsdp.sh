@@ -5,7 +5,7 @@
 #   source scripts/gpu_check_fsdp.sh && gpu_check_fsdp "$OUT/fsdp"
 #
 # What it checks (each prints PASS/FAIL; the function returns non-zero on the first failure):
-#   1. tests/test_fsdp.py's two-process worker, run as ONE process on cuda: fully_shard on a float
+#   1. tests/parallel/test_fsdp.py's two-process worker, run as ONE process on cuda: fully_shard on a float
 #      and a 4-bit (bitsandbytes CUDA kernels) tiny model, quant_storage = the base dtype, one
 #      step's loss / gradients / update equal the unsharded model's, full-state-dict round trip;
 #   2. QLoRA training through the real entry point (torchrun --nproc_per_node=1 -m engine.train,
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from tests.conftest import make_tiny_model_dir
 from tests.e2e.test_train import write_chat_data
-import tests.test_fsdp as t
+import tests.parallel.test_fsdp as t
 out = Path(sys.argv[1])
 make_tiny_model_dir(out, "llama")
 write_chat_data(out / "train.jsonl", 96, seed=1)

@@ -1,172 +1,187 @@
-"""Write a (merged) llama-architecture model and its byte-level BPE tokenizer as a GGUF file.
+"""Write a (merged) model and its tokenizer as one GGUF file, streamed tensor by tensor.
 
 GGUF (llama.cpp's format, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is one file:
-key-value metadata, then named tensors. What llama.cpp and transformers' GGUF reader
-(`from_pretrained(dir, gguf_file=...)`, transformers/modeling_gguf_pytorch_utils.py) expect:
+key-value metadata, tensor infos, then the tensors' data. gguf-py's GGUFWriter can take every
+tensor's name, shape and type first and the data afterwards one tensor at a time
+(add_tensor_info ... write_tensor_data), so `export_gguf_dir` reads a safetensors directory
+twice: headers for the infos, then each tensor in blocks of rows (engine/export/safetensors_io.py).
+Memory is one block of rows and its quantized copy, not the model (nor its largest tensor).
 
-  * metadata `llama.*`: context_length, embedding_length, block_count, feed_forward_length,
-    rope.dimension_count (= head_dim), rope.freq_base, attention.head_count(_kv),
-    attention.layer_norm_rms_epsilon, vocab_size;
-  * tensor names from gguf-py's name map (model.layers.N.self_attn.q_proj -> blk.N.attn_q,
-    model.embed_tokens -> token_embd, lm_head -> output; a tied lm_head is not written);
-  * Q and K rows permuted for llama.cpp's rotary layout (convert_hf_to_gguf.py `permute`): per
-    head, HF's [first half | second half] rotary pairs become interleaved pairs,
-        W.reshape(heads, 2, head_dim/2, in).swapaxes(1, 2).reshape(out, in)
-    and the reader undoes it (`_reverse_permute_weights`); K uses the KV head count;
-  * the tokenizer as `tokenizer.ggml.*`: model "gpt2" (byte-level BPE), tokens in id order,
-    token types (1 normal, 3 control = special, 4 user-defined added), merges "a b",
-    bos / eos / pad ids, and the chat template.
+Per-family names and layouts: engine/export/gguf_arch.py; the tokenizer: engine/export/gguf_vocab.py.
 
-Types: f16 (2-D weights in f16, 1-D norms in f32) or q8_0 (2-D weights whose row length is a
-multiple of 32 in 8-bit blocks of 32 with one f16 scale, via gguf-py's quantizer).
+Types (llama.cpp's, via gguf-py's quantizer):
+  f16 / bf16   2-D weights in 16 bits
+  q8_0         blocks of 32 weights: 8-bit ints and one f16 scale  (8.5 bits per weight)
+  q4_0         blocks of 32 weights: 4-bit ints and one f16 scale  (4.5 bits per weight)
+1-D tensors (norms, biases) stay f32, as llama.cpp writes them; a 2-D weight whose row length is
+not a multiple of the block size (32) is written f16. K-quants (q4_k_m, ...) are not offered:
+gguf-py 0.19 has no quantizer for them (quantize raises NotImplementedError); write f16 and run
+llama.cpp's `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-
-GGUF_TYPES = ("f16", "q8_0")
-SUPPORTED = ("llama",)
-
-
-class GGUFExportError(ValueError):
-    """The model or tokenizer cannot be written as GGUF; the message says what is unsupported."""
+from engine.export.gguf_arch import add_hparams, family_of, gguf_tensor, GGUFExportError
+from engine.export.gguf_vocab import add_tokenizer
+from engine.export.safetensors_io import read_header, read_rows, row_blocks
 
 
-def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF rotary layout -> llama.cpp's (module docstring); weight [heads*head_dim, ...] or bias."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+QTYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+          "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+GGUF_TYPES = tuple(QTYPES)
+BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows converted at a time
+# Mean KL(p_merged || p_gguf) per position a file of each type may drift from the HF model it was
+# written from, as read back by transformers (merge_report.json flags a file above it). The
+# rounding of 16-bit weights moves next-token distributions by ~1e-6..1e-5, 8-bit blocks by
+# ~1e-4, 4-bit blocks by ~1e-2 (llama.cpp's own q4_0 perplexity gap is of that order).
+DRIFT_TOLERANCE = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-1}
 
 
-def _rope_theta(config) -> float:
-    # transformers 5 keeps rope_theta and the scaling type together in rope_parameters
-    # (rope_scaling is an alias of the same dict).
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise GGUFExportError(f"GGUF export: rope type {rope_type!r} / rope_scaling is not supported (default RoPE only)")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        raise GGUFExportError("GGUF export: the config has no rope_theta")
-    return float(theta)
+def check_gguf_type(qtype: str) -> None:
+    if qtype in QTYPES:
+        return
+    hint = (" (K-quants: gguf-py has no quantizer for them; write f16, then llama.cpp's "
+            f"`llama-quantize model-f16.gguf model-{qtype}.gguf {qtype.upper()}`)") if "_k" in qtype.lower() else ""
+    raise GGUFExportError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}{hint}")
 
 
-def _tokenizer_fields(tokenizer, vocab_size: int) -> dict:
-    """tokens, token types and merges of a byte-level BPE fast tokenizer, in id order."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise GGUFExportError("GGUF export needs a fast tokenizer (tokenizer.json)")
-    spec = json.loads(backend.to_str())
-    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
-    if spec["model"]["type"] != "BPE" or not byte_level:
-        raise GGUFExportError(f"GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; this one is "
-                              f"{spec['model']['type']} without ByteLevel pre-tokenization")
-    n = len(tokenizer)
-    if n > vocab_size:
-        raise GGUFExportError(f"tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
-    added = {int(i): t for i, t in tokenizer.added_tokens_decoder.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i in added:
-            tokens.append(added[i].content)
-            types.append(3 if added[i].special else 4)
-        elif i < n:
-            tokens.append(tokenizer.convert_ids_to_tokens(i))
-            types.append(1)
-        else:  # rows of the embedding no token uses (vocab padded to a multiple)
-            tokens.append(f"[PAD{i}]")
-            types.append(5)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges}
+def _ggml_type(tensor: torch.Tensor, qtype: str) -> gguf.GGMLQuantizationType:
+    """The type one tensor is stored in: f32 for 1-D, the file's type where blocks fit, else f16."""
+    if tensor.dim() == 1:
+        return gguf.GGMLQuantizationType.F32
+    q = QTYPES[qtype]
+    block = gguf.GGML_QUANT_SIZES[q][0]
+    return q if tensor.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
 
-def _tensor_data(name: str, tensor: torch.Tensor, qtype: str):
-    """(numpy data, raw ggml type or None) for one tensor."""
-    import gguf
-
+def _encode(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> np.ndarray:
     data = tensor.detach().float().cpu().numpy()
-    if data.ndim == 1:
-        return data.astype(np.float32), None  # norms and biases stay f32 (llama.cpp does the same)
-    if qtype == "q8_0" and data.shape[-1] % 32 == 0:
-        q = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(data, q), q
-    return data.astype(np.float16), None
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return data.astype(np.float32)
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, ggml_type)
 
 
-def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16") -> Path:
-    """Write `model` (a plain transformers LlamaForCausalLM, LoRA already merged) and its
-    tokenizer to `path` as GGUF of type `qtype` (f16 | q8_0). Returns the path."""
-    import gguf
+def _nbytes(shape: tuple[int, ...], ggml_type: gguf.GGMLQuantizationType) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    n = int(np.prod(shape))
+    return n // block * type_size
 
-    config = model.config
-    if qtype not in GGUF_TYPES:
-        raise GGUFExportError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}")
-    if config.model_type not in SUPPORTED:
-        raise GGUFExportError(f"GGUF export supports llama-architecture models (model_type llama); "
-                              f"this model is {config.model_type!r}")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise GGUFExportError("GGUF export: llama models with attention_bias / mlp_bias are not supported")
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    if head_dim * n_head != config.hidden_size:
-        raise GGUFExportError("GGUF export: head_dim * num_attention_heads != hidden_size is not supported "
-                              "(the reader takes head_dim from the rope dimension)")
-    fields = _tokenizer_fields(tokenizer, config.vocab_size)
 
+def _write_blocks(writer: gguf.GGUFWriter, arrays, nbytes: int) -> None:
+    """GGUFWriter.write_tensor_data for the next planned tensor, given as consecutive row blocks
+    (gguf-py 0.19 writes a tensor whole; its padding rules are repeated here)."""
+    from gguf.gguf_writer import WriterState
+
+    file_id = next(i for i, planned in enumerate(writer.tensors) if planned)
+    fout = writer.fout[file_id]
+    name = next(iter(writer.tensors[file_id]))
+    info = writer.tensors[file_id].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for array in arrays:
+        array.tofile(fout)
+        written += array.nbytes
+    if written != info.nbytes or written != nbytes:
+        raise GGUFExportError(f"GGUF export: tensor {name!r} came to {written} bytes, {info.nbytes} were planned")
+    writer.write_padding(fout, written)
+    writer.state = WriterState.WEIGHTS
+
+
+def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16", name: str | None = None) -> Path:
+    """Write GGUF `path` from `config`, `tokenizer` and `tensors`: a callable returning a fresh
+    iterator of (HF name, shape, rows) where rows(start, stop) gives those rows (dim 0) of the
+    tensor; called twice (infos, data). Tensors are converted and quantized in blocks of rows of
+    ~4 MiB of fp32 (ggml blocks run along rows, so the bytes are those of the whole tensor at once),
+    except Llama Q/K weights, which are permuted across a head's rows, and 1-D tensors.
+    The file appears under `path` only when complete."""
+    check_gguf_type(qtype)
+    family = family_of(config)
+    name_map = gguf.get_tensor_name_map(family.model_arch, config.num_hidden_layers)
     path = Path(path)
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    writer.add_name(getattr(config, "_name_or_path", "") or "merged")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(fields["tokens"])
-    writer.add_token_types(fields["types"])
-    writer.add_token_merges(fields["merges"])
-    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                     ("pad_token_id", writer.add_pad_token_id)):
-        value = getattr(tokenizer, key, None)
-        if value is not None:
-            add(int(value))
-    writer.add_add_bos_token(False)  # the chat template writes whatever the model needs
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        writer.add_chat_template(template)
-
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # GGUF ties by leaving output.weight out
-        module, _, suffix = hf_name.rpartition(".")
-        gguf_name = name_map.get_name(module)
-        if gguf_name is None:
-            if "rotary_emb" in hf_name:
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(None, arch=family.arch)
+    try:
+        # llama.cpp keys token attributes on general.name (a name with "phi3" in it requires Phi-3's
+        # <s>, </s>, <unk> tokens): the default names no family
+        writer.add_name(name or "merged model")
+        add_hparams(writer, config, family)
+        writer.add_file_type(FILE_TYPES[qtype])
+        add_tokenizer(writer, tokenizer, config.vocab_size)
+        plan = []  # (hf name, gguf name, ggml type)
+        meta = torch.empty(0, device="meta")
+        for hf_name, shape, _ in tensors():
+            mapped = gguf_tensor(family, config, name_map, hf_name, meta.new_empty(shape))
+            if mapped is None:
                 continue
-            raise GGUFExportError(f"GGUF export: no GGUF name for tensor {hf_name!r}")
-        if module.endswith("self_attn.q_proj"):
-            tensor = permute_qk(tensor, n_head)
-        elif module.endswith("self_attn.k_proj"):
-            tensor = permute_qk(tensor, n_kv)
-        data, raw = _tensor_data(hf_name, tensor, qtype)
-        writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            ggml_type = _ggml_type(mapped[1], qtype)
+            nbytes = _nbytes(shape, ggml_type)
+            writer.add_tensor_info(mapped[0], shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
+            plan.append((hf_name, mapped[0], ggml_type, nbytes))
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        todo, planned = iter(plan), {p[0] for p in plan}
+        for hf_name, shape, rows in tensors():
+            if hf_name not in planned:
+                continue
+            expected, gguf_name, ggml_type, nbytes = next(todo)
+            if expected != hf_name:
+                raise GGUFExportError(f"GGUF export: tensors came in a different order the second time "
+                                      f"({hf_name!r} where {expected!r} was planned)")
+            permuted = family.permute_qk and ("self_attn.q_proj." in hf_name or "self_attn.k_proj." in hf_name)
+            blocks = [(0, shape[0])] if permuted or len(shape) < 2 else row_blocks(shape, BLOCK_BYTES)
+            arrays = (_encode(gguf_tensor(family, config, name_map, hf_name, rows(a, b))[1], ggml_type)
+                      for a, b in blocks)
+            _write_blocks(writer, arrays, nbytes)
+        writer.close()
+        partial.replace(path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     return path
+
+
+def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str | None = None) -> Path:
+    """GGUF of an in-memory transformers model (LoRA already merged); a tied lm_head is left out."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    state = {k: v.detach() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    return write_gguf(model.config, tokenizer,
+                      lambda: ((k, tuple(v.shape), (lambda a, b, v=v: v[a:b])) for k, v in state.items()),
+                      path, qtype, name)
+
+
+def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: str = "f16",
+                    name: str | None = None) -> Path:
+    """GGUF of a safetensors model directory (config.json + shards), one tensor in memory at a time."""
+    import json
+
+    from transformers import AutoConfig
+
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    index = directory / "model.safetensors.index.json"
+    files = ([directory / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+             if index.is_file() else [directory / "model.safetensors"])
+    headers = [(file, read_header(file)) for file in files]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def tensors():
+        for file, infos in headers:
+            with open(file, "rb") as f:
+                for name, info in infos.items():
+                    if tied and name == "lm_head.weight":
+                        continue  # GGUF ties by leaving output.weight out
+                    yield name, info.shape, (lambda a, b, info=info, f=f: read_rows(f, info, a, b))
+    return write_gguf(config, tokenizer, tensors, path, qtype, name)

@@ -1,8 +1,13 @@
 """Fold a LoRA adapter into its base and export a plain Hugging Face model (and optionally a GGUF).
 
-    python -m engine.export.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf f16]
+    python -m engine.export.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf q4_0]
 
     W_merged = W + s * B @ A          (s = alpha / r, or alpha / sqrt(r) with rsLoRA; Hu et al. 2021)
+
+How. A safetensors checkpoint is merged *streamed*, tensor by tensor (engine/export/stream_merge.py):
+host memory is about one weight in fp32 plus the adapter, whatever the model's size. A GGUF base,
+.bin weights, or a checkpoint whose tensors transformers fuses on load are loaded whole (fp32)
+and merged in memory. The output dtype is the base's unless --dtype says otherwise.
 
 Which W (FIELD.md bug 7, transformers #31293). A QLoRA adapter was trained on top of
 W_hat = dequantize(quantize_nf4(W)), not W. Two choices:
@@ -11,15 +16,18 @@ W_hat = dequantize(quantize_nf4(W)), not W. Two choices:
     16-bit model, but the adapter never saw W - W_hat, so it is not exactly what was trained.
   * --from-dequantized: W = W_hat. Exactly the trained function up to the output dtype's
     rounding, but the merged weights keep the 4-bit quantization error.
-Either way the command measures how far the merged model (loaded back from the written files
-with plain `AutoModelForCausalLM.from_pretrained`) drifts from base + adapter *as trained* (4-bit
-base + LoRA for QLoRA): mean KL(p_trained || p_merged) per position and the max |logit
-difference|, over --drift-examples or a few built-in chats; printed and saved as merge_report.json.
+Drift (--drift auto|on|off; auto = when the fp32 model fits in a quarter of the available
+memory, since the check loads it whole): how far the merged model (loaded back from the written
+files with plain `AutoModelForCausalLM.from_pretrained`) and the GGUF (through transformers' GGUF
+reader) drift from base + adapter *as trained* (4-bit base + LoRA for QLoRA): mean KL(p_trained ||
+p_merged) per position and the max |logit difference|, over --drift-examples or a few built-in
+chats; printed and saved as merge_report.json.
 
 The output directory holds config.json, model.safetensors (or shards + index beyond
 --max-shard-size), the tokenizer files and generation_config.json (stopping at the chat
-template's end of turn). It must not exist or be empty: nothing is ever overwritten (the files
-are written into a temporary sibling directory and moved into place at the end).
+template's end of turn), and model-<type>.gguf with --gguf. It must not exist or be empty:
+nothing is ever overwritten (the files are written into a temporary sibling directory and moved
+into place at the end).
 """
 
 from __future__ import annotations
@@ -34,7 +42,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from engine.cli import run_cli
+from engine.data import load_examples
+from engine.export.adapter import load_adapter, read_adapter_config
+from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir
+from engine.export.gguf_arch import FAMILIES
+from engine.export.stream_merge import stream_merge, stream_refusal
+from engine.generate import adapter_training_info, chat_template, stop_token_ids
+from engine.layers.lora import lora_modules, merge_lora
+from engine.layers.quant import QuantSpec
+from engine.model.build import _resolve, linear_to_conv1d, load_base_model, load_tokenizer, NeedsConversion
 
+GGUF_CHOICES = ("f16", "bf16", "q8_0", "q4_0")  # engine.export.gguf.GGUF_TYPES (checked by a test)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DRIFT_CHATS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -71,10 +90,6 @@ def merged_model(model_path: str, adapter_dir: str, *, info: dict, from_dequanti
                  trust_remote_code: bool = False):
     """(plain HF model with the adapter folded in (fp32), reference logits of base + adapter as
     trained on `drift_inputs` (or None), "what W was")."""
-    from engine.export.adapter import load_adapter
-    from engine.layers.lora import lora_modules, merge_lora
-    from engine.model.build import linear_to_conv1d, load_base_model
-    from engine.layers.quant import QuantSpec
 
     qlora = info["method"] == "qlora"
     if from_dequantized and not qlora:
@@ -134,12 +149,10 @@ def _lm_head_is_tied(model) -> bool:
 def drift_inputs(tokenizer, path: str | None, max_examples: int = 8, max_tokens: int = 256) -> list[list[int]]:
     """Token ids of up to max_examples documents: the conversations (or texts) of a JSONL file,
     rendered whole with the chat template, or the built-in chats; each cut to max_tokens."""
-    from engine.generate import chat_template
 
     if path is None:
         docs = [{"messages": chat} for chat in DRIFT_CHATS]
     else:
-        from engine.data import load_examples
         docs = load_examples(path)[:max_examples]
     template = None
     out = []
@@ -182,18 +195,74 @@ def logit_drift(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dic
 
 # ----------------------------------------------------------------------------- writing
 
-def write_hf_dir(model, tokenizer, out: Path, *, dtype: torch.dtype, max_shard_size: str) -> None:
-    """config.json, safetensors (sharded with an index past max_shard_size), tokenizer files and
-    generation_config.json (eos = the template's stop tokens) into `out` (must be new or empty)."""
-    from transformers import GenerationConfig
+def base_dtype(directory: str, gguf_file: str | None) -> str:
+    """The base's dtype as a --dtype name: a GGUF's float tensors (bf16 / fp32; anything quantized
+    or f16 -> fp16, what llama.cpp computes in), else config.json's dtype (fp32 if it names none).
+    The streamed merge reads it from the checkpoint's tensors instead (`checkpoint_dtype`)."""
+    if gguf_file is not None:
+        import gguf
+        types = {t.tensor_type.name for t in gguf.GGUFReader(os.path.join(directory, gguf_file)).tensors
+                 if len(t.shape) > 1}
+        return "bf16" if "BF16" in types else "fp32" if types == {"F32"} else "fp16"
+    config = json.loads(Path(directory, "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(str(name), "fp32")
 
-    from engine.generate import stop_token_ids
 
-    model.to(dtype)
-    model.config.use_cache = True
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+def _fp32_bytes(directory: str, gguf_file: str | None) -> int:
+    """A rough size of the model in fp32: weight files x 2 (16-bit) or x 8 (a GGUF, maybe 4-bit)."""
+    if gguf_file is not None:
+        return 8 * os.path.getsize(os.path.join(directory, gguf_file))
+    return 2 * sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def want_drift(drift: str, directory: str, gguf_file: str | None) -> tuple[bool, str]:
+    """(measure?, why): --drift on / off, or auto = on when the fp32 model fits in a quarter of
+    the available memory (the check loads base + adapter, then the merged files, whole)."""
+    if drift not in ("auto", "on", "off"):
+        raise MergeError(f"--drift must be auto, on or off, got {drift!r}")
+    if drift != "auto":
+        return drift == "on", f"--drift {drift}"
+    need, available = _fp32_bytes(directory, gguf_file), _available_bytes()
+    if available is None or need < available / 4:
+        return True, "--drift auto: the fp32 model fits in memory"
+    return False, (f"--drift auto: skipped, the fp32 model (~{need / 2**30:.1f} GiB) needs more than a quarter of "
+                   f"the available memory ({available / 2**30:.1f} GiB); --drift on forces it")
+
+
+@torch.no_grad()
+def trained_logits(model_path: str, adapter_dir: str, qlora: bool, quant_spec, inputs) -> list[torch.Tensor]:
+    """Logits of base + adapter as trained (4-bit base for QLoRA), the drift reference."""
+
+    model = load_adapter(load_base_model(model_path, dtype=torch.float32, quant=quant_spec if qlora else None),
+                         adapter_dir)
+    logits = all_logits(model, inputs)
+    del model
+    gc.collect()
+    return logits
+
+
+def write_side_files(tokenizer, out: Path, base_dir: str) -> None:
+    """Tokenizer files and generation_config.json (the base's, eos = the template's stop tokens)."""
+    from transformers import AutoConfig, GenerationConfig
+
+
     tokenizer.save_pretrained(out)
-    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    try:
+        gen = GenerationConfig.from_pretrained(base_dir)
+    except (OSError, ValueError):
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(out))
     stops = stop_token_ids(tokenizer)
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
     gen.pad_token_id = tokenizer.pad_token_id
@@ -201,54 +270,90 @@ def write_hf_dir(model, tokenizer, out: Path, *, dtype: torch.dtype, max_shard_s
 
 
 def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None = None,
-          from_dequantized: bool = False, dtype: str = "fp16", max_shard_size: str = "2GB",
-          gguf: str | None = None, drift_examples: str | None = None) -> dict:
-    """Merge, write `out_dir`, measure drift; returns the report (also out_dir/merge_report.json)."""
+          from_dequantized: bool = False, dtype: str | None = None, max_shard_size: str = "2GB",
+          gguf: str | None = None, drift: str = "auto", drift_examples: str | None = None,
+          streamed: bool | None = None) -> dict:
+    """Merge, write `out_dir`, measure drift; returns the report (also out_dir/merge_report.json).
+
+    dtype: fp16 | bf16 | fp32, None = the base's. streamed: None = stream whenever the base is a
+    safetensors checkpoint (engine/export/stream_merge.py), False = load it whole (the merge of a
+    GGUF base, .bin or fused-on-load checkpoints)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.export.adapter import read_adapter_config
-    from engine.generate import adapter_training_info
-    from engine.model.build import _resolve, load_tokenizer
 
     out = check_output_dir(out_dir)
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None:
-        from engine.export.gguf import GGUF_TYPES
-        if gguf not in GGUF_TYPES:
-            raise MergeError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}")
+        check_gguf_type(gguf)
     read_adapter_config(adapter_dir)
-    _resolve(model_path)  # a missing model fails here, before anything is loaded
+    directory, gguf_base = _resolve(model_path)  # a missing model fails here, before anything is loaded
     info = {"method": "lora", **adapter_training_info(adapter_dir)}
     if method is not None:
         info["method"] = method
+    qlora = info["method"] == "qlora"
+    if from_dequantized and not qlora:
+        raise MergeError("--from-dequantized applies to QLoRA adapters only (this adapter was trained on a "
+                         "float base; pass --method qlora if it was not)")
+    quant = QuantSpec(info.get("quant_type", "nf4"), bool(info.get("double_quant", True)), torch.float32)
+    measure, drift_why = want_drift(drift, directory, gguf_base)
+    refusal = "it is a GGUF file" if gguf_base is not None else stream_refusal(directory)
+    if streamed and refusal is not None:
+        raise MergeError(f"{model_path}: cannot be merged streamed: {refusal}")
+    stream = refusal is None and streamed is not False
     tokenizer = load_tokenizer(model_path)
-    inputs = drift_inputs(tokenizer, drift_examples)
-    model, reference, into = merged_model(model_path, adapter_dir, info=info, from_dequantized=from_dequantized,
-                                          drift_inputs=inputs)
+    inputs = drift_inputs(tokenizer, drift_examples) if measure else None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_hf_dir(model, tokenizer, tmp, dtype=DTYPES[dtype], max_shard_size=max_shard_size)
+        tmp.mkdir(parents=True)
+        reference, written = None, None
+        if stream:
+            if measure:
+                reference = trained_logits(model_path, adapter_dir, qlora, quant, inputs)
+            try:
+                written = stream_merge(directory, adapter_dir, tmp, dtype=DTYPES[dtype] if dtype else None,
+                                       max_shard_size=max_shard_size,
+                                       dequantize_spec=quant if from_dequantized else None)
+            except NeedsConversion as fused:
+                refusal = f"transformers fuses tensors such as {fused.args[0]!r} on load"
+                stream = False
+                shutil.rmtree(tmp)
+                tmp.mkdir()
+        if not stream:
+            model, reference, _ = merged_model(model_path, adapter_dir, info=info, from_dequantized=from_dequantized,
+                                               drift_inputs=inputs)
+            name = dtype or base_dtype(directory, gguf_base)
+            model.to(DTYPES[name])
+            model.config.use_cache = True
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            del model
+            gc.collect()
+            written = {"dtype": DTYPES[name]}
+        write_side_files(tokenizer, tmp, directory)
+        out_dtype = next(k for k, v in DTYPES.items() if v == written["dtype"])
+        into = ("NF4-dequantized 4-bit weights" if from_dequantized else
+                "original 16-bit weights (not the 4-bit weights the adapter was trained on)" if qlora
+                else "base weights")
+        report = {"model": model_path, "adapter": adapter_dir, "method": info["method"], "merged_into": into,
+                  "dtype": out_dtype, "streamed": stream, "not_streamed_because": refusal,
+                  "reference": "4-bit base + LoRA, as trained" if qlora else "base + LoRA",
+                  "drift_examples": (drift_examples or "built-in chats") if measure else None,
+                  "drift_measured": drift_why, "drift": None}
         gguf_file = None
         if gguf is not None:
-            from engine.export.gguf import export_gguf
             gguf_file = f"model-{gguf}.gguf"
-            export_gguf(model, tokenizer, tmp / gguf_file, gguf)
-        del model
-        gc.collect()
-        # Drift of the files as written, loaded the plainest way (computed in fp32).
-        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-        report = {"model": model_path, "adapter": adapter_dir, "method": info["method"], "merged_into": into,
-                  "dtype": dtype, "reference": ("4-bit base + LoRA, as trained" if info["method"] == "qlora"
-                                                else "base + LoRA"),
-                  "drift_examples": drift_examples or "built-in chats",
-                  "drift": logit_drift(reference, all_logits(merged, inputs))}
-        del merged
+            base_name = Path(directory if gguf_base is None else gguf_base).name
+            export_gguf_dir(tmp, tokenizer, tmp / gguf_file, gguf, name=f"{base_name} + {Path(adapter_dir).name}")
+        if measure:  # drift of the files as written, loaded the plainest way (computed in fp32)
+            merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            merged_logits = all_logits(merged, inputs)
+            report["drift"] = logit_drift(reference, merged_logits)
+            del merged
+            gc.collect()
         if gguf_file is not None:
-            back = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file, dtype=torch.float32)
-            report["gguf"] = {"file": gguf_file, "type": gguf, "drift": logit_drift(reference, all_logits(back, inputs))}
-            del back
+            report["gguf"] = gguf_drift(tmp, gguf_file, gguf, reference, merged_logits, inputs) if measure else \
+                {"file": gguf_file, "type": gguf, "drift": None}
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
         check_output_dir(out)  # still new or empty: then move the finished files into place
         if out.exists():
@@ -259,14 +364,61 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
     return report
 
 
+def gguf_drift(directory: Path, gguf_file: str, qtype: str, reference, merged, inputs) -> dict:
+    """The GGUF read back by transformers' GGUF loader: drift vs base + adapter as trained
+    ("drift") and vs the merged HF files ("drift_vs_merged": what the GGUF type alone costs), and
+    whether the latter is within the type's tolerance (engine.export.gguf.DRIFT_TOLERANCE). A
+    family transformers cannot read (gemma) or a read that fails is reported, not raised: the file
+    is written for llama.cpp either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+
+    entry = {"file": gguf_file, "type": qtype, "drift": None, "tolerance_mean_kl": DRIFT_TOLERANCE[qtype]}
+    family = FAMILIES[AutoConfig.from_pretrained(directory).model_type]
+    if not family.readable:
+        entry["not_read_back"] = f"transformers has no GGUF reader for architecture {family.arch!r}"
+        return entry
+    try:
+        back = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    except (RuntimeError, ValueError, KeyError) as err:
+        entry["not_read_back"] = f"transformers' GGUF reader failed: {str(err).splitlines()[0][:300]}"
+        return entry
+    logits = all_logits(back, inputs)
+    entry["drift"] = logit_drift(reference, logits)
+    entry["drift_vs_merged"] = logit_drift(merged, logits)
+    entry["within_tolerance"] = entry["drift_vs_merged"]["mean_kl"] <= DRIFT_TOLERANCE[qtype]
+    return entry
+
+
 def print_report(report: dict, out: str) -> None:
+    how = "streamed" if report["streamed"] else f"in memory ({report['not_streamed_because']})"
+    print(f"merged {report['adapter']} into the {report['merged_into']} of {report['model']} -> {out} "
+          f"({report['dtype']}, {how})")
     d = report["drift"]
-    print(f"merged {report['adapter']} into the {report['merged_into']} of {report['model']} -> {out} ({report['dtype']})")
-    print(f"drift vs {report['reference']} over {d['examples']} examples / {d['positions']} positions: "
-          f"mean KL {d['mean_kl']:.3e}, max KL {d['max_kl']:.3e}, max |logit diff| {d['max_abs_logit_diff']:.3e}")
+    if d is None:
+        print(f"drift not measured ({report['drift_measured']})")
+    else:
+        print(f"drift vs {report['reference']} over {d['examples']} examples / {d['positions']} positions: "
+              f"mean KL {d['mean_kl']:.3e}, max KL {d['max_kl']:.3e}, max |logit diff| {d['max_abs_logit_diff']:.3e}")
     if "gguf" in report:
-        g = report["gguf"]["drift"]
-        print(f"GGUF {report['gguf']['file']}: mean KL {g['mean_kl']:.3e}, max |logit diff| {g['max_abs_logit_diff']:.3e}")
+        entry = report["gguf"]
+        g = entry["drift"]
+        if g is not None:
+            verdict = "within" if entry["within_tolerance"] else "ABOVE"
+            m = entry["drift_vs_merged"]
+            print(f"GGUF {entry['file']} (read back by transformers): mean KL {g['mean_kl']:.3e}, max |logit diff| "
+                  f"{g['max_abs_logit_diff']:.3e}; vs the merged files mean KL {m['mean_kl']:.3e} ({verdict} the "
+                  f"{entry['type']} tolerance {entry['tolerance_mean_kl']:.0e})")
+        else:
+            print(f"GGUF {entry['file']}: drift not measured ({entry.get('not_read_back', report['drift_measured'])})")
+
+
+def _gguf_type(value: str) -> str:
+    if value in GGUF_CHOICES:
+        return value
+    hint = ("; K-quants: write --gguf f16, then run llama.cpp's "
+            f"`llama-quantize model-f16.gguf model-{value}.gguf {value.upper()}`") if "_k" in value.lower() else ""
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(GGUF_CHOICES)}){hint}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -278,22 +430,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how the adapter was trained; default: what its run's config says, else lora")
     p.add_argument("--from-dequantized", action="store_true",
                    help="QLoRA: merge into the NF4-dequantized weights instead of the original 16-bit ones")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
-    p.add_argument("--max-shard-size", default="2GB")
-    p.add_argument("--gguf", choices=("f16", "q8_0"), default=None, help="also write a GGUF file (llama architecture)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="output dtype (default: the base's)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output safetensors shard (does not change the "
+                   "memory a streamed merge needs)")
+    p.add_argument("--gguf", type=_gguf_type, default=None, metavar="{" + ",".join(GGUF_CHOICES) + "}",
+                   help="also write a GGUF file of this type (K-quants such as q4_k_m: write f16, then run "
+                        "llama.cpp's llama-quantize; gguf-py cannot make them)")
+    p.add_argument("--drift", choices=("auto", "on", "off"), default="auto",
+                   help="measure the logit drift (loads the model whole in fp32); auto: when it fits in memory")
+    p.add_argument("--in-memory", action="store_true", help="load the base whole instead of streaming its shards")
     p.add_argument("--drift-examples", default=None, help="JSONL file whose first 8 examples measure the drift")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_cli
 
     args = parse_args(argv)
 
     def body() -> None:
         report = merge(args.model, args.adapter, args.out, method=args.method, from_dequantized=args.from_dequantized,
-                       dtype=args.dtype, max_shard_size=args.max_shard_size, gguf=args.gguf,
-                       drift_examples=args.drift_examples)
+                       dtype=args.dtype, max_shard_size=args.max_shard_size, gguf=args.gguf, drift=args.drift,
+                       drift_examples=args.drift_examples, streamed=False if args.in_memory else None)
         print_report(report, args.out)
 
     return run_cli(body)

@@ -45,7 +45,9 @@ class DoRALinear(LoRALinear):
                  use_rslora: bool = False):
         super().__init__(base_layer, r, alpha, dropout, use_rslora)
         # m = ||W + s*B A||_c with B = 0: the fresh layer computes the base output exactly.
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())          # [out] fp32
+        # (a base on the meta device, a skeleton checked for shapes only: a meta magnitude)
+        self.lora_magnitude_vector = nn.Parameter(
+            torch.empty(self.out_features, device="meta") if self.lora_A.weight.is_meta else self.weight_norm())
         self._merge_scale: torch.Tensor | None = None  # c at merge time (unmerge divides by it)
 
     def weight_norm(self) -> torch.Tensor:

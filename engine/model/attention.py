@@ -22,10 +22,18 @@ What a kernel never sees, because the math is not plain causal attention per doc
     its window as an [n, n] mask (a document no longer than the window is plain causal: the window
     changes nothing there);
   * logit soft-capping (`softcap`, Gemma 2): every document runs `exact_document_attention`;
-  * rows that are not packed (one document per row, padded rows with their attention mask, a
-    KV cache while generating): transformers' own SDPA path with transformers' mask, unchanged;
+  * rows that are not packed (one document per row): one causal SDPA call over the batch, as
+    transformers' own SDPA path makes it;
   * a keyword this module does not know (an attention sink, say): refused with an error that names
     it, never ignored.
+
+No [T, T] mask is built for packed rows: the name is registered with a mask builder that hands the
+2-D padding mask through as it got it (`padding_mask_only`: None for packed rows), so transformers
+never materialises a block-diagonal [B, 1, T, T] mask. Padded rows (data.packing=false) and
+generation with a KV cache build their dense causal + padding mask here (`dense_mask`), as
+transformers' SDPA path would.
+A caller without a packing context (a test, a family that does not hand keyword arguments down)
+gets the document lengths read from position_ids: one host read per attention call.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.model.packing import PackingContext
+from engine.model.packing import PackingContext, lengths_from_positions
 
 NAME = "engine_packed_sdpa"
 
@@ -77,7 +85,7 @@ def exact_document_attention(q, k, v, *, scale: float, window: int | None, softc
                              dropout: float, training: bool) -> torch.Tensor:
     """Eager attention of one document with every variant honoured, as transformers' eager path:
         S = scale q k^T  (-> softcap tanh(S / softcap) when soft-capped),  masked where
-        key > query or query - key >= window,  P = softmax(S) in fp32,  out = dropout(P) v
+        key > query or query - key >= window,  P = softmax(S) in (at least) fp32,  out = dropout(P) v
     q [1, H, n, D], k / v [1, H_kv, n, D] -> [1, H, n, D]. Memory O(H n^2): per document, never per row."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -92,7 +100,7 @@ def exact_document_attention(q, k, v, *, scale: float, window: int | None, softc
     if window is not None:
         allowed &= (i[:, None] - i[None, :]) < window
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     return torch.matmul(probs, v)
 
@@ -118,6 +126,26 @@ def sliding_window_of(module, kwargs: dict) -> int | None:
     return int(window) if window else None
 
 
+def dense_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+               window: int | None, device) -> torch.Tensor | None:
+    """[B, 1, q_len, kv_len] bool (True = attend) for queries at the last q_len of kv_len positions:
+    causal, within the window, on keys the 2-D padding mask keeps; None where plain causal SDPA
+    is exact (no padding mask, no window that bites, no KV cache offset but the trivial ones).
+    A query row that would see nothing (left padding) sees everything instead, as transformers
+    does, so SDPA returns numbers rather than NaN for positions no loss reads."""
+    if attention_mask is None and (window is None or kv_len <= window) and (q_len == kv_len or q_len == 1):
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos                                                   # [q, kv]
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -kv_len:].to(device=device, dtype=torch.bool)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      *, kernel: DocumentKernel = sdpa_per_document, packing: PackingContext | None = None,
                      **kwargs):
@@ -125,10 +153,23 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     [B, H_kv, T, D] -> ([B, T, H, D], None). See the module docstring."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    T = query.shape[2]
-    if packing is None or not packing.has_several_documents or key.shape[2] != T or packing.row_length != T:
+    B, _, T, _ = query.shape
+    window, softcap = sliding_window_of(module, kwargs), kwargs.get("softcap")
+    if attention_mask is not None and attention_mask.dim() == 4:  # a caller's own 4-D mask: as given
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if attention_mask is not None or key.shape[2] != T:
+        # padded rows or a KV cache: the dense causal + padding (+ window) mask, as transformers' path
+        mask = dense_mask(attention_mask, B, T, key.shape[2], window, query.device)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if packing is None or packing.row_length != T or packing.batch_size != B:
+        position_ids = kwargs.get("position_ids")
+        lengths = (lengths_from_positions(position_ids.expand(B, -1)) if position_ids is not None
+                   and position_ids.shape[-1] == T else [[T]] * B)  # no context: a host read, deliberate
+        packing = PackingContext(lengths, *(torch.zeros(0, dtype=torch.long),) * 2, B * T, 0)
+    if not packing.has_several_documents and softcap is None and (window is None or T <= window):
+        # one document per row: causal SDPA over the batch, as transformers' own path
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     unknown = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL and v is not None)
     if unknown:
         raise PackedAttentionError(
@@ -136,7 +177,6 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             "does not implement; train without it (speed.disable=[packed_attention]) or with data.packing=false")
     p = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window, softcap = sliding_window_of(module, kwargs), kwargs.get("softcap")
     docs = [(b, start, n) for b, row in enumerate(packing.doc_lengths) for start, n in _starts(row)]
     out = kernel(query, key, value, docs, scale=scale, dropout=p, packing=packing)
     for b, start, n in docs:
@@ -157,16 +197,22 @@ def _starts(row: list[int]):
         start += n
 
 
+def padding_mask_only(*args, attention_mask=None, **kwargs):
+    """transformers' mask-builder interface for the packed attention: the 2-D padding mask (or
+    None) handed through; `packed_attention` makes what it needs of it."""
+    return attention_mask
+
+
 def register_packed_attention(name: str = NAME, kernel: DocumentKernel = sdpa_per_document) -> str:
-    """Register `packed_attention` with `kernel` under `name` (and transformers' SDPA mask builder,
-    which its fallback path uses); returns `name`. Idempotent."""
+    """Register `packed_attention` with `kernel` under `name`, with `padding_mask_only` as its mask
+    builder: transformers then builds no [B, 1, T, T] mask for it; returns `name`. Idempotent."""
     from functools import partial
 
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(name, partial(packed_attention, kernel=kernel))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, padding_mask_only)
     return name
 
 

@@ -15,7 +15,7 @@ nobody predicts memory before the run):
 Saved activations are derived op by op from what autograd keeps for backward in the
 transformers 5 Llama-family blocks with our `LoRALinear` (see `block_saved_per_token`); the
 same per-op list was checked against `torch.autograd.graph.saved_tensors_hooks` counts and a
-live-tensor tracker on CPU (tests/test_plan.py, docs/PLANNER.md). Everything CUDA-specific
+live-tensor tracker on CPU (tests/plan/test_plan.py, docs/PLANNER.md). Everything CUDA-specific
 (context, allocator slack, SDPA kernel choice) is a stated assumption, not a measurement.
 
 Usage (the same Hydra config and overrides as `python -m engine.train`):

@@ -1,5 +1,5 @@
 """Measuring what a step really holds (CPU or GPU): live tensor bytes and saved activations,
-the ground truth the planner's formulas are checked against (tests/test_plan.py)."""
+the ground truth the planner's formulas are checked against (tests/plan/test_plan.py)."""
 
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
         # place (its backward may need it) and its gradient flows back through it: a scale or
         # divide adds 8 bytes per logit, soft-capping's three ops (z / cap, tanh, * cap) 16, the
         # 16-bit copy then overlapping (measured: 12 / 14 and 20 / 20 bytes in fp32 / bf16, small
-        # Llama, tests/test_plan.py). The labelled hidden rows [N, h] and their gradient stay.
+        # Llama, tests/plan/test_plan.py). The labelled hidden rows [N, h] and their gradient stay.
         if shape.logit_softcap:
             per_logit = 20
         else:
@@ -265,7 +265,7 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     if head_lora and chunked_loss:
         # lm_head's LoRA branch (base output + the fused addmm's output, and their gradients)
         # adds at the chunk's peak, measured on CPU with the in-place softmax: 5.5 bytes per
-        # logit in fp32, 1.25 under 16-bit autocast (small Phi-3, tests/test_plan.py).
+        # logit in fp32, 1.25 under 16-bit autocast (small Phi-3, tests/plan/test_plan.py).
         # Unchunked, the peak is in backward after the branch's [N, V] forward tensors are gone.
         head_extra = int(rows * V * (5.5 if a == 4 else 1.25))
     out.loss_peak += head_extra

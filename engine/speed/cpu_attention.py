@@ -42,7 +42,7 @@ class ShortCausalAttention(torch.autograd.Function):
     Precision: S and dP are the GEMMs' outputs in the inputs' dtype (accumulated in fp32 inside
     the GEMM, rounded once, as transformers' eager attention has them), where a flash kernel keeps
     them in fp32. In bf16 the output and gradients stay within 2x of the error PyTorch's own bf16
-    SDPA kernel makes against fp64 (tests/test_speed_equivalence.py; measured on par with it,
+    SDPA kernel makes against fp64 (tests/speed/test_equivalence.py; measured on par with it,
     benchmarks/results/attention_cpu.md), and a packed training step as close to fp32 as SDPA's.
     Memory: P is H n^2 elements per document, kept until backward -- the reason this is for
     short documents only (at n <= 4 D it is no larger than q, k, v and out together).

@@ -53,7 +53,7 @@ class SpeedPlan:
     grouped_lora: bool = True
     packed_attention: bool = True
     short_attention: int = 0
-    batch_short_documents: bool = True
+    batch_short_documents: bool = False
     compile_norms: bool = False
     compile_loss: bool = False
     retain_host_memory: bool = False
@@ -66,7 +66,8 @@ class SpeedPlan:
     def describe(self) -> str:
         """One line: the switches that are on, and why auto left any off."""
         on = [f"{name}={self.short_attention}" if name == "short_attention" else name
-              for name in self.SWITCHES if getattr(self, name)]
+              for name in self.SWITCHES if getattr(self, name)
+              and (name != "batch_short_documents" or self.short_attention)]  # it batches that kernel
         if self.offload_activations:
             on.append("offload_activations")
         line = "speed: " + (", ".join(on) if on else "reference path (every switch off)")

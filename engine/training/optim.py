@@ -89,7 +89,7 @@ def build_optimizer(params_or_model, cfg: OptimConfig, *,
     adamw: torch AdamW (Loshchilov & Hutter 2019), its fused kernel when every parameter is on
     CUDA, or on the CPU and not sharded (a DTensor under FSDP); else the foreach (multi-tensor)
     implementation. On a CPU the fused step over SmolLM2's 420 LoRA tensors takes ~4 ms instead of
-    ~18 ms (1.2% of a bf16 step; tests/test_optim.py checks they update alike). paged_adamw_32bit / paged_adamw_8bit:
+    ~18 ms (1.2% of a bf16 step; tests/training/test_optim.py checks they update alike). paged_adamw_32bit / paged_adamw_8bit:
     bitsandbytes AdamW whose state lives in paged (CUDA unified) memory, 8-bit = block-wise
     quantized moments (Dettmers et al. 2022); on a CPU bitsandbytes runs them unpaged.
     """

@@ -34,24 +34,29 @@ REPO = Path(__file__).resolve().parents[2]
 
 RUNNER = r'''
 import json, os, sys, time
-import engine.training.loss
+import engine.evaluate
+import engine.training.objective
 from engine import train
 from tests.e2e.test_train import CrashAt, _boom
+
+
+def patch_loss(fn):  # every caller of causal_lm_loss: the training objective, held-out evaluation
+    engine.training.objective.causal_lm_loss = engine.evaluate.causal_lm_loss = fn
 
 mode, arg = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
 if mode == "crash":  # every rank raises at its Nth loss call: a crash in the middle of a step
-    engine.training.loss.causal_lm_loss = CrashAt(int(sys.argv[3]), _boom)
+    patch_loss(CrashAt(int(sys.argv[3]), _boom))
 if mode == "signal" and rank == 0:  # rank 0, at its Nth loss call, signals torchrun's process group
     def signal_torchrun(signum=int(sys.argv[4])):
         os.killpg(os.getpgid(os.getppid()), signum)  # as a terminal's Ctrl-C or a `kill` of the job does
         time.sleep(1.0)  # the step goes on while torchrun forwards the signal to the workers
-    engine.training.loss.causal_lm_loss = CrashAt(int(sys.argv[3]), signal_torchrun)
+    patch_loss(CrashAt(int(sys.argv[3]), signal_torchrun))
 if mode == "fail_rank1":  # only rank 1 fails, through the real command-line entry point
     if rank == 1:
         def failing(*a, **k):
             raise RuntimeError("simulated failure")
-        engine.training.loss.causal_lm_loss = failing
+        patch_loss(failing)
     sys.argv = [sys.argv[0], *sys.argv[2:]]
     train._hydra_main()
 else:

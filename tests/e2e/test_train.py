@@ -391,8 +391,7 @@ def test_injected_inf_gradient_is_skipped(workdir, monkeypatch):
 def test_repeated_overflow_stops_with_diagnosis(workdir, monkeypatch):
     cfg = make_cfg(workdir, "overflow", train={"max_steps": 10, "precision": "fp16", "max_consecutive_skips": 3})
     inner = engine.training.loss.causal_lm_loss
-    monkeypatch.setattr(engine.training.loss, "causal_lm_loss",
-                        lambda *a, **k: (lambda r: (r[0] * math.inf, r[1]))(inner(*a, **k)))
+    patch_loss(monkeypatch, lambda *a, **k: (lambda r: (r[0] * math.inf, r[1]))(inner(*a, **k)))
     with pytest.raises(Fp16Overflow, match=r"3 steps in a row overflowed.*lora_[AB]"):
         with pytest.warns(UserWarning):
             train_mod.run_training(cfg)

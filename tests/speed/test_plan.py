@@ -34,7 +34,7 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
     some = speed_plan.resolve(SpeedConfig(disable=["grouped_lora", "short_attention"], retain_host_memory=False),
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
-    assert some.describe().startswith("speed: fused_lora, packed_attention, batch_short_documents")
+    assert some.describe() == "speed: fused_lora, packed_attention, compile_norms, compile_loss"
 
 
 def test_off_names_an_unknown_switch():

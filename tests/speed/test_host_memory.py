@@ -20,7 +20,7 @@ from engine.speed import plan as speed_plan
 from engine.training.loss import StepKernels, chunk_bounds, lm_head_loss
 
 GLIBC = host_memory.unavailable_reason() is None
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 # A training step in miniature: a "forward" keeps activations of a few MB per layer (their sizes
 # change with every row length), a "backward" frees them all; minor faults counted over the last

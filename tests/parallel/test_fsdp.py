@@ -22,7 +22,7 @@ from engine.parallel.fsdp import (FsdpError, apply_fsdp, ensure_process_group, q
                          shard_plan)
 from tests.conftest import make_tiny_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

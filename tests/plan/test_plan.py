@@ -27,7 +27,7 @@ from engine.layers.inject import inject_lora
 from engine.model.build import enable_activation_checkpointing
 from engine.plan import GIB, PlanError, predict
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
            "smollm3": SmolLM3Config, "granite": GraniteConfig}
 NO_SPECIAL = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
