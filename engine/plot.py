@@ -116,6 +116,7 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     bottom.set_ylim(bottom=0)  # from zero: step-to-step noise should not look like a trend
     if any("reward_accuracy" in r for r in train) or any("eval_preference_accuracy" in r for r in evals):
         _preference_axis(bottom, train, evals)  # DPO / ORPO runs (engine/preference/)
+        top.set_ylabel("loss (per pair)")
     if not (train or evals):
         top.text(0.5, 0.5, "no metrics yet", transform=top.transAxes, ha="center", va="center", color="0.4")
         for ax in (top, bottom, lr_axis):

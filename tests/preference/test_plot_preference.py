@@ -20,7 +20,7 @@ def test_preference_run_plots_accuracy(tmp_path, monkeypatch):
     out = plot.plot_run(tmp_path)
     assert out.is_file() and out.stat().st_size > 1000
     axes = {ax.get_ylabel(): ax for ax in figures[0].axes}
-    assert "accuracy" in axes
+    assert "accuracy" in axes and "loss (per pair)" in axes
     labels = [line.get_label() for line in axes["accuracy"].get_lines()]
     assert labels == ["reward accuracy", "eval reward accuracy", "eval preference accuracy"]
     assert list(axes["accuracy"].get_lines()[2].get_ydata()) == [0.7, 0.9]
@@ -32,4 +32,5 @@ def test_sft_run_has_no_accuracy_axis(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(plot, "_save", lambda fig, out: figures.append(fig))
     plot.plot_run(tmp_path)
-    assert "accuracy" not in [ax.get_ylabel() for ax in figures[0].axes]
+    labels = [ax.get_ylabel() for ax in figures[0].axes]
+    assert "accuracy" not in labels and "loss (nats / token)" in labels
