@@ -196,7 +196,7 @@ def cli_setup(tmp_path_factory):
 def test_cli_writes_scores_and_generations(cli_setup, capsys):
     root, model_dir, adapter, data = cli_setup
     args = ["--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--max-seq-len", "64",
-            "--max-examples", "4", "--max-new-tokens", "5", "--batch-size", "2"]
+            "--max-examples", "4", "--max-new-tokens", "5", "--batch-size", "2", "--precision", "fp32"]
     assert main(args) == 0
     out = root / "run" / "eval"  # default: next to the adapter
     scores = json.loads((out / "scores.json").read_text())
