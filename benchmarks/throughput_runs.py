@@ -34,6 +34,7 @@ def build_engine(spec: dict, torch, device, precision: str):
     plan = speed.resolve(sc, device=device, precision=precision,
                          offload_activations=tc.get("offload_activations", False))
     print(plan.describe(), file=sys.stderr)
+    speed.prepare(plan)  # as engine.train does: process settings before the model is built
     seed_everything(0)
     peft = PeftConfig(method=spec["method"], r=spec["r"], alpha=spec["alpha"], targets=spec["targets"])
     if spec["model"].startswith("shape:"):

@@ -107,6 +107,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     if ctx.is_main:
         print(f"precision: {precision} ({why})", file=sys.stderr)
         speed.announce(plan)
+    speed.prepare(plan)  # process settings first: the model's own memory comes from the retained heap
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:

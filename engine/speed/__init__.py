@@ -2,6 +2,6 @@
 precision, model, config), printed once, applied once (engine/speed/plan.py). The core never
 imports this package; it exposes the hooks the plan plugs into."""
 
-from engine.speed.plan import SpeedPlan, announce, apply, resolve
+from engine.speed.plan import SpeedPlan, announce, apply, prepare, resolve
 
-__all__ = ["SpeedPlan", "announce", "apply", "resolve"]
+__all__ = ["SpeedPlan", "announce", "apply", "prepare", "resolve"]

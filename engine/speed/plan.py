@@ -120,12 +120,19 @@ def _compile_choice(mode, device: torch.device, fsdp: bool, precision: str, note
     return reason is None
 
 
+def prepare(plan: SpeedPlan) -> None:
+    """The plan's process settings, taken before the model is built: with host memory retained, the
+    model's own allocations already come from the heap whose thresholds the steps rely on (a step
+    then faults in a few hundred pages instead of thousands)."""
+    if plan.retain_host_memory:
+        host_memory.retain()
+
+
 def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
     """Swap the plan's implementations into `model` (and this process) and return the kernels the
     training step hands to the loss. Idempotent; applying another plan undoes what it turns off
     (except retained host memory: a process setting without undo)."""
-    if plan.retain_host_memory:
-        host_memory.retain()
+    prepare(plan)  # idempotent: engine.train has called it before building the model
     set_fused_lora(model, plan.fused_lora)
     set_grouped_lora(model, plan.grouped_lora)
     if plan.packed_attention and plan.short_attention:
@@ -148,4 +155,4 @@ def announce(plan: SpeedPlan) -> None:
     print(plan.describe(), file=sys.stderr)
 
 
-__all__ = ["SpeedPlan", "resolve", "apply", "announce", "SHORT_ATTENTION_MAX_LEN"]
+__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "SHORT_ATTENTION_MAX_LEN"]
