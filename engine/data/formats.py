@@ -42,7 +42,18 @@ def excerpt(value: Any, width: int = 60) -> str:
 
 
 def data_error(path: str, line: int, field: str, why: str, value: Any = "") -> DataError:
-    return DataError(f"{path}:{line}: field '{field}': {why} — {excerpt(value)}")
+    """`path:line: field 'x': why — excerpt` (no dash without an excerpt)."""
+    shown = "" if isinstance(value, str) and value == "" else excerpt(value)
+    return DataError(f"{path}:{line}: field '{field}': {why}" + (f" — {shown}" if shown else ""))
+
+
+def check_some_parsed(path: str, nonblank: int, parsed: list, skipped: list[int]) -> None:
+    """A file with no JSON line, or whose every line was malformed and skipped, is an error."""
+    if nonblank == 0:
+        raise DataError(f"{path}:0: field '(file)': file is empty (no JSON lines)")
+    if not parsed:
+        raise DataError(f"{path}:0: field '(file)': every line was malformed and skipped "
+                        f"(lines {_short_list(skipped)})")
 
 
 class _BadLine(Exception):
@@ -230,7 +241,7 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
     Returns a list of examples, each with "source_line" (its first line, 1-based).
     """
     if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"{path}:0: field 'format': unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)}) — ")
+        raise DataError(f"{path}:0: field 'format': unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
     if on_bad_line not in ("error", "skip"):
         raise DataError(f"{path}:0: field 'on_bad_line': must be 'error' or 'skip' — {on_bad_line!r}")
     if not os.path.isfile(path):
@@ -259,11 +270,7 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
                 if on_bad_line == "error":
                     raise data_error(path, lineno, bad.field, bad.why, bad.value) from None
                 skipped.append(lineno)
-    if nonblank == 0:
-        raise DataError(f"{path}:0: field '(file)': file is empty (no JSON lines) — ")
-    if not parsed:
-        raise DataError(f"{path}:0: field '(file)': every line was malformed and skipped "
-                        f"(lines {_short_list(skipped)}) — ")
+    check_some_parsed(path, nonblank, parsed, skipped)
     if detected == "messages_per_line":
         return _group_messages([(line, ex["message"]) for line, ex in parsed])
     return [dict(ex, source_line=line) for line, ex in parsed]

@@ -174,7 +174,7 @@ def fit_length(ids: np.ndarray, mask: np.ndarray, max_len: int, policy: str,
         return Fitted(ids, mask, "fits")
     if policy == "error":
         raise DataError(f"{where}: field '(example)': {n} tokens > max_seq_len {max_len} "
-                        "(length_policy=error; use truncate or drop) — ")
+                        "(length_policy=error; use truncate or drop)")
     if policy == "drop":
         return Fitted(ids[:0], mask[:0], "dropped")
     if not tail_tokens:

@@ -278,7 +278,7 @@ def load_dataset(path: str, tokenizer, cfg: DataConfig, *, cache: bool = True) -
     dataclasses.replace(cfg, train_path=path, eval_path=None).validate()  # ConfigError on bad fields
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{path}:0: field '(tokenizer)': a fast tokenizer is required (offset mapping "
-                        f"finds the assistant tokens); got {type(tokenizer).__name__} — ")
+                        f"finds the assistant tokens); got {type(tokenizer).__name__}")
     template, fallback = resolve_template(tokenizer) if _has_chats(path, cfg) else ("", False)
     file = None
     if cache:
@@ -308,4 +308,4 @@ def _check_trainable(path: str, stats: DataStats, docs: list[dict]) -> None:
     raise DataError(
         f"{path}:0: field '(dataset)': no example has a trainable token (loss_on={stats.loss_on}; "
         f"{stats.examples} examples, {stats.dropped} dropped as too long, {stats.no_trainable} without "
-        f"a token carrying loss, {stats.skipped} lines skipped) — ")
+        f"a token carrying loss, {stats.skipped} lines skipped)")

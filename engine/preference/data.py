@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from engine.config import DataConfig
-from engine.data.formats import ROLES, DataError, _BadLine, _content, _lines, _role, data_error, parse_object
+from engine.data.formats import (ROLES, DataError, _BadLine, _content, _lines, _role, check_some_parsed, data_error,
+                                 parse_object)
 from engine.data.report import histogram
 from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, render_chat, resolve_template,
                                 shift_labels, special_token_ids, token_mask)
@@ -128,7 +129,7 @@ def load_pairs(path: str, on_bad_line: str = "error", skipped: list[int] | None 
     if on_bad_line not in ("error", "skip"):
         raise DataError(f"{path}:0: field 'on_bad_line': must be 'error' or 'skip' — {on_bad_line!r}")
     if not os.path.isfile(path):
-        raise DataError(f"{path}:0: field '(file)': does not exist — ")
+        raise DataError(f"{path}:0: field '(file)': does not exist")
     skipped = skipped if skipped is not None else []
     pairs, nonblank = [], 0
     with open(path, "rb") as f:
@@ -142,11 +143,7 @@ def load_pairs(path: str, on_bad_line: str = "error", skipped: list[int] | None 
                 if on_bad_line == "error":
                     raise data_error(path, lineno, bad.field, bad.why, bad.value) from None
                 skipped.append(lineno)
-    if nonblank == 0:
-        raise DataError(f"{path}:0: field '(file)': file is empty (no JSON lines) — ")
-    if not pairs:
-        raise DataError(f"{path}:0: field '(file)': every line was malformed and skipped "
-                        f"(lines {', '.join(map(str, skipped[:20]))}) — ")
+    check_some_parsed(path, nonblank, pairs, skipped)
     return pairs
 
 
