@@ -5,7 +5,7 @@
 
 Times one layer's attention forward + backward over one packed row (the documents' q, k, v as
 transformers hands them to engine/model/attention.py: [1, H, T, D] views of a [1, T, H, D] tensor),
-the way `train.cpu_short_attention` switches it: PyTorch's causal SDPA per document (K/V heads
+the way the speed switch `short_attention` switches it: PyTorch's causal SDPA per document (K/V heads
 repeated, as transformers' SDPA path does) against `ShortCausalAttention`. Also reports each
 one's relative error against an fp64 reference (output and the three gradients). Median of
 --repeats timings of --iters calls each. Writes benchmarks/results/attention_cpu[_TAG].{json,md}.
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ref = run(sdpa_row, inputs, grad, lengths, torch.float64)
     rows = []
     for name, fn in (("SDPA per document (PyTorch's CPU flash kernel)", sdpa_row),
-                     ("ShortCausalAttention (train.cpu_short_attention)", short_row)):
+                     ("ShortCausalAttention (speed switch short_attention)", short_row)):
         times = time_it(fn, inputs, grad, lengths, args.iters, args.repeats)
         got = run(fn, inputs, grad, lengths, torch.bfloat16)
         errors = [((a - b).norm() / b.norm()).item() for a, b in zip(got, ref)]

@@ -1,4 +1,4 @@
-"""Grouped LoRA A: sibling linears that read the same input share one A matmul (train.grouped_lora).
+"""Grouped LoRA A: sibling linears that read the same input share one A matmul (speed switch grouped_lora).
 
 In a decoder block q_proj, k_proj and v_proj read the same normed hidden state, and so do
 gate_proj and up_proj. Each LoRA branch starts with a skinny matmul over that input, x A_i^T

@@ -91,12 +91,12 @@ class LoRALinear(nn.Module):
             super().__setattr__(name, value)
 
     fused: bool = True
-    """Speed switch (train.fused_lora): add the update inside B's GEMM, out + s * (xA^T) B^T as one
+    """Speed switch (speed switch fused_lora): add the update inside B's GEMM, out + s * (xA^T) B^T as one
     addmm, instead of three passes over [tokens, out] (B's matmul, the scale, the add) and their
     backward counterparts. Same math; used when `out` and the branch share a dtype."""
 
     shared_input = None
-    """Speed switch (train.grouped_lora): the `SharedInputGroup` (engine/layers/groups.py) whose one
+    """Speed switch (speed switch grouped_lora): the `SharedInputGroup` (engine/layers/groups.py) whose one
     stacked A matmul serves this layer and its siblings reading the same input, or None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x.reshape(-1, self.in_features))          # [tokens, out]
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                          # fp32 branch
-        if self.shared_input is not None:  # train.grouped_lora: one A matmul for the siblings
+        if self.shared_input is not None:  # speed switch grouped_lora: one A matmul for the siblings
             xa = self.shared_input.project(self, x)                     # [..., r]
         else:
             xa = self.lora_A(self.lora_dropout(x))                      # [..., r]
@@ -188,7 +188,7 @@ def _real_device(module: nn.Module) -> torch.device:
 
 
 def set_fused_lora(model: nn.Module, fused: bool) -> None:
-    """Turn the fused addmm forward of every LoRALinear on or off (train.fused_lora)."""
+    """Turn the fused addmm forward of every LoRALinear on or off (speed switch fused_lora)."""
     for m in lora_modules(model).values():
         m.fused = fused
 

@@ -92,7 +92,7 @@ def causal_bias(n: int, groups: int, dtype: torch.dtype, device, cache: dict | N
 
 
 class PackedShortAttention(torch.autograd.Function):
-    """Every document of a packed batch in one autograd node (train.batch_short_documents).
+    """Every document of a packed batch in one autograd node (speed switch batch_short_documents).
 
     The math per short document is `ShortCausalAttention`'s, run document by document so each
     one's [H_kv, g n, n] scores stay in the core's cache between the matmuls and the softmax;

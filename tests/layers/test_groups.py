@@ -1,4 +1,4 @@
-"""train.grouped_lora (engine/layers/groups.py): sibling LoRA layers reading the same input share one
+"""The speed switch grouped_lora (engine/layers/groups.py): sibling LoRA layers reading the same input share one
 A matmul; the step computes what the ungrouped layers do, members reading another input leave
 their group, nothing is cached past the parent's forward, and the switch is reversible."""
 
