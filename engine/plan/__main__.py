@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import sys
 
+from engine.config import CONF_DIR, ConfigError, register_configs
 from engine.plan.report import answers_markdown, run_plan
 from engine.plan.shapes import PlanError
-from engine.config import CONF_DIR, ConfigError, register_configs
 
 # ----------------------------------------------------------------------------- entry point
 

@@ -1,7 +1,6 @@
-"""The peak-memory prediction of one training step, and what the run config asks of it.
+"""The peak-memory prediction of one training step (`predict`), and what the run config asks of it.
 
-its weights, and adds up what a training step holds at its worst moment (FIELD.md bug 9:
-nobody predicts memory before the run):
+A step's peak, from the model's config alone (never its weights):
 
     peak = static + max(loss phase, backward phase), then x (1 + allocator slack) + CUDA context
     static         = base weights (16-bit, or 4-bit packed + quantization state) + float parts
@@ -11,6 +10,8 @@ nobody predicts memory before the run):
     backward phase = saved activations + (with checkpointing) one block recomputed
                      + the backward's transient gradients of one block
 
+How the saved activations are derived and checked: the CLI's docstring (engine/plan/__main__.py)
+and docs/PLANNER.md.
 """
 
 

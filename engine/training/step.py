@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.model.packing import PackingContext
 from engine.parallel.distributed import DistContext, all_reduce_grads_, all_reduce_sum_int
 from engine.training import amp
 from engine.training.objective import Objective
@@ -35,7 +36,7 @@ class StepResult:
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors (and the packing context) of a host batch onto `device`, non_blocking: from pinned
     memory the copy overlaps the work already queued."""
-    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") and not isinstance(v, (int, float)) else v
+    return {k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, PackingContext)) else v
             for k, v in batch.items()}
 
 
