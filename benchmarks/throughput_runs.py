@@ -75,7 +75,7 @@ def run_engine(spec: dict) -> dict:
     loader = make_loader(docs, max_seq_len=spec["seq_len"], micro_batch_size=spec["micro_batch"], packing=packing,
                          seed=0, pad_token_id=pad_id, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
-    scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
+    scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
     objective = CausalLM(tc["loss_chunk_size"] if tc.get("chunked_loss", True) else None, kernels)
     params = trainable_parameters(model)
     batches = iter(loader)
@@ -247,7 +247,7 @@ def run_probe(spec: dict) -> dict:
     model, _, _, kernels, offloader = build_engine(spec, torch, device, precision)
     objective = CausalLM(1024, kernels)
     model.train()
-    scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
+    scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
 
     def predicted(T: int) -> float | None:
         try:
@@ -276,7 +276,7 @@ def run_probe(spec: dict) -> dict:
         t0 = time.perf_counter()
         try:
             forward_backward(model, [batch], objective=objective, count=batch["num_loss_tokens"],
-                             scale=scaler.scale, precision=precision, device=device)
+                             scale=scaler.loss_scale, precision=precision, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ok, error = True, None

@@ -204,8 +204,10 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints kept in output_dir/checkpoints (older ones are deleted)."""
-    log_every: int = 1
-    """Write a metrics.jsonl record (and sync the loss to the CPU) every N steps."""
+    log_every: int = 10
+    """Write a metrics.jsonl record every N steps (and the last). Log steps are the only ones that
+    wait for the GPU (the loss, the gradient norm and the fp16 scaler's counters are read there);
+    fp16's skipped-step warnings and max_consecutive_skips are checked there too."""
     activation_checkpointing: bool = False
     """Recompute each decoder block in backward (non-reentrant) instead of storing its activations."""
     offload_activations: bool = False

@@ -33,7 +33,7 @@ from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.isolation import packing_for
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
-                                         gather_to_main, init_distributed, local_scalar, shutdown)
+                                         full_tensor, gather_to_main, init_distributed, shutdown)
 from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
                                   load_full_trainable_state)
 from engine.plot import plot_run
@@ -44,7 +44,8 @@ from engine.tensorboard import maybe_tensorboard
 from engine.training import amp, checkpoint
 from engine.training.objective import CausalLM
 from engine.training.optim import build_optimizer, build_scheduler
-from engine.training.step import train_step
+from engine.training.prefetch import Prefetcher
+from engine.training.step import StepResult, train_step
 
 
 # ---------------------------------------------------------------- small helpers
@@ -138,7 +139,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
                              rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
+    scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
     objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
     if cfg.objective.name != "sft":  # DPO / ORPO (engine/preference/objective.py)
         objective = build_objective(cfg.objective, chunk_size=objective.chunk_size)
@@ -278,56 +279,56 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                                                           micro_batch_size=loader.micro_batch_size))
     if start_step == 0 and counters["eval_loss_before"] is None:
         counters["eval_loss_before"] = evaluate(0)
-    batches = iter(loader)
+    batches = Prefetcher(loader, tc.grad_accum, device)
     resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
-    step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0}
+    step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0, "since": start_step}
     model.train()
     with StopOnSignal() as stop:
         for step in range(start_step + 1, tc.max_steps + 1):
             t0 = time.perf_counter()
             # 1. The step: forward/backward over grad_accum micro-batches, each token loss divided
             #    by the step's global count of loss tokens, then unscale, clip, step, schedule
-            #    (engine/training/step.py). An fp16 step with inf/NaN gradients is skipped.
-            micro = [next(batches) for _ in range(tc.grad_accum)]
+            #    (engine/training/step.py). Nothing here waits on the device: the GPU runs while
+            #    the host prepares the next step's batches (and their copies) below.
+            micro = batches.take()
             result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, precision=precision, device=device,
                                 max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
-            step_loss, n_loss, grad_norm = result.loss_sum, result.count, result.grad_norm
-            if result.overflowed:
-                counters["skipped_steps"] += 1
-                check_overflow(step, result.overflowed, scaler, tc.max_consecutive_skips)
             resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
+            if step < tc.max_steps:
+                batches.prepare()
 
-            # 2. Book-keeping. Token counts come from the host-side batches; the Ctrl-C flag rides
-            #    along so every rank stops (and checkpoints) at the same step.
-            tokens, stops, loss_tokens = all_reduce_sum_ints([sum(b["num_tokens"] for b in micro), int(stop.requested),
-                                                              sum(b["num_loss_tokens"] for b in micro)], ctx)
+            # 2. Book-keeping, from host numbers. The Ctrl-C flag rides along so every rank stops
+            #    (and checkpoints) at the same step.
+            tokens, stops, loss_tokens, count = all_reduce_sum_ints(
+                [sum(b["num_tokens"] for b in micro), int(stop.requested),
+                 sum(b["num_loss_tokens"] for b in micro), result.count], ctx)
             stop_now = stops > 0
-            elapsed = time.perf_counter() - t0
             counters["tokens"] += tokens
             counters["loss_tokens"] += loss_tokens
-            if preference:  # n_loss counts pairs
-                counters["pairs"] = counters.get("pairs", 0) + n_loss
-            counters["train_seconds"] += elapsed
+            if preference:  # the objective counts pairs
+                counters["pairs"] = counters.get("pairs", 0) + count
             window["tokens"] += tokens
-            window["seconds"] += elapsed
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                # sync: the loss leaves the device only on logging steps
-                last_loss = float(all_reduce_sum_tensor(step_loss, ctx).item()) / n_loss
-                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": local_scalar(grad_norm), "tokens": counters["tokens"],
-                          "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-                          "loss_scale": scaler.scale, "peak_mem_gib": peak_memory_bytes(device) / 2**30}
-                if result.metrics:  # preference metrics, per pair (one more all-reduce, on log steps only)
-                    keys = sorted(result.metrics)
-                    sums = all_reduce_sum_tensor(torch.stack([result.metrics[k].float() for k in keys]), ctx)
-                    record.update({k: v / n_loss for k, v in zip(keys, sums.tolist())})
+            if step % tc.log_every == 0 or step == tc.max_steps or stop_now:
+                # 3. The one place the device is waited on: the loss, the norm and the fp16 scaler's
+                #    counters, read together on log steps
+                record = log_record(step, result, count, scaler, scheduler, ctx, precision=precision,
+                                    since=window["since"], skipped_before=counters["skipped_steps"],
+                                    max_skips=tc.max_consecutive_skips)
+                last_loss = record["loss"]
+                counters["skipped_steps"] = record.pop("skipped_steps")
+            elapsed = time.perf_counter() - t0  # on log steps: the wait for the device included
+            counters["train_seconds"] += elapsed
+            window["seconds"] += elapsed
+            if step % tc.log_every == 0 or step == tc.max_steps or stop_now:
+                record.update(tokens=counters["tokens"], peak_mem_gib=peak_memory_bytes(device) / 2**30,
+                              tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
-                window = {"tokens": 0, "seconds": 0.0}
+                window = {"tokens": 0, "seconds": 0.0, "since": step}
             if step == tc.max_steps:
                 break
             if tc.eval_every and step % tc.eval_every == 0:
@@ -352,7 +353,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "steps": tc.max_steps, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
         "useful_tokens_per_s": counters["tokens"] / max(counters["train_seconds"], 1e-9),
         "final_train_loss": last_loss, "eval_loss_before": counters["eval_loss_before"],
-        "eval_loss_after": eval_loss_after, "skipped_steps": counters["skipped_steps"],
+        "eval_loss_after": eval_loss_after, "skipped_steps": counters["skipped_steps"],  # as of the last (log) step
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "train_seconds": counters["train_seconds"],
         "precision": precision, "world_size": ctx.world_size,
     }
@@ -418,13 +419,50 @@ class StopOnSignal:
         return False
 
 
-def check_overflow(step: int, overflowed: list[str], scaler: amp.DynamicLossScaler, max_skips: int) -> None:
-    """Warn about a skipped fp16 step; after `max_skips` in a row, stop with a diagnosis."""
-    warnings.warn(f"step {step}: inf/NaN gradients in {len(overflowed)} tensors, step skipped, "
-                  f"loss scale lowered to {scaler.scale:g}")
-    if scaler.consecutive_skips >= max_skips:
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became inf/NaN in bf16 / fp32 (where no step is skipped)."""
+
+
+def log_record(step: int, result: StepResult, count: int, scaler: amp.DynamicLossScaler, scheduler,
+               ctx: DistContext, *, precision: str, since: int, skipped_before: int, max_skips: int) -> dict:
+    """A log step's record (loss and metrics per unit, lr, grad norm, fp16 scale and skipped steps):
+    what the device holds, summed over ranks and read in one copy. The only sync of a run's steps.
+
+    fp16: warns about steps skipped since the last log step (`since`; `skipped_before` of them had
+    been skipped then) and stops with a diagnosis
+    after `max_skips` in a row (noticed on the log step after they happen: the skipped steps in
+    between change nothing but the scale). bf16 / fp32 skip nothing: a non-finite loss or norm
+    stops the run here, saying in which steps it happened."""
+    keys = sorted(result.metrics)
+    sums = torch.stack([result.loss_sum.float()] + [result.metrics[k].float() for k in keys])
+    values = torch.cat([all_reduce_sum_tensor(sums, ctx), full_tensor(result.grad_norm).float().reshape(1)])
+    loss, *metric_sums, grad_norm = values.tolist()  # sync
+    record = {"step": step, "loss": loss / count, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              **{k: v / count for k, v in zip(keys, metric_sums)}, "loss_scale": 1.0, "skipped_steps": 0}
+    if scaler.enabled:
+        state = scaler.read()
+        record.update(loss_scale=state["scale"], skipped_steps=state["skipped_steps"])
+        check_overflow(step, since, state, max_skips, previously=skipped_before)
+    elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(
+            f"step {step}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+            f"{loss if not math.isfinite(loss) else grad_norm} in {precision}, in one of steps {since + 1}..{step} "
+            "(nothing is skipped in bf16/fp32). Try a lower optim.lr, optim.max_grad_norm > 0, or look for "
+            "degenerate samples in the data (python -m engine.data FILE).")
+    return record
+
+
+def check_overflow(step: int, since: int, state: dict, max_skips: int, *, previously: int) -> None:
+    """fp16, on a log step: warn about steps skipped since step `since`; after `max_skips` in a row,
+    stop with a diagnosis naming the parameters whose gradients overflowed."""
+    new = state["skipped_steps"] - previously
+    if new > 0:
+        warnings.warn(f"step {step}: inf/NaN gradients in {new} of steps {since + 1}..{step}, "
+                      f"skipped; loss scale now {state['scale']:g}")
+    if state["consecutive_skips"] >= max_skips:
+        overflowed = state["overflowed"]
         raise amp.Fp16Overflow(
-            f"{scaler.consecutive_skips} steps in a row overflowed (loss scale now {scaler.scale:g}). "
+            f"{state['consecutive_skips']} steps in a row overflowed (loss scale now {state['scale']:g}). "
             f"Parameters with inf/NaN gradients: {', '.join(overflowed[:8])}{' ...' if len(overflowed) > 8 else ''}. "
             "Try train.precision=bf16 (if the GPU has it) or fp32, a lower optim.lr, or look for "
             "degenerate samples in the data (python -m engine.data FILE).")

@@ -48,7 +48,7 @@ loader = make_loader(docs, max_seq_len=args.seq_len, micro_batch_size=1, packing
                      pin_memory=cuda)
 batches = iter(loader)
 optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
-scaler = amp.DynamicLossScaler(enabled=precision == "fp16")
+scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
 params = trainable_parameters(model)
 plan = speed.resolve(SpeedConfig(), device=device, precision=precision)
 model.train()

@@ -28,8 +28,9 @@ What a kernel never sees, because the math is not plain causal attention per doc
     it, never ignored.
 
 No [T, T] mask is built for packed rows: the name is registered with a mask builder that hands the
-2-D padding mask through as it got it (`padding_mask_only`: None for packed rows), so transformers
-never materialises a block-diagonal [B, 1, T, T] mask. Padded rows (data.packing=false) and
+2-D padding mask through as it got it (`padding_mask_only`), so transformers never materialises a
+block-diagonal [B, 1, T, T] mask; the training forward hands packed rows an all-ones 2-D mask
+(`forward_mask`) so transformers does not probe position_ids for packing either (a device sync). Padded rows (data.packing=false) and
 generation with a KV cache build their dense causal + padding mask here (`dense_mask`), as
 transformers' SDPA path would.
 A caller without a packing context (a test, a family that does not hand keyword arguments down)
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from engine.model.packing import PackingContext, lengths_from_positions
 
 NAME = "engine_packed_sdpa"
+_REGISTERED: set[str] = set()  # every name register_packed_attention has registered
 
 # Keywords transformers passes that do not change the attention math (or that this module reads).
 _NEUTRAL = {"position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
@@ -158,6 +160,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if attention_mask is not None and attention_mask.dim() == 4:  # a caller's own 4-D mask: as given
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    packed_rows = (packing is not None and packing.packed and packing.row_length == T
+                   and packing.batch_size == B and key.shape[2] == T)
+    if packed_rows:
+        attention_mask = None  # the all-ones mask of `forward_mask`: the context says where documents are
     if attention_mask is not None or key.shape[2] != T:
         # padded rows or a KV cache: the dense causal + padding (+ window) mask, as transformers' path
         mask = dense_mask(attention_mask, B, T, key.shape[2], window, query.device)
@@ -197,6 +203,26 @@ def _starts(row: list[int]):
         start += n
 
 
+def forward_mask(model, packing: PackingContext | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The 2-D attention mask a training forward hands the model for a packed micro-batch: all ones
+    when `model` runs `packed_attention` (which reads the packing context and ignores it), else None.
+
+    Why a mask at all: given none, transformers looks for packed sequences in position_ids before it
+    calls any mask builder (`find_packed_sequence_indices`), and that test reads a flag back from
+    the device, a sync every forward. With a 2-D mask it never looks. Models on transformers' own
+    attention get None: there the block-diagonal mask it derives from position_ids is what keeps
+    the documents apart."""
+    if packing is None or not packing.packed or not uses_packed_attention(model):
+        return None
+    return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+
+
+def uses_packed_attention(model) -> bool:
+    """Does `model` run an attention registered by `register_packed_attention`?"""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in _REGISTERED
+
+
 def padding_mask_only(*args, attention_mask=None, **kwargs):
     """transformers' mask-builder interface for the packed attention: the 2-D padding mask (or
     None) handed through; `packed_attention` makes what it needs of it."""
@@ -213,6 +239,7 @@ def register_packed_attention(name: str = NAME, kernel: DocumentKernel = sdpa_pe
 
     AttentionInterface.register(name, partial(packed_attention, kernel=kernel))
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, padding_mask_only)
+    _REGISTERED.add(name)
     return name
 
 

@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node=N -m engine.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK (and the
 rendezvous for several nodes); a plain `python -m engine.train` is world size 1 and never touches
-torch.distributed. NCCL on GPUs, gloo on CPU.
+torch.distributed. NCCL on GPUs (with gloo for host numbers), gloo on CPU.
 
 Why no DDP wrapper: only the LoRA weights train, a few MB of gradients. After the whole step's
 micro-batches are done we all-reduce (sum) the flattened LoRA gradients once. The loss of every
@@ -63,26 +63,21 @@ def init_distributed(device: str = "auto") -> DistContext:
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # on GPUs: NCCL for device tensors, gloo for the host's numbers (all_reduce_sum_ints)
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def all_reduce_sum_int(value: int, ctx: DistContext) -> int:
-    """Sum a python int over ranks (one small collective; a sync by nature)."""
-    if not ctx.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 def all_reduce_sum_ints(values: list[int], ctx: DistContext) -> list[int]:
-    """Sum several python ints over ranks in one collective (e.g. a token count and a stop flag)."""
+    """Sum several python ints over ranks in one collective (e.g. a token count and a stop flag).
+
+    Host numbers travel as a CPU tensor: over gloo (the CPU half of the process group on GPUs,
+    `init_distributed`), so the GPU's stream is never waited on for them."""
     if not ctx.enabled:
         return list(values)
-    t = torch.tensor(values, dtype=torch.int64, device=ctx.device)
+    t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]  # sync, deliberate: the loop needs them on the host
+    return [int(v) for v in t.tolist()]
 
 
 def all_reduce_grads_(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
@@ -102,20 +97,26 @@ def all_reduce_grads_(params: list[torch.nn.Parameter], ctx: DistContext) -> Non
 
 
 def all_reduce_sum_tensor(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The sum over ranks of a device tensor, as a new tensor (no host read: the collective is
+    queued on the device like any kernel)."""
     if ctx.enabled:
         t = t.clone()
         dist.all_reduce(t)
     return t
 
 
-def local_scalar(x) -> float:
-    """A python float of a scalar tensor (sync), also of a DTensor: under FSDP clip_grad_norm_
-    returns the total norm as a DTensor, which full_tensor() reduces over the shards."""
+def all_reduce_max_(t: torch.Tensor, ctx: DistContext) -> None:
+    """In place, the maximum over ranks of a device tensor (no host read)."""
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (under FSDP clip_grad_norm_ returns the total norm as a DTensor),
+    else the tensor itself."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(x, DTensor):
-        x = x.full_tensor()
-    return float(x)
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def gather_to_main(obj, ctx: DistContext) -> list | None:

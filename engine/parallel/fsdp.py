@@ -15,7 +15,9 @@ Plan (the one torchtune and the Answer.AI FSDP-QLoRA work use):
     engine.training.loss runs `model.get_decoder()` and then calls the lm_head chunk by chunk *after* the
     decoder's forward has returned; one group also keeps a tied embedding / lm_head weight whole;
     last the decoder itself (holding no parameters of its own) becomes the FSDP root, the module
-    whose forward runs first. A block's all-gather is only alive while it runs;
+    whose forward runs first; when it returns, the head's group is unsharded explicitly (a no-op
+    when the embeddings' forward already gathered it) before the loss calls lm_head per chunk.
+    A block's all-gather is only alive while it runs;
   * the LoRA A/B weights (fp32, trainable) are sharded with their block's frozen weights and are the
     only ones that get gradients, so the reduce-scatter moves only LoRA gradients;
   * frozen 4-bit weights (bitsandbytes `Params4bit`) are sharded as their packed storage: a
@@ -140,7 +142,8 @@ def ensure_process_group(ctx: DistContext) -> DistContext:
                             "(torchrun --nproc_per_node=1 -m engine.train ...)")
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device)
-        dist.init_process_group(backend="nccl" if ctx.device.type == "cuda" else "gloo")
+        # NCCL for device tensors, gloo for the host's numbers (engine.parallel.distributed.all_reduce_sum_ints)
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if ctx.device.type == "cuda" else "gloo")
     return DistContext(rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank,
                        device=ctx.device, fsdp=True)
 
@@ -188,7 +191,14 @@ def apply_fsdp(model: nn.Module, ctx: DistContext, *, reshard_after_forward: boo
     outer_modules = [model.get_submodule(n) for n in outer]
     fully_shard(outer_modules, mesh=mesh, reshard_after_forward=False)
     sharded.append(outer_modules[0])  # a grouped call keeps its one FSDP state on the first module
-    sharded.append(fully_shard(model.get_submodule(root[0]), mesh=mesh))
+    decoder = fully_shard(model.get_submodule(root[0]), mesh=mesh)
+    sharded.append(decoder)
+    # The loss calls lm_head chunk by chunk after the decoder returns, outside any forward FSDP
+    # hooks run around. Its group was gathered by the embeddings' forward and is kept gathered
+    # (reshard_after_forward=False); unsharding it again when the decoder returns (a no-op when
+    # it is gathered) makes that explicit, whatever the torch version's grouped-hook behaviour
+    # (torch 2.11 + CUDA left the head's weight sharded there: "mixed torch.Tensor and DTensor").
+    decoder.register_forward_hook(lambda module, args, output: outer_modules[0].unshard())
     for module in sharded:
         # the loss is already divided by the global loss-token count: sum gradients, never average
         module.set_gradient_divide_factor(1.0)

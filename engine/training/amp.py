@@ -6,9 +6,10 @@ multiplies the loss by `scale` before backward so small gradients stay represent
 the gradients by `scale` before the optimizer sees them, and when a step's gradients hold
 inf/NaN it skips the step and halves `scale`. After `growth_interval` clean steps it doubles.
 
-Ours rather than torch.amp.GradScaler because we want two things it does not give: the names of
-the parameters that overflowed (for the diagnosis when the run has to stop), and a state that is
-plain numbers, so checkpoints need no pickles.
+Ours rather than torch.amp.GradScaler because we want what it does not give: the names of the
+parameters that overflowed (for the diagnosis when the run has to stop), no host read per step
+(GradScaler reads found_inf for optimizers without a fused skip, and its `update` reads the flags
+of every device), and a state that is plain numbers, so checkpoints need no pickles.
 """
 
 from __future__ import annotations
@@ -74,51 +75,102 @@ def autocast(precision: str, device: torch.device):
 
 
 class DynamicLossScaler:
-    """Loss scaling for fp16; with enabled=False every method is the identity (scale 1, no skips)."""
+    """Loss scaling for fp16, kept on the device; with enabled=False the scale is 1 and nothing is
+    checked (bf16 and fp32 need no finiteness test: clipping's norm is all they pay for).
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0):
+    Nothing here reads the device. Per step (engine/training/step.py):
+        unscale_   grads *= 1/scale and found_inf = any non-finite grad, in one multi-tensor kernel
+                   (`_amp_foreach_non_finite_check_and_unscale_`, as torch.amp.GradScaler does);
+                   which tensors were non-finite is kept as a flag vector for the diagnosis
+        step       the optimizer step, skipped on the device: fused AdamW takes `found_inf` and
+                   leaves weights, moments and step count alone where it is set
+        update     scale halves on a skip, doubles after `growth_interval` clean steps
+                   (`_amp_update_scale_`); the skip counters advance
+    The host reads all of it at once on log steps (`read`), where the run warns about skipped steps
+    and stops after too many in a row."""
+
+    def __init__(self, enabled: bool, device: torch.device | str = "cpu", init_scale: float = 2.0**16,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 min_scale: float = 1.0):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
         self.growth_interval, self.min_scale = growth_interval, min_scale
-        self.good_steps = 0  # clean steps since the last change of scale
-        self.consecutive_skips = 0
+        zero = dict(device=device, dtype=torch.int32)
+        self._scale = torch.full((), init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self._growth_tracker = torch.zeros((), **zero)   # clean steps since the last change of scale
+        self._consecutive = torch.zeros((), **zero)      # skipped steps in a row
+        self._skipped = torch.zeros((), **zero)          # skipped steps in all
+        self._bad: torch.Tensor | None = None            # [params] flags of the latest skipped step
+        self._names: list[str] = []
 
-    def unscale_(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
-        """Divide grads by the scale in place; return the names of params with inf/NaN grads.
+    @property
+    def loss_scale(self) -> torch.Tensor | float:
+        """What the loss is multiplied by before backward: the scale (a device tensor) in fp16, else 1."""
+        return self._scale if self.enabled else 1.0
 
-        One host sync for the whole model (the stacked finiteness flags), not one per tensor."""
-        grads = [(n, p.grad) for n, p in named_params if p.grad is not None]
-        if not grads:
-            return []
-        if self.enabled:
-            inv = 1.0 / self.scale
-            for _, g in grads:
-                g.mul_(inv)
-        finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
-        if bool(finite.all()):  # sync: needed to decide whether to step
-            return []
-        return [n for (n, _), ok in zip(grads, finite.tolist()) if not ok]
+    def unscale_(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> torch.Tensor | None:
+        """fp16: divide the gradients by the scale in place and return found_inf, a 0-dim float
+        device tensor (1.0: some gradient is inf/NaN). None when disabled (nothing is checked)."""
+        if not self.enabled:
+            return None
+        named = [(n, _local(p.grad)) for n, p in named_params if p.grad is not None]
+        if not named:
+            return torch.zeros((), device=self._scale.device)
+        grads = [g for _, g in named]
+        found_inf = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self._scale.reciprocal())
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float())
+        if self._bad is None or self._bad.shape != bad.shape:
+            self._bad, self._names = torch.zeros_like(bad), [n for n, _ in named]
+        torch.where(found_inf.bool(), bad, self._bad, out=self._bad)
+        return found_inf
 
-    def update(self, found_inf: bool) -> None:
-        if found_inf:
-            self.consecutive_skips += 1
-            self.good_steps = 0
-            if self.enabled:
-                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+    def step(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None) -> None:
+        """optimizer.step(), skipped where found_inf is set. Optimizers that take found_inf (torch's
+        fused AdamW) skip on the device; the others (bitsandbytes' paged AdamW, which synchronises
+        per parameter anyway, and foreach AdamW) need the flag on the host: one read per fp16 step."""
+        if found_inf is None:
+            optimizer.step()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.grad_scale, optimizer.found_inf = None, found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif not bool(found_inf):  # sync, for optimizers without a device-side skip
+            optimizer.step()
+
+    def update(self, found_inf: torch.Tensor | None) -> None:
+        if found_inf is None:
             return
-        self.consecutive_skips = 0
-        self.good_steps += 1
-        if self.enabled and self.good_steps >= self.growth_interval:
-            self.scale *= self.growth_factor
-            self.good_steps = 0
+        torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf,
+                                 self.growth_factor, self.backoff_factor, self.growth_interval)
+        self._scale.clamp_(min=self.min_scale)
+        skipped = found_inf.to(torch.int32)
+        self._consecutive.mul_(skipped).add_(skipped)  # +1 on a skip, back to 0 on a clean step
+        self._skipped.add_(skipped)
+
+    def read(self) -> dict:
+        """The scaler's state on the host (a sync: call it on log steps): scale, skipped steps in all
+        and in a row, and the parameters whose gradients were inf/NaN at the latest skipped step."""
+        scale, consecutive, skipped = torch.stack([self._scale.float(), self._consecutive.float(),
+                                                   self._skipped.float()]).tolist()
+        bad = self._bad.tolist() if self._bad is not None else []
+        return {"scale": scale, "consecutive_skips": int(consecutive), "skipped_steps": int(skipped),
+                "overflowed": [n for n, b in zip(self._names, bad) if b]}
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps,
-                "consecutive_skips": self.consecutive_skips, "enabled": self.enabled}
+        state = self.read()
+        return {"scale": state["scale"], "good_steps": int(self._growth_tracker), "enabled": self.enabled,
+                "consecutive_skips": state["consecutive_skips"], "skipped_steps": state["skipped_steps"]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
-        self.good_steps = int(state["good_steps"])
-        self.consecutive_skips = int(state["consecutive_skips"])
+        self._scale.fill_(float(state["scale"]))
+        self._growth_tracker.fill_(int(state["good_steps"]))
+        self._consecutive.fill_(int(state["consecutive_skips"]))
+        self._skipped.fill_(int(state.get("skipped_steps", 0)))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP), else the tensor: the multi-tensor kernels take plain tensors."""
+    return t.to_local() if hasattr(t, "to_local") else t

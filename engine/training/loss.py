@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.model.attention import forward_mask
 from engine.model.packing import PackingContext
 
 IGNORE_INDEX = -100
@@ -258,6 +259,10 @@ def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
     for key in ("position_ids", "attention_mask", "packing"):
         if batch.get(key) is not None:
             inputs[key] = batch[key]
+    if "attention_mask" not in inputs:
+        mask = forward_mask(model, batch.get("packing"), batch["input_ids"])
+        if mask is not None:
+            inputs["attention_mask"] = mask
     # use_cache=False: with a cache transformers 5 ignores the restarted position_ids of packed
     # rows and lets documents attend to each other (FIELD.md bug 2).
     out = model.get_decoder()(**inputs, use_cache=False)

@@ -64,7 +64,8 @@ def make_cfg(workdir, out: str, *, peft: dict | None = None, train: dict | None 
                         cache_dir=str(root / "cache")),
         peft=PeftConfig(r=4, alpha=8, targets="all-linear"),
         optim=OptimConfig(lr=1e-2, warmup_steps=2, schedule="cosine"),
-        train=TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=2, seed=0, precision="fp32", plots=False),
+        train=TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=2, seed=0, precision="fp32", plots=False,
+                          log_every=1),  # a record per step: the tests compare them step by step
     )
     for section, values in (("peft", peft), ("train", train), ("optim", optim), ("data", data)):
         if values:
@@ -395,6 +396,23 @@ def test_repeated_overflow_stops_with_diagnosis(workdir, monkeypatch):
     with pytest.raises(Fp16Overflow, match=r"3 steps in a row overflowed.*lora_[AB]"):
         with pytest.warns(UserWarning):
             train_mod.run_training(cfg)
+
+
+def test_a_nan_loss_in_fp32_stops_at_the_next_log_step(workdir, monkeypatch):
+    """bf16 / fp32 skip nothing and check nothing per step; the log step reads the loss and the
+    norm anyway, and a non-finite one stops the run there, naming the steps it happened in."""
+    cfg = make_cfg(workdir, "nan", train={"max_steps": 8, "log_every": 4})
+    inner = engine.training.loss.causal_lm_loss
+    calls = {"n": 0, "poison": _eval_calls(cfg) + 2 * 4 + 1}  # first micro-batch of step 5
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, n = inner(*args, **kwargs)
+        return (loss * math.nan if calls["n"] == calls["poison"] else loss), n
+
+    patch_loss(monkeypatch, poisoned)
+    with pytest.raises(train_mod.TrainingDiverged, match=r"step 8: the loss is nan in fp32, in one of steps 5\.\.8"):
+        train_mod.run_training(cfg)
 
 
 def test_run_training_leaves_the_process_group_it_made_and_keeps_one_it_was_given(workdir, monkeypatch, tmp_path):

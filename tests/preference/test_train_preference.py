@@ -50,7 +50,7 @@ def make_cfg(workdir, out: str, *, objective: dict | None = None, train: dict | 
                                     cache_dir=str(root / "cache")),
                     peft=PeftConfig(r=4, alpha=8, targets="all-linear"),
                     optim=OptimConfig(lr=1e-2, warmup_steps=1, schedule="cosine"),
-                    train=TrainConfig(max_steps=6, micro_batch_size=1, grad_accum=2, seed=0, plots=False),
+                    train=TrainConfig(max_steps=6, micro_batch_size=1, grad_accum=2, seed=0, plots=False, log_every=1),
                     objective=ObjectiveConfig(name="dpo", beta=0.1))
     for section, values in (("objective", objective), ("train", train), ("peft", peft)):
         if values:

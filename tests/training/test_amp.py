@@ -57,38 +57,75 @@ def _params():
     return [("a", a), ("b", b)]
 
 
-def test_unscale_divides_by_scale():
+def _flag(value: float) -> torch.Tensor:
+    return torch.tensor(value)
+
+
+def test_unscale_divides_by_scale_and_flags_nothing():
     s = DynamicLossScaler(enabled=True, init_scale=4.0)
     params = _params()
-    assert s.unscale_(params) == []
+    found_inf = s.unscale_(params)
+    assert found_inf.dim() == 0 and float(found_inf) == 0.0
     assert torch.equal(params[0][1].grad, torch.full((3,), 2.0))
 
 
-def test_inf_grad_is_named_and_scale_halves():
+def test_inf_grad_is_flagged_named_and_scale_halves():
     s = DynamicLossScaler(enabled=True, init_scale=1024.0)
     params = _params()
     params[1][1].grad[0] = math.inf
-    assert s.unscale_(params) == ["b"]
-    s.update(found_inf=True)
-    assert s.scale == 512.0 and s.consecutive_skips == 1
-    s.update(found_inf=False)
-    assert s.consecutive_skips == 0
+    found_inf = s.unscale_(params)
+    assert float(found_inf) == 1.0
+    s.update(found_inf)
+    state = s.read()
+    assert state["scale"] == 512.0 and state["consecutive_skips"] == 1 and state["skipped_steps"] == 1
+    assert state["overflowed"] == ["b"]
+    params[1][1].grad[0] = 1.0
+    s.update(s.unscale_(params))
+    state = s.read()
+    assert state["consecutive_skips"] == 0 and state["skipped_steps"] == 1
+    assert state["overflowed"] == ["b"]  # the latest skipped step's, kept for the diagnosis
+
+
+def test_scale_never_falls_below_min_scale():
+    s = DynamicLossScaler(enabled=True, init_scale=2.0, min_scale=1.0)
+    for _ in range(3):
+        s.update(_flag(1.0))
+    assert s.read()["scale"] == 1.0 and s.read()["consecutive_skips"] == 3
 
 
 def test_scale_grows_after_interval_and_state_round_trips():
     s = DynamicLossScaler(enabled=True, init_scale=8.0, growth_interval=3)
     for _ in range(3):
-        s.update(found_inf=False)
-    assert s.scale == 16.0
+        s.update(_flag(0.0))
+    assert s.read()["scale"] == 16.0
+    s.update(_flag(0.0))
     t = DynamicLossScaler(enabled=True)
     t.load_state_dict(s.state_dict())
-    assert t.state_dict() == s.state_dict()
+    assert t.state_dict() == s.state_dict() and s.state_dict()["good_steps"] == 1
 
 
-def test_disabled_scaler_is_identity_but_still_detects_nan():
+def test_disabled_scaler_checks_nothing():
+    """bf16 / fp32: no finiteness test, the loss is not scaled, the step is never skipped."""
     s = DynamicLossScaler(enabled=False)
     params = _params()
     params[0][1].grad[1] = float("nan")
-    assert s.scale == 1.0
-    assert s.unscale_(params) == ["a"]
+    assert s.loss_scale == 1.0
+    assert s.unscale_(params) is None
     assert params[1][1].grad[0] == 4.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_flagged_step_leaves_weights_and_adam_state_alone(fused):
+    """Fused AdamW skips on the device; foreach AdamW (no device-side skip) reads the flag."""
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([p], lr=0.1, fused=fused, foreach=None if fused else True)
+    s = DynamicLossScaler(enabled=True, init_scale=2.0)
+    p.grad = torch.full((3,), 2.0)
+    s.step(optimizer, s.unscale_([("p", p)]))
+    after_one = (p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
+    p.grad = torch.tensor([1.0, math.inf, 1.0])
+    s.step(optimizer, s.unscale_([("p", p)]))
+    assert torch.equal(p.detach(), after_one[0])
+    for key, value in optimizer.state[p].items():
+        assert torch.equal(value, after_one[1][key]), key
+    assert not hasattr(optimizer, "found_inf")
