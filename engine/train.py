@@ -138,6 +138,10 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
                              packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
                              rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
+    if cfg.optim.name != "adamw" and device.type == "cuda" and ctx.is_main:
+        print(f"note: optim.name={cfg.optim.name}: bitsandbytes' optimizers wait for the GPU after every "
+              "parameter's update; optim.name=adamw (fused) does not, and LoRA's Adam state rarely needs paging",
+              file=sys.stderr)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
     objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
