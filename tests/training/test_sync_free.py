@@ -21,6 +21,7 @@ import collections
 import json
 import math
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,20 +97,41 @@ def model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("sync"), "llama")
 
 
-def _run(root: Path, model_dir, *, steps: int, precision: str, method: str) -> collections.Counter:
+def _run(root: Path, model_dir, *, steps: int, precision: str, method: str,
+         recorder=SyncRecorder) -> collections.Counter:
     root.mkdir(parents=True, exist_ok=True)
     peft = PeftConfig(method=method, r=4, alpha=8, targets="all-linear", dropout=0.1)
     cfg = counting_run_config(root, model_dir, peft, max_steps=steps)
     cfg = replace(cfg, train=replace(cfg.train, precision=precision, log_every=1000, grad_accum=2))
-    with SyncRecorder() as recorder:
+    with recorder() as seen:
         train_mod.run_training(cfg)
-    return recorder.seen
+    return seen.seen
 
 
 def _extra_syncs(tmp_path, model_dir, **run) -> collections.Counter:
     short = _run(tmp_path / "short", model_dir, steps=2, **run)
     long = _run(tmp_path / "long", model_dir, steps=7, **run)
     return long - short
+
+
+class CudaSyncWarnings:
+    """On a GPU: every synchronising CUDA call (torch.cuda.set_sync_debug_mode("warn") warns on
+    each, stream synchronisations inside copies and kernels included), by Python call site."""
+
+    def __enter__(self):
+        self.seen = collections.Counter()
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+        self._catch.__exit__(*exc)
+        for w in self._caught:
+            if "synchroniz" in str(w.message):
+                self.seen[(str(w.message).splitlines()[0], f"{w.filename}:{w.lineno}")] += 1
 
 
 @pytest.mark.parametrize("method,precision", [("lora", "fp32"), ("lora", "fp16"), ("qlora", "fp32"),
@@ -154,3 +176,14 @@ def test_the_recorder_sees_what_it_must(model_dir):
         t.masked_select(t > 1)
     kinds = {name.split(".")[1] if name.startswith("aten.") else name for name, _ in recorder.seen}
     assert {"_local_scalar_dense", "nonzero", "index", "tolist", "cpu", "masked_select", "item", "__bool__"} <= kinds
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,precision", [("lora", "fp16"), ("qlora", "fp16"), ("lora", "bf16"), ("qlora", "bf16")])
+def test_no_synchronising_cuda_call_between_log_steps(tmp_path, model_dir, method, precision):
+    """The same two runs on the GPU, under CUDA's sync debug mode (which also sees copies that wait)."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no bf16")
+    extra = _extra_syncs(tmp_path, model_dir, precision=precision, method=method, recorder=CudaSyncWarnings)
+    assert not extra, "synchronising CUDA calls, per 5 steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
