@@ -97,12 +97,13 @@ def model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("sync"), "llama")
 
 
-def _run(root: Path, model_dir, *, steps: int, precision: str, method: str,
+def _run(root: Path, model_dir, *, steps: int, precision: str, method: str, packing: bool = True,
          recorder=SyncRecorder) -> collections.Counter:
     root.mkdir(parents=True, exist_ok=True)
     peft = PeftConfig(method=method, r=4, alpha=8, targets="all-linear", dropout=0.1)
     cfg = counting_run_config(root, model_dir, peft, max_steps=steps)
-    cfg = replace(cfg, train=replace(cfg.train, precision=precision, log_every=1000, grad_accum=2))
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision, log_every=1000, grad_accum=2),
+                  data=replace(cfg.data, packing=packing))
     with recorder() as seen:
         train_mod.run_training(cfg)
     return seen.seen
@@ -134,10 +135,11 @@ class CudaSyncWarnings:
                 self.seen[(str(w.message).splitlines()[0], f"{w.filename}:{w.lineno}")] += 1
 
 
-@pytest.mark.parametrize("method,precision", [("lora", "fp32"), ("lora", "fp16"), ("qlora", "fp32"),
-                                              ("qlora", "fp16"), ("lora", "bf16")])
-def test_no_syncing_op_between_log_steps(tmp_path, model_dir, method, precision):
-    extra = _extra_syncs(tmp_path, model_dir, precision=precision, method=method)
+@pytest.mark.parametrize("method,precision,packing", [
+    ("lora", "fp32", True), ("lora", "fp16", True), ("qlora", "fp32", True), ("qlora", "fp16", True),
+    ("lora", "bf16", True), ("lora", "fp32", False)])
+def test_no_syncing_op_between_log_steps(tmp_path, model_dir, method, precision, packing):
+    extra = _extra_syncs(tmp_path, model_dir, precision=precision, method=method, packing=packing)
     assert not extra, "ops that wait on the device, per 5 steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
 
 
