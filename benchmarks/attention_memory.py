@@ -15,7 +15,8 @@ speed plan can choose on this device, forward and backward:
     extra = peak - bare                      what the packed path adds: per-document copies, repeated
                                              K/V heads, a token-major layout, softmax statistics, ...
 and the attention kernels it launches (forward + backward, engine/speed/measure.py::AttentionCalls),
-and the median wall time of forward + backward over --iters runs. Kernels: `per_document` (the
+and the median wall time of forward + backward over --iters runs (on a CPU with host memory retained,
+as the engine's CPU training runs: engine/speed/host_memory.py). Kernels: `per_document` (the
 core's reference, one SDPA per document), `short` (CPU bf16: short documents as explicit matmuls),
 `nested_sdpa` and `flash_varlen` (CUDA, where the plan would choose them), and `dense` for contrast
 (transformers' SDPA over the whole row with a [1, 1, T, T] block-diagonal mask, what a padding-free
@@ -43,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from engine.model.attention import packed_attention, sdpa_per_document  # noqa: E402
 from engine.model.packing import PackingContext  # noqa: E402
-from engine.speed import cuda_attention  # noqa: E402
+from engine.speed import cuda_attention, host_memory  # noqa: E402
 from engine.speed.cpu_attention import short_document_kernel  # noqa: E402
 from engine.speed.measure import AllocatedBytes, AttentionCalls  # noqa: E402
 from engine.speed.plan import SHORT_ATTENTION_MAX_LEN  # noqa: E402
@@ -163,6 +164,9 @@ def write_markdown(path: str, result: dict) -> None:
              "bare = out + dq + dk + dv; peak = most bytes allocated inside forward + backward and alive at once; "
              "extra = peak - bare (what the packed path adds). Calls: attention kernels launched, forward + "
              "backward (the short kernel's explicit matmuls launch none).", "",
+             f"1-minute load average {min(meta['load_average']):.1f}-{max(meta['load_average']):.1f} during the run "
+             f"on {os.cpu_count()} logical CPUs: where it exceeds the threads, other processes shared them and the "
+             "times are noisy (bytes and calls are not).", "",
              "| tokens | documents | kernel | attention calls (fwd + bwd) | bare MiB | peak MiB | extra MiB | "
              "extra / bare | mask MiB | ms fwd + bwd |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if host_memory.choose("auto", args.device.split(":")[0], []):
+        host_memory.retain()  # as a CPU training run does: freed buffers stay in the heap for the next run
     device = torch.device(args.device)
     capability = cuda_attention.cuda_capability(device)
     if args.precision == "auto":
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = kernels_for(device, args.precision)
     if args.kernels:
         kernels = {k: v for k, v in kernels.items() if k in args.kernels.split(",")}
-    rows = []
+    rows, load = [], [os.getloadavg()[0]]
     for tokens in (int(t) for t in args.tokens.split(",")):
         lengths = doc_lengths(tokens, args.min_doc, args.max_doc)
         for name, kernel in kernels.items():
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             except torch.OutOfMemoryError as err:
                 row = {"tokens": tokens, "documents": len(lengths), "kernel": name, "error": str(err).splitlines()[0]}
             rows.append(row)
+            load.append(os.getloadavg()[0])
             print(json.dumps(row), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/attention_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "precision": args.precision,
-            "min_doc": args.min_doc, "max_doc": args.max_doc}
+            "min_doc": args.min_doc, "max_doc": args.max_doc, "load_average": load}
     result = {"meta": meta, "rows": rows}
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"attention_memory_{tag}")
