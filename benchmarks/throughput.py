@@ -45,7 +45,8 @@ as one engine row.
 
 Reported per configuration (median over repeats): useful tokens/s (non-pad tokens), loss
 tokens/s (tokens that carry loss), padded tokens/s (every position computed), peak memory
-(CPU: the worker's peak RSS; GPU: torch.cuda.max_memory_allocated), and MFU:
+(CPU: the worker's peak RSS; GPU: torch.cuda.max_memory_allocated), attention kernel calls per
+step (forward + backward, counted on one extra untimed step), and MFU:
 
     FLOPs = 4 P_lin N + 6 P_lora N + 4 P_head N_loss + 12 L d_attn S
       P_lin  frozen linear weights of the decoder blocks (4-bit ones counted as out x in)
@@ -144,6 +145,8 @@ def summarize(kind: str, runs: list[dict], peak: float | None, peak_cpu: float |
         row["batch_size"] = ok[0]["batch_size"]
     if "packing" in ok[0]:  # engine rows: packed unless the isolation probe turned it off
         row["packing"] = ok[0]["packing"]
+    if "attention_calls" in ok[0]:  # counted on one extra, untimed step (engine.speed.measure)
+        row["attention_calls"] = ok[0]["attention_calls"]
     return row
 
 
@@ -165,12 +168,13 @@ def write_markdown(path: str, result: dict) -> None:
     if meta.get("load_note"):
         lines += [f"**Load:** {meta['load_note']}", ""]
     lines += ["| configuration | useful tok/s | loss tok/s | padded tok/s | padding | peak mem GiB | "
-              "GFLOP/s | MFU | vs engine | useful tok per CPU-s | vs engine (CPU-s) | MFU (CPU-s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "GFLOP/s | MFU | vs engine | useful tok per CPU-s | vs engine (CPU-s) | MFU (CPU-s) | "
+              "attention kernel calls / step (fwd + bwd) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     engine = next((r for r in rows if r["config"] == "engine" and "error" not in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | | | | | |")
             continue
         vs = f"{engine['useful_tokens_per_s'] / r['useful_tokens_per_s']:.2f}x" if engine else "-"
         vs_cpu = f"{engine['useful_tokens_per_cpu_s'] / r['useful_tokens_per_cpu_s']:.2f}x" if engine else "-"
@@ -179,11 +183,15 @@ def write_markdown(path: str, result: dict) -> None:
         lines.append(f"| {r['label']} | {r['useful_tokens_per_s']:.1f} | {r['loss_tokens_per_s']:.1f} | "
                      f"{r['padded_tokens_per_s']:.1f} | {100 * r['padding_share']:.0f}% | {r['peak_memory_gib']:.2f} | "
                      f"{r['achieved_flops'] / 1e9:.1f} | {mfu} | {vs} | {r['useful_tokens_per_cpu_s']:.1f} | {vs_cpu} | "
-                     f"{mfu_cpu} |")
+                     f"{mfu_cpu} | {_calls(r.get('attention_calls'))} |")
     if result.get("best_hf"):
         lines += ["", f"**Engine vs the best HF configuration ({result['best_hf']}): "
                   f"{result['ratios']['engine_vs_best_hf']:.2f}x** useful tokens/s."]
-    lines += ["", "\"vs engine\" = engine useful tokens/s / this row's useful tokens/s. \"per CPU-s\" divides by the "
+    lines += ["", "Attention kernel calls: the attention kernels (SDPA's fused kernels, flash / memory-efficient / "
+              "varlen attention) one extra, untimed training step launches, forward + backward, counted by a "
+              "dispatch mode (engine/speed/measure.py); the CPU's short-document kernel is explicit matmuls and "
+              "launches none for the documents it takes.",
+              "", "\"vs engine\" = engine useful tokens/s / this row's useful tokens/s. \"per CPU-s\" divides by the "
               "process's CPU time (time.process_time, all threads) instead of wall time: less sensitive to other "
               "processes on the machine (with several threads it also counts their spin-waits).", "",
               "FLOPs per useful token = (4 P_lin N + 6 P_lora N + 4 P_head N_loss + 12 L d_attn S) / N "
@@ -201,6 +209,10 @@ def write_markdown(path: str, result: dict) -> None:
                             if r.get("packing") is False else ""))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _calls(calls: dict | None) -> str:
+    return f"{calls['forward']} + {calls['backward']}" if calls else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from throughput_inputs import (ALL_CONFIGS, SEED_BATCH, SEED_CONFIGS, T4_BYTES, 
                                _precision, _setup_torch, data_path, doc_stats, engine_docs, flop_terms, measure_peak,
                                random_base_model, seed_features)
 
+from engine.speed.measure import AttentionCalls  # noqa: E402  (throughput_inputs put the checkout on sys.path)
+
 
 def build_engine(spec: dict, torch, device, precision: str):
     """(model, tokenizer or None, pad id, kernels, activation offloader or None): the model as
@@ -97,8 +99,17 @@ def run_engine(spec: dict) -> dict:
             steps.append({"seconds": dt, "cpu_seconds": cpu, "faults": host_memory.minor_faults() - f0,
                           "padded": sum(b["input_ids"].numel() for b in micro),
                           "useful": sum(b["num_tokens"] for b in micro), "loss": n_loss})
-    return {"steps": steps, "losses": losses, "peak_memory_bytes": _peak_memory(torch, device),
+    peak = _peak_memory(torch, device)
+    # one more step, untimed, with every attention kernel launch counted (a dispatch mode slows each op)
+    with AttentionCalls() as calls:
+        train_step(model, [next(batches)], objective=objective, params=params, optimizer=optimizer, scheduler=None,
+                   scaler=scaler, precision=precision, device=device, max_grad_norm=1.0)
+    return {"steps": steps, "losses": losses, "peak_memory_bytes": peak, "attention_calls": _calls(calls),
             "flop_terms": flop_terms(model), "data": stats, "packing": packing}
+
+
+def _calls(calls: AttentionCalls) -> dict:
+    return {"forward": calls.forward, "backward": calls.backward, "ops": dict(calls.ops)}
 
 
 def _hf_model(spec: dict, torch, device, precision: str):
@@ -174,9 +185,18 @@ def run_hf(spec: dict, mode: str) -> dict:
         return batch
 
     ends = []
+    total = spec["warmup"] + spec["steps"]
+    calls = AttentionCalls()
 
     class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == total:  # the extra, untimed step: attention kernel launches counted
+                calls.__enter__()
+
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == total + 1:
+                calls.__exit__(None, None, None)
+                return
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ends.append((time.perf_counter(), time.process_time(), host_memory.minor_faults()))
@@ -188,11 +208,10 @@ def run_hf(spec: dict, mode: str) -> dict:
         def __getitem__(self, i):
             return features[i]
 
-    total = spec["warmup"] + spec["steps"]
     ckpt = spec["engine"]["train"]["activation_checkpointing"] or mode == "seed_ckpt"
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_steps=total,
+            output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_steps=total + 1,
             learning_rate=2e-4, lr_scheduler_type="constant", max_grad_norm=1.0, optim="adamw_torch",
             logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
             use_cpu=device.type == "cpu", fp16=precision == "fp16", bf16=precision == "bf16",
@@ -207,7 +226,8 @@ def run_hf(spec: dict, mode: str) -> dict:
               "faults": ends[i][2] - ends[i - 1][2], **seen[i]}
              for i in range(spec["warmup"], total)]
     return {"steps": steps, "losses": [float(result.training_loss)], "batch_size": batch_size,
-            "peak_memory_bytes": _peak_memory(torch, device), "flop_terms": flop_terms(model), "data": stats}
+            "peak_memory_bytes": _peak_memory(torch, device), "attention_calls": _calls(calls),
+            "flop_terms": flop_terms(model), "data": stats}
 
 
 def pad_to_longest(features: list[dict], pad_id: int) -> dict:

@@ -20,6 +20,11 @@
 #   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON;
 #   7. the compiled kernels (speed.compile, off by default on a GPU until
 #      measured): engine vs engine_compiled on the Phi-3-mini shape.
+#   After step 1: packed attention on this GPU (issue 21): the gpu tests of
+#   tests/speed/test_varlen_attention.py (one kernel call per layer per forward, numerics),
+#   benchmarks/gpu_attention.py (calls per step, step time, memory, first loss per kernel in the
+#   real step, Phi-3-mini shape) and benchmarks/attention_memory.py (one layer's extra memory at
+#   4k / 16k / 32k tokens per kernel).
 # On the device tool's machine ($OUT set) the results go to a scratch folder that is tarred into
 # $OUT/gpu_check.tgz after every step, so a call cut short still returns what it measured.
 set -uo pipefail
@@ -52,11 +57,14 @@ if [ "$DRY_RUN" = 1 ]; then
     LLAMA=shape:tiny-llama; PHI3=shape:tiny-phi3
     SEQ=256; PROBE=(--probe-start 256 --probe-max 1024); STEPS=(--warmup 1 --steps 1 --repeats 1)
     T_BENCH=100; T_PROBE=60
+    VARLEN=(--dry-run); ATTN_MEMORY=(--tokens 1024,4096 --dense-max 4096)
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
     SEQ=2048; PROBE=(--probe-start 4096 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
     T_BENCH=75; T_PROBE=120
+    VARLEN=(--model "$PHI3" --seq-len 4096 --micro-batch 2 --checkpointing --warmup 1 --steps 2)
+    ATTN_MEMORY=(--device cuda --heads 32 --kv-heads 32 --head-dim 96 --iters 3)
 fi
 
 save() {  # what has been measured so far travels back even if the call is cut short
@@ -103,6 +111,19 @@ probe() {  # probe MODEL: the longest sequence that fits, planner next to measur
 }
 
 throughput "$LLAMA"
+
+echo "== packed attention: one kernel call per layer per forward ($PHI3)"
+if fits_budget 200; then
+    if [ "$DRY_RUN" = 0 ]; then
+        timeout -k 10 60 $PY -m pytest -q -m gpu tests/speed/test_varlen_attention.py 2>&1 | tee "$RES/varlen_gpu_tests.txt" \
+            || { echo "FAIL: varlen gpu tests"; status=1; }
+    fi
+    timeout -k 10 90 $PY benchmarks/gpu_attention.py "${VARLEN[@]}" --out-dir "$RES" \
+        || { echo "FAIL: gpu_attention"; status=1; }
+    timeout -k 10 50 $PY benchmarks/attention_memory.py "${ATTN_MEMORY[@]}" --out-dir "$RES" \
+        || { echo "FAIL: attention_memory"; status=1; }
+    save
+fi
 probe "$LLAMA"
 throughput "$PHI3"
 if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ] && [ -f scripts/gpu_check_fsdp.sh ]; then

@@ -77,3 +77,27 @@ def test_attention_benchmark_refuses_heads_that_do_not_group(capsys):
     with pytest.raises(SystemExit):
         attention_cpu.main(["--heads", "9", "--kv-heads", "2"])
     assert "--heads 9 is not a multiple of --kv-heads 2" in capsys.readouterr().err
+
+
+def test_attention_memory_benchmark_writes_each_kernels_row(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import attention_memory
+
+    assert attention_memory.main(["--tokens", "512", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                                  "--max-doc", "200", "--tag", "test", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention_memory_test.json").read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["per_document", "short", "dense"]
+    for r in rows:
+        assert r["peak_bytes"] >= r["bare_bytes"] > 0 and r["ms"] > 0, r
+    docs = rows[0]["documents"]
+    assert (rows[0]["calls_forward"], rows[0]["calls_backward"]) == (docs, docs)  # one SDPA per document
+    assert rows[2]["calls_forward"] == 1 and rows[2]["mask_bytes"] == 512 * 512
+
+
+def test_gpu_attention_script_dry_run(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_attention
+
+    assert gpu_attention.main(["--dry-run", "--tag", "test", "--out-dir", str(tmp_path)]) == 0
+    row, = json.loads((tmp_path / "gpu_attention_test.json").read_text())["rows"]
+    assert row["kernel"] == "per_document" and row["calls_forward"] == row["calls_backward"] > 0

@@ -11,17 +11,21 @@ from the packing context the loader made and hands each document to a *document 
     output:   the documents' outputs side by side           [B, T, H, D]     (what transformers expects)
 
 The default kernel, `sdpa_per_document`, is one causal `F.scaled_dot_product_attention` per
-document (the FlashAttention-2 "varlen" idea in plain PyTorch). Device-specific kernels (the CPU's
-short-document kernels, a GPU varlen kernel) live in `engine.speed` and are registered with
-`register_packed_attention(name, kernel)`: this module decides *when* the packed path applies and
-what the math is; a kernel only decides how to compute plain causal attention per document.
+document (the FlashAttention-2 "varlen" idea in plain PyTorch). Device-specific kernels live in
+`engine.speed` and are registered with `register_packed_attention(name, kernel)`: the CPU's
+short-document kernels (`speed/cpu_attention.py`) and, on CUDA, one varlen call per layer for the
+whole batch (`speed/cuda_attention.py`: flash varlen with `cu_seqlens`, or SDPA on a nested jagged
+tensor). This module decides *when* the packed path applies and what the math is; a kernel only
+decides how to compute plain causal attention per document (and, if it says it can, a window).
 
 What a kernel never sees, because the math is not plain causal attention per document:
   * a sliding window (Mistral, Phi-3, Qwen2 with use_sliding_window, Gemma 2/3 per layer) that is
-    shorter than some document of the row: such a document runs `exact_document_attention` with
-    its window as an [n, n] mask (a document no longer than the window is plain causal: the window
-    changes nothing there);
-  * logit soft-capping (`softcap`, Gemma 2): every document runs `exact_document_attention`;
+    shorter than some document of the row, unless the kernel takes one (`takes_window = True`: it
+    gets `window=` and honours it for every document in the same call). Otherwise such a document
+    is recomputed by `exact_document_attention` with its window as an [n, n] mask (a document no
+    longer than the window is plain causal: the window changes nothing there);
+  * logit soft-capping (`softcap`, Gemma 2): every document runs `exact_document_attention` (no
+    kernel call);
   * rows that are not packed (one document per row): one causal SDPA call over the batch, as
     transformers' own SDPA path makes it;
   * a keyword this module does not know (an attention sink, say): refused with an error that names
@@ -57,8 +61,10 @@ _NEUTRAL = {"position_ids", "cache_position", "use_cache", "output_attentions", 
 
 DocumentKernel = Callable[..., torch.Tensor]
 """kernel(query, key, value, docs, *, scale, dropout, packing) -> out [B, T, H, D].
-query [B, H, T, D], key / value [B, H_kv, T, D]; docs: every (row, start, length) of the batch;
-plain causal attention inside each document, nothing across them; dropout on the probabilities."""
+query [B, H, T, D], key / value [B, H_kv, T, D]; docs: every (row, start, length) of the batch,
+in the order of `packing.cu_seqlens`; plain causal attention inside each document, nothing across
+them; dropout on the probabilities. A kernel whose attribute `takes_window` is True is also called
+with `window=` (the layer's sliding window, None for full attention) and applies it itself."""
 
 
 class PackedAttentionError(ValueError):
@@ -184,10 +190,17 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     p = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     docs = [(b, start, n) for b, row in enumerate(packing.doc_lengths) for start, n in _starts(row)]
-    out = kernel(query, key, value, docs, scale=scale, dropout=p, packing=packing)
-    for b, start, n in docs:
-        if softcap is None and (window is None or n <= window):
-            continue  # plain causal attention: the kernel's output stands
+    takes_window = getattr(kernel, "takes_window", False)
+    exact = [(b, start, n) for b, start, n in docs
+             if softcap is not None or (window is not None and n > window and not takes_window)]
+    if len(exact) == len(docs):  # every document is recomputed below: no kernel call to throw away
+        out = query.new_empty(B, T, query.shape[1], query.shape[3])
+    else:
+        out = kernel(query, key, value, docs, scale=scale, dropout=p, packing=packing,
+                     **({"window": window} if takes_window else {}))
+        if exact:  # a varlen kernel saves its output for backward: overwrite a copy, not the saved one
+            out = out.clone()
+    for b, start, n in exact:
         # overwritten in place: the kernel's gradient for these positions is then zero
         q, k, v = (t[b:b + 1, :, start:start + n] for t in (query, key, value))
         o = exact_document_attention(q, k, v, scale=scale, window=window, softcap=softcap, dropout=p,

@@ -8,22 +8,28 @@ A packed row holds several documents back to back; positions restart at each one
 
     doc_lengths    [[n0, n1, ...], ...]   per row, summing to the row's length T (padding counts
                                           as one more document of its own: it attends to nothing real)
-    cu_seqlens     [0, n0, n0+n1, ...]    int32, over the flattened [B*T] tokens: what varlen kernels take
+    cu_seqlens     [0, n0, n0+n1, ...]    int32, over the flattened [B*T] tokens (every row's documents,
+                                          its padding included, one after another): what varlen kernels take
+    max_doc_length / min_doc_length       host ints: the longest / shortest of them (varlen kernels'
+                                          max_seqlen; a nested tensor's bounds)
     label_index    [N]                    int64 flat indices (b*T + t) of the tokens that carry a label
     label_targets  [N]                    their labels (the next token)
 
 The data loader builds it on the host while it builds the batch (it knows every length already),
 so neither attention nor the loss ever asks the device where documents start or which tokens carry
-a label: no `nonzero`, no boolean indexing, no device-to-host copy in the step. It travels as one
-keyword argument, `packing=`, through the model's forward (transformers hands extra keyword
-arguments down to the attention function) and is read by `engine.model.attention` and
-`engine.training.loss`. `kernel_cache` is a per-forward scratch dict for tensors every layer of
-the forward shares (a causal bias per document length, say); it lives and dies with the context.
+a label: no `nonzero`, no boolean indexing, no device-to-host copy in the step. Its tensors
+(label_index, label_targets, cu_seqlens) travel to the device with the batch (`to`); the lengths
+stay host lists and ints. It travels as one keyword argument, `packing=`, through the model's
+forward (transformers hands extra keyword arguments down to the attention function) and is read by
+`engine.model.attention`, its document kernels and `engine.training.loss`. `kernel_cache` is a
+per-forward scratch dict for tensors every layer of the forward shares (a causal bias per document
+length, say); it lives and dies with the context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -31,7 +37,8 @@ import torch
 @dataclass(eq=False)
 class PackingContext:
     """Host-side facts about one micro-batch (see the module docstring). Tensors live on the host
-    until `to(device)` copies them (non_blocking: pinned on a GPU, the copy overlaps the step)."""
+    until `to(device)` copies them (non_blocking: pinned on a GPU, the copy overlaps the step).
+    `cu_seqlens` is made from `doc_lengths` when not given (host work, once per batch)."""
 
     doc_lengths: list[list[int]]
     label_index: torch.Tensor
@@ -39,7 +46,18 @@ class PackingContext:
     num_tokens: int
     num_loss_tokens: int
     packed: bool = True
+    cu_seqlens: torch.Tensor | None = None
     kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    max_doc_length: int = field(init=False)
+    min_doc_length: int = field(init=False)
+
+    def __post_init__(self):
+        if self.cu_seqlens is None:
+            self.cu_seqlens = torch.tensor([0] + list(accumulate(n for row in self.doc_lengths for n in row)),
+                                           dtype=torch.int32)
+        lengths = [n for row in self.doc_lengths for n in row]
+        self.max_doc_length = max(lengths, default=0)
+        self.min_doc_length = min(lengths, default=0)
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, PackingContext) and self.doc_lengths == other.doc_lengths
@@ -57,34 +75,23 @@ class PackingContext:
         return sum(self.doc_lengths[0]) if self.doc_lengths else 0
 
     @property
-    def max_doc_length(self) -> int:
-        return max((n for row in self.doc_lengths for n in row), default=0)
-
-    @property
     def has_several_documents(self) -> bool:
         """True when some row holds more than one document: attention must keep them apart."""
         return self.packed and any(len(row) > 1 for row in self.doc_lengths)
 
-    def cu_seqlens(self) -> torch.Tensor:
-        """[docs + 1] int32 offsets of every document in the flattened [B*T] tokens (host tensor)."""
-        edges = [0]
-        for row in self.doc_lengths:
-            for n in row:
-                edges.append(edges[-1] + n)
-        return torch.tensor(edges, dtype=torch.int32)
-
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackingContext":
         device = torch.device(device)
-        if self.label_index.device == device:
+        if self.label_index.device == device and self.cu_seqlens.device == device:
             return self
-        return PackingContext(self.doc_lengths,
-                              self.label_index.to(device, non_blocking=non_blocking),
-                              self.label_targets.to(device, non_blocking=non_blocking),
-                              self.num_tokens, self.num_loss_tokens, self.packed)
+        return self._with(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackingContext":
-        return PackingContext(self.doc_lengths, self.label_index.pin_memory(), self.label_targets.pin_memory(),
-                              self.num_tokens, self.num_loss_tokens, self.packed)
+        return self._with(lambda t: t.pin_memory())
+
+    def _with(self, move) -> "PackingContext":
+        """This context with `move` applied to each tensor (and a fresh kernel cache)."""
+        return PackingContext(self.doc_lengths, move(self.label_index), move(self.label_targets), self.num_tokens,
+                              self.num_loss_tokens, self.packed, cu_seqlens=move(self.cu_seqlens))
 
 
 def packing_context(labels: torch.Tensor, doc_lengths: list[list[int]], *, num_tokens: int,

@@ -9,6 +9,9 @@ and exposes hooks; this module decides which fast implementation plugs into each
     packed_attention        engine.model.attention (AttentionInterface) per-document attention, O(sum n_i^2)
     short_attention         a DocumentKernel (engine.speed.cpu_attention) CPU bf16: short documents as explicit matmuls
     batch_short_documents   the same kernel, one autograd node per layer
+    varlen_attention        a DocumentKernel (engine.speed.cuda_attention) CUDA: one kernel call per layer for every
+                            document of the micro-batch (flash_varlen on sm80+ in fp16 / bf16, nested_sdpa
+                            elsewhere, a T4 included), cu_seqlens from the loader
     compile_norms           RMSNorm forwards swapped (engine.speed.compiled) one fused kernel each way
     compile_loss            StepKernels.cross_entropy (engine.training.loss) the chunked loss in two fused passes
     retain_host_memory      StepKernels.max_chunk_bytes + glibc mallopt   a CPU step reuses its memory
@@ -34,6 +37,7 @@ from engine.layers.groups import set_grouped_lora
 from engine.layers.lora import set_fused_lora
 from engine.model.attention import register_packed_attention, set_attention
 import engine.speed.compiled as compiled
+import engine.speed.cuda_attention as cuda_attention
 import engine.speed.host_memory as host_memory
 from engine.speed.cpu_attention import short_document_kernel
 from engine.speed.offload import install_offload
@@ -54,6 +58,7 @@ class SpeedPlan:
     packed_attention: bool = True
     short_attention: int = 0
     batch_short_documents: bool = False
+    varlen_attention: str = ""
     compile_norms: bool = False
     compile_loss: bool = False
     retain_host_memory: bool = False
@@ -61,12 +66,15 @@ class SpeedPlan:
     notes: tuple[str, ...] = ()
 
     SWITCHES = ("fused_lora", "grouped_lora", "packed_attention", "short_attention", "batch_short_documents",
-                "compile_norms", "compile_loss", "retain_host_memory")
+                "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
+    VALUED = ("short_attention", "varlen_attention")  # said with their value; off is 0 / ""
 
     def describe(self) -> str:
         """One line: the switches that are on, and why auto left any off."""
-        on = [f"{name}={self.short_attention}" if name == "short_attention" else name
+        kernels = ("short_attention", "batch_short_documents", "varlen_attention")  # of the packed path
+        on = [f"{name}={getattr(self, name)}" if name in self.VALUED else name
               for name in self.SWITCHES if getattr(self, name)
+              and (name not in kernels or self.packed_attention)
               and (name != "batch_short_documents" or self.short_attention)]  # it batches that kernel
         if self.offload_activations:
             on.append("offload_activations")
@@ -78,7 +86,7 @@ class SpeedPlan:
         unknown = set(names) - set(self.SWITCHES)
         if unknown:
             raise ValueError(f"unknown speed switches {sorted(unknown)} (known: {', '.join(self.SWITCHES)})")
-        return replace(self, **{n: 0 if n == "short_attention" else False for n in names})
+        return replace(self, **{n: type(getattr(self, n))() for n in names})  # 0, "" or False
 
 
 def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: bool = False,
@@ -90,6 +98,10 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
                          offload_activations=offload_activations)
     notes = []
     cpu_bf16 = device.type == "cpu" and precision == "bf16"
+    varlen, why = cuda_attention.choose_varlen_attention(cuda_attention.cuda_capability(device), precision,
+                                                        cuda_attention.torch_attention_features())
+    if why and "varlen_attention" not in cfg.disable:
+        notes.append(why)  # which kernel a GPU's packed rows take, said once with the plan
     compile_on = _compile_choice(cfg.compile, device, fsdp, precision, notes)
     retain = host_memory.choose(cfg.retain_host_memory, device.type, notes)
     plan = SpeedPlan(
@@ -98,6 +110,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         packed_attention=True,
         short_attention=SHORT_ATTENTION_MAX_LEN if cpu_bf16 else 0,
         batch_short_documents=cpu_bf16,
+        varlen_attention=varlen,
         compile_norms=compile_on, compile_loss=compile_on,
         retain_host_memory=retain, offload_activations=offload_activations, notes=tuple(notes))
     return plan.off(*cfg.disable) if cfg.disable else plan
@@ -135,7 +148,10 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
     prepare(plan)  # idempotent: engine.train has called it before building the model
     set_fused_lora(model, plan.fused_lora)
     set_grouped_lora(model, plan.grouped_lora)
-    if plan.packed_attention and plan.short_attention:
+    if plan.packed_attention and plan.varlen_attention:
+        name = register_packed_attention(f"engine_packed_{plan.varlen_attention}",
+                                         cuda_attention.KERNELS[plan.varlen_attention]())
+    elif plan.packed_attention and plan.short_attention:
         name = register_packed_attention(f"engine_packed_short{plan.short_attention}"
                                          f"{'_batched' if plan.batch_short_documents else ''}",
                                          short_document_kernel(plan.short_attention, plan.batch_short_documents))

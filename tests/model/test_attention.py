@@ -109,3 +109,65 @@ def test_the_attention_sees_a_padding_mask_and_a_cache_as_transformers_does():
         gen = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                           pad_token_id=0) for m in (model, packed)]
     assert torch.equal(gen[0], gen[1])
+
+
+class _SavesItsOutput(torch.autograd.Function):
+    """Identity that saves its output for backward, as a varlen kernel's autograd does: writing
+    into that output in place would fail in backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # raises if the output was modified in place
+        return grad
+
+
+def _kernel(takes_window: bool, calls: list):
+    """A document kernel computing the formula itself (windowed when it takes the window)."""
+    def kernel(q, k, v, docs, *, scale, dropout, packing, window=None):
+        calls.append(window)
+        out = _eager_reference(q, k, v, packing.doc_lengths, scale=scale, window=window)
+        return _SavesItsOutput.apply(out)
+    kernel.takes_window = takes_window
+    return kernel
+
+
+@pytest.mark.parametrize("takes_window", [True, False])
+def test_a_kernel_that_takes_the_window_gets_it_and_others_are_corrected_per_document(monkeypatch, takes_window):
+    """window 6, documents 9, 3, 12 and 14, 10: a kernel that takes the window gets it and nothing
+    is recomputed; another kernel's documents longer than the window are recomputed exactly, on a
+    copy of its output (backward still works where the kernel saved that output)."""
+    import engine.model.attention as attention
+
+    exact_calls = []
+    real = attention.exact_document_attention
+    monkeypatch.setattr(attention, "exact_document_attention", lambda *a, **kw: exact_calls.append(1) or real(*a, **kw))
+    lengths = [[9, 3, 12], [14, 10]]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 24, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 24, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    packing = packed_batch(torch.zeros(2, 24, dtype=torch.long), lengths)["packing"]
+    calls = []
+    out, _ = packed_attention(Module(), q, k, v, None, scaling=0.3, packing=packing,
+                              kernel=_kernel(takes_window, calls), sliding_window=6)
+    torch.testing.assert_close(out, _eager_reference(q, k, v, lengths, scale=0.3, window=6))
+    assert calls == [6 if takes_window else None]
+    assert len(exact_calls) == (0 if takes_window else 4)  # 9, 12, 14, 10 > 6
+    out.square().sum().backward()
+    assert q.grad.isfinite().all()
+
+
+def test_soft_capping_calls_no_kernel():
+    calls = []
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    packing = packed_batch(torch.zeros(1, 10, dtype=torch.long), [[6, 4]])["packing"]
+    out, _ = packed_attention(Module(), q, k, v, None, scaling=0.5, packing=packing,
+                              kernel=_kernel(True, calls), softcap=3.0)
+    assert calls == []
+    torch.testing.assert_close(out, _eager_reference(q, k, v, [[6, 4]], scale=0.5, softcap=3.0))

@@ -14,7 +14,8 @@ def test_the_context_of_a_packed_batch():
     assert ctx.label_index.tolist() == [0, 1, 3, 7, 8, 9, 10]           # flat b * T + t
     assert ctx.label_targets.tolist() == [5, 6, 7, 1, 2, 3, 4]
     assert ctx.num_loss_tokens == 7 and ctx.num_tokens == 11
-    assert ctx.cu_seqlens().tolist() == [0, 3, 5, 6, 12] and ctx.max_doc_length == 6
+    assert ctx.cu_seqlens.dtype == torch.int32 and ctx.cu_seqlens.device.type == "cpu"
+    assert ctx.cu_seqlens.tolist() == [0, 3, 5, 6, 12] and (ctx.max_doc_length, ctx.min_doc_length) == (6, 1)
     assert ctx.has_several_documents
     assert not packing_context(labels, [[6], [6]], num_tokens=12).has_several_documents
     assert not packing_context(labels, [[3, 3], [6]], num_tokens=12, packed=False).has_several_documents
@@ -37,7 +38,8 @@ def test_to_device_and_equality():
     assert ctx.to("cpu") is ctx
     moved = ctx.to("meta")
     assert isinstance(moved, PackingContext) and moved.label_index.device.type == "meta"
-    assert moved.doc_lengths == [[3]]
+    assert moved.cu_seqlens.device.type == "meta"  # varlen kernels read it there: no host copy per layer
+    assert moved.doc_lengths == [[3]] and moved.max_doc_length == 3 and moved.kernel_cache is not ctx.kernel_cache
 
 
 def test_lengths_from_positions():

@@ -1,0 +1,33 @@
+"""engine/speed/measure.py: the dispatch modes that count attention kernel calls and allocated bytes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.speed.measure import AllocatedBytes, AttentionCalls, is_attention_op
+
+
+def test_attention_calls_count_forward_and_backward_launches():
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    with AttentionCalls() as calls:
+        for _ in range(3):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        torch.matmul(q, q.transpose(-1, -2))  # not an attention kernel
+    assert (calls.forward, calls.backward) == (3, 3)
+    assert is_attention_op("torch_attn::_varlen_attn") and is_attention_op("aten::_efficient_attention_forward")
+    assert not is_attention_op("aten::bmm")
+
+
+def test_allocated_bytes_peak_counts_live_storage_made_inside_only():
+    outside = torch.zeros(1000)                    # 4000 bytes, made before: never counted
+    with AllocatedBytes() as mem:
+        a = torch.ones(1000)                       # +4000
+        b = a * 2                                  # +4000 -> 8000 alive
+        view = b.view(10, 100)                     # a view: nothing new
+        view.add_(outside.view(10, 100))           # in place: nothing new
+        del a                                      # -4000
+        c = torch.ones(500, dtype=torch.float64)   # +4000 -> 8000 again
+    assert mem.peak == 8000 and mem.live == 8000
+    del b, view, c
+    assert mem.live == 0
