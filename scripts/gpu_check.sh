@@ -1,32 +1,32 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared script for a CUDA machine without network access (torch and
-# transformers installed; bitsandbytes / hydra may arrive as an unpacked folder .whl/site or as
-# wheels in .whl/ beside the checkout).
+# The GPU check: one prepared command for a CUDA machine without network access, under 8 minutes.
 #
-#   bash scripts/gpu_check.sh              # on the GPU machine; results in benchmarks/results/gpu/
+#   bash scripts/gpu_wheels.sh             # here, once: the packages the GPU machine lacks, in .whl/
+#   bash scripts/gpu_check.sh              # there (carry .whl); results in benchmarks/results/gpu/DATE/
 #   bash scripts/gpu_check.sh --dry-run    # the same Python steps on this CPU with tiny shapes
 #
-# Steps, most important first; each bounded by `timeout`, and a step is skipped when the
-# script's budget (GPU_CHECK_BUDGET_S, default 480 s) would be overrun, so the whole script ends
-# well inside one 10-minute device call:
-#   1. throughput in "T4 mode" (fp16 autocast, memory capped at 14.7 GiB, activation checkpointing
-#      on for both, as the seed and every 16 GB QLoRA recipe use it): engine vs HF Trainer +
-#      PEFT (padded to longest, padding-free) on a random-initialised Llama-3.1-8B-shaped QLoRA
-#      model at 2k tokens (benchmarks/throughput.py --t4);
-#   2. the longest sequence whose step fits 14.7 GiB with every memory switch on (chunked loss,
-#      activation checkpointing + offload, fused LoRA), with the planner's prediction
-#      (engine.plan.predict) next to each measured max_memory_allocated (--probe), 8B shape;
-#   3. step 1 on the Phi-3-mini shape;  4. scripts/gpu_check_fsdp.sh (not in --dry-run);
-#   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON;
-#   7. the compiled kernels (speed.compile, off by default on a GPU until
-#      measured): engine vs engine_compiled on the Phi-3-mini shape.
-#   After step 1: packed attention on this GPU (issue 21): the gpu tests of
-#   tests/speed/test_varlen_attention.py (one kernel call per layer per forward, numerics),
-#   benchmarks/gpu_attention.py (calls per step, step time, memory, first loss per kernel in the
-#   real step, Phi-3-mini shape) and benchmarks/attention_memory.py (one layer's extra memory at
-#   4k / 16k / 32k tokens per kernel).
+# Steps, most important first; each bounded by `timeout`, and a step is skipped (SKIP, with the
+# reason) when the script's budget (GPU_CHECK_BUDGET_S, default 470 s) would be overrun:
+#   1. the GPU tests (pytest -m gpu): training runs under torch.cuda.set_sync_debug_mode with no
+#      synchronising call between log steps (LoRA / QLoRA, fp16 / bf16), one attention kernel call
+#      per layer per forward with the plan's varlen kernel, its numerics;
+#   2. throughput in "T4 mode" (fp16, memory capped at 14.7 GiB, activation checkpointing, as every
+#      16 GB QLoRA recipe runs): engine vs HF Trainer + PEFT, padded and padding-free (the report
+#      names the best of the two), Phi-3-mini shape, random weights, synthetic documents of 1/16
+#      to 1/2 of the row (several per packed row); attention kernel calls per step in each row;
+#   3. the same for the Llama-3.1-8B shape;
+#   4. long context: the longest row that trains one step in 14.7 GiB on the 8B shape (QLoRA, every
+#      memory switch on, tiled MLP), several documents per row, the planner's prediction next to each
+#      measured max_memory_allocated;
+#   5. FSDP2 on one GPU under torchrun (scripts/gpu_check_fsdp.sh: sharded step == unsharded step,
+#      float and 4-bit; engine.train with train.fsdp=true vs without);
+#   6. packed attention per kernel in the real step on the Phi-3-mini shape (calls per step, time,
+#      memory, loss agreement: benchmarks/gpu_attention.py) and one layer's extra memory of the
+#      packed path at 4k / 16k / 32k tokens (benchmarks/attention_memory.py);
+#   7. planner vs measured: a table from step 4's JSON.
 # On the device tool's machine ($OUT set) the results go to a scratch folder that is tarred into
-# $OUT/gpu_check.tgz after every step, so a call cut short still returns what it measured.
+# $OUT/gpu_check.tgz after every step, so a call cut short still returns what it measured; unpack
+# it into benchmarks/results/gpu/ here.
 set -uo pipefail
 
 DRY_RUN=0
@@ -45,11 +45,13 @@ if ! python -c "import torch" >/dev/null 2>&1; then  # the FSDP check calls `pyt
     mkdir -p /tmp/gpu_check_bin && ln -sf "$(command -v python3)" /tmp/gpu_check_bin/python && export PATH="/tmp/gpu_check_bin:$PATH"
 fi
 
-if [ -n "${OUT:-}" ] && [ "$DRY_RUN" = 0 ]; then RES=/tmp/gpu_check; else RES="$REPO/benchmarks/results/gpu"; fi
-[ "$DRY_RUN" = 1 ] && RES="${DRY_RUN_OUT:-/tmp/gpu_check_dry_run}"
+DATE=$(date +%F)
+if [ "$DRY_RUN" = 1 ]; then RES="${DRY_RUN_OUT:-/tmp/gpu_check_dry_run}/$DATE"
+elif [ -n "${OUT:-}" ]; then RES="/tmp/gpu_check/$DATE"
+else RES="$REPO/benchmarks/results/gpu/$DATE"; fi
 mkdir -p "$RES"
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
 status=0
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -61,8 +63,8 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
-    SEQ=2048; PROBE=(--probe-start 4096 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
-    T_BENCH=75; T_PROBE=120
+    SEQ=2048; PROBE=(--probe-start 16384 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
+    T_BENCH=35; T_PROBE=60
     VARLEN=(--model "$PHI3" --seq-len 4096 --micro-batch 2 --checkpointing --warmup 1 --steps 2)
     ATTN_MEMORY=(--device cuda --heads 32 --kv-heads 32 --head-dim 96 --iters 3)
 fi
@@ -73,6 +75,14 @@ save() {  # what has been measured so far travels back even if the call is cut s
 fits_budget() {  # fits_budget SECONDS: is there time left for a step bounded by SECONDS?
     local left=$(( BUDGET - ($(date +%s) - START) ))
     if [ "$1" -gt "$left" ]; then echo "SKIP: needs up to $1 s, $left s left of the $BUDGET s budget"; return 1; fi
+}
+step() {  # step SECONDS NAME COMMAND...: run a bounded step, log it, keep going on failure
+    local t="$1" name="$2"; shift 2
+    fits_budget "$t" || return 0
+    timeout -k 10 "$t" "$@" 2>&1 | tee "$RES/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "FAIL ($rc): $name"; status=1; }
+    save
 }
 
 echo "== environment"
@@ -90,53 +100,36 @@ for name in ("transformers", "peft", "bitsandbytes", "hydra"):
 EOF
 save
 
-throughput() {  # throughput MODEL: engine vs HF + PEFT, T4 mode
-    local name="${1#shape:}" t=$((T_BENCH * 3 + 45))
-    echo "== throughput, T4 mode, engine vs HF Trainer + PEFT ($1, QLoRA, $SEQ tokens)"
-    fits_budget "$t" || return 0
-    timeout -k 10 "$t" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$1" --method qlora \
-        --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,hf_padded,hf_flat "${STEPS[@]}" \
-        --timeout "$T_BENCH" --tag "t4_${name}_${SEQ}" --out-dir "$RES" \
-        || { echo "FAIL: throughput $1"; status=1; }
-    save
-}
-probe() {  # probe MODEL: the longest sequence that fits, planner next to measured
+if [ "$DRY_RUN" = 0 ]; then
+    echo "== 1. GPU tests: no sync between log steps, one attention kernel call per layer"
+    step 80 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
+        tests/speed/test_varlen_attention.py
+fi
+
+throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding-free), T4 mode
     local name="${1#shape:}"
-    echo "== longest sequence in 14.7 GiB, all memory switches on ($1)"
-    fits_budget $((T_PROBE + 20)) || return 0
-    timeout -k 10 $((T_PROBE + 20)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$1" --method qlora --probe \
-        "${PROBE[@]}" --timeout "$T_PROBE" --tag "t4_${name}_probe" --out-dir "$RES" \
-        || { echo "FAIL: probe $1"; status=1; }
-    save
+    echo "== throughput, T4 mode, engine vs HF Trainer + PEFT ($1, QLoRA, $SEQ-token rows, several documents each)"
+    step "$2" "throughput_$name" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$1" --method qlora \
+        --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,hf_padded,hf_flat "${STEPS[@]}" \
+        --timeout "$T_BENCH" --tag "t4_${name}_${SEQ}" --out-dir "$RES"
 }
+throughput "$PHI3" 110
+throughput "$LLAMA" 120
 
-throughput "$LLAMA"
+echo "== 4. longest context in 14.7 GiB, every memory switch on, several documents per row ($LLAMA)"
+step $((T_PROBE + 15)) "probe_${LLAMA#shape:}" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$LLAMA" \
+    --method qlora --probe "${PROBE[@]}" --timeout "$T_PROBE" --tag "t4_${LLAMA#shape:}_probe" --out-dir "$RES"
 
-echo "== packed attention: one kernel call per layer per forward ($PHI3)"
-if fits_budget 200; then
-    if [ "$DRY_RUN" = 0 ]; then
-        timeout -k 10 60 $PY -m pytest -q -m gpu tests/speed/test_varlen_attention.py 2>&1 | tee "$RES/varlen_gpu_tests.txt" \
-            || { echo "FAIL: varlen gpu tests"; status=1; }
-    fi
-    timeout -k 10 90 $PY benchmarks/gpu_attention.py "${VARLEN[@]}" --out-dir "$RES" \
-        || { echo "FAIL: gpu_attention"; status=1; }
-    timeout -k 10 50 $PY benchmarks/attention_memory.py "${ATTN_MEMORY[@]}" --out-dir "$RES" \
-        || { echo "FAIL: attention_memory"; status=1; }
-    save
+if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ]; then
+    echo "== 5. FSDP2 on one GPU (scripts/gpu_check_fsdp.sh)"
+    FSDP_QUICK=1 step 60 fsdp bash scripts/gpu_check_fsdp.sh "$RES/fsdp"
 fi
-probe "$LLAMA"
-throughput "$PHI3"
-if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ] && [ -f scripts/gpu_check_fsdp.sh ]; then
-    echo "== FSDP check (scripts/gpu_check_fsdp.sh)"
-    if fits_budget 150; then
-        timeout -k 10 150 bash scripts/gpu_check_fsdp.sh "$RES/fsdp" \
-            || { echo "FAIL: fsdp check"; status=1; }
-        save
-    fi
-fi
-probe "$PHI3"
 
-echo "== planner vs measured"
+echo "== 6. packed attention per kernel in the real step ($PHI3), extra memory at 4k/16k/32k"
+step 35 gpu_attention $PY benchmarks/gpu_attention.py "${VARLEN[@]}" --out-dir "$RES"
+step 25 attention_memory $PY benchmarks/attention_memory.py "${ATTN_MEMORY[@]}" --out-dir "$RES"
+
+echo "== 7. planner vs measured"
 $PY - "$RES" <<'EOF' || status=1
 import glob, json, os, sys
 res = sys.argv[1]
@@ -164,15 +157,6 @@ print("\n".join(lines))
 if not rows:
     sys.exit("no probe results to compare")
 EOF
-
-echo "== compiled kernels: engine vs engine_compiled ($PHI3)"
-if fits_budget $((T_BENCH * 2 + 60)); then
-    timeout -k 10 $((T_BENCH * 2 + 60)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$PHI3" --method qlora \
-        --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,engine_compiled "${STEPS[@]}" \
-        --timeout "$((T_BENCH + 60))" --tag "t4_${PHI3#shape:}_${SEQ}_compiled" --out-dir "$RES" \
-        || { echo "FAIL: compiled kernels $PHI3"; status=1; }
-    save
-fi
 
 echo "== done in $(( $(date +%s) - START )) s, status $status; results in $RES"
 ls -la "$RES"

@@ -13,11 +13,14 @@
 #      loss goes down, peak memory of both printed;
 #   3. resume under FSDP: a second run started from the first run's step-10 checkpoint logs the
 #      same losses for steps 11..20.
+# FSDP_QUICK=1 (what gpu_check.sh runs, inside its 8 minutes): 1 and 2 only, 10 steps.
 # DEVICE=cpu PRECISION=fp32 runs the same steps on the CPU (gloo), to try the script without a GPU.
 # Sharding over several GPUs (world size > 1) is only exercised on CPU with gloo in the tests.
 
 gpu_check_fsdp() {
     local out="${1:-${OUT:-/tmp}/fsdp_check}" dev="${DEVICE:-cuda}" prec="${PRECISION:-bf16}"
+    local quick="${FSDP_QUICK:-0}" steps=20
+    [ "$quick" = 1 ] && steps=10
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     mkdir -p "$out"
@@ -53,12 +56,28 @@ print("PASS 1")
 EOF
         common=(model.path="$out/tiny-llama" data.train_path="$out/train.jsonl" data.eval_path="$out/eval.jsonl"
                 data.max_seq_len=128 data.cache_dir="$out/cache" peft=qlora peft.r=8 train.device="$dev"
-                train.precision="$prec" train.max_steps=20 train.save_every=10 train.keep_last=5
-                train.micro_batch_size=2 train.grad_accum=2 train.plots=false optim.lr=5e-3)
+                train.precision="$prec" train.max_steps="$steps" train.save_every=10 train.keep_last=5
+                train.micro_batch_size=2 train.grad_accum=2 train.plots=false train.log_every=1 optim.lr=5e-3)
         echo "== 2. QLoRA training: FSDP (torchrun, 1 GPU) vs plain"
         python -m engine.train "${common[@]}" train.fsdp=false output_dir="$out/plain"
         python -m torch.distributed.run --nproc_per_node=1 --master_port=29518 -m engine.train \
             "${common[@]}" train.fsdp=true output_dir="$out/fsdp"
+        if [ "$quick" = 1 ]; then
+            python - "$out" "$steps" <<'EOF'
+import json, sys
+from pathlib import Path
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+def losses(d):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / d / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+plain, fsdp = losses("plain"), losses("fsdp")
+worst = max(abs(plain[k] - fsdp[k]) for k in plain)
+print(f"max |loss(plain) - loss(fsdp)| over {n} steps: {worst:.2e}")
+assert plain.keys() == fsdp.keys() == set(range(1, n + 1)), (plain.keys(), fsdp.keys())
+assert worst < 2e-2, worst
+print("PASS 2")
+EOF
+            exit 0
+        fi
         echo "== 3. FSDP resume from step 10"
         python -m torch.distributed.run --nproc_per_node=1 --master_port=29519 -m engine.train \
             "${common[@]}" train.fsdp=true output_dir="$out/fsdp_resumed" train.resume="$out/fsdp/checkpoints/step-10"
