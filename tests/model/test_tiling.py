@@ -1,8 +1,9 @@
-"""The sequence-tiled MLP (engine/model/tiled_mlp.py, train.mlp_tile_tokens): the engine's step with
-the MLPs tiled computes the untiled step's loss and LoRA gradients (fp32 to rounding, bf16 to its
-precision) for LoRA and QLoRA, Llama / Qwen2 / Phi-3 (fused gate|up), packed rows, with and without
+"""Sequence tiling (engine/model/tiling.py): train.mlp_tile_tokens and train.norm_tile_tokens. The
+engine's step with the MLPs (and / or the RMSNorms) tiled computes the untiled step's loss and LoRA
+gradients (fp32 to rounding, bf16 to its precision) for LoRA and QLoRA, Llama / Qwen2 / Phi-3 (fused
+gate|up) / Qwen3 (per-head q/k norms) / Gemma (its own norm), packed rows, with and without
 activation checkpointing; LoRA dropout draws the same masks in the backward recompute as in forward;
-grouped LoRA projects each tile once; the swap is reversible and keeps every name."""
+grouped LoRA projects each tile once; the swaps are reversible and keep every name."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from engine.layers.inject import inject_lora
 from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
 from engine.layers.quant import QuantSpec, quantize_module_linears
 from engine.model.build import decoder_linear_names, enable_activation_checkpointing
-from engine.model.tiled_mlp import (TiledMLPError, find_mlps, is_tiled_mlp, resolve_tile_tokens, tile_bounds,
-                                    tile_mlps)
+from engine.model.tiling import (TilingError, find_mlps, find_norms, is_tiled, resolve_tile_tokens, tile_bounds,
+                                tile_mlps, tile_norms)
 from engine.parallel.distributed import init_distributed
 from engine.train import build_everything
 from engine.training.loss import causal_lm_loss
@@ -30,7 +31,8 @@ TILE = 24            # 2 rows x 32 tokens = 64 tokens -> tiles of 22, 21, 21 (ac
 DOCS = [[12, 20], [32]]
 
 
-def _model(family="llama", *, method="lora", dtype=torch.float32, dropout=0.0, checkpointing=False, grouped=True):
+def _model(family="llama", *, method="lora", dtype=torch.float32, dropout=0.0, checkpointing=False, grouped=True,
+           compile="auto"):
     model, _ = make_tiny_model(family)
     model.to(dtype)
     if method == "qlora":
@@ -45,7 +47,8 @@ def _model(family="llama", *, method="lora", dtype=torch.float32, dropout=0.0, c
     if checkpointing:
         enable_activation_checkpointing(model)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    apply_speed(model, precision, off=() if grouped else ("grouped_lora",))  # the engine's step: fused, grouped, packed
+    # the engine's step: fused + grouped LoRA, packed attention, compiled norms where auto says so
+    apply_speed(model, precision, off=() if grouped else ("grouped_lora",), compile=compile)
     return model.train()
 
 
@@ -91,9 +94,37 @@ def test_tiled_step_equals_the_untiled_step(family, method, dtype, checkpointing
     assert tile_mlps(model, TILE) == model.config.num_hidden_layers
     tiled = _step(model, batch, dtype)
     _assert_same_step(tiled, plain, dtype)
-    assert tile_mlps(model, 0) == 0 and not any(is_tiled_mlp(m) for m in find_mlps(model).values())
+    assert tile_mlps(model, 0) == 0 and not any(is_tiled(m) for m in find_mlps(model).values())
     again = _step(model, batch, dtype)
     assert torch.equal(again[0], plain[0])  # untiled again: the same step, bit for bit
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family,method", [("llama", "qlora"), ("qwen3", "lora"), ("gemma", "lora"), ("phi3", "lora")])
+def test_tiled_norms_and_mlps_step_equals_the_untiled_step(family, method, dtype, checkpointing):
+    """Every RMSNorm tiled (Qwen3's per-head q/k norms: rows are tokens x heads; Gemma's (1 + w)
+    in fp32), with and without the MLPs tiled too. Norms are not compiled here (a tiled norm never is)."""
+    model = _model(family, method=method, dtype=dtype, checkpointing=checkpointing, compile=False)
+    batch = _batch(model.config.vocab_size)
+    plain = _step(model, batch, dtype)
+    norms = tile_norms(model, TILE)
+    assert norms == 2 * model.config.num_hidden_layers + 1 + (4 if family == "qwen3" else 0)
+    _assert_same_step(_step(model, batch, dtype), plain, dtype)
+    tile_mlps(model, TILE)
+    _assert_same_step(_step(model, batch, dtype), plain, dtype)
+    tile_norms(model, 0)
+    tile_mlps(model, 0)
+    assert torch.equal(_step(model, batch, dtype)[0], plain[0])
+
+
+def test_a_tiled_norm_is_left_alone_by_compile_norms():
+    from engine.speed.compiled import set_compiled_norms
+
+    model = _model(compile=False)
+    tile_norms(model, TILE)
+    assert set_compiled_norms(model, True) == 0
+    assert all(is_tiled(m) for m in find_norms(model).values())
 
 
 def test_tiles_run_through_the_tiled_function_and_short_calls_do_not():
@@ -101,9 +132,9 @@ def test_tiles_run_through_the_tiled_function_and_short_calls_do_not():
     tile_mlps(model, TILE)
     mlp = model.model.layers[0].mlp
     x = torch.randn(2, 32, 64, requires_grad=True)
-    assert type(mlp(x).grad_fn).__name__ == "_TiledMLPBackward"
+    assert type(mlp(x).grad_fn).__name__ == "_TiledBackward"
     short = torch.randn(1, TILE, 64, requires_grad=True)
-    assert type(mlp(short).grad_fn).__name__ != "_TiledMLPBackward"
+    assert type(mlp(short).grad_fn).__name__ != "_TiledBackward"
     with torch.no_grad():  # nothing to differentiate: tiles without the autograd function, same output
         tiled_out = mlp(x)
         tile_mlps(model, 0)
@@ -177,7 +208,7 @@ def test_the_swap_keeps_names_copies_and_is_idempotent():
     assert all(m.forward.tile_tokens == 16 for m in find_mlps(model).values())
     assert list(model.state_dict()) == keys and list(lora_state_dict(model)) == adapters
     clone = copy.deepcopy(model)  # the copy's MLPs tile themselves, not the original's
-    assert all(m.forward.mlp is m for m in find_mlps(clone).values())
+    assert all(m.forward.module is m for m in find_mlps(clone).values())
     batch = _batch(model.config.vocab_size)
     torch.testing.assert_close(_step(clone, batch)[0], _step(model, batch)[0])
 
@@ -190,24 +221,36 @@ def test_tile_bounds_are_near_equal_and_cover_every_token():
 
 def test_settings_and_errors_are_named():
     assert resolve_tile_tokens("auto", 4096) == 4096 and resolve_tile_tokens(0, 64) == 0
-    with pytest.raises(TiledMLPError, match=r"train.mlp_tile_tokens: must be an integer >= 0 or 'auto', got -1"):
+    with pytest.raises(TilingError, match=r"train.mlp_tile_tokens: must be an integer >= 0 or 'auto', got -1"):
         resolve_tile_tokens(-1, 64)
     gpt2, _ = make_tiny_model("gpt2")
-    with pytest.raises(TiledMLPError, match=r"train.mlp_tile_tokens: GPT2LMHeadModel has no gated MLP to tile"):
+    with pytest.raises(TilingError, match=r"train.mlp_tile_tokens: GPT2LMHeadModel has no gated MLP to tile"):
         tile_mlps(gpt2, 8)
+    with pytest.raises(TilingError, match=r"train.norm_tile_tokens: GPT2LMHeadModel has no RMSNorm to tile"):
+        tile_norms(gpt2, 8)
+    llama, _ = make_tiny_model("llama")
+    llama.model.norm.forward = lambda x: x  # as speed.compile's compiled norms do
+    with pytest.raises(TilingError, match=r"train.norm_tile_tokens: model.norm's forward is already replaced"):
+        tile_norms(llama, 8)
     assert TrainConfig(mlp_tile_tokens="auto").validate() is None
     for bad in (-1, "big", True, 1.5):
         with pytest.raises(ConfigError, match=r"config key 'train.mlp_tile_tokens': must be an integer >= 0"):
             TrainConfig(mlp_tile_tokens=bad).validate()
     with pytest.raises(ConfigError, match=r"train.mlp_tile_tokens': is not checked under train.fsdp=true"):
         TrainConfig(mlp_tile_tokens=1024, fsdp=True).validate()
+    with pytest.raises(ConfigError, match=r"config key 'train.norm_tile_tokens': must be an integer >= 0"):
+        TrainConfig(norm_tile_tokens=-2).validate()
 
 
 def test_build_everything_tiles_the_mlps_next_to_checkpointing(tmp_path, capsys):
     """train.mlp_tile_tokens reaches the model engine.train builds (auto: tiles of hidden_size tokens)."""
     cfg = counting_run_config(tmp_path, make_tiny_model_dir(tmp_path, "qwen2"), PeftConfig(r=4, alpha=8.0))
-    cfg = replace(cfg, train=replace(cfg.train, mlp_tile_tokens="auto", activation_checkpointing=True)).validate()
+    cfg = replace(cfg, train=replace(cfg.train, mlp_tile_tokens="auto", norm_tile_tokens=32,
+                                     activation_checkpointing=True)).validate()
     model = build_everything(cfg, init_distributed("cpu"))[0]
-    mlps = find_mlps(model)
-    assert len(mlps) == 2 and all(is_tiled_mlp(m) and m.forward.tile_tokens == 64 for m in mlps.values())
-    assert "mlp tiles: 2 MLPs run over tiles of <= 64 tokens" in capsys.readouterr().err
+    mlps, norms = find_mlps(model), find_norms(model)
+    assert len(mlps) == 2 and all(is_tiled(m) and m.forward.tile_tokens == 64 for m in mlps.values())
+    assert len(norms) == 5 and all(is_tiled(m) and m.forward.tile_tokens == 32 for m in norms.values())
+    err = capsys.readouterr().err
+    assert "train.mlp_tile_tokens: 2 modules run over tiles of <= 64 tokens" in err
+    assert "train.norm_tile_tokens: 5 modules run over tiles of <= 32 tokens" in err
