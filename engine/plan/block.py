@@ -46,7 +46,7 @@ class BlockParts:
 
 
 def block_parts(shape: Shape, targets: set, *, r: int, a: int, rs: int, grad_on: bool, repeat_kv: bool,
-                dropout: bool, tiled_mlp: bool = False, tiled_norms: bool = False,
+                dropout: bool, tiled_mlp: bool = False, tiled_norms: bool = False, per_document: bool = False,
                 cuda: bool = True) -> tuple[BlockParts, bool]:
     """(what one decoder block keeps for backward per token, do grads flow after it?).
 
@@ -68,6 +68,9 @@ def block_parts(shape: Shape, targets: set, *, r: int, a: int, rs: int, grad_on:
                         keeps all of it alive. Phi-3's RoPE ends in a cat, so q is laid out
                         [B, heads, T, hd] and the CPU kernel writes out that way: o_proj's
                         input is then a contiguous copy (CUDA kernels write [B, T, heads, hd])
+      packed attention  (engine/model/attention.py, `per_document`: packed rows, no mask) SDPA per
+                        document: k, v repeated to all heads (GQA), and the documents' outputs
+                        besides the row's out they are joined into: one more a*heads*hd
       gated MLP         act input g, act(g), up u: 3*a*i (Phi-3: the gate|up output [2i]
                         + act(g)); g*u only when down_proj has LoRA (as its input)
       tiled MLP         (engine/model/tiling.py) its input x only: rs*h
@@ -95,13 +98,13 @@ def block_parts(shape: Shape, targets: set, *, r: int, a: int, rs: int, grad_on:
         if shape.qk_norm:
             p["qk_norm"] = (a * hd if tiled_norms else 4 * hd + 4) * (nh + nkv)
         attention = 0
-        if repeat_kv and nkv < nh:
+        if (repeat_kv or per_document) and nkv < nh:
             attention += a * 3 * nh * hd                           # q, repeated k, repeated v
         elif shape.fused:
             attention += a * (nh + nkv) * hd + a * (nh + 2 * nkv) * hd  # q, k (RoPE'd) + q|k|v
         else:
             attention += a * (nh + 2 * nkv) * hd
-        p["attention"] = attention + a * nh * hd + 4 * nh          # + out, logsumexp
+        p["attention"] = attention + a * nh * hd * (2 if per_document else 1) + 4 * nh  # + out, logsumexp
     p["o_lora"] = lora(["o_proj"], grad_on and not (shape.family == "phi3" and not cuda))
     grad_on = grad_on or "o_proj" in targets
     p["norm_post"] = norm if grad_on else 0

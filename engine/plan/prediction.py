@@ -111,15 +111,16 @@ def _optimizer_bytes(numels: list[int], optimizer: str) -> int:
 def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlora", r: int = 16,
             targets="all-linear", precision: str = "fp16", activation_checkpointing: bool = False,
             offload_activations: bool = False, chunked_loss: bool = True, loss_chunk_size: int = 1024,
-            optimizer: str = "adamw", base_dtype: str | None = None, masked: bool = True,
+            optimizer: str = "adamw", base_dtype: str | None = None, masked: bool = True, per_document: bool = False,
             dropout: float = 0.0, double_quant: bool = True, mlp_tile_tokens=0, norm_tile_tokens=0,
             cuda: bool = True) -> Breakdown:
     """Predicted peak memory of one LoRA/QLoRA training step (pure: config numbers in, bytes out).
 
     model_config: a transformers config (Llama, Mistral, Qwen2, Phi-3, Gemma). precision: the
     autocast dtype (fp16 | bf16 | fp32). base_dtype: dtype of the frozen float weights (default:
-    the precision's). masked: a [B, 1, T, T] attention mask exists (packed rows or padding), so
-    SDPA gets a float mask per block and GQA k/v are repeated. mlp_tile_tokens, norm_tile_tokens:
+    the precision's). masked: a [B, 1, T, T] attention mask exists (packed rows without the packed
+    attention path, or padding), so SDPA gets a float mask per block and GQA k/v are repeated.
+    per_document: packed rows on the engine's packed attention (no mask; SDPA per document). mlp_tile_tokens, norm_tile_tokens:
     `train.*_tile_tokens` (0, an int or "auto"; engine/model/tiling.py). cuda=False drops the CUDA
     context and allocator slack (what a CPU measurement compares with).
     """
@@ -174,7 +175,8 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     blocks, grad_on, first_grad_block = [], False, None
     for layer, tgt in enumerate(per_layer):
         parts, after = block_parts(shape, tgt, r=r, a=a, rs=rs, grad_on=grad_on, repeat_kv=masked,
-                                   dropout=dropout > 0, tiled_mlp=tile > 0, tiled_norms=norm_tile > 0, cuda=cuda)
+                                   dropout=dropout > 0, tiled_mlp=tile > 0, tiled_norms=norm_tile > 0,
+                                   per_document=per_document and not masked, cuda=cuda)
         if after and first_grad_block is None:
             first_grad_block = layer
         # under 16-bit autocast the fp32 A and B are cast once per forward and mm saves the casts
@@ -182,7 +184,7 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
         cast = [t for t in tgt if not (tile and t in mlp_names)]
         casts = sum(r * n for t in cast for n in dims[t]) * a if a == 2 else 0
         stages = (backward_stages(shape, parts, a=a, rs=rs, tokens=N, tile_tokens=tile, norm_tile_tokens=norm_tile,
-                                  repeat_kv=masked, cuda=cuda) if after else {})
+                                  repeat_kv=masked or per_document, cuda=cuda) if after else {})
         blocks.append((parts.total * N + casts, parts, casts, stages))
         grad_on = after
     float_mask = B * T * T * a if masked else 0     # SDPA's additive mask, made in every block
@@ -294,14 +296,18 @@ def plan_settings(cfg, *, precision: str | None = None, base_dtype: str | None =
                 loss_chunk_size=cfg.train.loss_chunk_size, optimizer=cfg.optim.name,
                 dropout=cfg.peft.dropout, double_quant=cfg.peft.double_quant,
                 mlp_tile_tokens=cfg.train.mlp_tile_tokens, norm_tile_tokens=cfg.train.norm_tile_tokens,
-                cuda=cuda, packing=cfg.data.packing)
+                cuda=cuda, packing=cfg.data.packing,
+                packed_attention=cfg.speed.mode != "off" and "packed_attention" not in cfg.speed.disable)
 
 
-def predict_for(model_config, seq_len: int, micro_batch: int, *, packing: bool = True, **settings) -> Breakdown:
-    """predict() where the mask follows the data layout: packed rows always carry a
-    block-diagonal mask; padded rows carry one when there is more than one row (padding)."""
-    return predict(model_config, seq_len=seq_len, micro_batch=micro_batch,
-                   masked=packing or micro_batch > 1, **settings)
+def predict_for(model_config, seq_len: int, micro_batch: int, *, packing: bool = True, packed_attention: bool = True,
+                **settings) -> Breakdown:
+    """predict() where the attention follows the data layout: packed rows run the engine's packed
+    attention (SDPA per document, no mask; speed switch packed_attention) or, with it off, carry
+    transformers' block-diagonal mask; padded rows carry a mask when there is more than one row."""
+    masked = (packing and not packed_attention) or (not packing and micro_batch > 1)
+    return predict(model_config, seq_len=seq_len, micro_batch=micro_batch, masked=masked,
+                   per_document=packing and packed_attention, **settings)
 
 
 def max_micro_batch(model_config, seq_len: int, budget: int, *, limit: int = 4096, **settings) -> int:

@@ -27,6 +27,7 @@ from engine.layers.inject import inject_lora
 from engine.model.build import enable_activation_checkpointing
 from engine.model.tiling import tile_mlps, tile_norms
 from engine.plan import GIB, PlanError, predict
+from tests.conftest import use_packed_attention
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
@@ -72,15 +73,18 @@ def make_batch(vocab, B, T, packed):
 
 
 def compare(config, *, B=2, T=128, packed=True, checkpointing=False, chunk=None, precision="fp32",
-            targets="all-linear", r=8, dropout=0.0, tile=0, norm_tile=0):
+            targets="all-linear", r=8, dropout=0.0, tile=0, norm_tile=0, packed_attention=False):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     model = build(config, targets=targets, r=r, dtype=dtype, checkpointing=checkpointing, dropout=dropout, tile=tile,
                   norm_tile=norm_tile)
+    if packed_attention:  # the engine's packed rows: SDPA per document, no mask
+        use_packed_attention(model)
     batch = make_batch(config.vocab_size, B, T, packed)
     measured = plan.measure_step(model, batch, chunk_size=chunk, precision=precision)
     predicted = predict(config, seq_len=T, micro_batch=B, method="lora", r=r, targets=targets,
                         precision=precision, activation_checkpointing=checkpointing,
-                        chunked_loss=chunk is not None, loss_chunk_size=chunk or 1, masked=packed,
+                        chunked_loss=chunk is not None, loss_chunk_size=chunk or 1,
+                        masked=packed and not packed_attention, per_document=packed and packed_attention,
                         dropout=dropout, mlp_tile_tokens=tile, norm_tile_tokens=norm_tile, cuda=False)
     return measured, predicted
 
@@ -213,6 +217,18 @@ def test_small_models_backward_phase_matches_measurement(family, checkpointing, 
     measured, predicted = compare(config, B=2, T=256, checkpointing=checkpointing, chunk=128, precision=precision,
                                   tile=tile, norm_tile=norm_tile, packed=family != "qwen3")
     assert within(predicted.activations, measured["activations"], 0.01), (predicted, measured)
+    step = predicted.dynamic + predicted.lora_grads
+    assert 0.99 * measured["step_peak"] <= step <= 1.15 * measured["step_peak"], (step, measured)
+
+
+@pytest.mark.parametrize("checkpointing,precision,tile", [(False, "fp32", 0), (True, "bf16", 0), (True, "bf16", 64)])
+def test_packed_attention_rows_match_measurement(checkpointing, precision, tile):
+    """Packed rows on the engine's packed attention (engine/model/attention.py): no [T, T] mask;
+    per document, k and v repeated to all heads and the outputs beside the row's."""
+    measured, predicted = compare(tiny(intermediate_size=512, vocab_size=128), checkpointing=checkpointing, chunk=32,
+                                  precision=precision, tile=tile, norm_tile=tile, packed_attention=True)
+    assert predicted.attention_masks == 0
+    assert within(predicted.activations, measured["activations"], 0.01), (predicted.activations, measured)
     step = predicted.dynamic + predicted.lora_grads
     assert 0.99 * measured["step_peak"] <= step <= 1.15 * measured["step_peak"], (step, measured)
 
