@@ -16,6 +16,8 @@
 #   2. the longest sequence whose step fits 14.7 GiB with every memory switch on (chunked loss,
 #      activation checkpointing + offload, fused LoRA), with the planner's prediction
 #      (engine.plan.predict) next to each measured max_memory_allocated (--probe), 8B shape;
+#      then the same with the sequence-tiled MLP and RMSNorms (train.mlp_tile_tokens /
+#      norm_tile_tokens=auto; issue 22: >= 48k tokens planned within 10% of measured);
 #   3. step 1 on the Phi-3-mini shape;  4. scripts/gpu_check_fsdp.sh (not in --dry-run);
 #   5. step 2 on the Phi-3-mini shape;  6. planner vs measured: a table from the probes' JSON;
 #   7. the compiled kernels (speed.compile, off by default on a GPU until
@@ -51,11 +53,13 @@ if [ "$DRY_RUN" = 1 ]; then
     DEVICE=(--device cpu)
     LLAMA=shape:tiny-llama; PHI3=shape:tiny-phi3
     SEQ=256; PROBE=(--probe-start 256 --probe-max 1024); STEPS=(--warmup 1 --steps 1 --repeats 1)
+    PROBE_TILED=()
     T_BENCH=100; T_PROBE=60
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
     SEQ=2048; PROBE=(--probe-start 4096 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
+    PROBE_TILED=(--probe-start 32768)  # the untiled probe's answer is ~30k: start the tiled one there
     T_BENCH=75; T_PROBE=120
 fi
 
@@ -92,18 +96,20 @@ throughput() {  # throughput MODEL: engine vs HF + PEFT, T4 mode
         || { echo "FAIL: throughput $1"; status=1; }
     save
 }
-probe() {  # probe MODEL: the longest sequence that fits, planner next to measured
-    local name="${1#shape:}"
-    echo "== longest sequence in 14.7 GiB, all memory switches on ($1)"
+probe() {  # probe MODEL [TAG_SUFFIX ARGS...]: the longest sequence that fits, planner next to measured
+    local model="$1" name="${1#shape:}" suffix="${2:-}"
+    shift; [ $# -gt 0 ] && shift
+    echo "== longest sequence in 14.7 GiB, all memory switches on ($model${suffix:+, $suffix}: $*)"
     fits_budget $((T_PROBE + 20)) || return 0
-    timeout -k 10 $((T_PROBE + 20)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$1" --method qlora --probe \
-        "${PROBE[@]}" --timeout "$T_PROBE" --tag "t4_${name}_probe" --out-dir "$RES" \
-        || { echo "FAIL: probe $1"; status=1; }
+    timeout -k 10 $((T_PROBE + 20)) $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$model" --method qlora --probe \
+        "${PROBE[@]}" "$@" --timeout "$T_PROBE" --tag "t4_${name}${suffix}_probe" --out-dir "$RES" \
+        || { echo "FAIL: probe $model $suffix"; status=1; }
     save
 }
 
 throughput "$LLAMA"
 probe "$LLAMA"
+probe "$LLAMA" _tiled --mlp-tile-tokens auto --norm-tile-tokens auto "${PROBE_TILED[@]}"
 throughput "$PHI3"
 if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ] && [ -f scripts/gpu_check_fsdp.sh ]; then
     echo "== FSDP check (scripts/gpu_check_fsdp.sh)"
