@@ -78,7 +78,7 @@ def format_report(report: dict) -> str:
              f"| {'component':<60} | GiB    |", f"|{'-' * 62}|--------|"]
     lines += [f"| {label:<60} | {gib(b[key]):>6} |" for key, label in ROWS if b[key]]
     lines += [f"| {'static (weights, LoRA, optimizer)':<60} | {gib(b['static']):>6} |",
-              f"| {'dynamic (activations + max(loss, backward); peak in ' + b['peak_phase'] + ')':<60} | {gib(b['dynamic']):>6} |",
+              f"| {'dynamic (activations + max of the phases; peak: ' + b['peak_phase'] + ')':<60} | {gib(b['dynamic']):>6} |",
               f"| {'**predicted peak**':<60} | {gib(b['total']):>6} |"]
     if b["host_offloaded"]:
         lines.append(f"| {'(pinned CPU memory for offloaded activations)':<60} | {gib(b['host_offloaded']):>6} |")
