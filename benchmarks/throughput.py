@@ -6,6 +6,10 @@
     python benchmarks/throughput.py --model tiny --steps 2 --repeats 1
     python benchmarks/throughput.py --device cuda --t4 --model shape:llama-3.1-8b --method qlora \
         --data synthetic --seq-len 2048                   # GPU, "T4 mode" (fp16, 14.7 GiB cap)
+    python benchmarks/throughput.py --device cuda --t4 --model shape:llama-3.1-8b --method qlora --probe \
+        --mlp-tile-tokens auto --norm-tile-tokens auto    # longest sequence that trains, planned vs measured
+    python benchmarks/throughput.py --probe --model shape:tiny-llama --probe-start 256 --probe-max 1024 \
+        --mlp-tile-tokens auto --docs-per-row 2           # the same path on a CPU (a smoke run: no OOM there)
 
 Configurations (`--configs`, run in this order, rotated every repeat so none always runs first
 or last; each run is a fresh subprocess, so peak RSS is per configuration):
@@ -247,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                    "with every memory switch on, planner vs measured")
     p.add_argument("--probe-start", type=int, default=2048)
     p.add_argument("--probe-max", type=int, default=131072)
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="GPU: cap the process at this many GiB (default with --t4: 14.7)")
+    p.add_argument("--mlp-tile-tokens", default="0", help="--probe: train.mlp_tile_tokens (0, N or auto)")
+    p.add_argument("--norm-tile-tokens", default="0", help="--probe: train.norm_tile_tokens (0, N or auto)")
+    p.add_argument("--docs-per-row", type=int, default=1, help="--probe: documents of equal length packed in the row")
+    p.add_argument("--no-offload", action="store_true", help="--probe: keep the block checkpoints on the device")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -273,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     base = {"model": model, "data": args.data, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "hf_batch": args.hf_batch, "method": args.method, "r": args.r, "alpha": args.alpha, "targets": targets,
             "device": args.device, "t4": args.t4, "precision": args.precision, "threads": threads, "warmup": args.warmup, "steps": args.steps}
+    if args.memory_cap_gib is not None:
+        if not args.device.startswith("cuda"):
+            p.error("--memory-cap-gib caps GPU memory: it needs --device cuda")
+        base["cap_bytes"] = int(args.memory_cap_gib * 2**30)
     if args.probe:
+        if args.docs_per_row < 1:
+            p.error(f"--docs-per-row must be >= 1, got {args.docs_per_row}")
         return probe_main(args, base)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     peaks = []
@@ -347,26 +363,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
+def _tile_setting(text: str):
+    return text if text == "auto" else int(text)
+
+
+def planned_longest(args, base: dict) -> int | None:
+    """The planner's longest sequence for the probe's settings in the probe's cap (None off a GPU)."""
+    if not args.device.startswith("cuda"):
+        return None
+    from engine.plan import max_seq_len
+    from throughput_inputs import T4_BYTES, _model_config, _precision
+
+    cap = base.get("cap_bytes") or T4_BYTES
+    targets = base["targets"]
+    return max_seq_len(_model_config(args.model), 1, int(cap), method=args.method, r=args.r, targets=targets,
+                       precision=_precision(base), activation_checkpointing=True,
+                       offload_activations=not args.no_offload, chunked_loss=True, loss_chunk_size=1024, masked=False,
+                       mlp_tile_tokens=_tile_setting(args.mlp_tile_tokens),
+                       norm_tile_tokens=_tile_setting(args.norm_tile_tokens), step=512)
+
+
 def probe_main(args, base: dict) -> int:
     if not args.model.startswith("shape:"):
         raise SystemExit("--probe needs --model shape:NAME (a random-initialised real architecture)")
     result = spawn({**base, "kind": "probe", "probe_start": args.probe_start, "probe_max": args.probe_max,
-                    "probe_budget_s": 0.6 * args.timeout}, args.timeout)
+                    "probe_budget_s": 0.6 * args.timeout, "offload": not args.no_offload,
+                    "docs_per_row": args.docs_per_row, "mlp_tile_tokens": _tile_setting(args.mlp_tile_tokens),
+                    "norm_tile_tokens": _tile_setting(args.norm_tile_tokens)}, args.timeout)
     tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_{args.model.replace('shape:', '')}_probe"
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"throughput_{tag}.json")
     result["command"] = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    if "error" not in result:
+        result["planned_max_seq_len"] = planned_longest(args, base)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     if "error" in result:
         print(f"probe failed: {result['error']}")
         return 1
-    print(f"longest sequence that fits: {result['max_fitting_seq_len']} (first failing: {result['first_failing_seq_len']})")
+    cuda = args.device.startswith("cuda")
+    print(f"longest sequence that fits: {result['max_fitting_seq_len']} (first failing: {result['first_failing_seq_len']}); "
+          f"planned: {result['planned_max_seq_len'] if result['planned_max_seq_len'] is not None else '- (no GPU)'}")
     for t in result["tries"]:
         meas = f"{t['measured_bytes'] / 2**30:.2f} GiB" if t["measured_bytes"] else "OOM"
         pred = f"{t['predicted_bytes'] / 2**30:.2f} GiB" if t["predicted_bytes"] else "-"
-        print(f"  seq {t['seq_len']:>6}: measured {meas}, predicted {pred}, {t['seconds']:.1f} s, "
-              f"offloaded {t['offloaded_bytes'] / 2**20:.0f} MiB")
+        ratio = (f" ({t['predicted_bytes'] / t['measured_bytes'] - 1:+.0%})" if t["measured_bytes"] and cuda
+                 else "")  # on a CPU "measured" is the process's peak RSS: not comparable
+        print(f"  seq {t['seq_len']:>6}: measured {meas}, planned {pred}{ratio}, {t['seconds']:.1f} s, "
+              f"offloaded {t['offloaded_bytes'] / 2**20:.0f} MiB; planner's largest term: {t['predicted_dominant']}")
     print(f"wrote {path}")
     return 0
 

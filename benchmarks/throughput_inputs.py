@@ -290,12 +290,12 @@ def _setup_torch(spec: dict):
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    if spec["t4"]:
+    if spec["t4"] or spec.get("cap_bytes"):
         if device.type != "cuda":
-            raise SystemExit("--t4 needs --device cuda")
+            raise SystemExit("--t4 / --memory-cap-gib need --device cuda")
         total = torch.cuda.get_device_properties(device).total_memory
         index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, T4_BYTES / total), index)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (spec.get("cap_bytes") or T4_BYTES) / total), index)
     return torch, device
 
 

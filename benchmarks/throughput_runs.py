@@ -29,6 +29,7 @@ def build_engine(spec: dict, torch, device, precision: str):
     from engine.layers.inject import inject_lora
     from engine.layers.lora import mark_only_lora_trainable
     from engine.model.build import build_model, enable_activation_checkpointing
+    from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
     from engine.train import seed_everything
     from engine.training import amp
 
@@ -51,6 +52,9 @@ def build_engine(spec: dict, torch, device, precision: str):
         pad_id = tokenizer.pad_token_id
     if tc.get("activation_checkpointing"):
         enable_activation_checkpointing(model)
+    for key, tile in (("mlp_tile_tokens", tile_mlps), ("norm_tile_tokens", tile_norms)):  # as engine.train does
+        if tc.get(key):
+            tile(model, resolve_tile_tokens(tc[key], model.config.hidden_size, f"train.{key}"))
     kernels = speed.apply(plan, model)
     return model, tokenizer, pad_id, kernels, getattr(model, "_activation_offloader", None)
 
@@ -248,12 +252,13 @@ def pad_to_longest(features: list[dict], pad_id: int) -> dict:
 
 
 def run_probe(spec: dict) -> dict:
-    """Longest single sequence whose engine training step fits the memory cap, with every memory
-    switch on (chunked loss, checkpointing + offload, fused LoRA), and the planner's prediction
+    """Longest sequence whose engine training step fits the memory cap, with the memory switches
+    on (chunked loss, checkpointing, offload unless spec["offload"] is false, the tiles of
+    spec["mlp_tile_tokens"] / spec["norm_tile_tokens"]), and the planner's prediction
     (engine.plan.predict) next to each measured max_memory_allocated. Lengths double from
     spec["probe_start"] until a step runs out of memory or reaches spec["probe_max"], then a
-    bisection to 512 tokens, within spec["probe_budget_s"]. One document per sequence, loss on
-    its last 30%."""
+    bisection to 512 tokens, within spec["probe_budget_s"]. spec["docs_per_row"] documents of equal
+    length per row (packed: positions restart per document), loss on the last 30% of each."""
     torch, device = _setup_torch(spec)
     from engine.training import amp
     from engine.model.packing import packing_context
@@ -262,34 +267,40 @@ def run_probe(spec: dict) -> dict:
 
     precision = _precision(spec)
     config = _model_config(spec["model"])
-    spec = {**spec, "engine": {"train": {"activation_checkpointing": True, "offload_activations": True},
-                               "speed": {}}}  # every memory switch on, speed as auto decides
+    offload, docs = spec.get("offload", True), spec.get("docs_per_row", 1)
+    tiles = {"mlp_tile_tokens": spec.get("mlp_tile_tokens", 0), "norm_tile_tokens": spec.get("norm_tile_tokens", 0)}
+    spec = {**spec, "engine": {"train": {"activation_checkpointing": True, "offload_activations": offload, **tiles},
+                               "speed": {}}}  # the memory switches on, speed as auto decides
     model, _, _, kernels, offloader = build_engine(spec, torch, device, precision)
     objective = CausalLM(1024, kernels)
     model.train()
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
 
-    def predicted(T: int) -> float | None:
-        try:
-            from engine.plan import predict
-        except ImportError:
-            return None
+    def predicted(T: int) -> dict:
+        from engine.plan import predict
+        # masked=False: one document per row has no mask, and the engine's packed attention
+        # (speed switch packed_attention) runs packed rows per document without one either
         b = predict(config, seq_len=T, micro_batch=1, method=spec["method"], r=spec["r"], targets=spec["targets"],
-                    precision=precision, activation_checkpointing=True, offload_activations=True, chunked_loss=True,
-                    loss_chunk_size=1024, masked=False, cuda=device.type == "cuda")
+                    precision=precision, activation_checkpointing=True, offload_activations=offload, chunked_loss=True,
+                    loss_chunk_size=1024, masked=False, cuda=device.type == "cuda", **tiles)
         # max_memory_allocated sees neither the CUDA context nor the allocator's slack: compare
         # it with the allocated part; the total is what must fit the card
-        return {"allocated": b.total - b.allocator_slack - b.cuda_context, "total": b.total}
+        return {"allocated": b.total - b.allocator_slack - b.cuda_context, "total": b.total, "dominant": b.dominant}
 
     def step(T: int) -> dict:
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, config.vocab_size, (1, T), generator=g)
         labels = torch.roll(ids, -1, 1)
-        labels[0, : T - T * 3 // 10] = -100
-        labels[0, -1] = -100
-        batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T)[None],
+        lengths = [T // docs + (1 if d < T % docs else 0) for d in range(docs)]
+        start = 0
+        for n in lengths:  # loss on the last 30% of each document, none across a boundary
+            labels[0, start: start + n - n * 3 // 10] = -100
+            labels[0, start + n - 1] = -100
+            start += n
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids,
                  "num_loss_tokens": int((labels != -100).sum()), "num_tokens": T,
-                 "packing": packing_context(labels, [[T]], num_tokens=T)}
+                 "packing": packing_context(labels, [lengths], num_tokens=T)}
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -303,18 +314,20 @@ def run_probe(spec: dict) -> dict:
         except torch.OutOfMemoryError as err:
             ok, error = False, str(err).splitlines()[0][:200]
         model.zero_grad(set_to_none=True)
-        pred = predicted(T) or {}
+        pred = predicted(T)
         return {"seq_len": T, "fits": ok, "error": error, "seconds": time.perf_counter() - t0,
                 "measured_bytes": _peak_memory(torch, device) if ok else None,
                 "measured_reserved_bytes": torch.cuda.max_memory_reserved(device) if ok and device.type == "cuda" else None,
-                "predicted_bytes": pred.get("allocated"), "predicted_total_bytes": pred.get("total"),
-                "offloaded_bytes": offloader.stats["offloaded_bytes"]}
+                "predicted_bytes": pred["allocated"], "predicted_total_bytes": pred["total"],
+                "predicted_dominant": pred["dominant"],
+                "offloaded_bytes": offloader.stats["offloaded_bytes"] if offloader else 0}
 
     tries, good, bad = [], None, None
     T = spec["probe_start"]
     deadline = time.perf_counter() + spec.get("probe_budget_s", 1e9)  # stop early, keep what was measured
     while T <= spec["probe_max"] and time.perf_counter() < deadline:
-        offloader.reset_stats()
+        if offloader:
+            offloader.reset_stats()
         tries.append(step(T))
         if not tries[-1]["fits"]:
             bad = T
@@ -325,11 +338,13 @@ def run_probe(spec: dict) -> dict:
             mid = (good + bad) // 2 // 512 * 512
             if mid in (good, bad):
                 break
-            offloader.reset_stats()
+            if offloader:
+                offloader.reset_stats()
             tries.append(step(mid))
             good, bad = (mid, bad) if tries[-1]["fits"] else (good, mid)
     return {"kind": "probe", "max_fitting_seq_len": good, "first_failing_seq_len": bad, "tries": tries,
-            "cap_bytes": T4_BYTES if spec["t4"] else None, "precision": precision, "losses": []}
+            "cap_bytes": spec.get("cap_bytes") or (T4_BYTES if spec["t4"] else None), "precision": precision,
+            "offload": offload, "docs_per_row": docs, **tiles, "losses": []}
 
 
 def run_worker(spec: dict) -> dict:

@@ -212,6 +212,15 @@ class TrainConfig:
     """Recompute each decoder block in backward (non-reentrant) instead of storing its activations."""
     offload_activations: bool = False
     """Move the saved activation checkpoints to CPU memory (pinned, async on GPU)."""
+    mlp_tile_tokens: Any = 0
+    """Sequence-tiled MLP (engine/model/tiling.py): each decoder block's gated MLP runs over
+    tiles of at most this many tokens, forward and backward, so its [tokens, intermediate] tensors
+    exist for one tile at a time (long context), for one more MLP forward per step. Same math.
+    0 = off; auto = tiles of hidden_size tokens (shorter rows run untiled)."""
+    norm_tile_tokens: Any = 0
+    """Sequence-tiled RMSNorm (engine/model/tiling.py): every RMSNorm keeps its input in its own
+    dtype instead of an fp32 copy, and its backward's fp32 temporaries exist for one tile of at most
+    this many tokens (long context). Same math. 0 = off; auto = tiles of hidden_size tokens."""
     chunked_loss: bool = True
     """Compute lm_head + cross-entropy chunk by chunk, skipping unlabelled positions;
     the full [tokens, vocab] logits never exist."""
@@ -250,6 +259,13 @@ class TrainConfig:
         if self.offload_activations and not self.activation_checkpointing:
             _fail("train.offload_activations", "needs train.activation_checkpointing=true "
                   "(what is offloaded are the block checkpoints)")
+        for key in ("mlp_tile_tokens", "norm_tile_tokens"):
+            value = getattr(self, key)
+            if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)):
+                _fail(f"train.{key}", f"must be an integer >= 0 (0 = off) or 'auto', got {value!r}")
+            if value and self.fsdp:
+                _fail(f"train.{key}", "is not checked under train.fsdp=true yet (no test runs the tiles' backward "
+                      "recompute on sharded parameters); set it to 0")
         if self.loss_chunk_size < 1:
             _fail("train.loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size!r}")
         if not (self.resume in ("auto", "never") or os.path.isdir(self.resume)):

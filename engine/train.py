@@ -31,6 +31,7 @@ from engine.data import load_dataset, make_loader
 from engine.evaluate import before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
+from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
 from engine.model.isolation import packing_for
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          full_tensor, gather_to_main, init_distributed, shutdown)
@@ -113,6 +114,12 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
+    for key, tile in (("mlp_tile_tokens", tile_mlps), ("norm_tile_tokens", tile_norms)):
+        if getattr(cfg.train, key):  # memory tricks, device-neutral: token-wise modules run over tiles
+            tokens = resolve_tile_tokens(getattr(cfg.train, key), model.config.hidden_size, f"train.{key}")
+            tiled = tile(model, tokens)
+            if ctx.is_main:
+                print(f"train.{key}: {tiled} modules run over tiles of <= {tokens} tokens", file=sys.stderr)
     kernels = speed.apply(plan, model)
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)

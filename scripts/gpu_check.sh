@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh --dry-run    # the same Python steps on this CPU with tiny shapes
 #
 # Steps, most important first; each bounded by `timeout`, and a step is skipped (SKIP, with the
-# reason) when the script's budget (GPU_CHECK_BUDGET_S, default 470 s) would be overrun:
+# reason) when the script's budget (GPU_CHECK_BUDGET_S, default 480 s) would be overrun:
 #   1. the GPU tests (pytest -m gpu): training runs under torch.cuda.set_sync_debug_mode with no
 #      synchronising call between log steps (LoRA / QLoRA, fp16 / bf16), one attention kernel call
 #      per layer per forward with the plan's varlen kernel, its numerics;
@@ -16,8 +16,9 @@
 #      to 1/2 of the row (several per packed row); attention kernel calls per step in each row;
 #   3. the same for the Llama-3.1-8B shape;
 #   4. long context: the longest row that trains one step in 14.7 GiB on the 8B shape (QLoRA, every
-#      memory switch on, tiled MLP), several documents per row, the planner's prediction next to each
-#      measured max_memory_allocated;
+#      memory switch on: chunked loss, checkpointing + offload, the sequence-tiled MLP and RMSNorms),
+#      three documents per row, starting at 48k tokens (the target), the planner's prediction and
+#      its largest term next to each measured max_memory_allocated;
 #   5. FSDP2 on one GPU under torchrun (scripts/gpu_check_fsdp.sh: sharded step == unsharded step,
 #      float and 4-bit; engine.train with train.fsdp=true vs without);
 #   6. packed attention per kernel in the real step on the Phi-3-mini shape (calls per step, time,
@@ -51,20 +52,20 @@ elif [ -n "${OUT:-}" ]; then RES="/tmp/gpu_check/$DATE"
 else RES="$REPO/benchmarks/results/gpu/$DATE"; fi
 mkdir -p "$RES"
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 status=0
 
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=(--device cpu)
     LLAMA=shape:tiny-llama; PHI3=shape:tiny-phi3
     SEQ=256; PROBE=(--probe-start 256 --probe-max 1024); STEPS=(--warmup 1 --steps 1 --repeats 1)
-    T_BENCH=100; T_PROBE=60
+    T_BENCH=100; T_PROBE=120
     VARLEN=(--dry-run); ATTN_MEMORY=(--tokens 1024,4096 --dense-max 4096)
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
-    SEQ=2048; PROBE=(--probe-start 16384 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
-    T_BENCH=35; T_PROBE=60
+    SEQ=2048; PROBE=(--probe-start 49152 --probe-max 131072); STEPS=(--warmup 1 --steps 3 --repeats 1)
+    T_BENCH=30; T_PROBE=90
     VARLEN=(--model "$PHI3" --seq-len 4096 --micro-batch 2 --checkpointing --warmup 1 --steps 2)
     ATTN_MEMORY=(--device cuda --heads 32 --kv-heads 32 --head-dim 96 --iters 3)
 fi
@@ -102,7 +103,7 @@ save
 
 if [ "$DRY_RUN" = 0 ]; then
     echo "== 1. GPU tests: no sync between log steps, one attention kernel call per layer"
-    step 80 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
+    step 70 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
         tests/speed/test_varlen_attention.py
 fi
 
@@ -113,21 +114,22 @@ throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding
         --data synthetic --seq-len "$SEQ" --checkpointing --configs engine,hf_padded,hf_flat "${STEPS[@]}" \
         --timeout "$T_BENCH" --tag "t4_${name}_${SEQ}" --out-dir "$RES"
 }
-throughput "$PHI3" 110
-throughput "$LLAMA" 120
+throughput "$PHI3" 100
+throughput "$LLAMA" 110
 
 echo "== 4. longest context in 14.7 GiB, every memory switch on, several documents per row ($LLAMA)"
-step $((T_PROBE + 15)) "probe_${LLAMA#shape:}" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$LLAMA" \
-    --method qlora --probe "${PROBE[@]}" --timeout "$T_PROBE" --tag "t4_${LLAMA#shape:}_probe" --out-dir "$RES"
+step "$T_PROBE" "probe_${LLAMA#shape:}" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$LLAMA" \
+    --method qlora --probe "${PROBE[@]}" --mlp-tile-tokens auto --norm-tile-tokens auto --docs-per-row 3 \
+    --timeout $((T_PROBE - 10)) --tag "t4_${LLAMA#shape:}_tiled_probe" --out-dir "$RES"
 
 if [ "$DRY_RUN" = 0 ] && [ -z "${SKIP_FSDP:-}" ]; then
     echo "== 5. FSDP2 on one GPU (scripts/gpu_check_fsdp.sh)"
-    FSDP_QUICK=1 step 60 fsdp bash scripts/gpu_check_fsdp.sh "$RES/fsdp"
+    FSDP_QUICK=1 step 55 fsdp bash scripts/gpu_check_fsdp.sh "$RES/fsdp"
 fi
 
 echo "== 6. packed attention per kernel in the real step ($PHI3), extra memory at 4k/16k/32k"
-step 35 gpu_attention $PY benchmarks/gpu_attention.py "${VARLEN[@]}" --out-dir "$RES"
-step 25 attention_memory $PY benchmarks/attention_memory.py "${ATTN_MEMORY[@]}" --out-dir "$RES"
+step 30 gpu_attention $PY benchmarks/gpu_attention.py "${VARLEN[@]}" --out-dir "$RES"
+step 20 attention_memory $PY benchmarks/attention_memory.py "${ATTN_MEMORY[@]}" --out-dir "$RES"
 
 echo "== 7. planner vs measured"
 $PY - "$RES" <<'EOF' || status=1

@@ -101,3 +101,30 @@ def test_gpu_attention_script_dry_run(tmp_path):
     assert gpu_attention.main(["--dry-run", "--tag", "test", "--out-dir", str(tmp_path)]) == 0
     row, = json.loads((tmp_path / "gpu_attention_test.json").read_text())["rows"]
     assert row["kernel"] == "per_document" and row["calls_forward"] == row["calls_backward"] > 0
+
+
+@pytest.mark.slow
+def test_long_context_probe_runs_with_tiles_and_packed_documents_on_a_cpu(tmp_path):
+    """benchmarks/throughput.py --probe with the tiled MLP and norms, three documents per row: the
+    GPU check's long-context step, on a tiny shape (a CPU never runs out of memory: it reaches the max)."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--probe", "--model", "shape:tiny-llama",
+           "--method", "qlora", "--probe-start", "256", "--probe-max", "512", "--mlp-tile-tokens", "auto",
+           "--norm-tile-tokens", "64", "--docs-per-row", "3", "--timeout", "240", "--tag", "test",
+           "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "throughput_test.json").read_text())
+    assert result["max_fitting_seq_len"] == 512 and result["docs_per_row"] == 3
+    assert (result["mlp_tile_tokens"], result["norm_tile_tokens"]) == ("auto", 64)
+    assert [t["seq_len"] for t in result["tries"]] == [256, 512]
+    assert all(t["predicted_dominant"] for t in result["tries"])
+
+
+def test_tiling_benchmark_plans_the_8b_at_48k():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import tiling_memory
+
+    rows = {r["config"]: r for r in tiling_memory.llama_8b_answers()}
+    assert list(rows) == ["untiled", "tiled MLP", "tiled MLP + norms"]
+    assert not rows["untiled"]["fits"] and rows["tiled MLP + norms"]["fits"]
+    assert rows["untiled"]["longest"] < rows["tiled MLP"]["longest"] < rows["tiled MLP + norms"]["longest"]

@@ -2,6 +2,7 @@
 (`python -m engine.plan`, docs/PLANNER.md).
 
     shapes.py   a model's block shape, known shapes, LoRA targets
+    block.py    one decoder block per token: what it saves (by part), what its backward holds
     prediction.py  the per-token formulas, `predict`, and what a run config asks of it
     measure.py  measuring a real step (live bytes, saved activations): the formulas' ground truth
     report.py   the report table, `run_plan`, the docs' tables

@@ -9,11 +9,13 @@ nobody predicts memory before the run):
                      + LoRA params + their grads + optimizer state
     loss phase     = saved activations + the loss's own peak (full [tokens, vocab] fp32 logits,
                      or one chunk of them)
-    backward phase = saved activations + (with checkpointing) one block recomputed
-                     + the backward's transient gradients of one block
+    backward phase = saved activations - the final norm's copy and the last hidden state
+                     + (with checkpointing) one block recomputed
+                     + what one block's backward holds at its fullest moment (its MLP's
+                       gradients, or one MLP tile with train.mlp_tile_tokens, or attention's)
 
 Saved activations are derived op by op from what autograd keeps for backward in the
-transformers 5 Llama-family blocks with our `LoRALinear` (see `block_saved_per_token`); the
+transformers 5 Llama-family blocks with our `LoRALinear` (engine/plan/block.py); the
 same per-op list was checked against `torch.autograd.graph.saved_tensors_hooks` counts and a
 live-tensor tracker on CPU (tests/plan/test_plan.py, docs/PLANNER.md). Everything CUDA-specific
 (context, allocator slack, SDPA kernel choice) is a stated assumption, not a measurement.

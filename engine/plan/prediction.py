@@ -7,8 +7,9 @@ A step's peak, from the model's config alone (never its weights):
                      + LoRA params + their grads + optimizer state
     loss phase     = saved activations + the loss's own peak (full [tokens, vocab] fp32 logits,
                      or one chunk of them)
-    backward phase = saved activations + (with checkpointing) one block recomputed
-                     + the backward's transient gradients of one block
+    backward phase = saved activations - the final norm's copy and the last hidden state
+                     + (with checkpointing) one block recomputed
+                     + what one block's backward holds at its fullest moment
 
 How the saved activations are derived and checked: the CLI's docstring (engine/plan/__main__.py)
 and docs/PLANNER.md.
@@ -20,86 +21,14 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass
-from engine.plan.shapes import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, OPTIM_8BIT_BLOCK, OPTIM_8BIT_MIN_SIZE, PlanError, QUANT_BLOCK, QUANT_BLOCK2, Shape, model_shape, resolve_targets
+from dataclasses import asdict, dataclass, field
+
+from engine.model.tiling import TilingError, resolve_tile_tokens, tile_bounds
+from engine.plan.block import NORM_BACKWARD, backward_stages, block_parts
+from engine.plan.shapes import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, OPTIM_8BIT_BLOCK,
+                                OPTIM_8BIT_MIN_SIZE, QUANT_BLOCK, QUANT_BLOCK2, PlanError, model_shape,
+                                resolve_targets)
 from engine.training import amp
-
-# ----------------------------------------------------------------------------- activations
-
-def block_saved_per_token(shape: Shape, targets: set, *, r: int, a: int, grad_on: bool,
-                          repeat_kv: bool, dropout: bool, cuda: bool = True) -> tuple[int, bool]:
-    """(bytes one decoder block keeps for backward per token, do grads flow after it?).
-
-    Walks the block in forward order. An op saves tensors only once something before it (or
-    its own LoRA) needs a gradient (`grad_on`): autograd saves only what the gradients of
-    inputs that require grad need. `a` = bytes of the compute dtype, r = LoRA rank. Per op:
-      RMSNorm           fp32 copy of its input (saved by pow and mul) + rsqrt [T, 1]   4h + 4
-      LoRA on a linear  its input x, shared by the linears that read the same x       a*in
-                        A x                                                          a*r
-                        with dropout, per target: the mask (1 B) + the dropped copy   (1+a)*in
-      frozen linear     nothing (no dW; dX needs only W)
-      q/k RMSNorm       Qwen3, per head before RoPE: fp32 copies of q and k + rsqrt per head
-      RoPE              nothing (q*cos + rot(q)*sin: cos, sin are constants)
-      SDPA              q, k, v, out (out is also o_proj's input), logsumexp [heads] fp32;
-                        k, v repeated to all heads when a mask forces `repeat_kv` (GQA);
-                        Phi-3 without repeat: v is a view of the fused q|k|v output and
-                        keeps all of it alive. Phi-3's RoPE ends in a cat, so q is laid out
-                        [B, heads, T, hd] and the CPU kernel writes out that way: o_proj's
-                        input is then a contiguous copy (CUDA kernels write [B, T, heads, hd])
-      gated MLP         act input g, act(g), up u: 3*a*i (Phi-3: the gate|up output [2i]
-                        + act(g)); g*u only when down_proj has LoRA (as its input)
-    The float mask SDPA makes from a boolean one is per block too; the caller adds it.
-    """
-    h, i, nh, nkv, hd = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
-    fan_in = {name: fin for name, fin, _, _ in shape.linears}
-
-    def lora(names: list[str], input_saved_anyway: bool) -> int:
-        hit = [n for n in names if n in targets]
-        if not hit:
-            return 0
-        fin = fan_in[hit[0]]
-        if dropout:
-            return len(hit) * ((1 + a) * fin + a * r)
-        return (0 if input_saved_anyway else a * fin) + len(hit) * a * r
-
-    norm = 4 * h + 4
-    attn_in = ["qkv_proj"] if shape.fused else ["q_proj", "k_proj", "v_proj"]
-    mlp_in = ["gate_up_proj"] if shape.fused else ["gate_proj", "up_proj"]
-    saved = norm if grad_on else 0
-    saved += lora(attn_in, False)
-    grad_on = grad_on or any(n in targets for n in attn_in)
-    if grad_on:
-        if shape.qk_norm:
-            saved += (4 * hd + 4) * (nh + nkv)
-        repeated = repeat_kv and nkv < nh
-        if repeated:
-            saved += a * 3 * nh * hd                          # q, repeated k, repeated v
-        elif shape.fused:
-            saved += a * (nh + nkv) * hd + a * (nh + 2 * nkv) * hd  # q, k (RoPE'd) + q|k|v
-        else:
-            saved += a * (nh + 2 * nkv) * hd
-        saved += a * nh * hd + 4 * nh                         # out, logsumexp
-    saved += lora(["o_proj"], grad_on and not (shape.family == "phi3" and not cuda))
-    grad_on = grad_on or "o_proj" in targets
-    saved += norm if grad_on else 0
-    saved += lora(mlp_in, False)
-    grad_on = grad_on or any(n in targets for n in mlp_in)
-    if grad_on:
-        saved += a * 3 * i
-    saved += lora(["down_proj"], False)
-    grad_on = grad_on or "down_proj" in targets
-    return saved, grad_on
-
-
-def block_backward_transient_per_token(shape: Shape, *, a: int, rs: int) -> int:
-    """Gradients alive at once while one block runs backward, per token (an estimate, checked on
-    CPU only as part of the whole step): the residual-stream gradient and the branch gradient
-    (2 rs*h) plus the larger of the MLP's (grads of g*u, act(g) and u: 3 a*i) and attention's
-    (dq, dk, dv, d_out over all heads: 4 a*heads*head_dim) intermediate gradients."""
-    mlp = 3 * a * shape.intermediate
-    attn = 4 * a * shape.heads * shape.head_dim
-    return 2 * rs * shape.hidden + max(mlp, attn)
-
 
 # ----------------------------------------------------------------------------- the prediction
 
@@ -108,9 +37,13 @@ class Breakdown:
     """Predicted GPU bytes of one training step, by what holds them (all ints, bytes).
 
     static: quantized_weights + quant_state + float_weights + lora_params + lora_grads +
-    optimizer_state. dynamic: activations (at the end of forward, on the GPU) plus the larger of
-    loss_peak and recompute_peak + backward_transient. total = (static + dynamic) * (1 + slack)
-    + cuda_context. host_offloaded is the pinned CPU memory of offloaded checkpoints, not in total.
+    optimizer_state. dynamic: activations (at the end of forward, on the GPU) plus the largest of
+    the loss phase (loss_peak), the final norm's backward (final_norm_backward) and the blocks'
+    backward phase (recompute_peak + backward_transient, less final_hidden: the final norm's copy
+    and the last hidden state, freed by then). total =
+    (static + dynamic) * (1 + slack) + cuda_context. host_offloaded is the pinned CPU memory of
+    offloaded checkpoints, not in total. terms: the dynamic part of the peak phase by what holds
+    it (the largest is `dominant`); mlp_tile_tokens: the tile length planned (0: untiled).
     """
     quantized_weights: int = 0
     quant_state: int = 0
@@ -127,7 +60,12 @@ class Breakdown:
     cuda_context: int = 0
     total: int = 0
     host_offloaded: int = 0
+    final_hidden: int = 0
+    final_norm_backward: int = 0
+    mlp_tile_tokens: int = 0
+    norm_tile_tokens: int = 0
     peak_phase: str = ""
+    terms: dict = field(default_factory=dict)
 
     @property
     def static(self) -> int:
@@ -135,11 +73,19 @@ class Breakdown:
                 + self.lora_grads + self.optimizer_state)
 
     @property
+    def backward_phase(self) -> int:
+        return self.recompute_peak + self.backward_transient - self.final_hidden
+
+    @property
     def dynamic(self) -> int:
-        return self.activations + max(self.loss_peak, self.recompute_peak + self.backward_transient)
+        return self.activations + max(self.loss_peak, self.final_norm_backward, self.backward_phase)
+
+    @property
+    def dominant(self) -> str:
+        return max(self.terms, key=self.terms.get) if self.terms else ""
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "static": self.static, "dynamic": self.dynamic}
+        return {**asdict(self), "static": self.static, "dynamic": self.dynamic, "dominant": self.dominant}
 
 
 def _quant_state_bytes(numel: int, double_quant: bool) -> int:
@@ -165,14 +111,17 @@ def _optimizer_bytes(numels: list[int], optimizer: str) -> int:
 def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlora", r: int = 16,
             targets="all-linear", precision: str = "fp16", activation_checkpointing: bool = False,
             offload_activations: bool = False, chunked_loss: bool = True, loss_chunk_size: int = 1024,
-            optimizer: str = "adamw", base_dtype: str | None = None, masked: bool = True,
-            dropout: float = 0.0, double_quant: bool = True, cuda: bool = True) -> Breakdown:
+            optimizer: str = "adamw", base_dtype: str | None = None, masked: bool = True, per_document: bool = False,
+            dropout: float = 0.0, double_quant: bool = True, mlp_tile_tokens=0, norm_tile_tokens=0,
+            cuda: bool = True) -> Breakdown:
     """Predicted peak memory of one LoRA/QLoRA training step (pure: config numbers in, bytes out).
 
     model_config: a transformers config (Llama, Mistral, Qwen2, Phi-3, Gemma). precision: the
     autocast dtype (fp16 | bf16 | fp32). base_dtype: dtype of the frozen float weights (default:
-    the precision's). masked: a [B, 1, T, T] attention mask exists (packed rows or padding), so
-    SDPA gets a float mask per block and GQA k/v are repeated. cuda=False drops the CUDA
+    the precision's). masked: a [B, 1, T, T] attention mask exists (packed rows without the packed
+    attention path, or padding), so SDPA gets a float mask per block and GQA k/v are repeated.
+    per_document: packed rows on the engine's packed attention (no mask; SDPA per document). mlp_tile_tokens, norm_tile_tokens:
+    `train.*_tile_tokens` (0, an int or "auto"; engine/model/tiling.py). cuda=False drops the CUDA
     context and allocator slack (what a CPU measurement compares with).
     """
     if method not in ("lora", "qlora"):
@@ -184,6 +133,11 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
                         "(what is offloaded are the block checkpoints, engine/speed/offload.py)")
     if seq_len < 1 or micro_batch < 1:
         raise PlanError(f"seq_len and micro_batch must be >= 1, got {seq_len} and {micro_batch}")
+    try:
+        resolve_tile_tokens(mlp_tile_tokens, 1)
+        resolve_tile_tokens(norm_tile_tokens, 1, "train.norm_tile_tokens")
+    except TilingError as err:
+        raise PlanError(str(err)) from None
     shape = model_shape(model_config)
     a = DTYPE_BYTES[precision]
     rs = DTYPE_BYTES[base_dtype or precision]      # the residual stream is in the base dtype
@@ -209,22 +163,42 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     out.lora_params = out.lora_grads = 4 * sum(lora_numels)
     out.optimizer_state = _optimizer_bytes(lora_numels, optimizer)
 
-    # activations, block by block
+    # activations, block by block (engine/plan/block.py); a tiled module runs tiled only on calls of
+    # more than one tile's tokens (engine/model/tiling.py), each of the near-equal tiles <= tile
+    def tile_length(setting) -> int:
+        t = resolve_tile_tokens(setting, h)
+        return max(e - s for s, e in tile_bounds(N, t)) if t and N > t else 0
+
+    tile = out.mlp_tile_tokens = tile_length(mlp_tile_tokens)
+    norm_tile = out.norm_tile_tokens = tile_length(norm_tile_tokens)
+    mlp_names = {"gate_proj", "up_proj", "gate_up_proj", "down_proj"}
     blocks, grad_on, first_grad_block = [], False, None
     for layer, tgt in enumerate(per_layer):
-        saved, after = block_saved_per_token(shape, tgt, r=r, a=a, grad_on=grad_on,
-                                             repeat_kv=masked, dropout=dropout > 0, cuda=cuda)
+        parts, after = block_parts(shape, tgt, r=r, a=a, rs=rs, grad_on=grad_on, repeat_kv=masked,
+                                   dropout=dropout > 0, tiled_mlp=tile > 0, tiled_norms=norm_tile > 0,
+                                   per_document=per_document and not masked, cuda=cuda)
         if after and first_grad_block is None:
             first_grad_block = layer
-        # under 16-bit autocast the fp32 A and B are cast once per forward; mm saves the casts
-        casts = sum(r * n for t in tgt for n in dims[t]) * a if a == 2 else 0
-        blocks.append(saved * N + casts)
+        # under 16-bit autocast the fp32 A and B are cast once per forward and mm saves the casts
+        # (not the tiled MLP's: its forward keeps nothing)
+        cast = [t for t in tgt if not (tile and t in mlp_names)]
+        casts = sum(r * n for t in cast for n in dims[t]) * a if a == 2 else 0
+        stages = (backward_stages(shape, parts, a=a, rs=rs, tokens=N, tile_tokens=tile, norm_tile_tokens=norm_tile,
+                                  repeat_kv=masked or per_document, cuda=cuda) if after else {})
+        blocks.append((parts.total * N + casts, parts, casts, stages))
         grad_on = after
     float_mask = B * T * T * a if masked else 0     # SDPA's additive mask, made in every block
     bool_mask = B * T * T if masked else 0          # transformers' mask, shared by the blocks
     grad_blocks = 0 if first_grad_block is None else L - first_grad_block
     rope = 2 * N * shape.head_dim * rs              # cos, sin
-    final = N * (4 * h + 4 + rs * h) if grad_on else 0  # final norm's fp32 copy + last hidden
+    # the final norm's fp32 copy (tiled: its input) + the last hidden state: alive for the loss, freed
+    # before the blocks' backward; the norm's own backward holds its temporaries (tiled: one tile's)
+    out.final_hidden = N * ((rs * h if norm_tile else 4 * h + 4) + rs * h) if grad_on else 0
+    if grad_on:
+        out.final_norm_backward = (N * rs * h + norm_tile * (4 + NORM_BACKWARD) * h if norm_tile
+                                   else N * NORM_BACKWARD * h)
+    saved, parts, casts, stages = max(blocks, key=lambda b: b[0])
+    stage = max(stages, key=stages.get) if stages else "mlp"
     if activation_checkpointing:
         checkpoint = N * h * rs                     # each block's input, kept for the recompute
         # offloaded (engine/speed/offload.py): every checkpoint gets a pinned host copy; the GPU holds
@@ -232,15 +206,30 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
         on_gpu = min(L, 2) if offload_activations else L
         out.host_offloaded = L * checkpoint if offload_activations else 0
         out.attention_masks = bool_mask
-        out.activations = on_gpu * checkpoint + bool_mask + rope + final
-        out.recompute_peak = max(blocks) + (float_mask if grad_blocks else 0)
+        out.activations = on_gpu * checkpoint + bool_mask + rope + out.final_hidden
+        # the input norm keeps the block input itself (the checkpoint) when tiled, or as its fp32
+        # "copy" when the residual stream is fp32
+        shared = (N * rs * h if norm_tile else N * 4 * h if rs == 4 else 0) if parts.norm_in else 0
+        out.recompute_peak = saved - shared + (float_mask if grad_blocks else 0)
+        held = {"block checkpoints": on_gpu * checkpoint, "attention masks": bool_mask + float_mask * (grad_blocks > 0),
+                ("recomputed block: norms' inputs (tiled)" if norm_tile else "recomputed block: norms' fp32 copies"):
+                N * (parts.norm_in + parts.norm_post) - shared,
+                "recomputed block: attention (q, k, v, out)": N * (parts.attention + parts.qk_norm),
+                "recomputed block: LoRA inputs and A x": N * (parts.attn_lora + parts.o_lora)
+                + casts + (0 if tile else N * (parts.mlp_lora + parts.down_lora)),
+                ("recomputed block: MLP input (tiled)" if tile else "recomputed block: MLP g, act(g), u"):
+                N * (parts.mlp_input if tile else parts.mlp)}
     else:
         out.attention_masks = grad_blocks * float_mask
-        out.activations = sum(blocks) + out.attention_masks + rope + final
-    transient = block_backward_transient_per_token(shape, a=a, rs=rs) * N
-    if method == "qlora":   # bitsandbytes dequantizes the whole weight for dX = dY W
-        transient += max(fin * fout for _, fin, fout, _ in shape.linears) * a
-    out.backward_transient = transient if grad_on else 0
+        out.activations = sum(b[0] for b in blocks) + out.attention_masks + rope + out.final_hidden
+        held = {"saved activations of every block": sum(b[0] for b in blocks), "attention masks": out.attention_masks}
+    transient = max(stages.values()) if stages else 0
+    dequant = max(fin * fout for _, fin, fout, _ in shape.linears) * a if method == "qlora" else 0
+    out.backward_transient = transient + dequant if grad_on else 0  # bitsandbytes dequantizes W for dX = dY W
+    backward_terms = {**held, "RoPE cos/sin": rope,
+                      "backward of one block: " + {"mlp": "one MLP tile" if tile else "MLP",
+                                                   "post norm": "post-attention RMSNorm"}.get(stage, stage): transient,
+                      "QLoRA dequantized weight": dequant}
 
     # the loss: lm_head + cross-entropy
     head_extra = 0
@@ -272,8 +261,14 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     out.loss_peak += head_extra
 
     allocated = out.static + out.dynamic
-    loss_phase = out.activations + out.loss_peak
-    out.peak_phase = "loss" if loss_phase >= out.activations + out.recompute_peak + out.backward_transient else "backward"
+    phases = {"loss": out.loss_peak, "final norm": out.final_norm_backward, "backward": out.backward_phase}
+    out.peak_phase = max(phases, key=phases.get)
+    if out.peak_phase == "backward":
+        out.terms = {k: v for k, v in backward_terms.items() if v}
+    else:
+        out.terms = {"activations at the end of forward": out.activations,
+                     ("loss (lm_head + cross-entropy)" if out.peak_phase == "loss" else "final norm's backward"):
+                     phases[out.peak_phase]}
     if cuda:
         out.allocator_slack = int(ALLOCATOR_SLACK * allocated)
         out.cuda_context = CUDA_CONTEXT_BYTES
@@ -299,15 +294,20 @@ def plan_settings(cfg, *, precision: str | None = None, base_dtype: str | None =
                 base_dtype=base, activation_checkpointing=cfg.train.activation_checkpointing,
                 offload_activations=cfg.train.offload_activations, chunked_loss=cfg.train.chunked_loss,
                 loss_chunk_size=cfg.train.loss_chunk_size, optimizer=cfg.optim.name,
-                dropout=cfg.peft.dropout, double_quant=cfg.peft.double_quant, cuda=cuda,
-                packing=cfg.data.packing)
+                dropout=cfg.peft.dropout, double_quant=cfg.peft.double_quant,
+                mlp_tile_tokens=cfg.train.mlp_tile_tokens, norm_tile_tokens=cfg.train.norm_tile_tokens,
+                cuda=cuda, packing=cfg.data.packing,
+                packed_attention=cfg.speed.mode != "off" and "packed_attention" not in cfg.speed.disable)
 
 
-def predict_for(model_config, seq_len: int, micro_batch: int, *, packing: bool = True, **settings) -> Breakdown:
-    """predict() where the mask follows the data layout: packed rows always carry a
-    block-diagonal mask; padded rows carry one when there is more than one row (padding)."""
-    return predict(model_config, seq_len=seq_len, micro_batch=micro_batch,
-                   masked=packing or micro_batch > 1, **settings)
+def predict_for(model_config, seq_len: int, micro_batch: int, *, packing: bool = True, packed_attention: bool = True,
+                **settings) -> Breakdown:
+    """predict() where the attention follows the data layout: packed rows run the engine's packed
+    attention (SDPA per document, no mask; speed switch packed_attention) or, with it off, carry
+    transformers' block-diagonal mask; padded rows carry a mask when there is more than one row."""
+    masked = (packing and not packed_attention) or (not packing and micro_batch > 1)
+    return predict(model_config, seq_len=seq_len, micro_batch=micro_batch, masked=masked,
+                   per_document=packing and packed_attention, **settings)
 
 
 def max_micro_batch(model_config, seq_len: int, budget: int, *, limit: int = 4096, **settings) -> int:

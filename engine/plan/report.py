@@ -20,14 +20,26 @@ ROWS = (("quantized_weights", "base weights, 4-bit packed"), ("quant_state", "4-
         ("optimizer_state", "optimizer state"),
         ("activations", "saved activations at end of forward"),
         ("attention_masks", "  of which attention masks"),
+        ("final_hidden", "  of which final norm + last hidden (freed before backward)"),
         ("loss_peak", "loss peak (lm_head + cross-entropy)"),
+        ("final_norm_backward", "final norm's backward"),
         ("recompute_peak", "one block recomputed in backward"),
         ("backward_transient", "backward transient of one block"),
         ("allocator_slack", f"allocator slack ({ALLOCATOR_SLACK:.0%})"), ("cuda_context", "CUDA context"))
-SWITCHES = (("none", dict(activation_checkpointing=False, chunked_loss=False, offload_activations=False)),
-            ("checkpointing", dict(activation_checkpointing=True, chunked_loss=False, offload_activations=False)),
-            ("+ chunked loss", dict(activation_checkpointing=True, chunked_loss=True, offload_activations=False)),
-            ("+ offload", dict(activation_checkpointing=True, chunked_loss=True, offload_activations=True)))
+_OFF = dict(activation_checkpointing=False, chunked_loss=False, offload_activations=False, mlp_tile_tokens=0,
+            norm_tile_tokens=0)
+SWITCHES = (("none", _OFF),
+            ("checkpointing", {**_OFF, "activation_checkpointing": True}),
+            ("+ chunked loss", {**_OFF, "activation_checkpointing": True, "chunked_loss": True}),
+            ("+ offload", {**_OFF, "activation_checkpointing": True, "chunked_loss": True, "offload_activations": True}),
+            ("+ tiled MLP", {**_OFF, "activation_checkpointing": True, "chunked_loss": True,
+                             "offload_activations": True, "mlp_tile_tokens": "auto"}),
+            ("+ tiled norms", {**_OFF, "activation_checkpointing": True, "chunked_loss": True,
+                               "offload_activations": True, "mlp_tile_tokens": "auto", "norm_tile_tokens": "auto"}))
+OTHER_SWITCHES = (("ckpt + chunked + tiled MLP and norms (no offload)",
+                   {**_OFF, "activation_checkpointing": True, "chunked_loss": True, "mlp_tile_tokens": "auto",
+                    "norm_tile_tokens": "auto"}),)
+"""Rows beside the cumulative SWITCHES: the tiling without offloading."""
 
 
 def gib(n: float) -> str:
@@ -38,11 +50,15 @@ def make_report(model_config, *, seq_len: int, micro_batch: int, budget: int, se
     """Everything `python -m engine.plan` prints, as a JSON-able dict."""
     b = predict_for(model_config, seq_len, micro_batch, **settings)
     switches = {}
-    for name, flags in SWITCHES:
+    for name, flags in SWITCHES + OTHER_SWITCHES:
         s = {**settings, **flags}
+        longest = max_seq_len(model_config, micro_batch, budget, **s)
+        at_longest = predict_for(model_config, longest, micro_batch, **s) if longest else None
         switches[name] = {"total": predict_for(model_config, seq_len, micro_batch, **s).total,
                           "max_micro_batch": max_micro_batch(model_config, seq_len, budget, **s),
-                          "max_seq_len": max_seq_len(model_config, micro_batch, budget, **s)}
+                          "max_seq_len": longest,
+                          "dominant_at_max_seq_len": at_longest.dominant if at_longest else "",
+                          "dominant_bytes": at_longest.terms.get(at_longest.dominant, 0) if at_longest else 0}
     return {"model_type": model_config.model_type, "seq_len": seq_len, "micro_batch": micro_batch,
             "budget": budget, "settings": settings, "breakdown": b.as_dict(), "fits": b.total <= budget,
             "max_micro_batch": max_micro_batch(model_config, seq_len, budget, **settings),
@@ -51,25 +67,34 @@ def make_report(model_config, *, seq_len: int, micro_batch: int, budget: int, se
 
 def format_report(report: dict) -> str:
     s, b = report["settings"], report["breakdown"]
+    tiles = s.get("mlp_tile_tokens", 0)
     lines = [f"{report['model_type']}: {s['method']} r={s['r']} targets={s['targets']} {s['precision']} "
              f"{s['optimizer']}, {report['micro_batch']} x {report['seq_len']} tokens, "
              f"{'packed' if s['packing'] else 'padded'}, checkpointing={s['activation_checkpointing']} "
-             f"chunked_loss={s['chunked_loss']} offload={s['offload_activations']}", "",
+             f"chunked_loss={s['chunked_loss']} offload={s['offload_activations']} mlp_tile_tokens={tiles}"
+             + (f" (tiles of {b['mlp_tile_tokens']})" if b["mlp_tile_tokens"] else "")
+             + f" norm_tile_tokens={s.get('norm_tile_tokens', 0)}"
+             + (f" (tiles of {b['norm_tile_tokens']})" if b["norm_tile_tokens"] else ""), "",
              f"| {'component':<60} | GiB    |", f"|{'-' * 62}|--------|"]
     lines += [f"| {label:<60} | {gib(b[key]):>6} |" for key, label in ROWS if b[key]]
     lines += [f"| {'static (weights, LoRA, optimizer)':<60} | {gib(b['static']):>6} |",
-              f"| {'dynamic (activations + max(loss, backward); peak in ' + b['peak_phase'] + ')':<60} | {gib(b['dynamic']):>6} |",
+              f"| {'dynamic (activations + max of the phases; peak: ' + b['peak_phase'] + ')':<60} | {gib(b['dynamic']):>6} |",
               f"| {'**predicted peak**':<60} | {gib(b['total']):>6} |"]
     if b["host_offloaded"]:
         lines.append(f"| {'(pinned CPU memory for offloaded activations)':<60} | {gib(b['host_offloaded']):>6} |")
+    top = sorted(b["terms"].items(), key=lambda kv: -kv[1])[:4]
+    lines += ["", f"largest terms of the {b['peak_phase']} phase: "
+              + "; ".join(f"{name} {gib(n)} GiB" for name, n in top)]
     verdict = "fits" if report["fits"] else "does NOT fit"
     lines += ["", f"{verdict} in the budget of {gib(report['budget'])} GiB; largest micro-batch at "
               f"{report['seq_len']} tokens: {report['max_micro_batch']}; longest sequence at micro-batch "
               f"{report['micro_batch']}: {report['max_seq_len']} tokens", "",
-              "| switches | peak GiB | fits | max micro-batch | max seq len |", "|---|---|---|---|---|"]
+              "| switches | peak GiB | fits | max micro-batch | max seq len | largest term there (GiB) |",
+              "|---|---|---|---|---|---|"]
     for name, row in report["switches"].items():
         lines.append(f"| {name} | {gib(row['total'])} | {'yes' if row['total'] <= report['budget'] else 'no'} "
-                     f"| {row['max_micro_batch']} | {row['max_seq_len']} |")
+                     f"| {row['max_micro_batch']} | {row['max_seq_len']} | {row['dominant_at_max_seq_len']}"
+                     f"{' ' + gib(row['dominant_bytes']) if row['dominant_bytes'] else ''} |")
     return "\n".join(lines)
 
 
@@ -114,7 +139,7 @@ def _qlora(**over) -> dict:
     base = dict(method="qlora", r=16, targets="all-linear", precision="fp16", base_dtype="fp16",
                 optimizer="paged_adamw_32bit", loss_chunk_size=1024, dropout=0.0, double_quant=True,
                 cuda=True, packing=True, activation_checkpointing=False, chunked_loss=False,
-                offload_activations=False)
+                offload_activations=False, mlp_tile_tokens=0, norm_tile_tokens=0)
     return {**base, **over}
 
 
@@ -123,11 +148,11 @@ def answers_markdown(budget_gib: float = 14.7) -> str:
     budget = int(budget_gib * GIB)
     out = []
     llama = known_config("llama-3.1-8b")
-    for packing, title in ((True, "packed rows (block-diagonal mask, the engine's default)"),
+    for packing, title in ((True, "packed rows (the engine's default: packed attention, SDPA per document, no mask)"),
                            (False, "one document per row (no mask: SDPA is_causal, GQA not repeated)")):
         out += [f"#### Llama-3.1-8B QLoRA, r16 all-linear, fp16, paged AdamW 32-bit, micro-batch 1, {title}", "",
                 "| tokens | " + " | ".join(n for n, _ in SWITCHES) + " |", "|---|" + "---|" * len(SWITCHES)]
-        for t in (2048, 8192, 16384, 32768):
+        for t in (2048, 8192, 16384, 32768, 49152, 65536):
             cells = []
             for _, flags in SWITCHES:
                 b = predict_for(llama, t, 1, **_qlora(packing=packing, **flags))
@@ -149,19 +174,22 @@ def answers_markdown(budget_gib: float = 14.7) -> str:
                        f"{max_micro_batch(phi, t, budget, **s)} |")
     out += ["", "#### T4 recipes (checkpointing + chunked loss, packed, fp16; QLoRA r16 all-linear, "
             "paged AdamW 32-bit; SmolLM2: 16-bit LoRA)", "",
-            "| model | seq len | micro-batch | predicted peak GiB | switches | longest seq at micro-batch 1 (+ offload) |",
-            "|---|---|---|---|---|---|"]
+            "| model | seq len | micro-batch | predicted peak GiB | switches | longest seq at micro-batch 1 "
+            "(+ offload; + tiled MLP and norms) |", "|---|---|---|---|---|---|"]
     for name in KNOWN_SHAPE_NAMES:
         cfg = known_config(name)
         method = "lora" if name == "smollm2-135m" else "qlora"
         s = _qlora(method=method, activation_checkpointing=True, chunked_loss=True)
         longest = max_seq_len(cfg, 1, budget, **s)
         longest_off = max_seq_len(cfg, 1, budget, **{**s, "offload_activations": True})
+        longest_tiled = max_seq_len(cfg, 1, budget, **{**s, "offload_activations": True, "mlp_tile_tokens": "auto",
+                                                       "norm_tile_tokens": "auto"})
+        longest = f"{longest} ({longest_off}; {longest_tiled})"
         for t in (2048, 4096, 8192):
             mb = max_micro_batch(cfg, t, budget, limit=MAX_AUTO_MICRO_BATCH, **s)
             if mb == 0:
-                out.append(f"| {name} | {t} | - | does not fit | ckpt + chunked | {longest} ({longest_off}) |")
+                out.append(f"| {name} | {t} | - | does not fit | ckpt + chunked | {longest} |")
                 continue
             b = predict_for(cfg, t, mb, **s)
-            out.append(f"| {name} | {t} | {mb} | {gib(b.total)} | ckpt + chunked | {longest} ({longest_off}) |")
+            out.append(f"| {name} | {t} | {mb} | {gib(b.total)} | ckpt + chunked | {longest} |")
     return "\n".join(out)

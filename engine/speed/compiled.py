@@ -8,7 +8,8 @@ compile_norms -- every RMSNorm's forward and backward as one kernel each way. tr
         h = x.float();  v = mean(h^2, -1);  y = h * rsqrt(v + eps);  out = w * y.to(x.dtype)
         (Gemma: (1 + w) * y in fp32, then cast; Qwen3 / OLMo: the same per head over head_dim)
     What is compiled is the module's own forward, so the math is the family's, whatever it is.
-    Scope: modules whose class name ends in "RMSNorm" (LayerNorm already is one fused kernel).
+    Scope: modules whose class name ends in "RMSNorm" (LayerNorm already is one fused kernel), except
+    those tiled by train.norm_tile_tokens (their memory trick wins).
     The swap is the module's `forward` attribute only: parameters, state-dict keys and
     checkpoints are untouched; switching off deletes the attribute again.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.model.tiling import is_tiled
 from engine.training.loss import cross_entropy_and_grad_fused
 
 _EAGER = "_engine_eager_forward"      # where a norm's own forward waits while it is compiled
@@ -63,10 +65,11 @@ def is_rms_norm(module: nn.Module) -> bool:
 
 
 def set_compiled_norms(model: nn.Module, enabled: bool) -> int:
-    """Compile (or restore) the forward of every RMSNorm module of `model`; returns how many."""
+    """Compile (or restore) the forward of every RMSNorm module of `model`; returns how many.
+    A norm tiled by train.norm_tile_tokens (engine/model/tiling.py) stays as it is."""
     count = 0
     for module in model.modules():
-        if not is_rms_norm(module):
+        if not is_rms_norm(module) or is_tiled(module):
             continue
         count += 1
         compiled_now = _EAGER in module.__dict__
