@@ -43,6 +43,7 @@ gets the document lengths read from position_ids: one host read per attention ca
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -52,6 +53,8 @@ from engine.model.packing import PackingContext, lengths_from_positions
 
 NAME = "engine_packed_sdpa"
 _REGISTERED: set[str] = set()  # every name register_packed_attention has registered
+_FORWARD_MASKS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+"""forward_mask's all-ones stand-ins that are alive, by id (tensors compare by value, not identity)"""
 
 # Keywords transformers passes that do not change the attention math (or that this module reads).
 _NEUTRAL = {"position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
@@ -168,8 +171,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                       scaling=scaling, **kwargs)
     packed_rows = (packing is not None and packing.packed and packing.row_length == T
                    and packing.batch_size == B and key.shape[2] == T)
-    if packed_rows:
-        attention_mask = None  # the all-ones mask of `forward_mask`: the context says where documents are
+    if packed_rows or (attention_mask is not None and _FORWARD_MASKS.get(id(attention_mask)) is attention_mask):
+        # the all-ones stand-in of `forward_mask`: the context (or, from a family that does not hand
+        # it down, position_ids) says where the documents are
+        attention_mask = None
     if attention_mask is not None or key.shape[2] != T:
         # padded rows or a KV cache: the dense causal + padding (+ window) mask, as transformers' path
         mask = dense_mask(attention_mask, B, T, key.shape[2], window, query.device)
@@ -227,7 +232,9 @@ def forward_mask(model, packing: PackingContext | None, input_ids: torch.Tensor)
     the documents apart."""
     if packing is None or not packing.packed or not uses_packed_attention(model):
         return None
-    return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    _FORWARD_MASKS[id(mask)] = mask  # known by identity: transformers hands a bool mask through unchanged
+    return mask
 
 
 def uses_packed_attention(model) -> bool:
