@@ -24,12 +24,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py beside it
+import workers  # noqa: E402
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
@@ -101,12 +102,7 @@ def worker(spec: dict) -> dict:
 
 
 def spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-3000:]}")
+    return workers.spawn(__file__, spec, name=spec["name"])
 
 
 def predicted_gpu(shape_name: str, seq_len: int, checkpointing: bool, offload: bool, chunked: bool) -> float | None:

@@ -22,12 +22,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py beside it
+import workers  # noqa: E402
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 MiB, GiB = 2**20, 2**30
 CONFIGS = (("untiled", 0, 0), ("tiled MLP", "auto", 0), ("tiled MLP + norms", "auto", "auto"))
@@ -89,12 +90,7 @@ def worker(spec: dict) -> dict:
 
 
 def spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return workers.spawn(__file__, spec)
 
 
 def predicted_cpu(seq_len: int, mlp_tiles, norm_tiles) -> tuple[int, str]:

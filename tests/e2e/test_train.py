@@ -169,6 +169,18 @@ def patch_loss(monkeypatch, fn) -> None:
         monkeypatch.setattr(module, "causal_lm_loss", fn)
 
 
+def poison_loss(monkeypatch, call: int, factor: float) -> None:
+    """The `call`-th causal_lm_loss of the run (evaluation's included) comes back times `factor`."""
+    inner, calls = engine.training.loss.causal_lm_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, n = inner(*args, **kwargs)
+        return (loss * factor if calls["n"] == call else loss), n
+
+    patch_loss(monkeypatch, poisoned)
+
+
 class CrashAt:
     """Wrap causal_lm_loss: on its Nth call, run `action` (raise, or send a signal)."""
 
@@ -365,15 +377,7 @@ def test_fp16_on_cpu_trains_with_loss_scaling(workdir):
 
 def test_injected_inf_gradient_is_skipped(workdir, monkeypatch):
     cfg = make_cfg(workdir, "inf", train={"max_steps": 4, "precision": "fp16", "save_every": 1, "keep_last": 10})
-    inner = engine.training.loss.causal_lm_loss
-    calls = {"n": 0, "poison": _eval_calls(cfg) + 2 * 2 + 1}  # first micro-batch of step 3
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, n = inner(*args, **kwargs)
-        return (loss * math.inf if calls["n"] == calls["poison"] else loss), n
-
-    patch_loss(monkeypatch, poisoned)
+    poison_loss(monkeypatch, _eval_calls(cfg) + 2 * 2 + 1, math.inf)  # first micro-batch of step 3
     with pytest.warns(UserWarning, match="step 3: inf/NaN gradients"):
         summary = train_mod.run_training(cfg)
     assert summary["skipped_steps"] == 1
@@ -402,15 +406,7 @@ def test_a_nan_loss_in_fp32_stops_at_the_next_log_step(workdir, monkeypatch):
     """bf16 / fp32 skip nothing and check nothing per step; the log step reads the loss and the
     norm anyway, and a non-finite one stops the run there, naming the steps it happened in."""
     cfg = make_cfg(workdir, "nan", train={"max_steps": 8, "log_every": 4})
-    inner = engine.training.loss.causal_lm_loss
-    calls = {"n": 0, "poison": _eval_calls(cfg) + 2 * 4 + 1}  # first micro-batch of step 5
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, n = inner(*args, **kwargs)
-        return (loss * math.nan if calls["n"] == calls["poison"] else loss), n
-
-    patch_loss(monkeypatch, poisoned)
+    poison_loss(monkeypatch, _eval_calls(cfg) + 2 * 4 + 1, math.nan)  # first micro-batch of step 5
     with pytest.raises(train_mod.TrainingDiverged, match=r"step 8: the loss is nan in fp32, in one of steps 5\.\.8"):
         train_mod.run_training(cfg)
 
