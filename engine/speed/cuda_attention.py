@@ -56,9 +56,22 @@ class TorchAttention:
 
 
 def torch_attention_features() -> TorchAttention:
-    # find_spec, not import: torch.nn.attention.varlen imports torch._dynamo (~1 s)
-    return TorchAttention(flash_varlen=importlib.util.find_spec("torch.nn.attention.varlen") is not None,
+    return TorchAttention(flash_varlen=_varlen_takes("scale", "window_size", "enable_gqa"),
                           nested_sdpa=hasattr(torch.nested, "nested_tensor_from_jagged"))
+
+
+def _varlen_takes(*keywords: str) -> bool:
+    """Does this torch's `varlen_attn` exist and take `keywords`? (An older torch's varlen_attn
+    lacks the window and grouped heads.) Read from its source, not imported: importing
+    torch.nn.attention.varlen imports torch._dynamo (~1 s), for a kernel only CUDA runs."""
+    spec = importlib.util.find_spec("torch.nn.attention.varlen")
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return False
+    with open(spec.origin) as f:
+        source = f.read()
+    start = source.find("def varlen_attn(")
+    signature = source[start:source.find("->", start)] if start >= 0 else ""  # up to the return annotation
+    return all(f"{k}:" in signature for k in keywords)
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:

@@ -50,6 +50,27 @@ def test_the_kernel_is_a_function_of_the_gpu_the_precision_and_torch(capability,
     assert (why == "") == (capability is None)
 
 
+def test_flash_varlen_is_offered_only_by_a_torch_whose_varlen_attn_takes_window_and_gqa(monkeypatch, tmp_path):
+    """torch 2.13's varlen_attn takes scale, window_size and enable_gqa; an older one without them
+    (or none at all) is not offered flash varlen: the plan falls back to nested SDPA."""
+    import importlib.util
+    import inspect
+
+    from torch.nn.attention import varlen
+
+    params = inspect.signature(varlen.varlen_attn).parameters
+    assert cuda_attention.torch_attention_features().flash_varlen == all(
+        k in params for k in ("scale", "window_size", "enable_gqa"))
+    older = tmp_path / "varlen.py"
+    older.write_text("def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale: float = None,\n"
+                     "                is_causal: bool = False) -> None:\n    pass\n")
+    spec = importlib.util.spec_from_file_location("torch.nn.attention.varlen", older)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    assert not cuda_attention.torch_attention_features().flash_varlen
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not cuda_attention.torch_attention_features().flash_varlen
+
+
 def test_the_plan_says_the_choice_once_and_registers_it(monkeypatch):
     monkeypatch.setattr(cuda_attention, "cuda_capability", lambda device: (7, 5))
     cuda = torch.device("cuda")
