@@ -322,7 +322,8 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                 counters["pairs"] = counters.get("pairs", 0) + count
             window["tokens"] += tokens
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps or stop_now:
+            log_now = step % tc.log_every == 0 or step == tc.max_steps or stop_now
+            if log_now:
                 # 3. The one place the device is waited on: the loss, the norm and the fp16 scaler's
                 #    counters, read together on log steps
                 record = log_record(step, result, count, scaler, scheduler, ctx, precision=precision,
@@ -333,7 +334,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             elapsed = time.perf_counter() - t0  # on log steps: the wait for the device included
             counters["train_seconds"] += elapsed
             window["seconds"] += elapsed
-            if step % tc.log_every == 0 or step == tc.max_steps or stop_now:
+            if log_now:
                 record.update(tokens=counters["tokens"], peak_mem_gib=peak_memory_bytes(device) / 2**30,
                               tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9))
                 metrics.write(record)
