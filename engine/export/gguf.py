@@ -21,7 +21,9 @@ llama.cpp's `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import gguf
 import numpy as np
@@ -107,9 +109,8 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
     family = family_of(config)
     name_map = gguf.get_tensor_name_map(family.model_arch, config.num_hidden_layers)
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(None, arch=family.arch)
-    try:
+    with written_in_place(writer, path) as partial:
         # llama.cpp keys token attributes on general.name (a name with "phi3" in it requires Phi-3's
         # <s>, </s>, <unk> tokens): the default names no family
         writer.add_name(name or "merged model")
@@ -142,13 +143,23 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
             arrays = (_encode(gguf_tensor(family, config, name_map, hf_name, rows(a, b))[1], ggml_type)
                       for a, b in blocks)
             _write_blocks(writer, arrays, nbytes)
+    return path
+
+
+@contextmanager
+def written_in_place(writer: gguf.GGUFWriter, path: Path) -> Iterator[Path]:
+    """Yield the `.partial` file beside `path` for `writer` to write; on success close the writer and
+    move the file to `path`, on any failure (Ctrl-C included) close it and delete the partial file:
+    `path` never holds a half-written GGUF, and a complete one already there survives a failed export."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
         writer.close()
         partial.replace(path)
     except BaseException:
         writer.close()
         partial.unlink(missing_ok=True)
         raise
-    return path
 
 
 def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str | None = None) -> Path:

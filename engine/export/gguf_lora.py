@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from engine.cli import run_cli
 from engine.export.adapter import read_adapter_config
+from engine.export.gguf import written_in_place
 from engine.export.gguf_arch import family_of, gguf_tensor, GGUFExportError
 from engine.export.stream_merge import adapter_tensors
 from engine.model.build import _resolve
@@ -85,17 +86,10 @@ def export_lora_gguf(model_path: str, adapter_dir: str, out: str | Path, qtype: 
         for suffix, value in (("lora_a", t["A"]), ("lora_b", b)):
             data, raw = _encode(value, LORA_TYPES[qtype])
             writer.add_tensor(f"{name}.{suffix}", data, raw_dtype=raw)
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with written_in_place(writer, out) as partial:
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        partial.replace(out)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
     return out
 
 
