@@ -21,13 +21,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 FORMATS = ("chat", "messages_per_line", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names -> chat roles (the chat names are accepted verbatim too).
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
                   "user": "user", "assistant": "assistant"}
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -242,38 +244,53 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{path}:0: field 'format': unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+    detected = None if fmt == "auto" else fmt
+
+    def parse(lineno: int, raw: str) -> tuple[int, dict]:
+        nonlocal detected
+        obj = parse_object(raw)
+        if detected is None:
+            detected = detect_format(obj)
+            if detected is None and "chosen" in obj and "rejected" in obj:
+                raise _BadLine("(keys)", "a preference pair (prompt, chosen, rejected): train on it "
+                               "with objective=dpo or objective=orpo, not sft", obj)
+            if detected is None:
+                raise _BadLine("(keys)", "cannot tell the format from the keys (expected messages, "
+                               "conversations, role+content, prompt+completion, instruction+output or text)", obj)
+        return lineno, _parse(obj, detected)
+
+    parsed = read_jsonl(path, parse, on_bad_line=on_bad_line, skipped=skipped)
+    if detected == "messages_per_line":
+        return _group_messages([(line, ex["message"]) for line, ex in parsed])
+    return [dict(ex, source_line=line) for line, ex in parsed]
+
+
+def read_jsonl(path: str, parse: Callable[[int, str], T], *, on_bad_line: str = "error",
+               skipped: list[int] | None = None) -> list[T]:
+    """`parse(lineno, line)` of every non-blank line of `path` (1-based line numbers), in order. A
+    line whose parse raises _BadLine is a DataError naming the file, line and field
+    (on_bad_line="error") or is left out with its number appended to `skipped` ("skip"); a missing
+    file, and a file with nothing parsed, are DataErrors too. The reader of SFT examples and of
+    preference pairs (engine.preference.data)."""
     if on_bad_line not in ("error", "skip"):
         raise DataError(f"{path}:0: field 'on_bad_line': must be 'error' or 'skip' — {on_bad_line!r}")
     if not os.path.isfile(path):
         raise DataError(f"{path}:0: field '(file)': does not exist")
     skipped = skipped if skipped is not None else []
-    parsed: list[tuple[int, dict]] = []
-    detected = None if fmt == "auto" else fmt
-    nonblank = 0
+    parsed, nonblank = [], 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(_lines(path, f), start=1):
             if not raw.strip():
                 continue
             nonblank += 1
             try:
-                obj = parse_object(raw)
-                if detected is None:
-                    detected = detect_format(obj)
-                    if detected is None and "chosen" in obj and "rejected" in obj:
-                        raise _BadLine("(keys)", "a preference pair (prompt, chosen, rejected): train on it "
-                                       "with objective=dpo or objective=orpo, not sft", obj)
-                    if detected is None:
-                        raise _BadLine("(keys)", "cannot tell the format from the keys (expected messages, "
-                                       "conversations, role+content, prompt+completion, instruction+output or text)", obj)
-                parsed.append((lineno, _parse(obj, detected)))
+                parsed.append(parse(lineno, raw))
             except _BadLine as bad:
                 if on_bad_line == "error":
                     raise data_error(path, lineno, bad.field, bad.why, bad.value) from None
                 skipped.append(lineno)
     check_some_parsed(path, nonblank, parsed, skipped)
-    if detected == "messages_per_line":
-        return _group_messages([(line, ex["message"]) for line, ex in parsed])
-    return [dict(ex, source_line=line) for line, ex in parsed]
+    return parsed
 
 
 def _lines(path: str, f):

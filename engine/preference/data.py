@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from engine.config import DataConfig
-from engine.data.formats import (ROLES, DataError, _BadLine, _content, _lines, _role, check_some_parsed, data_error,
-                                 parse_object)
+from engine.data.formats import (ROLES, DataError, _BadLine, _content, _lines, _role, data_error, parse_object,
+                                 read_jsonl)
 from engine.data.report import histogram
 from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, render_chat, resolve_template,
                                 shift_labels, special_token_ids, token_mask)
@@ -126,25 +126,8 @@ def load_pairs(path: str, on_bad_line: str = "error", skipped: list[int] | None 
     """Read a preference JSONL file: [{"format", "prompt", "chosen", "rejected", "source_line"}].
 
     on_bad_line "error": DataError at the first bad line; "skip": its line number goes to `skipped`."""
-    if on_bad_line not in ("error", "skip"):
-        raise DataError(f"{path}:0: field 'on_bad_line': must be 'error' or 'skip' — {on_bad_line!r}")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}:0: field '(file)': does not exist")
-    skipped = skipped if skipped is not None else []
-    pairs, nonblank = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(_lines(path, f), start=1):
-            if not raw.strip():
-                continue
-            nonblank += 1
-            try:
-                pairs.append(dict(parse_pair(parse_object(raw)), source_line=lineno))
-            except _BadLine as bad:
-                if on_bad_line == "error":
-                    raise data_error(path, lineno, bad.field, bad.why, bad.value) from None
-                skipped.append(lineno)
-    check_some_parsed(path, nonblank, pairs, skipped)
-    return pairs
+    return read_jsonl(path, lambda lineno, raw: dict(parse_pair(parse_object(raw)), source_line=lineno),
+                      on_bad_line=on_bad_line, skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------- tokens
