@@ -9,14 +9,17 @@ Memory is one block of rows and its quantized copy, not the model (nor its large
 
 Per-family names and layouts: engine/export/gguf_arch.py; the tokenizer: engine/export/gguf_vocab.py.
 
-Types (llama.cpp's, via gguf-py's quantizer):
+Types: one file type ("mix") per file, each tensor's ggml type chosen as llama.cpp's quantizer
+chooses it (engine/export/gguf_mix.py):
   f16 / bf16   2-D weights in 16 bits
   q8_0         blocks of 32 weights: 8-bit ints and one f16 scale  (8.5 bits per weight)
-  q4_0         blocks of 32 weights: 4-bit ints and one f16 scale  (4.5 bits per weight)
-1-D tensors (norms, biases) stay f32, as llama.cpp writes them; a 2-D weight whose row length is
-not a multiple of the block size (32) is written f16. K-quants (q4_k_m, ...) are not offered:
-gguf-py 0.19 has no quantizer for them (quantize raises NotImplementedError); write f16 and run
-llama.cpp's `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M`.
+  q4_0         blocks of 32: 4-bit ints and one f16 scale (4.5 bpw); the output head Q6_K
+  q4_k_m / q4_k_s / q5_k_m / q5_k_s / q6_k   K-quant super-blocks of 256 (engine/export/kquants.py),
+               attention V, FFN down and the output head in more bits as llama.cpp picks them
+1-D tensors (norms, biases) stay f32, as llama.cpp writes them. Quantized types are made from the
+weights' f16 values, as llama-quantize makes them from a converted f16 file: the file is byte for
+byte what `llama-quantize model-f16.gguf out.gguf Q4_K_M` writes from this writer's f16 file.
+Q8_0 / Q4_0 / Q5_0 / Q5_1 blocks come from gguf-py's quantizer (the same bytes as llama.cpp's).
 """
 
 from __future__ import annotations
@@ -29,38 +32,28 @@ import gguf
 import numpy as np
 import torch
 from engine.export.gguf_arch import add_hparams, family_of, gguf_tensor, GGUFExportError
+from engine.export.gguf_mix import choose_types, MIXES, ModelShape
+from engine.export.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 from engine.export.gguf_vocab import add_tokenizer
 from engine.export.safetensors_io import read_header, read_rows, row_blocks
 
 
-QTYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-          "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-GGUF_TYPES = tuple(QTYPES)
+GGUF_TYPES = tuple(MIXES)
 BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows converted at a time
 # Mean KL(p_merged || p_gguf) per position a file of each type may drift from the HF model it was
 # written from, as read back by transformers (merge_report.json flags a file above it). The
 # rounding of 16-bit weights moves next-token distributions by ~1e-6..1e-5, 8-bit blocks by
-# ~1e-4, 4-bit blocks by ~1e-2 (llama.cpp's own q4_0 perplexity gap is of that order).
-DRIFT_TOLERANCE = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-1}
+# ~1e-4, 4-bit blocks by ~1e-2 (llama.cpp's own q4_0 perplexity gap is of that order); 5- and 6-bit
+# K-quants sit between.
+DRIFT_TOLERANCE = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-1, "q4_k_s": 1e-1, "q4_k_m": 1e-1,
+                   "q5_k_s": 5e-2, "q5_k_m": 5e-2, "q6_k": 2e-2}
+_K_QUANTS = {gguf.GGMLQuantizationType.Q4_K: quantize_q4_k, gguf.GGMLQuantizationType.Q5_K: quantize_q5_k,
+             gguf.GGMLQuantizationType.Q6_K: quantize_q6_k}
 
 
 def check_gguf_type(qtype: str) -> None:
-    if qtype in QTYPES:
-        return
-    hint = (" (K-quants: gguf-py has no quantizer for them; write f16, then llama.cpp's "
-            f"`llama-quantize model-f16.gguf model-{qtype}.gguf {qtype.upper()}`)") if "_k" in qtype.lower() else ""
-    raise GGUFExportError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}{hint}")
-
-
-def _ggml_type(tensor: torch.Tensor, qtype: str) -> gguf.GGMLQuantizationType:
-    """The type one tensor is stored in: f32 for 1-D, the file's type where blocks fit, else f16."""
-    if tensor.dim() == 1:
-        return gguf.GGMLQuantizationType.F32
-    q = QTYPES[qtype]
-    block = gguf.GGML_QUANT_SIZES[q][0]
-    return q if tensor.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+    if qtype not in MIXES:
+        raise GGUFExportError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}")
 
 
 def _encode(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -69,6 +62,13 @@ def _encode(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> np.nd
         return data.astype(np.float32)
     if ggml_type == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16)
+    if ggml_type == gguf.GGMLQuantizationType.BF16:
+        return gguf.quants.quantize(data, ggml_type)
+    # quantize the f16 values, as llama-quantize does from an f16 file (where they fit in f16)
+    half = data.astype(np.float16).astype(np.float32)
+    data = np.where(np.isinf(half), data, half)
+    if ggml_type in _K_QUANTS:
+        return _K_QUANTS[ggml_type](data)
     return gguf.quants.quantize(data, ggml_type)
 
 
@@ -98,13 +98,16 @@ def _write_blocks(writer: gguf.GGUFWriter, arrays, nbytes: int) -> None:
     writer.state = WriterState.WEIGHTS
 
 
-def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16", name: str | None = None) -> Path:
+def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16", name: str | None = None,
+               progress: bool = False) -> Path:
     """Write GGUF `path` from `config`, `tokenizer` and `tensors`: a callable returning a fresh
     iterator of (HF name, shape, rows) where rows(start, stop) gives those rows (dim 0) of the
     tensor; called twice (infos, data). Tensors are converted and quantized in blocks of rows of
     ~4 MiB of fp32 (ggml blocks run along rows, so the bytes are those of the whole tensor at once),
     except Llama Q/K weights, which are permuted across a head's rows, and 1-D tensors.
-    The file appears under `path` only when complete."""
+    `progress` shows a bar of weights written. The file appears under `path` only when complete."""
+    from tqdm import tqdm
+
     check_gguf_type(qtype)
     family = family_of(config)
     name_map = gguf.get_tensor_name_map(family.model_arch, config.num_hidden_layers)
@@ -115,22 +118,29 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
         # <s>, </s>, <unk> tokens): the default names no family
         writer.add_name(name or "merged model")
         add_hparams(writer, config, family)
-        writer.add_file_type(FILE_TYPES[qtype])
+        writer.add_file_type(MIXES[qtype].file_type)
         add_tokenizer(writer, tokenizer, config.vocab_size)
-        plan = []  # (hf name, gguf name, ggml type)
         meta = torch.empty(0, device="meta")
+        mapped = []  # (hf name, gguf name, shape)
         for hf_name, shape, _ in tensors():
-            mapped = gguf_tensor(family, config, name_map, hf_name, meta.new_empty(shape))
-            if mapped is None:
-                continue
-            ggml_type = _ggml_type(mapped[1], qtype)
-            nbytes = _nbytes(shape, ggml_type)
-            writer.add_tensor_info(mapped[0], shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
-            plan.append((hf_name, mapped[0], ggml_type, nbytes))
+            gguf_named = gguf_tensor(family, config, name_map, hf_name, meta.new_empty(shape))
+            if gguf_named is not None:
+                mapped.append((hf_name, gguf_named[0], tuple(shape)))
+        n_head = config.num_attention_heads
+        shape = ModelShape(family.arch, config.num_hidden_layers, n_head,
+                           getattr(config, "num_key_value_heads", None) or n_head)
+        types = choose_types(qtype, [(g, s) for _, g, s in mapped], shape)
+        plan = []  # (hf name, gguf name, ggml type, bytes)
+        for hf_name, gguf_name, gguf_shape in mapped:
+            nbytes = _nbytes(gguf_shape, types[gguf_name])
+            writer.add_tensor_info(gguf_name, gguf_shape, np.dtype(np.float32), nbytes, raw_dtype=types[gguf_name])
+            plan.append((hf_name, gguf_name, types[gguf_name], nbytes))
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         todo, planned = iter(plan), {p[0] for p in plan}
+        bar = tqdm(total=sum(int(np.prod(s)) for _, _, s in mapped), unit="w", unit_scale=True,
+                   desc=f"GGUF {qtype}", disable=not progress)
         for hf_name, shape, rows in tensors():
             if hf_name not in planned:
                 continue
@@ -143,6 +153,8 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
             arrays = (_encode(gguf_tensor(family, config, name_map, hf_name, rows(a, b))[1], ggml_type)
                       for a, b in blocks)
             _write_blocks(writer, arrays, nbytes)
+            bar.update(int(np.prod(shape)))
+        bar.close()
     return path
 
 
@@ -162,18 +174,19 @@ def written_in_place(writer: gguf.GGUFWriter, path: Path) -> Iterator[Path]:
         raise
 
 
-def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str | None = None) -> Path:
+def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str | None = None,
+                progress: bool = False) -> Path:
     """GGUF of an in-memory transformers model (LoRA already merged); a tied lm_head is left out."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and emb is not None and head.weight is emb.weight
     state = {k: v.detach() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     return write_gguf(model.config, tokenizer,
                       lambda: ((k, tuple(v.shape), (lambda a, b, v=v: v[a:b])) for k, v in state.items()),
-                      path, qtype, name)
+                      path, qtype, name, progress)
 
 
 def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: str = "f16",
-                    name: str | None = None) -> Path:
+                    name: str | None = None, progress: bool = False) -> Path:
     """GGUF of a safetensors model directory (config.json + shards), one tensor in memory at a time."""
     import json
 
@@ -195,4 +208,4 @@ def export_gguf_dir(directory: str | Path, tokenizer, path: str | Path, qtype: s
                     if tied and name == "lm_head.weight":
                         continue  # GGUF ties by leaving output.weight out
                     yield name, info.shape, (lambda a, b, info=info, f=f: read_rows(f, info, a, b))
-    return write_gguf(config, tokenizer, tensors, path, qtype, name)
+    return write_gguf(config, tokenizer, tensors, path, qtype, name, progress)

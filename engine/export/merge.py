@@ -1,6 +1,6 @@
 """Fold a LoRA adapter into its base and export a plain Hugging Face model (and optionally a GGUF).
 
-    python -m engine.export.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf q4_0]
+    python -m engine.export.merge --model default --adapter runs/quickstart/adapter --out merged/ [--gguf q4_k_m,q8_0]
 
     W_merged = W + s * B @ A          (s = alpha / r, or alpha / sqrt(r) with rsLoRA; Hu et al. 2021)
 
@@ -25,7 +25,9 @@ chats; printed and saved as merge_report.json.
 
 The output directory holds config.json, model.safetensors (or shards + index beyond
 --max-shard-size), the tokenizer files and generation_config.json (stopping at the chat
-template's end of turn), and model-<type>.gguf with --gguf. It must not exist or be empty:
+template's end of turn), and with --gguf one model-<type>.gguf per type (one merge, each file
+streamed from the merged shards) and an Ollama Modelfile beside them (engine/export/modelfile.py;
+--ollama writes it without a GGUF, FROM the merged directory). It must not exist or be empty:
 nothing is ever overwritten (the files are written into a temporary sibling directory and moved
 into place at the end).
 """
@@ -38,6 +40,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,15 +48,16 @@ import torch.nn.functional as F
 from engine.cli import run_cli
 from engine.data import load_examples
 from engine.export.adapter import load_adapter, read_adapter_config
-from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir
+from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir, GGUF_TYPES
 from engine.export.gguf_arch import FAMILIES
+from engine.export.modelfile import write_modelfile
 from engine.export.stream_merge import stream_merge, stream_refusal
 from engine.generate import adapter_training_info, chat_template, stop_token_ids
 from engine.layers.lora import lora_modules, merge_lora
 from engine.layers.quant import QuantSpec
 from engine.model.build import _resolve, linear_to_conv1d, load_base_model, load_tokenizer, NeedsConversion
 
-GGUF_CHOICES = ("f16", "bf16", "q8_0", "q4_0")  # engine.export.gguf.GGUF_TYPES (checked by a test)
+GGUF_CHOICES = GGUF_TYPES
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DRIFT_CHATS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -271,21 +275,22 @@ def write_side_files(tokenizer, out: Path, base_dir: str) -> None:
 
 def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None = None,
           from_dequantized: bool = False, dtype: str | None = None, max_shard_size: str = "2GB",
-          gguf: str | None = None, drift: str = "auto", drift_examples: str | None = None,
-          streamed: bool | None = None) -> dict:
+          gguf: str | list[str] | None = None, drift: str = "auto", drift_examples: str | None = None,
+          streamed: bool | None = None, ollama: bool = False, system: str | None = None) -> dict:
     """Merge, write `out_dir`, measure drift; returns the report (also out_dir/merge_report.json).
 
     dtype: fp16 | bf16 | fp32, None = the base's. streamed: None = stream whenever the base is a
     safetensors checkpoint (engine/export/stream_merge.py), False = load it whole (the merge of a
-    GGUF base, .bin or fused-on-load checkpoints)."""
+    GGUF base, .bin or fused-on-load checkpoints). gguf: one type, a comma list or a list (one file
+    each); a Modelfile is written beside them, or FROM the merged directory with `ollama`. system:
+    the Modelfile's SYSTEM (default: the training run's data.system_prompt, if it set one)."""
     from transformers import AutoModelForCausalLM
 
 
     out = check_output_dir(out_dir)
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if gguf is not None:
-        check_gguf_type(gguf)
+    gguf_types = gguf_type_list(gguf)
     read_adapter_config(adapter_dir)
     directory, gguf_base = _resolve(model_path)  # a missing model fails here, before anything is loaded
     info = {"method": "lora", **adapter_training_info(adapter_dir)}
@@ -340,20 +345,30 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
                   "reference": "4-bit base + LoRA, as trained" if qlora else "base + LoRA",
                   "drift_examples": (drift_examples or "built-in chats") if measure else None,
                   "drift_measured": drift_why, "drift": None}
-        gguf_file = None
-        if gguf is not None:
-            gguf_file = f"model-{gguf}.gguf"
-            base_name = Path(directory if gguf_base is None else gguf_base).name
-            export_gguf_dir(tmp, tokenizer, tmp / gguf_file, gguf, name=f"{base_name} + {Path(adapter_dir).name}")
+        base_name = Path(directory if gguf_base is None else gguf_base).name
+        written_ggufs = []  # (type, file, seconds)
+        for qtype in gguf_types:
+            started = time.perf_counter()
+            export_gguf_dir(tmp, tokenizer, tmp / f"model-{qtype}.gguf", qtype,
+                            name=f"{base_name} + {Path(adapter_dir).name}", progress=True)
+            written_ggufs.append((qtype, f"model-{qtype}.gguf", time.perf_counter() - started))
         if measure:  # drift of the files as written, loaded the plainest way (computed in fp32)
             merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
             merged_logits = all_logits(merged, inputs)
             report["drift"] = logit_drift(reference, merged_logits)
             del merged
             gc.collect()
-        if gguf_file is not None:
-            report["gguf"] = gguf_drift(tmp, gguf_file, gguf, reference, merged_logits, inputs) if measure else \
-                {"file": gguf_file, "type": gguf, "drift": None}
+        entries = []
+        for qtype, gguf_file, seconds in written_ggufs:
+            entry = gguf_drift(tmp, gguf_file, qtype, reference, merged_logits, inputs) if measure else \
+                {"file": gguf_file, "type": qtype, "drift": None}
+            entries.append({**entry, "seconds": round(seconds, 2)})
+        if entries:
+            report["gguf"], report["ggufs"] = entries[0], entries  # "gguf": the first type's
+        if written_ggufs or ollama:
+            system = system if system is not None else run_system_prompt(adapter_dir)
+            write_modelfile(tmp, [f for _, f, _ in written_ggufs], tokenizer, system=system)
+            report["modelfile"] = "Modelfile"
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
         check_output_dir(out)  # still new or empty: then move the finished files into place
         if out.exists():
@@ -400,8 +415,7 @@ def print_report(report: dict, out: str) -> None:
     else:
         print(f"drift vs {report['reference']} over {d['examples']} examples / {d['positions']} positions: "
               f"mean KL {d['mean_kl']:.3e}, max KL {d['max_kl']:.3e}, max |logit diff| {d['max_abs_logit_diff']:.3e}")
-    if "gguf" in report:
-        entry = report["gguf"]
+    for entry in report.get("ggufs", []):
         g = entry["drift"]
         if g is not None:
             verdict = "within" if entry["within_tolerance"] else "ABOVE"
@@ -411,14 +425,39 @@ def print_report(report: dict, out: str) -> None:
                   f"{entry['type']} tolerance {entry['tolerance_mean_kl']:.0e})")
         else:
             print(f"GGUF {entry['file']}: drift not measured ({entry.get('not_read_back', report['drift_measured'])})")
+    if "modelfile" in report:
+        print(f"Ollama: ollama create my-model -f {os.path.join(out, report['modelfile'])}")
 
 
-def _gguf_type(value: str) -> str:
-    if value in GGUF_CHOICES:
-        return value
-    hint = ("; K-quants: write --gguf f16, then run llama.cpp's "
-            f"`llama-quantize model-f16.gguf model-{value}.gguf {value.upper()}`") if "_k" in value.lower() else ""
-    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(GGUF_CHOICES)}){hint}")
+def gguf_type_list(value: str | list[str] | None) -> list[str]:
+    """--gguf's value: None, one type, a comma list ("q4_k_m,q8_0") or a list -> checked types, in
+    order, each once."""
+    if value is None:
+        return []
+    types = [t.strip().lower() for t in (value.split(",") if isinstance(value, str) else value)]
+    for qtype in types:
+        check_gguf_type(qtype)
+    return list(dict.fromkeys(types))
+
+
+def _gguf_types(value: str) -> list[str]:
+    for qtype in value.split(","):
+        if qtype.strip().lower() not in GGUF_CHOICES:
+            raise argparse.ArgumentTypeError(f"invalid choice: {qtype.strip()!r} (choose from "
+                                             f"{', '.join(GGUF_CHOICES)}, or a comma list of them)")
+    return gguf_type_list(value)
+
+
+def run_system_prompt(adapter_dir: str) -> str | None:
+    """The training run's system prompt, where its config.yaml (beside the adapter, or three levels
+    up for a checkpoint's) set data.system_prompt; None otherwise."""
+    adapter = Path(adapter_dir)
+    for run_config in (adapter.parent / "config.yaml", adapter.parent.parent.parent / "config.yaml"):
+        if run_config.is_file():
+            from omegaconf import OmegaConf
+            data = OmegaConf.to_container(OmegaConf.load(run_config)).get("data") or {}
+            return data.get("system_prompt") or None
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -433,9 +472,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="output dtype (default: the base's)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output safetensors shard (does not change the "
                    "memory a streamed merge needs)")
-    p.add_argument("--gguf", type=_gguf_type, default=None, metavar="{" + ",".join(GGUF_CHOICES) + "}",
-                   help="also write a GGUF file of this type (K-quants such as q4_k_m: write f16, then run "
-                        "llama.cpp's llama-quantize; gguf-py cannot make them)")
+    p.add_argument("--gguf", type=_gguf_types, default=None, metavar="TYPE[,TYPE...]",
+                   help=f"also write a GGUF file of each type ({', '.join(GGUF_CHOICES)}; q4_k_m is what Ollama "
+                        "and llama.cpp users usually run), and an Ollama Modelfile")
+    p.add_argument("--ollama", action="store_true",
+                   help="write an Ollama Modelfile (always written beside a GGUF; without --gguf: FROM the merged "
+                        "directory)")
+    p.add_argument("--system", default=None,
+                   help="the Modelfile's SYSTEM prompt (default: the training run's data.system_prompt, if any)")
     p.add_argument("--drift", choices=("auto", "on", "off"), default="auto",
                    help="measure the logit drift (loads the model whole in fp32); auto: when it fits in memory")
     p.add_argument("--in-memory", action="store_true", help="load the base whole instead of streaming its shards")
@@ -450,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         report = merge(args.model, args.adapter, args.out, method=args.method, from_dequantized=args.from_dequantized,
                        dtype=args.dtype, max_shard_size=args.max_shard_size, gguf=args.gguf, drift=args.drift,
-                       drift_examples=args.drift_examples, streamed=False if args.in_memory else None)
+                       drift_examples=args.drift_examples, streamed=False if args.in_memory else None,
+                       ollama=args.ollama, system=args.system)
         print_report(report, args.out)
 
     return run_cli(body)
