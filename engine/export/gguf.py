@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from engine.export.gguf_arch import add_hparams, family_of, gguf_tensor, GGUFExportError
 from engine.export.gguf_mix import choose_types, MIXES, ModelShape
-from engine.export.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
+from engine.export import kquants
 from engine.export.gguf_vocab import add_tokenizer
 from engine.export.safetensors_io import read_header, read_rows, row_blocks
 
@@ -47,8 +47,8 @@ BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows converted at a time
 # K-quants sit between.
 DRIFT_TOLERANCE = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-1, "q4_k_s": 1e-1, "q4_k_m": 1e-1,
                    "q5_k_s": 5e-2, "q5_k_m": 5e-2, "q6_k": 2e-2}
-_K_QUANTS = {gguf.GGMLQuantizationType.Q4_K: quantize_q4_k, gguf.GGMLQuantizationType.Q5_K: quantize_q5_k,
-             gguf.GGMLQuantizationType.Q6_K: quantize_q6_k}
+_K_QUANTS = {gguf.GGMLQuantizationType.Q4_K: "q4_k", gguf.GGMLQuantizationType.Q5_K: "q5_k",
+             gguf.GGMLQuantizationType.Q6_K: "q6_k"}
 
 
 def check_gguf_type(qtype: str) -> None:
@@ -68,7 +68,7 @@ def _encode(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> np.nd
     half = data.astype(np.float16).astype(np.float32)
     data = np.where(np.isinf(half), data, half)
     if ggml_type in _K_QUANTS:
-        return _K_QUANTS[ggml_type](data)
+        return kquants.quantize(data, _K_QUANTS[ggml_type])
     return gguf.quants.quantize(data, ggml_type)
 
 

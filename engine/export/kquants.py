@@ -22,6 +22,8 @@ C loop over the elements of one sub-block is a loop over rows of whole-tensor ve
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 QK_K = 256
@@ -31,11 +33,17 @@ BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 
 
 def _ordered_sum(a: np.ndarray) -> np.ndarray:
-    """a [n, N] -> [N] summed in index order, as the C loops `s += a[i]` do."""
-    total = a[0].copy()
-    for row in a[1:]:
-        total += row
-    return total
+    """a [n, N] -> [N] summed in index order, as the C loops `s += a[i]` do: NumPy adds pairwise
+    only along the fast (last) axis of memory; along axis 0 of a C-contiguous array it adds row
+    after row (the test against ggml's bytes would catch a change)."""
+    return np.add.reduce(a, axis=0)
+
+
+def _levels(scaled: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """MAX(lo, MIN(hi, nearest_int(scaled))), in place, as float32."""
+    np.rint(scaled, out=scaled)
+    np.minimum(scaled, F32(hi), out=scaled)
+    return np.maximum(scaled, F32(lo), out=scaled)
 
 
 def _nearest_int(a: np.ndarray) -> np.ndarray:
@@ -56,13 +64,13 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     flat = xmax == xmin
     iscale = F32(nmax) / np.where(flat, F32(1), xmax - xmin)
     scale = F32(1) / iscale
-    levels = np.clip(_nearest_int(iscale * (x - xmin)), 0, nmax)
+    levels = _levels(iscale * (x - xmin), 0, nmax)
     diff = scale * levels + xmin - x
     best_error = _ordered_sum(weights * (diff * diff))
     for step in range(nstep + 1):
         # the C loop moves `min` to each better fit: later trials use it in the range and the offset
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / np.where(flat, F32(1), xmax - xmin)
-        trial = np.clip(_nearest_int(iscale * (x - xmin)), 0, nmax)
+        trial = _levels(iscale * (x - xmin), 0, nmax)
         wl = weights * trial
         sum_l = _ordered_sum(wl)
         sum_l2 = _ordered_sum(wl * trial)
@@ -78,7 +86,9 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
         diff = this_scale * trial + this_min - x
         error = _ordered_sum(weights * (diff * diff))
         better = fits & (error < best_error)
-        levels = np.where(better, trial, levels)
+        if not better.any():
+            continue
+        np.copyto(levels, trial, where=better)
         best_error = np.where(better, error, best_error)
         scale = np.where(better, this_scale, scale)
         xmin = np.where(better, this_min, xmin)
@@ -99,7 +109,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = weights * x
 
     def trial(iscale):
-        levels = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        levels = _levels(iscale * x, -nmax, nmax - 1)
         return levels, _ordered_sum(wx * levels), _ordered_sum(weights * levels * levels)
 
     iscale = F32(-nmax) / biggest
@@ -228,3 +238,19 @@ def quantize_q6_k(data: np.ndarray) -> np.ndarray:
 
 
 QUANTIZERS = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
+PARALLEL_MIN_WEIGHTS = 1 << 18
+
+
+def quantize(data: np.ndarray, name: str, threads: int | None = None) -> np.ndarray:
+    """QUANTIZERS[name](data) with its rows split over `threads` threads (default: the CPUs this
+    process may use). NumPy's ufuncs release the GIL, and blocks are independent, so the bytes are
+    the same for any split."""
+    threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rows = data.reshape(-1, data.shape[-1])
+    if threads <= 1 or rows.size < PARALLEL_MIN_WEIGHTS or len(rows) < 2:
+        return QUANTIZERS[name](data)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(rows))) as pool:
+        parts = list(pool.map(QUANTIZERS[name], np.array_split(rows, min(threads, len(rows)))))
+    return np.concatenate(parts).reshape(*data.shape[:-1], -1)

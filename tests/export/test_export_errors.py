@@ -155,14 +155,16 @@ def test_gguf_drift_not_read_back_is_reported(tmp_path):
         assert (tmp_path / family / "out" / "model-f16.gguf").is_file()
 
 
-def test_cli_names_the_gguf_types_and_how_to_make_k_quants(capsys):
-    from engine.export.merge import parse_args
+def test_cli_names_the_gguf_types_and_takes_a_comma_list(capsys):
+    from engine.export.merge import gguf_type_list, parse_args
 
-    for value, message in (("q4", "invalid choice: 'q4' (choose from f16, bf16, q8_0, q4_0)\n"),
-                           ("q4_k_m", "invalid choice: 'q4_k_m' (choose from f16, bf16, q8_0, q4_0); K-quants: "
-                                      "write --gguf f16, then run llama.cpp's `llama-quantize model-f16.gguf "
-                                      "model-q4_k_m.gguf Q4_K_M`")):
+    for value in ("q4", "q4_k_m,q3"):
         with pytest.raises(SystemExit):
             parse_args(["--adapter", "a", "--out", "o", "--gguf", value])
-        assert message in capsys.readouterr().err
-    assert parse_args(["--adapter", "a", "--out", "o", "--gguf", "q4_0"]).gguf == "q4_0"
+        bad = value.split(",")[-1]
+        assert (f"invalid choice: {bad!r} (choose from f16, bf16, q8_0, q4_0, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, "
+                "or a comma list of them)") in capsys.readouterr().err
+    assert parse_args(["--adapter", "a", "--out", "o", "--gguf", "q4_0"]).gguf == ["q4_0"]
+    assert parse_args(["--adapter", "a", "--out", "o", "--gguf", "q4_k_m,Q8_0,q4_k_m"]).gguf == ["q4_k_m", "q8_0"]
+    with pytest.raises(GGUFExportError, match="got 'q2_k'"):
+        gguf_type_list("q4_k_m, q2_k")
