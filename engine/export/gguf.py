@@ -114,9 +114,7 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
     path = Path(path)
     writer = gguf.GGUFWriter(None, arch=family.arch)
     with written_in_place(writer, path) as partial:
-        # llama.cpp keys token attributes on general.name (a name with "phi3" in it requires Phi-3's
-        # <s>, </s>, <unk> tokens): the default names no family
-        writer.add_name(name or "merged model")
+        writer.add_name(llama_cpp_safe_name(name or "merged model", tokenizer))
         add_hparams(writer, config, family)
         writer.add_file_type(MIXES[qtype].file_type)
         add_tokenizer(writer, tokenizer, config.vocab_size)
@@ -156,6 +154,26 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
             bar.update(int(np.prod(shape)))
         bar.close()
     return path
+
+
+PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def llama_cpp_safe_name(name: str, tokenizer) -> str:
+    """general.name as llama.cpp can load it. llama.cpp keys token attributes on the name: one that
+    contains "phi3" or "phi-3" (any case) makes it look up <unk>, <s>, </s> and <|endoftext|>
+    (llama-vocab.cpp, `_set_token_attr` -> token_to_id.at), and a vocabulary without them fails to
+    load with "error loading model vocabulary: unordered_map::at" (a Phi-3 fine-tuned with another
+    tokenizer, a tiny test model named tiny-phi3). Phi-3's own SentencePiece vocabulary has all four
+    and keeps its name; otherwise the name is written with "phi 3"."""
+    lowered = name.lower()
+    if "phi3" not in lowered and "phi-3" not in lowered:
+        return name
+    vocab = tokenizer.get_vocab()
+    if all(token in vocab for token in PHI3_NAME_TOKENS):
+        return name
+    import re
+    return re.sub(r"phi-?3", "phi 3", name, flags=re.IGNORECASE)
 
 
 @contextmanager

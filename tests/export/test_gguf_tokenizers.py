@@ -70,3 +70,19 @@ def test_other_tokenizer_models_are_refused(tmp_path):
     with pytest.raises(GGUFExportError, match="supports BPE tokenizers .* this one is WordLevel"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
     assert not list(tmp_path.iterdir())
+
+
+def test_phi3_name_needs_phi3_special_tokens(tmp_path):
+    """llama.cpp looks up <unk>, <s>, </s>, <|endoftext|> when general.name says phi3 (else
+    "unordered_map::at"): a BPE vocabulary without them gets the name without "phi3"; a Phi-3 style
+    SentencePiece vocabulary with them keeps it."""
+    from engine.export.gguf import llama_cpp_safe_name
+    from tests.conftest import make_tiny_tokenizer
+
+    bpe = make_tiny_tokenizer()
+    assert llama_cpp_safe_name("tiny-phi3 + adapter", bpe) == "tiny-phi 3 + adapter"
+    assert llama_cpp_safe_name("Phi-3-mini + a", bpe) == "phi 3-mini + a"
+    assert llama_cpp_safe_name("llama + a", bpe) == "llama + a"
+    spm = spm_tokenizer(phi3_style=True)
+    spm.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>"]})
+    assert llama_cpp_safe_name("Phi-3-mini + a", spm) == "Phi-3-mini + a"
