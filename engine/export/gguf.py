@@ -43,10 +43,11 @@ BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of rows converted at a time
 # Mean KL(p_merged || p_gguf) per position a file of each type may drift from the HF model it was
 # written from, as read back by transformers (merge_report.json flags a file above it). The
 # rounding of 16-bit weights moves next-token distributions by ~1e-6..1e-5, 8-bit blocks by
-# ~1e-4, 4-bit blocks by ~1e-2 (llama.cpp's own q4_0 perplexity gap is of that order); 5- and 6-bit
-# K-quants sit between.
-DRIFT_TOLERANCE = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-1, "q4_k_s": 1e-1, "q4_k_m": 1e-1,
-                   "q5_k_s": 5e-2, "q5_k_m": 5e-2, "q6_k": 2e-2}
+# ~1e-4 (tiny models) to ~2e-3 (SmolLM2-135M), 4-bit blocks by ~1e-2 to ~1e-1: SmolLM2-135M's
+# q4_k_m, byte-identical to llama.cpp's own Q4_K_M of the same f16 file, drifts by 0.11 (its
+# 576-wide rows are mostly Q5_0). 5- and 6-bit K-quants sit between.
+DRIFT_TOLERANCE = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-1, "q4_k_s": 2e-1, "q4_k_m": 2e-1,
+                   "q5_k_s": 1e-1, "q5_k_m": 1e-1, "q6_k": 2e-2}
 _K_QUANTS = {gguf.GGMLQuantizationType.Q4_K: "q4_k", gguf.GGMLQuantizationType.Q5_K: "q5_k",
              gguf.GGMLQuantizationType.Q6_K: "q6_k"}
 
