@@ -145,3 +145,27 @@ def test_llama_cpp_runs_the_file(tmp_path, family, qtype):
         proc = subprocess.run([binary, "-m", str(path), "-p", "hello", "-n", "4", "--temp", "0", "-no-cnv"],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_merge_writes_several_types_and_a_modelfile(tmp_path):
+    """--gguf q4_k_m,q8_0: one merge, one file per type (each in the report with its seconds), and an
+    Ollama Modelfile FROM the first; --ollama alone writes the Modelfile FROM the merged directory."""
+    from engine.export.merge import merge
+    from tests.conftest import make_tiny_model_dir
+    from tests.export.test_merge import make_adapter
+
+    model_dir = make_tiny_model_dir(tmp_path, "qwen2")
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    report = merge(str(model_dir), str(adapter), str(tmp_path / "out"), gguf="q4_k_m,q8_0", drift="off",
+                   system="Answer in JSON.")
+    assert [e["file"] for e in report["ggufs"]] == ["model-q4_k_m.gguf", "model-q8_0.gguf"]
+    assert report["gguf"] == report["ggufs"][0] and all(e["seconds"] >= 0 for e in report["ggufs"])
+    import gguf
+    for qtype, file_type in (("q4_k_m", 15), ("q8_0", 7)):
+        reader = gguf.GGUFReader(str(tmp_path / "out" / f"model-{qtype}.gguf"))
+        assert int(reader.fields["general.file_type"].parts[-1][0]) == file_type
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert "FROM ./model-q4_k_m.gguf\n# FROM ./model-q8_0.gguf\n" in modelfile
+    assert 'SYSTEM """Answer in JSON."""' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    report = merge(str(model_dir), str(adapter), str(tmp_path / "plain"), drift="off", ollama=True)
+    assert "ggufs" not in report and "FROM .\n" in (tmp_path / "plain" / "Modelfile").read_text()

@@ -93,3 +93,28 @@ def test_file_says_the_mix_and_types(tmp_path, mix, file_type):
     names = [(t.name, tuple(int(d) for d in t.shape[::-1])) for t in reader.tensors]
     expected = choose_types(mix, names, ModelShape("llama", 2, 4, 2))
     assert {t.name: t.tensor_type for t in reader.tensors} == expected
+
+
+def test_k_quant_file_reads_back_in_transformers(tmp_path):
+    """A 256-wide Llama in q4_k_m / q6_k (real K-quant blocks, no fallback) read back by transformers'
+    GGUF reader: next-token distributions within the type's tolerance, q6_k closer than q4_k_m."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.export.gguf import DRIFT_TOLERANCE, export_gguf
+    from tests.conftest import make_tiny_model
+    from tests.export.test_gguf_families import IDS, mean_kl
+
+    model, tokenizer = make_tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits[0]
+    kls = {}
+    for mix in ("q4_k_m", "q6_k"):
+        export_gguf(model, tokenizer, tmp_path / f"{mix}.gguf", mix)
+        types = {t.tensor_type for t in gguf.GGUFReader(str(tmp_path / f"{mix}.gguf")).tensors}
+        assert T.Q6_K in types and (mix == "q6_k" or T.Q4_K in types)
+        back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=f"{mix}.gguf", dtype=torch.float32)
+        with torch.no_grad():
+            kls[mix] = mean_kl(expected, back.eval()(input_ids=IDS).logits[0])
+        assert 0 < kls[mix] < DRIFT_TOLERANCE[mix], (mix, kls[mix])
+    assert kls["q6_k"] < kls["q4_k_m"]
