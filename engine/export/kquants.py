@@ -245,7 +245,8 @@ def quantize(data: np.ndarray, name: str, threads: int | None = None) -> np.ndar
     """QUANTIZERS[name](data) with its rows split over `threads` threads (default: the CPUs this
     process may use). NumPy's ufuncs release the GIL, and blocks are independent, so the bytes are
     the same for any split."""
-    threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     rows = data.reshape(-1, data.shape[-1])
     if threads <= 1 or rows.size < PARALLEL_MIN_WEIGHTS or len(rows) < 2:
         return QUANTIZERS[name](data)

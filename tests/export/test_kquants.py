@@ -67,3 +67,12 @@ def test_all_zero_and_bad_input():
     bad[0, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_q4_k(bad)
+
+
+def test_threads_split_rows_without_changing_bytes():
+    from engine.export.kquants import quantize
+
+    rows = np.random.default_rng(1).standard_normal((600, 512)).astype(np.float32)
+    single = quantize(rows, "q5_k", threads=1)
+    assert np.array_equal(quantize(rows, "q5_k", threads=3), single)
+    assert np.array_equal(single, QUANTIZERS["q5_k"](rows))
