@@ -62,3 +62,23 @@ def test_phi3_named_file_with_a_bpe_vocabulary_loads(tmp_path):
     model, tokenizer = make_tiny_model("phi3", **SHAPES["phi3"])
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k_m", name="tiny-phi3 + adapter")
     assert _logits(path).shape == (len(IDS), model.config.vocab_size)
+
+
+def test_phi3_sentencepiece_vocabulary_keeps_its_name_and_loads(tmp_path):
+    """A Phi-3 style SentencePiece vocabulary (<unk>, <s>, </s>, <|endoftext|>, <|end|>) keeps the
+    Phi-3 name, so llama.cpp applies Phi-3's token attributes, and loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+    from tests.export.test_gguf_tokenizers import spm_tokenizer
+
+    tokenizer = spm_tokenizer(phi3_style=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>", "<|user|>",
+                                                                "<|assistant|>"]})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("phi3", len(tokenizer), **SHAPES["phi3"])).eval()
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k_m", name="Phi-3-mini-4k-instruct + adapter")
+    reader = gguf.GGUFReader(str(path))
+    assert bytes(reader.fields["general.name"].parts[-1]).decode() == "Phi-3-mini-4k-instruct + adapter"
+    assert _logits(path).shape == (len(IDS), len(tokenizer))
