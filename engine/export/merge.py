@@ -50,7 +50,7 @@ from engine.data import load_examples
 from engine.export.adapter import load_adapter, read_adapter_config
 from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir, GGUF_TYPES
 from engine.export.gguf_arch import FAMILIES
-from engine.export.modelfile import write_modelfile
+from engine.export.modelfile import training_system_prompt, write_modelfile
 from engine.export.stream_merge import stream_merge, stream_refusal
 from engine.generate import adapter_training_info, chat_template, stop_token_ids
 from engine.layers.lora import lora_modules, merge_lora
@@ -283,7 +283,7 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
     safetensors checkpoint (engine/export/stream_merge.py), False = load it whole (the merge of a
     GGUF base, .bin or fused-on-load checkpoints). gguf: one type, a comma list or a list (one file
     each); a Modelfile is written beside them, or FROM the merged directory with `ollama`. system:
-    the Modelfile's SYSTEM (default: the training run's data.system_prompt, if it set one)."""
+    the Modelfile's SYSTEM (default: the system message every training conversation started with)."""
     from transformers import AutoModelForCausalLM
 
 
@@ -366,7 +366,7 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
         if entries:
             report["gguf"], report["ggufs"] = entries[0], entries  # "gguf": the first type's
         if written_ggufs or ollama:
-            system = system if system is not None else run_system_prompt(adapter_dir)
+            system = system if system is not None else training_system_prompt(adapter_dir)
             write_modelfile(tmp, [f for _, f, _ in written_ggufs], tokenizer, system=system)
             report["modelfile"] = "Modelfile"
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
@@ -448,18 +448,6 @@ def _gguf_types(value: str) -> list[str]:
     return gguf_type_list(value)
 
 
-def run_system_prompt(adapter_dir: str) -> str | None:
-    """The training run's system prompt, where its config.yaml (beside the adapter, or three levels
-    up for a checkpoint's) set data.system_prompt; None otherwise."""
-    adapter = Path(adapter_dir)
-    for run_config in (adapter.parent / "config.yaml", adapter.parent.parent.parent / "config.yaml"):
-        if run_config.is_file():
-            from omegaconf import OmegaConf
-            data = OmegaConf.to_container(OmegaConf.load(run_config)).get("data") or {}
-            return data.get("system_prompt") or None
-    return None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine.export.merge", description="Fold a LoRA adapter into its base model.")
     p.add_argument("--model", default="default", help="HF model dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
@@ -479,7 +467,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write an Ollama Modelfile (always written beside a GGUF; without --gguf: FROM the merged "
                         "directory)")
     p.add_argument("--system", default=None,
-                   help="the Modelfile's SYSTEM prompt (default: the training run's data.system_prompt, if any)")
+                   help="the Modelfile's SYSTEM prompt (default: the system message all the run's training "
+                        "conversations start with, if they share one)")
     p.add_argument("--drift", choices=("auto", "on", "off"), default="auto",
                    help="measure the logit drift (loads the model whole in fp32); auto: when it fits in memory")
     p.add_argument("--in-memory", action="store_true", help="load the base whole instead of streaming its shards")

@@ -14,8 +14,8 @@ is written for the family the tokenizer's template belongs to (found by its mark
 
 BOS is not in the template: llama.cpp adds it when it tokenizes (tokenizer.ggml.add_bos_token).
 A template that adds a system prompt when the conversation has none (SmolLM2's, Qwen's) gets it as
-SYSTEM, which Ollama puts first in such conversations; a system prompt given here (the training
-run's) replaces it. PARAMETER stop: the end-of-turn tokens engine.generate stops at (EOS and the
+SYSTEM, which Ollama puts first in such conversations; a system prompt given here replaces it
+(merge's --system, else the system message all the run's training conversations start with). PARAMETER stop: the end-of-turn tokens engine.generate stops at (EOS and the
 token the template closes an assistant reply with). Another template: no TEMPLATE line (Ollama then
 uses the GGUF's tokenizer.chat_template where it knows it) and a comment saying so.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.data import load_examples
 from engine.generate import chat_template, stop_token_ids
 
 
@@ -80,6 +81,28 @@ def default_system_prompt(tokenizer, template: OllamaTemplate) -> str | None:
     start += len(template.system_open)
     end = text.find(template.system_close, start)
     return text[start:end] if end > start else None
+
+
+def training_system_prompt(adapter_dir: str | Path) -> str | None:
+    """The system message every training conversation of the adapter's run starts with (the run's
+    config.yaml beside the adapter, or three levels up for a checkpoint's, names data.train_path);
+    None when they do not share one, or the run or its data cannot be found."""
+    adapter = Path(adapter_dir)
+    for run_config in (adapter.parent / "config.yaml", adapter.parent.parent.parent / "config.yaml"):
+        if run_config.is_file():
+            from omegaconf import OmegaConf
+            data = OmegaConf.to_container(OmegaConf.load(run_config)).get("data") or {}
+            path = data.get("train_path")
+            if not path or not Path(path).is_file():
+                return None
+            firsts = {_first_system(ex) for ex in load_examples(path, data.get("format", "auto"), on_bad_line="skip")}
+            return firsts.pop() if len(firsts) == 1 else None  # {None}: no system messages
+    return None
+
+
+def _first_system(example: dict) -> str | None:
+    messages = example.get("messages") or []
+    return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
 
 
 def _quoted(text: str) -> str:

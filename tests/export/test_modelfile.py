@@ -109,3 +109,30 @@ def test_renderer_rejects_what_it_does_not_know():
     with pytest.raises(ValueError, match="unsupported action"):
         render("{{ .Prompt }}", CHAT)
     assert render("{{- range .Messages }} {{ .Role }} {{- end }}", CHAT) == " user assistant user"
+
+
+def test_training_system_prompt_from_the_run(tmp_path):
+    """The system message every training conversation starts with (the quickstart's), found through
+    the run's config.yaml beside the adapter or above a checkpoint's; none when they differ or lack one."""
+    import json
+
+    from engine.export.modelfile import training_system_prompt
+
+    def run(name: str, systems: list[str | None]) -> object:
+        root = tmp_path / name
+        (root / "checkpoints" / "step-2" / "adapter").mkdir(parents=True)
+        (root / "adapter").mkdir()
+        with open(root / "train.jsonl", "w") as f:
+            for system in systems:
+                messages = ([{"role": "system", "content": system}] if system else []) + CHAT[:2]
+                f.write(json.dumps({"messages": messages}) + "\n")
+        (root / "config.yaml").write_text(f"data:\n  train_path: {root / 'train.jsonl'}\n  format: auto\n")
+        return root
+
+    same = run("same", ["Reply in JSON.", "Reply in JSON."])
+    assert training_system_prompt(same / "adapter") == "Reply in JSON."
+    assert training_system_prompt(same / "checkpoints" / "step-2" / "adapter") == "Reply in JSON."
+    assert training_system_prompt(run("differ", ["A.", "B."]) / "adapter") is None
+    assert training_system_prompt(run("mixed", ["A.", None]) / "adapter") is None
+    assert training_system_prompt(run("none", [None, None]) / "adapter") is None
+    assert training_system_prompt(tmp_path / "elsewhere" / "adapter") is None
