@@ -118,6 +118,7 @@ def write_gguf(config, tokenizer, tensors, path: str | Path, qtype: str = "f16",
         writer.add_name(llama_cpp_safe_name(name or "merged model", tokenizer))
         add_hparams(writer, config, family)
         writer.add_file_type(MIXES[qtype].file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as convert_hf_to_gguf.py and llama-quantize
         add_tokenizer(writer, tokenizer, config.vocab_size)
         meta = torch.empty(0, device="meta")
         mapped = []  # (hf name, gguf name, shape)

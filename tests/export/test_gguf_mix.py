@@ -90,6 +90,7 @@ def test_file_says_the_mix_and_types(tmp_path, mix, file_type):
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", mix)
     reader = gguf.GGUFReader(str(path))
     assert int(reader.fields["general.file_type"].parts[-1][0]) == file_type
+    assert int(reader.fields["general.quantization_version"].parts[-1][0]) == gguf.GGML_QUANT_VERSION
     names = [(t.name, tuple(int(d) for d in t.shape[::-1])) for t in reader.tensors]
     expected = choose_types(mix, names, ModelShape("llama", 2, 4, 2))
     assert {t.name: t.tensor_type for t in reader.tensors} == expected
