@@ -57,8 +57,13 @@ def test_f16_weights_come_back_exactly(tmp_path, models, family):
         assert torch.allclose(theirs[name], expected, atol=1e-6, rtol=0), name
 
 
-@pytest.mark.parametrize("qtype", GGUF_TYPES)
-@pytest.mark.parametrize("family", list(FAMILIES))
+# K-quant mixes on these 64-wide models are their 32-block fallbacks (Q5_0 / Q5_1 / Q8_0): two
+# families each; 256-wide K-quant blocks are read back in tests/export/test_gguf_mix.py
+CASES = [(family, qtype) for qtype in GGUF_TYPES for family in FAMILIES
+         if "_k" not in qtype or family in ("llama", "phi3")]
+
+
+@pytest.mark.parametrize("family, qtype", CASES)
 def test_logits_within_the_type_tolerance(tmp_path, models, family, qtype):
     model, tokenizer = models[family]
     export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype)
