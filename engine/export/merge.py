@@ -50,7 +50,7 @@ from engine.data import load_examples
 from engine.export.adapter import load_adapter, read_adapter_config
 from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir, GGUF_TYPES
 from engine.export.gguf_arch import FAMILIES
-from engine.export.modelfile import training_system_prompt, write_modelfile
+from engine.export.modelfile import check_system_prompt, training_system_prompt, write_modelfile
 from engine.export.stream_merge import stream_merge, stream_refusal
 from engine.generate import adapter_training_info, chat_template, stop_token_ids
 from engine.layers.lora import lora_modules, merge_lora
@@ -291,6 +291,10 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     gguf_types = gguf_type_list(gguf)
+    try:
+        check_system_prompt(system)
+    except ValueError as err:
+        raise MergeError(f"--system: {err}") from None
     read_adapter_config(adapter_dir)
     directory, gguf_base = _resolve(model_path)  # a missing model fails here, before anything is loaded
     info = {"method": "lora", **adapter_training_info(adapter_dir)}

@@ -110,9 +110,13 @@ def _quoted(text: str) -> str:
 
 
 def _block(text: str) -> str:
-    if '"""' in text:
-        raise ValueError(f'a Modelfile block cannot hold """: {text[:80]!r}')
     return f'"""{text}"""'
+
+
+def check_system_prompt(system: str | None) -> None:
+    """A SYSTEM block ends at the first \"\"\": such a prompt cannot be written (Ollama has no escape)."""
+    if system and '"""' in system:
+        raise ValueError(f'the system prompt holds """, which ends a Modelfile block: {system[:80]!r}')
 
 
 def modelfile_text(gguf_files: list[str], tokenizer, system: str | None = None) -> str:
@@ -130,7 +134,9 @@ def modelfile_text(gguf_files: list[str], tokenizer, system: str | None = None) 
         text = template.template.replace("</s>", tokenizer.eos_token or "</s>")
         lines.append(f"TEMPLATE {_block(text)}")
         system = system if system is not None else default_system_prompt(tokenizer, template)
-    if system:
+    if system and '"""' in system:
+        lines.append('# SYSTEM: the system prompt holds """, which a Modelfile block cannot; set it in Ollama instead')
+    elif system:
         lines.append(f"SYSTEM {_block(system)}")
     tokens = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
     lines += [f"PARAMETER stop {_quoted(token)}" for token in dict.fromkeys(tokens) if token]

@@ -136,3 +136,15 @@ def test_training_system_prompt_from_the_run(tmp_path):
     assert training_system_prompt(run("mixed", ["A.", None]) / "adapter") is None
     assert training_system_prompt(run("none", [None, None]) / "adapter") is None
     assert training_system_prompt(tmp_path / "elsewhere" / "adapter") is None
+
+
+def test_system_prompt_with_triple_quotes(tmp_path):
+    """A Modelfile block cannot hold \"\"\": a run's prompt with one is left out with a comment; an
+    explicit --system with one is refused before anything is merged."""
+    from engine.export.merge import merge, MergeError
+
+    text = modelfile_text(["m.gguf"], family_tokenizer("llama3"), system='Say """hi"""')
+    assert "\nSYSTEM" not in text and '# SYSTEM: the system prompt holds """' in text
+    with pytest.raises(MergeError, match='--system: the system prompt holds """'):
+        merge("default", str(tmp_path / "adapter"), str(tmp_path / "out"), gguf="q4_k_m", system='a """ b')
+    assert not (tmp_path / "out").exists()
