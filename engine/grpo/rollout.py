@@ -14,7 +14,9 @@ and all rows decode together:
     decode    one token per row per step, L steps at most, into the preallocated KV [P*G, H, T + L, D];
               the logits of the last position only, sampled on the device; a row that has emitted a
               stop token emits pad from then on (its tokens are masked out of the result)
-    stop      every `check_every` steps one bool is read from the device: have all rows stopped?
+    stop      every `check_every` steps the rows' stopped flags are read from the device (N bools):
+              all stopped ends the loop; once most have stopped, the rest continue alone
+              (switch compact_rows: their KV rows are copied out, the stopped rows no longer computed)
 
 Nothing else crosses from the device to the host until the end, where the generated ids [P*G, steps]
 and the stopped flags come back in one read each.
@@ -41,6 +43,11 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+COMPACT_BELOW = 0.75
+"""compact_rows: a stop check that finds at most this share of the decoding rows still running
+drops the others (a copy of the live rows' KV: worth it only when it frees a good part of the batch)."""
 
 
 class RolloutError(ValueError):
@@ -96,6 +103,12 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (a device tensor of row numbers) in fresh, smaller buffers."""
+        if self.is_initialized:
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
     def get_max_length(self) -> int:
         return self.capacity
 
@@ -123,6 +136,10 @@ class RolloutCache(Cache):
     def repeat_rows(self, repeats: int, capacity: int) -> None:
         for layer in self.layers:
             layer.repeat_rows(repeats, capacity)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_rows(index)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -204,12 +221,17 @@ def _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_
 def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
                       temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int],
                       pad_token_id: int, generator: torch.Generator | None = None, check_every: int = 8,
-                      share_prefill: bool = True, autocast_dtype: torch.dtype | None = None) -> Rollouts:
+                      share_prefill: bool = True, compact_rows: bool = True,
+                      autocast_dtype: torch.dtype | None = None) -> Rollouts:
     """`num_generations` completions of each prompt (token ids), prompt-major; see the module docstring.
 
     temperature 0 is greedy. The model runs as it is (LoRA on, 4-bit base or not), in eval mode
     and without autograd; its training mode is restored on return. `share_prefill` (speed switch)
     computes each prompt's KV once and repeats it for its G rows instead of prefilling P*G rows.
+    `compact_rows` (speed switch) drops stopped rows from the decoding batch (and their KV) at a
+    stop check once at most COMPACT_BELOW of the rows still run; the tokens are the same, the
+    draws of a sampled rollout are then taken over fewer rows (reproducible, but not the draws
+    of transformers' generate, which keeps every row).
     `autocast_dtype` runs the forwards under torch.autocast at that dtype (None: as the caller has it).
     """
     _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_k, stop_token_ids, check_every)
@@ -248,31 +270,41 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
             del out
 
             tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+            rows = torch.arange(N, device=device)          # the output row of each decoded row
             stopped = torch.zeros(N, dtype=torch.bool, device=device)
             steps = 0
             while True:
                 token = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=draw)
                 token = token.masked_fill(stopped, pad_token_id)                 # a stopped row emits pad
-                tokens[:, steps] = token
+                tokens[rows, steps] = token
                 stopped |= torch.isin(token, stops)
                 steps += 1
                 if steps == max_new_tokens:
                     break
-                # sync: one bool every check_every tokens (all rows stopped?), never per token
-                if steps % check_every == 0 and bool(stopped.all()):
-                    break
+                if steps % check_every == 0:
+                    # sync: the rows' stopped flags, one small read every check_every tokens, never per token
+                    live = [i for i, s in enumerate(stopped.tolist()) if not s]
+                    if not live:
+                        break
+                    if compact_rows and len(live) <= COMPACT_BELOW * len(stopped):
+                        keep = torch.tensor(live, device=device)
+                        cache.select_rows(keep)
+                        full_mask, next_position = full_mask[keep], next_position[keep]
+                        token, rows, stopped = token[keep], rows[keep], stopped[keep]
                 logits = model(input_ids=token[:, None], attention_mask=full_mask[:, :T + steps],
                                position_ids=next_position[:, None], **forward_kw).logits[:, -1].float()
                 next_position += 1
+            # rows dropped by compaction had stopped
+            finished = torch.ones(N, dtype=torch.bool, device=device).index_put_((rows,), stopped)
     finally:
         model.train(was_training)
 
     tokens = tokens[:, :steps]
     # sync: the rollouts go to the host once, to be cut, decoded and scored
-    rows, finished = tokens.tolist(), stopped.tolist()
+    generated, finished = tokens.tolist(), finished.tolist()
     stop_set = set(stop_token_ids)
     completions = []
-    for row in rows:
+    for row in generated:
         end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         completions.append(row[:end])
     return Rollouts(completion_ids=completions, truncated=[not f for f in finished], tokens=tokens)

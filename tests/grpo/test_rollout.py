@@ -100,7 +100,7 @@ def test_sampled_tokens_equal_transformers_generate_under_the_same_seed(sampling
     model, tokenizer = lora_model("qwen2")
     prompts = random_prompts(model)
     torch.manual_seed(5)
-    got = rollouts(model, tokenizer, prompts, G=3, **sampling)
+    got = rollouts(model, tokenizer, prompts, G=3, compact_rows=False, **sampling)
     torch.manual_seed(5)
     expected = transformers_generate(model, prompts, 3, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id,
                                      do_sample=True, **sampling)
@@ -173,6 +173,25 @@ def test_shared_prefill_equals_prefilling_every_row():
     shared = rollouts(model, tokenizer, prompts, share_prefill=True, generator=torch.Generator().manual_seed(1), **kw)
     each = rollouts(model, tokenizer, prompts, share_prefill=False, generator=torch.Generator().manual_seed(1), **kw)
     assert shared.completion_ids == each.completion_ids
+
+
+def test_compacted_rows_give_the_same_tokens_and_stop_being_computed():
+    """Greedy rows stopping at different steps: with compact_rows the decoding batch shrinks at a
+    stop check (seen by the forwards' batch sizes) and every row's tokens stay the same."""
+    model, tokenizer = lora_model("llama")
+    prompts = random_prompts(model, lengths=(5, 11, 3, 8))
+    stops = a_stop_inside(model, tokenizer, prompts, max_new_tokens=24)
+    batches = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: batches.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    compact = rollouts(model, tokenizer, prompts, G=3, max_new_tokens=24, stops=stops, check_every=2)
+    hook.remove()
+    full = rollouts(model, tokenizer, prompts, G=3, max_new_tokens=24, stops=stops, check_every=2,
+                    compact_rows=False)
+    assert compact.completion_ids == full.completion_ids and compact.truncated == full.truncated
+    assert torch.equal(compact.tokens, full.tokens[:, :compact.tokens.shape[1]])
+    assert any(compact.truncated) and not all(compact.truncated)
+    assert batches[0] == 4 and batches[1] == 12 and min(batches) < 12  # prefill, then shrinking decode
 
 
 def test_training_mode_is_restored_and_nothing_keeps_a_graph():
