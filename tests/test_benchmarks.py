@@ -152,7 +152,8 @@ def test_rollout_generation_benchmark_refuses_bad_options(capsys):
 
     for argv, message in ((["--configs", "engine,vllm"], "--configs: unknown ['vllm']"),
                           (["--precision", "fp16"], "--precision fp16 on a CPU"),
-                          (["--generations", "0"], "must be >= 1")):
+                          (["--generations", "0"], "must be >= 1"),
+                          (["--stop", "natural", "--model", "shape:tiny-llama"], "--stop natural needs a real model")):
         with pytest.raises(SystemExit):
             rollout_generation.main(argv)
         assert message in capsys.readouterr().err
