@@ -205,6 +205,28 @@ def test_training_mode_is_restored_and_nothing_keeps_a_graph():
     assert not model.training
 
 
+def test_rollouts_inside_a_training_setup_equal_the_plain_models():
+    """The model as engine.train leaves it, in train mode with activation checkpointing and the
+    CPU speed plan applied (packed attention, compiled norms, fused and grouped LoRA), rolls out
+    the greedy tokens of the same weights without any of it."""
+    import copy
+
+    from engine.model.build import enable_activation_checkpointing
+    from tests.conftest import apply_speed
+
+    model, tokenizer = lora_model("qwen2")
+    prompts = random_prompts(model)
+    stops = a_stop_inside(model, tokenizer, prompts)
+    plain = rollouts(model, tokenizer, prompts, G=2, stops=stops)
+    trained = copy.deepcopy(model)
+    trained.set_attn_implementation("sdpa")
+    enable_activation_checkpointing(trained)
+    apply_speed(trained)
+    trained.train()
+    got = rollouts(trained, tokenizer, prompts, G=2, stops=stops)
+    assert trained.training and got.completion_ids == plain.completion_ids
+
+
 def test_bf16_autocast_runs_and_gives_tokens():
     model, tokenizer = lora_model("llama")
     r = rollouts(model, tokenizer, random_prompts(model), autocast_dtype=torch.bfloat16)
