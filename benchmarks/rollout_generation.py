@@ -71,7 +71,7 @@ def build(args):
     torch.manual_seed(0)
     inject_lora(model, "all-linear", r=args.r, alpha=args.alpha)
     for m in lora_modules(model).values():
-        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+        torch.nn.init.normal_(m.lora_B.weight, std=0.002)  # small, as a trained adapter: the replies stay sane
     return model.eval(), pad, model.config.vocab_size, tokenizer
 
 
@@ -103,7 +103,7 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
     start, cpu_start = time.perf_counter(), time.process_time()
     if kind.startswith("engine"):
         with autocast:
-            r = generate_rollouts(model, prompts, num_generations=G, max_new_tokens=L, temperature=1.0,
+            r = generate_rollouts(model, prompts, num_generations=G, max_new_tokens=L, temperature=args.temperature,
                                   stop_token_ids=stops or [NO_STOP], pad_token_id=pad,
                                   generator=torch.Generator(device=args.device).manual_seed(0),
                                   share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact")
@@ -114,7 +114,7 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
         with autocast, torch.no_grad():
             length = {"eos_token_id": stops} if stops else {"min_new_tokens": L}
             out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device), do_sample=True,
-                                 temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=L, pad_token_id=pad,
+                                 temperature=args.temperature, top_p=1.0, top_k=0, max_new_tokens=L, pad_token_id=pad,
                                  **length, **extra)
         new = out[:, ids.shape[1]:].tolist()
         lengths = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new] if stops \
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--completion-len", type=int, default=128)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--stop", default="none", choices=("none", "natural"),
                    help="none: every row runs --completion-len tokens; natural: quickstart prompts, end-of-turn stops")
     p.add_argument("--configs", default="engine,engine_noshare,hf_generate,hf_static")
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--configs: unknown {unknown}; one of {list(CONFIGS)}")
     if args.device == "cpu" and args.precision == "fp16":
         p.error("--precision fp16 on a CPU: there are no fast fp16 matmul kernels there")
+    if not args.temperature > 0:
+        p.error("--temperature must be > 0 (the rollouts are sampled)")
     if args.stop == "natural" and args.model.startswith("shape:"):
         p.error("--stop natural needs a real model and its tokenizer (smollm2, tiny or an HF directory)")
     if min(args.prompts, args.generations, args.prompt_len, args.completion_len, args.repeats) < 1:
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/rollout_generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "model": args.model, "method": args.method, "device": args.device, "precision": args.precision,
             "prompts": args.prompts, "generations": args.generations, "stop": args.stop,
+            "temperature": args.temperature,
             "prompt_len": args.prompt_len if args.stop == "none" else max(len(p) for p in prompts),
             "completion_len": args.completion_len, "r": args.r, "alpha": args.alpha, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -227,8 +231,8 @@ def write_markdown(path: str, result: dict) -> None:
              + (f"{m['prompt_len']} prompt + {m['completion_len']} completion tokens each" if m["stop"] == "none" else
                 f"the quickstart's held-out prompts (up to {m['prompt_len']} tokens), completions up to "
                 f"{m['completion_len']} tokens ending at the end of turn")
-             + ", sampled (temperature 1), "
-             f"LoRA r={m['r']} alpha={m['alpha']} on every linear (B nonzero), median of {m['repeats']} repeats, "
+             + f", sampled (temperature {m['temperature']}, top-p 1, top-k 0), "
+             f"LoRA r={m['r']} alpha={m['alpha']} on every linear (B ~ N(0, 0.002)), median of {m['repeats']} repeats, "
              f"{m['threads']} threads; torch {m['torch']}, transformers {m['transformers']}"
              + (f", {m['gpu']}" if m["gpu"] else "") + ".",
              f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}"
