@@ -194,6 +194,48 @@ def test_compacted_rows_give_the_same_tokens_and_stop_being_computed():
     assert batches[0] == 4 and batches[1] == 12 and min(batches) < 12  # prefill, then shrinking decode
 
 
+def _syncs_during(fn) -> list[str]:
+    """Every op during fn() that would make the host wait for a GPU (tests/training/test_sync_free.py's
+    aten-level and Python-level lists), by name."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.training.test_sync_free import HOST_READS, SYNCING_OPS, _bool_index
+
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in SYNCING_OPS or _bool_index(func, args):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in HOST_READS:
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops(), Reads():
+        fn()
+    return seen
+
+
+def test_decoding_reads_the_device_once_per_check_not_per_token():
+    """In the training setup (the engine's packed attention): 16 more tokens at check_every=8 add
+    exactly two reads (the stopped flags at two more checks), nothing per token."""
+    model, tokenizer = lora_model("llama", packed=True)
+    prompts = random_prompts(model)
+
+    def run(n):
+        return _syncs_during(lambda: rollouts(model, tokenizer, prompts, G=2, max_new_tokens=n, stops=[-1],
+                                              temperature=1.0, generator=torch.Generator().manual_seed(0)))
+
+    short, long = run(16), run(32)
+    assert sorted(long) == sorted(short + ["tolist", "tolist"]), (short, long)
+    assert short.count("tolist") == 1 + 2  # one check (at 8; the 16th token ends the loop) + tokens, flags
+
+
 def test_training_mode_is_restored_and_nothing_keeps_a_graph():
     model, tokenizer = lora_model("llama")
     model.train()
