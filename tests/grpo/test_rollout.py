@@ -100,7 +100,7 @@ def test_sampled_tokens_equal_transformers_generate_under_the_same_seed(sampling
     model, tokenizer = lora_model("qwen2")
     prompts = random_prompts(model)
     torch.manual_seed(5)
-    got = rollouts(model, tokenizer, prompts, G=3, compact_rows=False, **sampling)
+    got = rollouts(model, tokenizer, prompts, G=3, compact_rows=False, sampler="multinomial", **sampling)
     torch.manual_seed(5)
     expected = transformers_generate(model, prompts, 3, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id,
                                      do_sample=True, **sampling)
@@ -115,8 +115,30 @@ def test_warpers_equal_transformers_logits_processors():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     hf = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.6)(None, logits)))
     draws = torch.multinomial(hf.softmax(-1), 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
-    ours = next_tokens(logits, temperature=0.6, top_k=10, top_p=0.8, generator=torch.Generator().manual_seed(3))
+    ours = next_tokens(logits, temperature=0.6, top_k=10, top_p=0.8, generator=torch.Generator().manual_seed(3),
+                       sampler="multinomial")
     assert torch.equal(ours, draws)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (4, 1.0), (0, 0.7)])
+def test_inverse_cdf_sampler_draws_the_warped_distribution(top_k, top_p):
+    """20,000 draws per case from one row of logits: each token's frequency within 5 sigma of its
+    probability after the warpers (transformers' processors), and never a token they removed."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2]])
+    expected = logits.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    p = expected.softmax(-1)[0].double()
+    n = 20_000
+    draws = next_tokens(logits.expand(n, -1), temperature=1.0, top_k=top_k, top_p=top_p,
+                        generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=8).double() / n
+    assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12), (freq, p)
+    assert torch.all(freq[p == 0] == 0)
 
 
 def test_seeded_generator_reproduces_and_top_k_1_is_greedy():
@@ -285,6 +307,7 @@ def test_bf16_autocast_runs_and_gives_tokens():
     (dict(top_p=0.0), "0 < top_p <= 1"),
     (dict(top_k=-1), "top_k >= 0"),
     (dict(stop_token_ids=[]), "stop_token_ids is empty"),
+    (dict(sampler="gumbel"), "sampler must be one of"),
 ])
 def test_bad_arguments_are_refused(kw, message):
     model, tokenizer = make_tiny_model("llama")
