@@ -34,9 +34,9 @@ from engine.plan.shapes import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, DTYPE_BYTES,
 
 SAMPLING_BYTES_PER_LOGIT = {"greedy": 4 + 8, "sample": 4 + 4 + 4 + 8, "top_p": 4 + 4 + 4 + 8 + 4 + 4 + 1 + 1}
 """Bytes per [N, V] logit the decoding step holds at its fullest: the fp32 logits and their
-argmax (greedy); + scores / temperature, softmax and multinomial's workspace (sampling); + the
-sorted scores, their int64 order, the softmax and cumulative sum of the sorted scores and two bool
-masks (top-p)."""
+argmax (greedy); + scores / temperature, the softmax and the draw's fp64 cumulative sum (or
+multinomial's workspace) (sampling); + the sorted scores, their int64 order, the softmax and
+cumulative sum of the sorted scores and two bool masks (top-p / top-k)."""
 
 
 @dataclass
