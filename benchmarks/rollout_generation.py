@@ -13,9 +13,11 @@ sampled `--generations` times (temperature 1, top-p 1, top-k 0: GRPO's defaults)
 `--completion-len` tokens long (no stop token can end a row early, so every configuration does the
 same work). Configurations (`--configs`), their order rotated every repeat:
   engine          generate_rollouts: the prompts prefilled once and their KV repeated G times,
-                  the preallocated KV cache, sampling on the device, a stop check every 8 tokens
+                  the preallocated KV cache, sampling on the device (one uniform per row), a stop
+                  check every 8 tokens, stopped rows compacted away
   engine_noshare  the same with share_prefill=False (each prompt prefilled G times: what sharing buys)
   engine_nocompact  the same with compact_rows=False (stopped rows decoded to the end; acts with --stop natural)
+  engine_multinomial  the same with sampler="multinomial" (torch.multinomial, as transformers draws)
   hf_generate     model.generate on the prompts repeated G times, left-padded, as TRL's GRPOTrainer
                   calls it (transformers' DynamicCache, its logits processors, min_new_tokens = max)
   hf_static       the same with cache_implementation="static" (transformers' StaticCache, not compiled)
@@ -42,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "hf_generate", "hf_static")
+CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "engine_multinomial", "hf_generate", "hf_static")
 NO_STOP = -1  # a token id no model emits: every row runs the full completion length
 
 
@@ -106,7 +108,8 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
             r = generate_rollouts(model, prompts, num_generations=G, max_new_tokens=L, temperature=args.temperature,
                                   stop_token_ids=stops or [NO_STOP], pad_token_id=pad,
                                   generator=torch.Generator(device=args.device).manual_seed(0),
-                                  share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact")
+                                  share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact",
+                                  sampler="multinomial" if kind == "engine_multinomial" else "inverse_cdf")
         lengths = [len(c) for c in r.completion_ids]
     else:
         ids, mask = left_pad([p for p in prompts for _ in range(G)], pad)
