@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_at_end": os.getloadavg(), "load_note": args.load_note,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     model_name = "dir" if os.path.isdir(args.model) else args.model.replace("shape:", "")
-    tag = args.tag or f"{args.device}_{model_name}_{args.method}_{args.precision}"
+    tag = args.tag or (f"{args.device}_{model_name}_{args.method}_{args.precision}"
+                       + ("_natural" if args.stop == "natural" else ""))
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"meta": meta, "rows": rows}
     with open(os.path.join(args.out_dir, f"rollout_generation_{tag}.json"), "w") as f:
