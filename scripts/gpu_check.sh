@@ -15,6 +15,9 @@
 #      names the best of the two), Phi-3-mini shape, random weights, synthetic documents of 1/16
 #      to 1/2 of the row (several per packed row); attention kernel calls per step in each row;
 #   3. the same for the Llama-3.1-8B shape;
+#   3b. GRPO rollout generation: the engine's generate_rollouts vs transformers' generate on the
+#      SmolLM2-135M shape (random weights, LoRA, bf16), 8 prompts x G=8, 256 + 256 tokens, same run
+#      (benchmarks/rollout_generation.py);
 #   4. long context: the longest row that trains one step in 14.7 GiB on the 8B shape (QLoRA, every
 #      memory switch on: chunked loss, checkpointing + offload, the sequence-tiled MLP and RMSNorms),
 #      three documents per row, starting at 48k tokens (the target), the planner's prediction and
@@ -61,6 +64,8 @@ if [ "$DRY_RUN" = 1 ]; then
     SEQ=256; PROBE=(--probe-start 256 --probe-max 1024); STEPS=(--warmup 1 --steps 1 --repeats 1)
     T_BENCH=100; T_PROBE=120
     VARLEN=(--dry-run); ATTN_MEMORY=(--tokens 1024,4096 --dense-max 4096)
+    ROLLOUT=(--device cpu --precision fp32 --model shape:tiny-llama --prompts 2 --generations 2 --prompt-len 16
+             --completion-len 8 --repeats 1); T_ROLLOUT=60
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
@@ -68,6 +73,8 @@ else
     T_BENCH=30; T_PROBE=90
     VARLEN=(--model "$PHI3" --seq-len 4096 --micro-batch 2 --checkpointing --warmup 1 --steps 2)
     ATTN_MEMORY=(--device cuda --heads 32 --kv-heads 32 --head-dim 96 --iters 3)
+    ROLLOUT=(--device cuda --precision bf16 --model shape:smollm2-135m --prompts 8 --generations 8 --prompt-len 256
+             --completion-len 256 --repeats 2); T_ROLLOUT=60
 fi
 
 save() {  # what has been measured so far travels back even if the call is cut short
@@ -116,6 +123,10 @@ throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding
 }
 throughput "$PHI3" 100
 throughput "$LLAMA" 110
+
+echo "== 3b. GRPO rollout generation: engine vs transformers' generate (benchmarks/rollout_generation.py)"
+step "$T_ROLLOUT" rollout_generation $PY benchmarks/rollout_generation.py "${ROLLOUT[@]}" \
+    --configs engine,engine_noshare,hf_generate --out-dir "$RES"
 
 echo "== 4. longest context in 14.7 GiB, every memory switch on, several documents per row ($LLAMA)"
 step "$T_PROBE" "probe_${LLAMA#shape:}" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$LLAMA" \

@@ -128,3 +128,32 @@ def test_tiling_benchmark_plans_the_8b_at_48k():
     assert list(rows) == ["untiled", "tiled MLP", "tiled MLP + norms"]
     assert not rows["untiled"]["fits"] and rows["tiled MLP + norms"]["fits"]
     assert rows["untiled"]["longest"] < rows["tiled MLP"]["longest"] < rows["tiled MLP + norms"]["longest"]
+
+
+@pytest.mark.slow
+def test_rollout_generation_benchmark_runs_engine_and_generate_on_a_tiny_model(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "rollout_generation.py"), "--model", "shape:tiny-llama",
+           "--prompts", "2", "--generations", "2", "--prompt-len", "12", "--completion-len", "6", "--repeats", "1",
+           "--configs", "engine,engine_noshare,hf_generate", "--tag", "test", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "rollout_generation_test.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"engine", "engine_noshare", "hf_generate"}
+    assert rows["hf_generate"]["speedup_vs_hf_generate"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert result["meta"]["prompts"] * result["meta"]["generations"] == 4
+    assert "| engine |" in (tmp_path / "rollout_generation_test.md").read_text()
+
+
+def test_rollout_generation_benchmark_refuses_bad_options(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import rollout_generation
+
+    for argv, message in ((["--configs", "engine,vllm"], "--configs: unknown ['vllm']"),
+                          (["--precision", "fp16"], "--precision fp16 on a CPU"),
+                          (["--generations", "0"], "must be >= 1"),
+                          (["--stop", "natural", "--model", "shape:tiny-llama"], "--stop natural needs a real model")):
+        with pytest.raises(SystemExit):
+            rollout_generation.main(argv)
+        assert message in capsys.readouterr().err

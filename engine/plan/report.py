@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 from engine.plan.shapes import ALLOCATOR_SLACK, GIB, KNOWN_SHAPE_NAMES, known_config, load_model_config
+from engine.plan.grpo import format_grpo, grpo_plan_args, predict_grpo
 from engine.plan.prediction import MAX_AUTO_MICRO_BATCH, max_micro_batch, max_seq_len, plan_settings, predict_for
 from engine.config import ConfigError
 from engine.config import from_dict
@@ -126,7 +127,13 @@ def run_plan(raw: dict) -> dict:
     report = make_report(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch,
                          budget=budget, settings=settings)
     report["model_path"] = cfg.model.path
-    print(format_report(report))
+    text = format_report(report)
+    grpo = grpo_plan_args(cfg.objective)
+    if grpo is not None:  # objective=grpo: the rollout and the reference forward beside the step
+        b = predict_grpo(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch, **grpo, **settings)
+        report["grpo"] = b.as_dict()
+        text += "\n" + format_grpo(b, budget, grpo["prompts_per_step"])
+    print(text)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str))
         print(f"\nwrote {json_path}", file=sys.stderr)
