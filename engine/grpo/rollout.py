@@ -1,0 +1,278 @@
+"""GRPO rollouts: G completions per prompt from the model as it trains (LoRA active), on a preallocated KV cache.
+
+    rollouts = generate_rollouts(model, prompts, num_generations=G, max_new_tokens=L, temperature=1.0,
+                                 stop_token_ids=[eos, end_of_turn], pad_token_id=pad, generator=g)
+    rollouts.completion_ids[p * G + g]   # prompt p's g-th completion, cut after its stop token
+    rollouts.truncated[p * G + g]        # no stop token within L tokens
+
+The prompts are left-padded to one length T, so every row's next token sits in the same column
+and all rows decode together:
+
+    prefill   the P prompts once: ids [P, T], positions cumsum(mask) - 1      -> KV [P, H, T, D] per layer
+    share     each prompt's KV repeated G times (prompt-major, as TRL orders)   -> KV [P*G, H, T, D]
+              (switch share_prefill: the prompt is not recomputed G times)
+    decode    one token per row per step, L steps at most, into the preallocated KV [P*G, H, T + L, D];
+              the logits of the last position only, sampled on the device; a row that has emitted a
+              stop token emits pad from then on (its tokens are masked out of the result)
+    stop      every `check_every` steps one bool is read from the device: have all rows stopped?
+
+Nothing else crosses from the device to the host until the end, where the generated ids [P*G, steps]
+and the stopped flags come back in one read each.
+
+Sampling follows transformers' `generate` (and so TRL's GRPOTrainer): logits / temperature, then
+top-k (0: off), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration",
+the smallest set whose probability reaches top_p), then softmax and `torch.multinomial`; greedy
+(temperature 0) is the argmax. Draws come from `generator` (so a resumed run draws the same tokens)
+or torch's global RNG when it is None.
+
+The model is transformers' model with the engine's LoRA layers inside; its own forward runs with
+`RolloutCache`, a transformers `Cache` whose layers write into preallocated buffers and hand the
+attention the filled prefix, exactly what a growing `DynamicCache` hands it (so the masks
+transformers builds, and the engine's packed attention, see the same shapes). Any family whose
+forward takes a transformers cache works: sliding windows are applied by the mask over the full
+prefix, not by dropping old keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class RolloutError(ValueError):
+    """Bad rollout arguments (empty prompt, no stop token, a negative temperature); the message says which."""
+
+
+@dataclass
+class Rollouts:
+    """What `generate_rollouts` returns; row i is prompt i // G's (i % G)-th completion."""
+
+    completion_ids: list[list[int]]
+    """N = len(prompts) * G rows, each cut after its first stop token (kept) or at max_new_tokens."""
+    truncated: list[bool]
+    """True where no stop token came within max_new_tokens."""
+    tokens: torch.Tensor | None = field(default=None, repr=False)
+    """[N, steps] the generated ids on the model's device, pad after a row's stop token (steps <=
+    max_new_tokens: fewer when every row stopped early)."""
+
+
+# ----------------------------------------------------------------------------- the KV cache
+
+class PreallocatedLayer(DynamicLayer):
+    """One decoder layer's keys and values in buffers [B, H_kv, capacity, D] allocated at the first
+    update; `update` copies the new positions in and returns the filled prefix [B, H_kv, length, D]
+    (a view, no copy), as `DynamicLayer`'s torch.cat would, without re-allocating every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        B, H, _, _ = key_states.shape
+        self._k = key_states.new_empty(B, H, self.capacity, key_states.shape[-1])
+        self._v = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"rollout KV cache full: {self.length} + {n} > {self.capacity} positions")
+        self._k[:, :, self.length:self.length + n].copy_(key_states)
+        self._v[:, :, self.length:self.length + n].copy_(value_states)
+        self.length += n
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def repeat_rows(self, repeats: int, capacity: int) -> None:
+        """Each row repeated `repeats` times (row-major: row 0's copies first) into fresh buffers of
+        `capacity` positions; the filled prefix is copied, the rest left to be written."""
+        if not self.is_initialized:
+            return
+        B, H, _, D = self._k.shape
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty(B * repeats, H, capacity, old.shape[-1])
+            new[:, :, :self.length].copy_(old[:, :, :self.length].repeat_interleave(repeats, dim=0))
+            setattr(self, name, new)
+        self.capacity = capacity
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+class RolloutCache(Cache):
+    """A transformers `Cache` of `PreallocatedLayer`s, one per decoder layer."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+    def repeat_rows(self, repeats: int, capacity: int) -> None:
+        for layer in self.layers:
+            layer.repeat_rows(repeats, capacity)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits [N, V] (fp32) -> token ids [N], as transformers' generate picks them (see the module
+    docstring): argmax at temperature 0, else temperature, top-k, top-p, multinomial."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]   # [N, 1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -1:] = False                                      # keep at least the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The generator sampling uses on `device`: the caller's when it lives there; a host generator
+    with a model on an accelerator seeds a fresh device generator from one draw (a host op: the
+    caller's generator state still says everything about the draws, so resume stays exact)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [P, T] with each prompt right-aligned, mask [P, T] (True = prompt token)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = True
+    return ids, mask
+
+
+def _forward_keywords(model, cache: Cache) -> dict:
+    """The cache under the name the forward takes (transformers 5 renames `past_key_values` to
+    `cache` family by family), and logits of the last position only where the family offers it."""
+    params = inspect.signature(model.forward).parameters
+    kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    return kw
+
+
+def _num_layers(model) -> int:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
+
+
+def _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_k, stop_token_ids, check_every):
+    if not prompts:
+        raise RolloutError("no prompts to roll out")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise RolloutError(f"prompt {empty[0]} has no tokens")
+    if num_generations < 1 or max_new_tokens < 1 or check_every < 1:
+        raise RolloutError(f"need num_generations >= 1, max_new_tokens >= 1 and check_every >= 1, got "
+                           f"{num_generations}, {max_new_tokens}, {check_every}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise RolloutError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, got {temperature}, {top_p}, {top_k}")
+    if not stop_token_ids:
+        raise RolloutError("stop_token_ids is empty: say which token ends a completion (EOS, end of turn)")
+
+
+@torch.no_grad()
+def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
+                      temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int],
+                      pad_token_id: int, generator: torch.Generator | None = None, check_every: int = 8,
+                      share_prefill: bool = True, autocast_dtype: torch.dtype | None = None) -> Rollouts:
+    """`num_generations` completions of each prompt (token ids), prompt-major; see the module docstring.
+
+    temperature 0 is greedy. The model runs as it is (LoRA on, 4-bit base or not), in eval mode
+    and without autograd; its training mode is restored on return. `share_prefill` (speed switch)
+    computes each prompt's KV once and repeats it for its G rows instead of prefilling P*G rows.
+    `autocast_dtype` runs the forwards under torch.autocast at that dtype (None: as the caller has it).
+    """
+    _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_k, stop_token_ids, check_every)
+    device = next(model.parameters()).device
+    G, P = num_generations, len(prompts)
+    N = P * G
+    ids, mask = _left_pad(prompts, pad_token_id)                                  # [P, T]
+    T = ids.shape[1]
+    capacity = T + max_new_tokens
+    if not share_prefill:  # the prompts repeated before the prefill: G identical rows computed
+        ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)               # as transformers' generate
+    # the attention mask of every position the rows will have: the prompts', then all generated
+    # ones (a stopped row's pads are attended by nothing that is kept)
+    full_mask = torch.ones(N, capacity, dtype=torch.bool)
+    full_mask[:, :T] = mask if not share_prefill else mask.repeat_interleave(G, dim=0)
+    next_position = mask.sum(-1) if not share_prefill else mask.sum(-1).repeat_interleave(G)   # [N]
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    full_mask, next_position = full_mask.to(device), next_position.to(device)
+    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    draw = _device_generator(generator, device)
+    precision = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                 else contextlib.nullcontext())
+
+    was_training = model.training
+    model.eval()
+    try:
+        with precision:
+            cache = RolloutCache(_num_layers(model), T if share_prefill and G > 1 else capacity)
+            forward_kw = _forward_keywords(model, cache)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward_kw)
+            logits = out.logits[:, -1].float()                                    # [P or N, V]
+            if share_prefill and G > 1:
+                cache.repeat_rows(G, capacity)
+                logits = logits.repeat_interleave(G, dim=0)                       # [N, V]
+            del out
+
+            tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+            stopped = torch.zeros(N, dtype=torch.bool, device=device)
+            steps = 0
+            while True:
+                token = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=draw)
+                token = token.masked_fill(stopped, pad_token_id)                 # a stopped row emits pad
+                tokens[:, steps] = token
+                stopped |= torch.isin(token, stops)
+                steps += 1
+                if steps == max_new_tokens:
+                    break
+                # sync: one bool every check_every tokens (all rows stopped?), never per token
+                if steps % check_every == 0 and bool(stopped.all()):
+                    break
+                logits = model(input_ids=token[:, None], attention_mask=full_mask[:, :T + steps],
+                               position_ids=next_position[:, None], **forward_kw).logits[:, -1].float()
+                next_position += 1
+    finally:
+        model.train(was_training)
+
+    tokens = tokens[:, :steps]
+    # sync: the rollouts go to the host once, to be cut, decoded and scored
+    rows, finished = tokens.tolist(), stopped.tolist()
+    stop_set = set(stop_token_ids)
+    completions = []
+    for row in rows:
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        completions.append(row[:end])
+    return Rollouts(completion_ids=completions, truncated=[not f for f in finished], tokens=tokens)
