@@ -1,0 +1,37 @@
+"""Reward functions for the orders task (engine/tasks/orders.py), written for GRPO as TRL's
+GRPOTrainer calls them: fn(prompts, completions, completion_ids, answer=[...], **other_columns).
+
+    objective.rewards: ["engine.tasks.orders_rewards:json_valid", "engine.tasks.orders_rewards:fields",
+                        "engine.tasks.orders_rewards:exact_match"]
+
+`answer` is the prompt file's column holding the canonical JSON answer. Completions are strings
+(plain prompts) or [{"role": "assistant", "content": text}] (conversational prompts).
+
+    json_valid   1 when the completion holds a JSON object (orders.extract_answer), else 0
+    fields       the share of the four fields (customer, items, city, shipping) equal to the answer's
+    exact_match  1 when the completion is exactly the canonical answer (orders.score's "exact")
+"""
+
+from __future__ import annotations
+
+from engine.tasks import orders
+
+
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def _scores(completions, answer) -> list[dict]:
+    return [orders.score(_text(c), a) for c, a in zip(completions, answer)]
+
+
+def json_valid(completions, answer, **kwargs) -> list[float]:
+    return [s["json_valid"] for s in _scores(completions, answer)]
+
+
+def fields(completions, answer, **kwargs) -> list[float]:
+    return [sum(s[k] for k in orders.FIELDS) / len(orders.FIELDS) for s in _scores(completions, answer)]
+
+
+def exact_match(completions, answer, **kwargs) -> list[float]:
+    return [s["exact"] for s in _scores(completions, answer)]
