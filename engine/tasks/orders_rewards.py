@@ -10,6 +10,11 @@ GRPOTrainer calls them: fn(prompts, completions, completion_ids, answer=[...], *
     json_valid   1 when the completion holds a JSON object (orders.extract_answer), else 0
     fields       the share of the four fields (customer, items, city, shipping) equal to the answer's
     exact_match  1 when the completion is exactly the canonical answer (orders.score's "exact")
+
+The GRPO quickstart asks only for the order's city (`city_prompt`; `answer` = the city):
+
+    city_mentioned  1 when the completion names the city
+    city_exact      1 when the completion is the city name alone
 """
 
 from __future__ import annotations
@@ -35,3 +40,26 @@ def fields(completions, answer, **kwargs) -> list[float]:
 
 def exact_match(completions, answer, **kwargs) -> list[float]:
     return [s["exact"] for s in _scores(completions, answer)]
+
+
+# ---- the GRPO quickstart's question: which city? (scripts/make_quickstart_grpo_data.py) ----
+CITY_QUESTION = "Which city is this order shipped to? Reply with the city name only."
+
+
+def city_prompt(order_text: str) -> list[dict]:
+    """The GRPO quickstart's conversational prompt for one order."""
+    return [{"role": "user", "content": f"{order_text}\n\n{CITY_QUESTION}"}]
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.strip().strip(".!\"'").split()).lower()
+
+
+def city_mentioned(completions, answer, **kwargs) -> list[float]:
+    """1 when the completion names the order's city anywhere (case-insensitive), else 0."""
+    return [float(a.lower() in _text(c).lower()) for c, a in zip(completions, answer)]
+
+
+def city_exact(completions, answer, **kwargs) -> list[float]:
+    """1 when the completion is the city name and nothing else (case, spaces and a final period aside)."""
+    return [float(_normal(_text(c)) == a.lower()) for c, a in zip(completions, answer)]
