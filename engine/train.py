@@ -18,17 +18,14 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from engine import plan as planner
 from engine import speed
 from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_configs
-from engine.data import load_dataset, make_loader
-from engine.evaluate import before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
@@ -38,14 +35,10 @@ from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_r
 from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
                                   load_full_trainable_state)
 from engine.plot import plot_run
-from engine.preference.objective import build_objective
-from engine.preference.run import (load_pair_data, preference_accuracy, preference_eval, prepare_reference,
-                                   reference_cache_file)
 from engine.tensorboard import maybe_tensorboard
 from engine.training import amp, checkpoint
-from engine.training.objective import CausalLM
+from engine.training.objective import RunSetup, build_objective
 from engine.training.optim import build_optimizer, build_scheduler
-from engine.training.prefetch import Prefetcher
 from engine.training.step import StepResult, train_step
 
 
@@ -101,7 +94,8 @@ class MetricsLog:
 # ---------------------------------------------------------------- setup
 def build_everything(cfg: RunConfig, ctx: DistContext):
     """Model, tokenizer, data, loader, optimizer, schedule, scaler, objective: what the loop needs.
-    The run's first lines say which precision and which speed plan it took, and why."""
+    The run's first lines say which precision and which speed plan it took, and why. The objective
+    (engine/training/objective.py: build_objective) brings its own data, loader and loss."""
     device = ctx.device
     precision, why = amp.choose_precision(cfg.train.precision, device)
     plan = speed.resolve(cfg.speed, device=device, precision=precision, fsdp=cfg.train.fsdp,
@@ -128,22 +122,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
 
-    if cfg.objective.name != "sft":  # preference pairs (engine/preference/); auto: 1 row of 2 x max_seq_len
-        train_set, eval_set, loader = load_pair_data(
-            cfg, tokenizer, packing=packing, rank=ctx.rank, world_size=ctx.world_size,
-            micro_batch_size=1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size,
-            pin_memory=device.type == "cuda")
-    else:
-        train_set = load_dataset(cfg.data.train_path, tokenizer, cfg.data)
-        eval_set = load_dataset(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
-    micro_batch_size = cfg.train.micro_batch_size
-    if micro_batch_size == "auto" and cfg.objective.name == "sft":
-        # planned for the rows really used (padded ones carry a mask: a little more memory)
-        micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
-    if cfg.objective.name == "sft":
-        loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
-                             packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                             rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
+    objective = build_objective(RunSetup(cfg, model, tokenizer, packing, ctx, precision, kernels))
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     if cfg.optim.name != "adamw" and device.type == "cuda" and ctx.is_main:
         print(f"note: optim.name={cfg.optim.name}: bitsandbytes' optimizers wait for the GPU after every "
@@ -151,10 +130,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
               file=sys.stderr)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
-    objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
-    if cfg.objective.name != "sft":  # DPO / ORPO (engine/preference/objective.py)
-        objective = build_objective(cfg.objective, chunk_size=objective.chunk_size)
-    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision, objective
+    return (model, tokenizer, objective.train_set, objective.eval_set, objective.loader, optimizer, scheduler, scaler,
+            precision, objective)
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -186,7 +163,7 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
             keep_last=cfg.train.keep_last)
 
 
-def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ctx: DistContext) -> tuple[int, dict]:
+def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, objective, ctx: DistContext) -> tuple[int, dict]:
     """Restore the newest complete checkpoint (train.resume=auto) or the one named; else step 0.
     Every rank reads the checkpoint itself (output_dir must be shared by all nodes)."""
     if cfg.train.resume == "never":
@@ -210,7 +187,7 @@ def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ct
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    loader.load_state_dict(state["loader"])  # checks world_size; the position is the same on every rank
+    objective.load_state_dict(state["loader"])  # checks world_size; the position is the same on every rank
     rng_ranks = state.get("rng_ranks", [state["rng"]])
     if len(rng_ranks) != ctx.world_size:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds RNG states of {len(rng_ranks)} rank(s), "
@@ -250,48 +227,33 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
-    (model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler,
+    (model, tokenizer, _, _, _, optimizer, scheduler, scaler,
      precision, objective) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
-    start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader, ctx)
+    start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, objective, ctx)
     counters = {"tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0,
-                "eval_loss_before": None, **counters}
+                "eval_loss_before": None, "eval_before": None, **counters}
     metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main)
     plotter = make_plotter(cfg, out, ctx)
 
-    last_eval: dict = {}  # the latest preference evaluation (its preference_accuracy is the summary's "after")
+    last_eval: dict = {}  # the latest evaluation (the summary's "after")
 
     def evaluate(step: int) -> float | None:
-        if eval_set is None:
+        result = objective.evaluate(step)
+        if result is None:
             return None
-        if preference:
-            result = preference_eval(model, objective, eval_set, max_seq_len=cfg.data.max_seq_len,
-                                     batch_size=cfg.eval.batch_size, packing=loader.packing, precision=precision,
-                                     device=device, pad_token_id=tokenizer.pad_token_id)
-            last_eval.update(result)
-            metrics.write({"step": step, "eval_loss": result["loss"],
-                           **{f"eval_{k}": v for k, v in result.items() if k not in ("loss", "pairs")}})
-            return result["loss"]
-        result = heldout_loss(model, eval_set, max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
-                              packing=loader.packing, precision=precision, device=device,
-                              pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk, ctx=ctx)
-        metrics.write({"step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
-        return result["loss"]
+        last_eval.clear()
+        last_eval.update(result)
+        metrics.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+        return result.get("loss")
 
-    loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
-    preference = cfg.objective.name != "sft"
-    if preference and cfg.objective.precompute_ref:  # once per dataset, cached beside the tokenized pairs
-        prepare_reference(objective, model, train_set, max_seq_len=cfg.data.max_seq_len,
-                          micro_batch_size=loader.micro_batch_size, packing=loader.packing,
-                          pad_token_id=tokenizer.pad_token_id, device=device,
-                          autocast=lambda: amp.autocast(precision, device),
-                          cache_file=reference_cache_file(cfg, tokenizer, precision=precision, packing=loader.packing,
-                                                          micro_batch_size=loader.micro_batch_size))
+    objective.before_training()
     if start_step == 0 and counters["eval_loss_before"] is None:
         counters["eval_loss_before"] = evaluate(0)
-    batches = Prefetcher(loader, tc.grad_accum, device)
-    resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
+        counters["eval_before"] = dict(last_eval) or None
+    batches = objective.batches(tc.grad_accum)
+    resume_point = {"loader": objective.state_dict(), "rng": checkpoint.capture_rng()}
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
     step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0, "since": start_step}
     model.train()
@@ -303,24 +265,22 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             #    (engine/training/step.py). Nothing here waits on the device: the GPU runs while
             #    the host prepares the next step's batches (and their copies) below.
             micro = batches.take()
-            result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer,
+            result = train_step(model, micro, objective=objective.loss, params=params, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, precision=precision, device=device,
                                 max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
-            resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
+            resume_point = {"loader": objective.state_dict(), "rng": checkpoint.capture_rng()}
             if step < tc.max_steps:
                 batches.prepare()
 
             # 2. Book-keeping, from host numbers. The Ctrl-C flag rides along so every rank stops
             #    (and checkpoints) at the same step.
-            tokens, stops, loss_tokens, count = all_reduce_sum_ints(
-                [sum(b["num_tokens"] for b in micro), int(stop.requested),
-                 sum(b["num_loss_tokens"] for b in micro), result.count], ctx)
+            counts = objective.step_counts(micro, result.count)  # host ints: tokens, loss_tokens, ...
+            stops, count, *sums = all_reduce_sum_ints([int(stop.requested), result.count, *counts.values()], ctx)
             stop_now = stops > 0
-            counters["tokens"] += tokens
-            counters["loss_tokens"] += loss_tokens
-            if preference:  # the objective counts pairs
-                counters["pairs"] = counters.get("pairs", 0) + count
-            window["tokens"] += tokens
+            counts = dict(zip(counts, sums))  # summed over ranks
+            for key, value in counts.items():
+                counters[key] = counters.get(key, 0) + value
+            window["tokens"] += counts["tokens"]
             bar.update(1)
             log_now = step % tc.log_every == 0 or step == tc.max_steps or stop_now
             if log_now:
@@ -335,6 +295,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             counters["train_seconds"] += elapsed
             window["seconds"] += elapsed
             if log_now:
+                record.update(objective.log_metrics())
                 record.update(tokens=counters["tokens"], peak_mem_gib=peak_memory_bytes(device) / 2**30,
                               tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9))
                 metrics.write(record)
@@ -369,19 +330,11 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "train_seconds": counters["train_seconds"],
         "precision": precision, "world_size": ctx.world_size,
     }
-    if preference and eval_set is not None:
-        kwargs = dict(max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size, packing=loader.packing,
-                      precision=precision, device=device, pad_token_id=tokenizer.pad_token_id,
-                      chunk_size=objective.chunk_size)
-        summary.update(objective=cfg.objective.name, pairs=counters.get("pairs", 0),
-                       preference_accuracy_before=preference_accuracy(model, eval_set, base=True, **kwargs),
-                       preference_accuracy_after=last_eval["preference_accuracy"])
-    if cfg.eval.generate and eval_set is not None and not preference:
-        summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
+    summary.update(objective.summary(counters["eval_before"], dict(last_eval) or None, counters))
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plotter()
-        print_summary(summary)
+        print_summary(summary, objective.summary_rows(summary))
     return summary
 
 
@@ -506,17 +459,12 @@ def fmt(x) -> str:
     return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, rows: list[tuple]) -> None:
+    """The before / after table: the held-out loss, then the objective's rows (metric, before, after)."""
     print("\n| metric | before | after |\n|---|---|---|")
-    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
-    print(f"| held-out loss | {fmt(before)} | {fmt(after)} |")
-    if "preference_accuracy_before" in summary:
-        print(f"| held-out preference accuracy | {fmt(summary['preference_accuracy_before'])} | "
-              f"{fmt(summary['preference_accuracy_after'])} |")
-    elif before is not None and after is not None:
-        print(f"| held-out perplexity | {math.exp(before):.2f} | {math.exp(after):.2f} |")
-    for name, pair in (summary.get("scores") or {}).get("table", {}).items():
-        print(f"| {name} | {fmt(pair['before'])} | {fmt(pair['after'])} |")
+    print(f"| held-out loss | {fmt(summary['eval_loss_before'])} | {fmt(summary['eval_loss_after'])} |")
+    for name, before, after in rows:
+        print(f"| {name} | {fmt(before)} | {fmt(after)} |")
     print(f"\n{summary['steps']} steps, {summary['tokens']:,} tokens, "
           f"{summary['useful_tokens_per_s']:.0f} useful tokens/s, peak memory {summary['peak_memory_gib']:.2f} GiB, "
           f"train time {summary['train_seconds']:.0f} s")

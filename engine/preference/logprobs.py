@@ -1,4 +1,5 @@
-"""Summed reply log-probs of every sequence of a pair batch, for the policy and the reference.
+"""Log-probs of the labelled tokens (`token_logps`: GRPO's per token) and summed reply log-probs
+of every sequence of a pair batch (`sequence_logps`: DPO / ORPO), for the policy and the reference.
 
     h      = decoder(input_ids, position_ids)              [B, T, H]  (packed rows: isolated documents)
     h_lab  = h.flatten(0, 1)[label_index]                  [N, H]     the packing context's host indices
@@ -23,16 +24,19 @@ from engine.layers.lora import adapters_disabled
 from engine.training.loss import decoder_hidden, logit_transform
 
 
-def _token_logps(head, transform, h: Tensor, y: Tensor) -> Tensor:
-    """[C] fp32 log-probs of targets y [C] under f(head(h)) for h [C, H]."""
+def _token_logps(head, transform, h: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
+    """[C] fp32 log-probs of targets y [C] under f(head(h)) / temperature for h [C, H]."""
     z = head(h).float()
     if transform is not None:
         z = transform(z)
+    if temperature != 1.0:
+        z = z / temperature
     return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
 
 
-def sequence_logps(model, batch: dict, *, chunk_size: int | None = 1024) -> Tensor:
-    """[2P] fp32 summed reply log-probs: entries 0..P-1 the chosen sides, P..2P-1 the rejected."""
+def token_logps(model, batch: dict, *, chunk_size: int | None = 1024, temperature: float = 1.0) -> Tensor:
+    """[N] fp32 log-probs of the labelled tokens, in the packing context's label_index order
+    (row-major), of logits / temperature (GRPO samples and scores at its temperature, as TRL)."""
     hidden = decoder_hidden(model, batch)
     head = model.get_output_embeddings()
     transform = logit_transform(model.config)
@@ -45,12 +49,17 @@ def sequence_logps(model, batch: dict, *, chunk_size: int | None = 1024) -> Tens
     for start in range(0, n, max(step, 1)):
         hs, ys = h[start:start + step], targets[start:start + step]
         if torch.is_grad_enabled() and chunk_size:
-            parts.append(checkpoint(_token_logps, head, transform, hs, ys, use_reentrant=False))
+            parts.append(checkpoint(_token_logps, head, transform, hs, ys, temperature, use_reentrant=False))
         else:
-            parts.append(_token_logps(head, transform, hs, ys))
-    token_logps = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(2 * batch["num_pairs"], dtype=torch.float32, device=hidden.device)
-    return out.index_add(0, batch["label_seq"].to(hidden.device), token_logps)
+            parts.append(_token_logps(head, transform, hs, ys, temperature))
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logps(model, batch: dict, *, chunk_size: int | None = 1024) -> Tensor:
+    """[2P] fp32 summed reply log-probs: entries 0..P-1 the chosen sides, P..2P-1 the rejected."""
+    logps = token_logps(model, batch, chunk_size=chunk_size)
+    out = torch.zeros(2 * batch["num_pairs"], dtype=torch.float32, device=logps.device)
+    return out.index_add(0, batch["label_seq"].to(logps.device), logps)
 
 
 @torch.no_grad()

@@ -44,7 +44,11 @@ HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.
 
 
 def _host_side() -> bool:
-    return any("/engine/data/" in frame.filename for frame in traceback.extract_stack())
+    """Host-side data preparation: engine/data/, and a GRPO rollout (generate, decode, score, pack:
+    `GRPO._fetch`, which reads its completions back by design, once per rollout)."""
+    return any("/engine/data/" in frame.filename or (frame.filename.endswith("/engine/grpo/plugin.py")
+                                                    and frame.name == "_fetch")
+               for frame in traceback.extract_stack())
 
 
 def _where() -> str:
@@ -141,6 +145,28 @@ class CudaSyncWarnings:
 def test_no_syncing_op_between_log_steps(tmp_path, model_dir, method, precision, packing):
     extra = _extra_syncs(tmp_path, model_dir, precision=precision, method=method, packing=packing)
     assert not extra, "ops that wait on the device, per 5 steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
+
+
+@pytest.mark.parametrize("precision,method,loss_type,beta,iterations", [
+    ("fp32", "lora", "dapo", 0.04, 2), ("fp32", "lora", "grpo", 0.0, 1), ("fp16", "qlora", "dr_grpo", 0.04, 2)])
+def test_grpo_training_steps_never_sync(tmp_path, model_dir, precision, method, loss_type, beta, iterations):
+    """GRPO through the real loop: besides its rollouts (host work, exempt above), the 4 more steps
+    of the longer run (3 and 7 steps: both end inside a re-used rollout, so their final
+    checkpoints hold the same tensors) wait on nothing: the GRPO loss, its metrics (kl, clip ratios) and the
+    re-used rollout's old / reference log-probs stay on the device."""
+    from tests.grpo.conftest import grpo_config
+
+    def run(root, steps):
+        peft = PeftConfig(method=method, r=4, alpha=8, dropout=0.1)
+        cfg = grpo_config(root, model_dir, peft=peft, max_steps=steps, loss_type=loss_type, beta=beta,
+                          num_iterations=iterations)
+        cfg = replace(cfg, train=replace(cfg.train, precision=precision, log_every=1000, save_every=0))
+        with SyncRecorder() as seen:
+            train_mod.run_training(cfg)
+        return seen.seen
+
+    extra = run(tmp_path / "long", 7) - run(tmp_path / "short", 3)
+    assert not extra, "ops that wait on the device, per 4 GRPO steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
 
 
 def test_fp16_skip_of_an_injected_inf_stays_on_the_device(tmp_path, model_dir, monkeypatch):
