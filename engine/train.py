@@ -32,7 +32,7 @@ from engine.evaluate import before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
-from engine.model.isolation import packing_for
+from engine.model.isolation import packing_for, probe_batches
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          full_tensor, gather_to_main, init_distributed, shutdown)
 from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
@@ -42,7 +42,7 @@ from engine.preference.objective import build_objective
 from engine.preference.run import (load_pair_data, preference_accuracy, preference_eval, prepare_reference,
                                    reference_cache_file)
 from engine.tensorboard import maybe_tensorboard
-from engine.training import amp, checkpoint
+from engine.training import amp, checkpoint, fp16_guard
 from engine.training.objective import CausalLM
 from engine.training.optim import build_optimizer, build_scheduler
 from engine.training.prefetch import Prefetcher
@@ -121,6 +121,12 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
             if ctx.is_main:
                 print(f"train.{key}: {tiled} modules run over tiles of <= {tokens} tokens", file=sys.stderr)
     kernels = speed.apply(plan, model)
+    if cfg.speed.self_check:  # each switch against the reference on a small input; failures off
+        plan, kernels = speed.self_check.check_and_apply(plan, model, precision=precision, announce=ctx.is_main)
+    # fp16: what overflows runs in fp32 (measured first on the packing probe's rows, so that probe and
+    # the held-out loss before training do not meet the overflow; on a real micro-batch before step 1)
+    guard = fp16_guard.guard_for_run(cfg.train.fp16_guard, model, precision=precision, device=device, fsdp=ctx.fsdp)
+    guard.install(probe_batches(model))
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
@@ -139,7 +145,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     micro_batch_size = cfg.train.micro_batch_size
     if micro_batch_size == "auto" and cfg.objective.name == "sft":
         # planned for the rows really used (padded ones carry a mask: a little more memory)
-        micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model)
+        micro_batch_size = planner.auto_micro_batch_size(replace(cfg, data=replace(cfg.data, packing=packing)), model,
+                                                         **guard.planner_terms())
     if cfg.objective.name == "sft":
         loader = make_loader(train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
                              packing=packing, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
@@ -154,7 +161,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     objective = CausalLM(cfg.train.loss_chunk_size if cfg.train.chunked_loss else None, kernels)
     if cfg.objective.name != "sft":  # DPO / ORPO (engine/preference/objective.py)
         objective = build_objective(cfg.objective, chunk_size=objective.chunk_size)
-    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision, objective
+    return model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler, precision, objective, guard
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -251,7 +258,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     (model, tokenizer, train_set, eval_set, loader, optimizer, scheduler, scaler,
-     precision, objective) = build_everything(cfg, ctx)
+     precision, objective, guard) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader, ctx)
@@ -288,10 +295,15 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                           autocast=lambda: amp.autocast(precision, device),
                           cache_file=reference_cache_file(cfg, tokenizer, precision=precision, packing=loader.packing,
                                                           micro_batch_size=loader.micro_batch_size))
-    if start_step == 0 and counters["eval_loss_before"] is None:
-        counters["eval_loss_before"] = evaluate(0)
     batches = Prefetcher(loader, tc.grad_accum, device)
     resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
+    if guard.enabled:  # fp16: the guard's probe on the first real micro-batch (widens its fp32 set if need be)
+        line = guard.install(batches.peek()[:1])
+        if ctx.is_main:
+            print(f"precision: fp16 ({line})", file=sys.stderr)
+    if start_step == 0 and counters["eval_loss_before"] is None:
+        counters["eval_loss_before"] = evaluate(0)
+    skipped_at_start = counters["skipped_steps"]
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
     step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0, "since": start_step}
     model.train()
@@ -306,6 +318,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, precision=precision, device=device,
                                 max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
+            guard.watch(step, micro, result.loss_sum)  # host bookkeeping: no device op
             resume_point = {"loader": loader.state_dict(), "rng": checkpoint.capture_rng()}
             if step < tc.max_steps:
                 batches.prepare()
@@ -325,7 +338,11 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             log_now = step % tc.log_every == 0 or step == tc.max_steps or stop_now
             if log_now:
                 # 3. The one place the device is waited on: the loss, the norm and the fp16 scaler's
-                #    counters, read together on log steps
+                #    counters, read together on log steps. First the fp16 guard: a forward that
+                #    overflowed since the last log step widens its fp32 set (it was no gradient overflow)
+                healed = guard.at_log_step(scaler)
+                if healed and ctx.is_main:
+                    print(f"\nstep {step}: {healed}", file=sys.stderr)
                 record = log_record(step, result, count, scaler, scheduler, ctx, precision=precision,
                                     since=window["since"], skipped_before=counters["skipped_steps"],
                                     max_skips=tc.max_consecutive_skips)
@@ -358,6 +375,8 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     bar.close()
 
     eval_loss_after = evaluate(tc.max_steps)
+    refuse_untrained(tc.max_steps - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,
+                     precision=precision)  # raises before the final checkpoint: the last good one stays
     path = save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
     if ctx.is_main:  # the final adapter is the last checkpoint's (already gathered under FSDP)
         shutil.copytree(path / "adapter", out / "adapter", dirs_exist_ok=True)
@@ -433,6 +452,25 @@ class StopOnSignal:
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became inf/NaN in bf16 / fp32 (where no step is skipped)."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run ended without training anything usable: every step skipped, or a non-finite held-out loss."""
+
+
+def refuse_untrained(steps: int, skipped: int, eval_loss: float | None, *, precision: str) -> None:
+    """A run that trained nothing (every one of its `steps` skipped) or whose held-out loss after
+    training is inf/NaN must not end as if it had trained: raise (exit code 1) before the final
+    checkpoint and adapter are written, so the last good checkpoint is the newest."""
+    if steps > 0 and skipped >= steps:
+        raise TrainingFailed(
+            f"every one of this run's {steps} steps was skipped ({precision}: inf/NaN gradients or loss): nothing "
+            "was trained, no adapter written. fp16: keep train.fp16_guard=auto (it runs what overflows in fp32), "
+            "or train with train.precision=bf16 / fp32; else a lower optim.lr.")
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise TrainingFailed(
+            f"the held-out loss after training is {eval_loss} ({precision}): the adapter is not written and the "
+            "newest checkpoint is the last good one. fp16: keep train.fp16_guard=auto, or train in bf16 / fp32.")
 
 
 def log_record(step: int, result: StepResult, count: int, scaler: amp.DynamicLossScaler, scheduler,

@@ -92,7 +92,7 @@ class DynamicLossScaler:
     def __init__(self, enabled: bool, device: torch.device | str = "cpu", init_scale: float = 2.0**16,
                  growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
                  min_scale: float = 1.0):
-        self.enabled = enabled
+        self.enabled, self.init_scale = enabled, init_scale
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
         self.growth_interval, self.min_scale = growth_interval, min_scale
         zero = dict(device=device, dtype=torch.int32)
@@ -149,6 +149,13 @@ class DynamicLossScaler:
         skipped = found_inf.to(torch.int32)
         self._consecutive.mul_(skipped).add_(skipped)  # +1 on a skip, back to 0 on a clean step
         self._skipped.add_(skipped)
+
+    def forgive(self, skips: int) -> None:
+        """Undo what `skips` skipped steps did to the scale (halved each) and to the count of skips
+        in a row: their overflow was the forward's, which the fp16 guard has healed
+        (engine/training/fp16_guard.py), not the gradients'. The steps stay counted as skipped."""
+        self._scale.mul_(self.backoff_factor ** -skips).clamp_(max=self.init_scale)
+        self._consecutive.zero_()
 
     def read(self) -> dict:
         """The scaler's state on the host (a sync: call it on log steps): scale, skipped steps in all
