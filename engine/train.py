@@ -375,8 +375,8 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     bar.close()
 
     eval_loss_after = evaluate(tc.max_steps)
-    refuse_untrained(tc.max_steps - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,
-                     precision=precision)  # raises before the final checkpoint: the last good one stays
+    amp.refuse_untrained(tc.max_steps - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,
+                         precision=precision)  # raises before the final checkpoint: the last good one stays
     path = save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
     if ctx.is_main:  # the final adapter is the last checkpoint's (already gathered under FSDP)
         shutil.copytree(path / "adapter", out / "adapter", dirs_exist_ok=True)
@@ -452,25 +452,6 @@ class StopOnSignal:
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became inf/NaN in bf16 / fp32 (where no step is skipped)."""
-
-
-class TrainingFailed(RuntimeError):
-    """The run ended without training anything usable: every step skipped, or a non-finite held-out loss."""
-
-
-def refuse_untrained(steps: int, skipped: int, eval_loss: float | None, *, precision: str) -> None:
-    """A run that trained nothing (every one of its `steps` skipped) or whose held-out loss after
-    training is inf/NaN must not end as if it had trained: raise (exit code 1) before the final
-    checkpoint and adapter are written, so the last good checkpoint is the newest."""
-    if steps > 0 and skipped >= steps:
-        raise TrainingFailed(
-            f"every one of this run's {steps} steps was skipped ({precision}: inf/NaN gradients or loss): nothing "
-            "was trained, no adapter written. fp16: keep train.fp16_guard=auto (it runs what overflows in fp32), "
-            "or train with train.precision=bf16 / fp32; else a lower optim.lr.")
-    if eval_loss is not None and not math.isfinite(eval_loss):
-        raise TrainingFailed(
-            f"the held-out loss after training is {eval_loss} ({precision}): the adapter is not written and the "
-            "newest checkpoint is the last good one. fp16: keep train.fp16_guard=auto, or train in bf16 / fp32.")
 
 
 def log_record(step: int, result: StepResult, count: int, scaler: amp.DynamicLossScaler, scheduler,

@@ -44,7 +44,7 @@ from engine.layers.groups import set_grouped_lora
 from engine.layers.lora import LoRALinear
 from engine.model.attention import exact_document_attention
 from engine.model.packing import PackingContext
-from engine.speed import plan as speed_plan
+import engine.speed.plan as speed_plan
 from engine.training.loss import StepKernels, cross_entropy_and_grad_fused
 
 REPORT = "the reference path runs instead; please report it with this line and `python -m torch.utils.collect_env`"

@@ -15,6 +15,7 @@ of every device), and a state that is plain numbers, so checkpoints need no pick
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -24,6 +25,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Fp16Overflow(RuntimeError):
     """fp16 training overflowed too many steps in a row; the message says where."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run ended without training anything usable: every step skipped, or a non-finite held-out loss."""
+
+
+def refuse_untrained(steps: int, skipped: int, eval_loss: float | None, *, precision: str) -> None:
+    """A run that trained nothing (every one of its `steps` skipped) or whose held-out loss after
+    training is inf/NaN must not end as if it had trained: raise (exit code 1) before the final
+    checkpoint and adapter are written, so the last good checkpoint is the newest."""
+    if steps > 0 and skipped >= steps:
+        raise TrainingFailed(
+            f"every one of this run's {steps} steps was skipped ({precision}: inf/NaN gradients or loss): nothing "
+            "was trained, no adapter written. fp16: keep train.fp16_guard=auto (it runs what overflows in fp32), "
+            "or train with train.precision=bf16 / fp32; else a lower optim.lr.")
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise TrainingFailed(
+            f"the held-out loss after training is {eval_loss} ({precision}): the adapter is not written and the "
+            "newest checkpoint is the last good one. fp16: keep train.fp16_guard=auto, or train in bf16 / fp32.")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

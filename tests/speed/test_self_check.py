@@ -41,9 +41,8 @@ def test_every_check_passes_on_the_reference_device(capsys):
         plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False, compile=False), device=torch.device("cpu"),
                                   precision=precision)
         speed_plan.apply(plan, model)
-        checked, lines, seconds = self_check.check_plan(plan, model, precision=precision)
+        checked, lines, _ = self_check.check_plan(plan, model, precision=precision)
         assert lines == [] and checked == plan, lines
-        assert seconds < 5
 
 
 def test_a_kernel_that_raises_is_turned_off_and_the_run_equals_speed_off(tmp_path, model_dir, monkeypatch, capsys):

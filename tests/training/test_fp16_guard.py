@@ -127,7 +127,7 @@ def fp32_losses(overflowing_gemma2, tmp_path_factory):
 def test_without_the_guard_every_step_is_skipped_and_the_run_fails(tmp_path, overflowing_gemma2):
     """The issue's report: 8 of 8 steps skipped, NaN held-out loss, an adapter and exit 0. Now: an
     error that says so, and no final checkpoint or adapter."""
-    with pytest.raises(train_mod.TrainingFailed, match=r"every one of this run's 4 steps was skipped"):
+    with pytest.raises(amp.TrainingFailed, match=r"every one of this run's 4 steps was skipped"):
         _run(tmp_path, overflowing_gemma2, guard="off", steps=4)
     assert not (tmp_path / "run" / "adapter").exists()
     assert not (tmp_path / "run" / "checkpoints" / "step_4").exists()
@@ -142,7 +142,7 @@ def test_with_the_guard_the_run_trains_and_follows_fp32(tmp_path, overflowing_ge
     line = next(line for line in err.splitlines() if line.startswith("precision: fp16 (1 module in fp32"))
     # a tiled MLP runs whole in fp32 (its tiles' backward recomputes all of it)
     inner = r"model\.layers\.0\.mlp" if variant.get("mlp_tile_tokens") else r"model\.layers\.0\.mlp\.down_proj"
-    assert re.search(inner + r" \(output [23]\.\d+e\+05 in fp32", line) and "down_proj" in line, line
+    assert re.search(inner + r" \(output [23](\.\d+)?e\+05 in fp32", line) and "down_proj" in line, line
     assert summary["skipped_steps"] == 0
     losses = [r["loss"] for r in records]
     reference, eval_after = fp32_losses
@@ -197,11 +197,11 @@ def test_a_forward_overflow_the_guard_cannot_heal_stops_the_run(monkeypatch):
 
 
 def test_a_run_that_trained_nothing_or_ends_non_finite_is_refused():
-    train_mod.refuse_untrained(4, 1, 3.2, precision="fp16")  # trained: nothing raised
-    with pytest.raises(train_mod.TrainingFailed, match="every one of this run's 4 steps was skipped"):
-        train_mod.refuse_untrained(4, 4, 3.2, precision="fp16")
-    with pytest.raises(train_mod.TrainingFailed, match="the held-out loss after training is nan"):
-        train_mod.refuse_untrained(4, 0, float("nan"), precision="bf16")
+    amp.refuse_untrained(4, 1, 3.2, precision="fp16")  # trained: nothing raised
+    with pytest.raises(amp.TrainingFailed, match="every one of this run's 4 steps was skipped"):
+        amp.refuse_untrained(4, 4, 3.2, precision="fp16")
+    with pytest.raises(amp.TrainingFailed, match="the held-out loss after training is nan"):
+        amp.refuse_untrained(4, 0, float("nan"), precision="bf16")
 
 
 def _guard_with_window(losses, *, held=True):
