@@ -113,7 +113,7 @@ fi
 
 echo "== 1b. the kernel self-check's verdicts (Gemma-2-2B / Llama-3.1-8B widths) and an fp16 run of a Gemma-2-shaped model through the guard"
 if [ "$DRY_RUN" = 1 ]; then GUARD=(--dry-run); else GUARD=(); fi
-step 120 guard_check $PY scripts/gpu_guard_check.py --out "$RES/guard_check" "${GUARD[@]}"
+step 150 guard_check $PY scripts/gpu_guard_check.py --out "$RES/guard_check" "${GUARD[@]}"
 
 throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding-free), T4 mode
     local name="${1#shape:}"
