@@ -290,7 +290,9 @@ class Fp16Guard:
         self.modules: dict[str, nn.Module] = {}
         for name, block in self.blocks:
             self.modules.update(watched_modules(name, block))
-        self.parent = {name: name.rsplit(".", 1)[0] for name in self.modules if name not in self.block_index}
+        # the nearest watched module above each one (past containers such as an MoE block's expert list)
+        self.parent = {name: next(a for a in _ancestors(name) if a in self.modules)
+                       for name in self.modules if name not in self.block_index}
 
     # ------------------------------------------------ before training
     def install(self, micro: list[dict]) -> str:

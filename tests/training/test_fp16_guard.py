@@ -34,8 +34,8 @@ def plant(model, where: str, value: float = PLANTED) -> float:
         decoder_hidden(model, probe_batches(model)[1])
     handle.remove()
     factor = value / seen["out"]
-    with torch.no_grad():
-        module.weight.mul_(factor)
+    with torch.no_grad():  # a linear's weight; fused MoE experts: their down projection (a 3-D parameter)
+        (module.weight if hasattr(module, "weight") else module.down_proj).mul_(factor)
     return factor
 
 
@@ -47,6 +47,7 @@ def _fp16_hidden(model, batch):
 @pytest.mark.parametrize("family,where", [
     ("llama", "mlp.down_proj"), ("qwen2", "self_attn.o_proj"), ("mistral", "mlp.down_proj"),
     ("phi3", "mlp.gate_up_proj"), ("qwen3", "mlp.up_proj"), ("gemma2", "mlp.down_proj"), ("gemma", "self_attn.o_proj"),
+    ("qwen2_moe", "mlp.shared_expert.down_proj"), ("mixtral", "self_attn.o_proj"),
 ])
 def test_the_guard_heals_a_planted_overflow_in_any_family(family, where):
     """Found by structure: the blocks, the module, the residual stream; afterwards the fp16 forward
