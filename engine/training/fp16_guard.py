@@ -46,6 +46,7 @@ sharded weights cannot be upcast per module).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -504,4 +505,7 @@ def guard_for_run(setting: str, model: nn.Module, *, precision: str, device: tor
                   fsdp: bool = False) -> Fp16Guard:
     """train.fp16_guard: auto = on for fp16 runs (not under FSDP), off = never; a disabled guard
     does nothing."""
+    if setting == "auto" and precision == "fp16" and fsdp:
+        warnings.warn("train.fp16_guard=auto is off under train.fsdp=true (sharded weights are not upcast per "
+                      "module): an fp16 forward that overflows skips every step")
     return Fp16Guard(model, device, enabled=setting == "auto" and precision == "fp16" and not fsdp)

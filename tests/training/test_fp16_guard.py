@@ -250,3 +250,16 @@ def test_the_planner_counts_what_the_guard_keeps_in_fp32():
     down = decoder_blocks(model)[0][1].mlp.down_proj
     assert down.weight.dtype == torch.float32
     assert guard.planner_terms()["fp32_weight_bytes"] == down.weight.numel() * 2
+
+
+def test_the_guard_is_on_for_fp16_only_and_says_when_fsdp_turns_it_off():
+    from engine.training.fp16_guard import guard_for_run
+
+    model, _ = make_tiny_model("llama")
+    cpu = torch.device("cpu")
+    assert guard_for_run("auto", model, precision="fp16", device=cpu).enabled
+    assert not guard_for_run("off", model, precision="fp16", device=cpu).enabled
+    assert not guard_for_run("auto", model, precision="bf16", device=cpu).enabled
+    with pytest.warns(UserWarning, match="fp16_guard=auto is off under train.fsdp=true"):
+        guard = guard_for_run("auto", model, precision="fp16", device=cpu, fsdp=True)
+    assert not guard.enabled and guard.install([]) == "fp16_guard off" and guard.at_log_step(None) is None
