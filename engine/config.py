@@ -228,6 +228,13 @@ class TrainConfig:
     """Tokens per lm_head/cross-entropy chunk."""
     max_consecutive_skips: int = 10
     """fp16: stop with a diagnosis after this many steps skipped in a row for inf/NaN grads."""
+    fp16_guard: str = "auto"
+    """auto | off. fp16 only: before training, a probe forward of one real micro-batch (each decoder
+    block in fp32) measures every decoder module's largest activation; modules within 4x of fp16's
+    range (65,504), or whose fp16 output is inf/NaN, run in fp32 (autocast off inside; a block whose
+    output leaves the range keeps the residual stream in fp32). A later step whose forward still
+    overflows (a non-finite loss, not a gradient overflow) is re-probed at the next log step and the
+    set widened (engine/training/fp16_guard.py). The run's first lines name the modules."""
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     fsdp: bool = False
@@ -249,6 +256,7 @@ class TrainConfig:
         if self.grad_accum <= 0:
             _fail("train.grad_accum", f"must be > 0, got {self.grad_accum!r}")
         _one_of("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
+        _one_of("train.fp16_guard", self.fp16_guard, ("auto", "off"))
         for key in ("eval_every", "save_every"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)!r}")
@@ -294,6 +302,11 @@ class SpeedConfig:
     """auto | true | false: keep the host memory a step frees inside the process (glibc's malloc
     thresholds fixed; engine/speed/host_memory.py). A process setting with no undo; the chunked loss
     then keeps each chunk's logits in the heap. auto: training on a CPU with glibc."""
+    self_check: bool = True
+    """At start, run every switch of the plan that replaces the reference implementation on a small
+    input shaped like the model's and compare values and gradients with the reference
+    (engine/speed/self_check.py); a switch that raises or disagrees is turned off, with one line
+    saying which and why. Its cost is printed."""
     disable: Any = field(default_factory=list)
     """Speed switches to turn off by name, e.g. [grouped_lora, compile_loss]: fused_lora, grouped_lora,
     packed_attention, short_attention, batch_short_documents, varlen_attention, compile_norms, compile_loss,
@@ -303,6 +316,7 @@ class SpeedConfig:
         _one_of("speed.mode", self.mode, ("auto", "off"))
         _one_of("speed.compile", self.compile, ("auto", True, False))
         _one_of("speed.retain_host_memory", self.retain_host_memory, ("auto", True, False))
+        _one_of("speed.self_check", self.self_check, (True, False))
         known = ("fused_lora", "grouped_lora", "packed_attention", "short_attention", "batch_short_documents",
                  "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
         if not isinstance(self.disable, (list, tuple)):

@@ -29,14 +29,14 @@ from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
-from engine.model.isolation import packing_for
+from engine.model.isolation import packing_for, probe_batches
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          full_tensor, gather_to_main, init_distributed, shutdown)
 from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
                                   load_full_trainable_state)
 from engine.plot import plot_run
 from engine.tensorboard import maybe_tensorboard
-from engine.training import amp, checkpoint
+from engine.training import amp, checkpoint, fp16_guard
 from engine.training.objective import RunSetup, build_objective
 from engine.training.optim import build_optimizer, build_scheduler
 from engine.training.step import StepResult, train_step
@@ -115,6 +115,12 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
             if ctx.is_main:
                 print(f"train.{key}: {tiled} modules run over tiles of <= {tokens} tokens", file=sys.stderr)
     kernels = speed.apply(plan, model)
+    if cfg.speed.self_check:  # each switch against the reference on a small input; failures off
+        plan, kernels = speed.self_check.check_and_apply(plan, model, precision=precision, announce=ctx.is_main)
+    # fp16: what overflows runs in fp32 (measured first on the packing probe's rows, so that probe and
+    # the held-out loss before training do not meet the overflow; on a real micro-batch before step 1)
+    guard = fp16_guard.guard_for_run(cfg.train.fp16_guard, model, precision=precision, device=device, fsdp=ctx.fsdp)
+    guard.install(probe_batches(model))
     # before sharding: the probe's forwards are local (the same on every rank)
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
@@ -122,7 +128,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
 
-    objective = build_objective(RunSetup(cfg, model, tokenizer, packing, ctx, precision, kernels))
+    objective = build_objective(RunSetup(cfg, model, tokenizer, packing, ctx, precision, kernels,
+                                         planner_terms=guard.planner_terms()))
     optimizer = build_optimizer(model, cfg.optim, loraplus_ratio=cfg.peft.loraplus_ratio)
     if cfg.optim.name != "adamw" and device.type == "cuda" and ctx.is_main:
         print(f"note: optim.name={cfg.optim.name}: bitsandbytes' optimizers wait for the GPU after every "
@@ -131,7 +138,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
     return (model, tokenizer, objective.train_set, objective.eval_set, objective.loader, optimizer, scheduler, scaler,
-            precision, objective)
+            precision, objective, guard)
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -228,7 +235,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     (model, tokenizer, _, _, _, optimizer, scheduler, scaler,
-     precision, objective) = build_everything(cfg, ctx)
+     precision, objective, guard) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, objective, ctx)
@@ -249,11 +256,16 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         return result.get("loss")
 
     objective.before_training()
+    batches = objective.batches(tc.grad_accum)
+    resume_point = {"loader": objective.state_dict(), "rng": checkpoint.capture_rng()}
+    if guard.enabled:  # fp16: the guard's probe on the first real micro-batch (widens its fp32 set if need be)
+        line = guard.install(batches.peek()[:1])
+        if ctx.is_main:
+            print(f"precision: fp16 ({line})", file=sys.stderr)
     if start_step == 0 and counters["eval_loss_before"] is None:
         counters["eval_loss_before"] = evaluate(0)
         counters["eval_before"] = dict(last_eval) or None
-    batches = objective.batches(tc.grad_accum)
-    resume_point = {"loader": objective.state_dict(), "rng": checkpoint.capture_rng()}
+    skipped_at_start = counters["skipped_steps"]
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
     step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0, "since": start_step}
     model.train()
@@ -268,6 +280,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             result = train_step(model, micro, objective=objective.loss, params=params, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, precision=precision, device=device,
                                 max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
+            guard.watch(step, micro, result.loss_sum)  # host bookkeeping: no device op
             resume_point = {"loader": objective.state_dict(), "rng": checkpoint.capture_rng()}
             if step < tc.max_steps:
                 batches.prepare()
@@ -285,7 +298,11 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             log_now = step % tc.log_every == 0 or step == tc.max_steps or stop_now
             if log_now:
                 # 3. The one place the device is waited on: the loss, the norm and the fp16 scaler's
-                #    counters, read together on log steps
+                #    counters, read together on log steps. First the fp16 guard: a forward that
+                #    overflowed since the last log step widens its fp32 set (it was no gradient overflow)
+                healed = guard.at_log_step(scaler)
+                if healed and ctx.is_main:
+                    print(f"\nstep {step}: {healed}", file=sys.stderr)
                 record = log_record(step, result, count, scaler, scheduler, ctx, precision=precision,
                                     since=window["since"], skipped_before=counters["skipped_steps"],
                                     max_skips=tc.max_consecutive_skips)
@@ -319,6 +336,8 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     bar.close()
 
     eval_loss_after = evaluate(tc.max_steps)
+    amp.refuse_untrained(tc.max_steps - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,
+                         precision=precision)  # raises before the final checkpoint: the last good one stays
     path = save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
     if ctx.is_main:  # the final adapter is the last checkpoint's (already gathered under FSDP)
         shutil.copytree(path / "adapter", out / "adapter", dirs_exist_ok=True)

@@ -10,6 +10,10 @@
 #   1. the GPU tests (pytest -m gpu): training runs under torch.cuda.set_sync_debug_mode with no
 #      synchronising call between log steps (LoRA / QLoRA, fp16 / bf16), one attention kernel call
 #      per layer per forward with the plan's varlen kernel, its numerics;
+#   1b. the speed plan's kernel self-check on this GPU (verdicts and cost, fp16 and bf16, one block of
+#      Gemma-2-2B / Llama-3.1-8B widths) and an fp16 LoRA run of a Gemma-2-shaped model whose MLP
+#      overflows fp16, with the guard (trains, follows fp32), without it (must fail), and in fp32
+#      (scripts/gpu_guard_check.py);
 #   2. throughput in "T4 mode" (fp16, memory capped at 14.7 GiB, activation checkpointing, as every
 #      16 GB QLoRA recipe runs): engine vs HF Trainer + PEFT, padded and padding-free (the report
 #      names the best of the two), Phi-3-mini shape, random weights, synthetic documents of 1/16
@@ -113,6 +117,10 @@ if [ "$DRY_RUN" = 0 ]; then
     step 70 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
         tests/speed/test_varlen_attention.py
 fi
+
+echo "== 1b. the kernel self-check's verdicts (Gemma-2-2B / Llama-3.1-8B widths) and an fp16 run of a Gemma-2-shaped model through the guard"
+if [ "$DRY_RUN" = 1 ]; then GUARD=(--dry-run); else GUARD=(); fi
+step 150 guard_check $PY scripts/gpu_guard_check.py --out "$RES/guard_check" "${GUARD[@]}"
 
 throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding-free), T4 mode
     local name="${1#shape:}"

@@ -126,6 +126,11 @@ class GRPO:
         if self._next is None:
             self._next = self._fetch()
 
+    def peek(self) -> list[dict]:
+        """The next step's micro-batches without taking them (the fp16 guard probes the first)."""
+        self.prepare()
+        return self._next[0]
+
     def take(self) -> list[dict]:
         self.prepare()
         (micro, stats), self._next = self._next, None

@@ -49,6 +49,23 @@ LEAK_TOLERANCE = 0.1  # ratio; isolated models measure 0 or rounding noise, leak
 def packing_leak(model: nn.Module, *, precision: str = "fp32") -> float:
     """The ratio of the module docstring for `model` (on its device, under `precision`'s autocast)."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the forwards must differ only by what the row holds
+    try:
+        with amp.autocast(precision, device):
+            first, second, other = (decoder_hidden(model, batch)[0].float() for batch in probe_batches(model))
+    finally:
+        model.train(was_training)
+    b_first, b_second, b_other = first[5:9], second[3:7], other[3:7]
+    leak = (b_first - b_second).abs().max()
+    context = (b_second[1:] - b_other[1:]).abs().max()
+    return (leak / torch.maximum(context, 1e-3 * b_second.abs().max()).clamp_min(1e-30)).item()
+
+
+def probe_batches(model: nn.Module) -> list[dict]:
+    """The probe's three packed rows (module docstring) as batches on the model's device (the fp16
+    guard's first probe runs on them too, before this probe)."""
+    device = next(model.parameters()).device
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     g = torch.Generator().manual_seed(0)
     a, b, c, e = (torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (5, 4, 3, 2))
@@ -56,18 +73,7 @@ def packing_leak(model: nn.Module, *, precision: str = "fp32") -> float:
     b2[0, 0] = (b[0, 0] + 1) % config.vocab_size
     rows = [(torch.cat([a, b], 1), (5, 4)), (torch.cat([c, b, e], 1), (3, 4, 2)),
             (torch.cat([c, b2, e], 1), (3, 4, 2))]
-    was_training = model.training
-    model.eval()  # no dropout: the forwards must differ only by what the row holds
-    try:
-        with amp.autocast(precision, device):
-            first, second, other = (decoder_hidden(model, _probe_batch(ids, lengths, device))[0].float()
-                                    for ids, lengths in rows)
-    finally:
-        model.train(was_training)
-    b_first, b_second, b_other = first[5:9], second[3:7], other[3:7]
-    leak = (b_first - b_second).abs().max()
-    context = (b_second[1:] - b_other[1:]).abs().max()
-    return (leak / torch.maximum(context, 1e-3 * b_second.abs().max()).clamp_min(1e-30)).item()
+    return [_probe_batch(ids, lengths, device) for ids, lengths in rows]
 
 
 def _probe_batch(ids: torch.Tensor, lengths: tuple[int, ...], device) -> dict:

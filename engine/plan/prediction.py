@@ -64,13 +64,15 @@ class Breakdown:
     final_norm_backward: int = 0
     mlp_tile_tokens: int = 0
     norm_tile_tokens: int = 0
+    fp32_weights: int = 0
+    fp32_residual: int = 0
     peak_phase: str = ""
     terms: dict = field(default_factory=dict)
 
     @property
     def static(self) -> int:
         return (self.quantized_weights + self.quant_state + self.float_weights + self.lora_params
-                + self.lora_grads + self.optimizer_state)
+                + self.lora_grads + self.optimizer_state + self.fp32_weights)
 
     @property
     def backward_phase(self) -> int:
@@ -113,7 +115,7 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
             offload_activations: bool = False, chunked_loss: bool = True, loss_chunk_size: int = 1024,
             optimizer: str = "adamw", base_dtype: str | None = None, masked: bool = True, per_document: bool = False,
             dropout: float = 0.0, double_quant: bool = True, mlp_tile_tokens=0, norm_tile_tokens=0,
-            cuda: bool = True) -> Breakdown:
+            cuda: bool = True, fp32_weight_bytes: int = 0, fp32_residual_blocks: int = 0) -> Breakdown:
     """Predicted peak memory of one LoRA/QLoRA training step (pure: config numbers in, bytes out).
 
     model_config: a transformers config (Llama, Mistral, Qwen2, Phi-3, Gemma). precision: the
@@ -123,6 +125,11 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
     per_document: packed rows on the engine's packed attention (no mask; SDPA per document). mlp_tile_tokens, norm_tile_tokens:
     `train.*_tile_tokens` (0, an int or "auto"; engine/model/tiling.py). cuda=False drops the CUDA
     context and allocator slack (what a CPU measurement compares with).
+    fp32_weight_bytes, fp32_residual_blocks: what the fp16 guard keeps in fp32
+    (engine/training/fp16_guard.py): the fp32 copies of its modules' weights (static), and the
+    blocks whose residual stream is fp32, each saving its [tokens, h] input at 4 bytes instead of
+    the base dtype's (a term of the activations; the fp32 modules' own larger activations are not
+    modelled: a handful of modules beside the blocks' saved tensors).
     """
     if method not in ("lora", "qlora"):
         raise PlanError(f"peft.method: {method!r} is not lora or qlora")
@@ -260,6 +267,9 @@ def predict(model_config, *, seq_len: int, micro_batch: int, method: str = "qlor
         head_extra = int(rows * V * (5.5 if a == 4 else 1.25))
     out.loss_peak += head_extra
 
+    out.fp32_weights = fp32_weight_bytes
+    out.fp32_residual = min(fp32_residual_blocks, L) * N * h * max(0, 4 - rs)
+    out.activations += out.fp32_residual
     allocated = out.static + out.dynamic
     phases = {"loss": out.loss_peak, "final norm": out.final_norm_backward, "backward": out.backward_phase}
     out.peak_phase = max(phases, key=phases.get)
@@ -345,11 +355,12 @@ def max_seq_len(model_config, micro_batch: int, budget: int, *, step: int = 256,
     return low * step
 
 
-def auto_micro_batch_size(cfg, model) -> int:
+def auto_micro_batch_size(cfg, model, *, fp32_weight_bytes: int = 0, fp32_residual_blocks: int = 0) -> int:
     """train.micro_batch_size=auto: the largest micro-batch the planner fits in
     train.memory_budget_gib at data.max_seq_len, for the model as built (its device decides the
     precision; on a CPU the same budget is used without CUDA context and slack), capped at
-    MAX_AUTO_MICRO_BATCH. If even 1 does not fit, warns and returns 1."""
+    MAX_AUTO_MICRO_BATCH. If even 1 does not fit, warns and returns 1. fp32_*: what the fp16 guard
+    keeps in fp32 (see `predict`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -357,6 +368,7 @@ def auto_micro_batch_size(cfg, model) -> int:
     embed = model.get_input_embeddings().weight
     base = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(embed.dtype, precision)
     settings = plan_settings(cfg, precision=precision, base_dtype=base, cuda=device.type == "cuda")
+    settings.update(fp32_weight_bytes=fp32_weight_bytes, fp32_residual_blocks=fp32_residual_blocks)
     budget = int(cfg.train.memory_budget_gib * GIB)
     best = max_micro_batch(model.config, cfg.data.max_seq_len, budget, limit=MAX_AUTO_MICRO_BATCH, **settings)
     if best == 0:

@@ -35,7 +35,7 @@ from torch import nn
 from engine.config import SpeedConfig
 from engine.layers.groups import set_grouped_lora
 from engine.layers.lora import set_fused_lora
-from engine.model.attention import register_packed_attention, set_attention
+from engine.model.attention import NAME, register_packed_attention, sdpa_per_document, set_attention
 import engine.speed.compiled as compiled
 import engine.speed.cuda_attention as cuda_attention
 import engine.speed.host_memory as host_memory
@@ -148,18 +148,8 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
     prepare(plan)  # idempotent: engine.train has called it before building the model
     set_fused_lora(model, plan.fused_lora)
     set_grouped_lora(model, plan.grouped_lora)
-    if plan.packed_attention and plan.varlen_attention:
-        name = register_packed_attention(f"engine_packed_{plan.varlen_attention}",
-                                         cuda_attention.KERNELS[plan.varlen_attention]())
-    elif plan.packed_attention and plan.short_attention:
-        name = register_packed_attention(f"engine_packed_short{plan.short_attention}"
-                                         f"{'_batched' if plan.batch_short_documents else ''}",
-                                         short_document_kernel(plan.short_attention, plan.batch_short_documents))
-    elif plan.packed_attention:
-        name = register_packed_attention()
-    else:
-        name = None
-    set_attention(model, name)
+    chosen = document_kernel(plan)
+    set_attention(model, register_packed_attention(*chosen) if chosen else None)
     compiled.set_compiled_norms(model, plan.compile_norms)
     if plan.offload_activations and not getattr(model, "_activation_offloader", None):
         install_offload(model, use_reentrant=False)
@@ -167,8 +157,20 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
                        max_chunk_bytes=host_memory.HEAP_BLOCK_LIMIT if plan.retain_host_memory else None)
 
 
+def document_kernel(plan: SpeedPlan) -> tuple[str, object] | None:
+    """(registered name, DocumentKernel) of the plan's packed attention; None: transformers' SDPA."""
+    if not plan.packed_attention:
+        return None
+    if plan.varlen_attention:
+        return f"engine_packed_{plan.varlen_attention}", cuda_attention.KERNELS[plan.varlen_attention]()
+    if plan.short_attention:
+        return (f"engine_packed_short{plan.short_attention}{'_batched' if plan.batch_short_documents else ''}",
+                short_document_kernel(plan.short_attention, plan.batch_short_documents))
+    return NAME, sdpa_per_document
+
+
 def announce(plan: SpeedPlan) -> None:
     print(plan.describe(), file=sys.stderr)
 
 
-__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "SHORT_ATTENTION_MAX_LEN"]
+__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "document_kernel", "SHORT_ATTENTION_MAX_LEN"]

@@ -15,6 +15,7 @@ of every device), and a state that is plain numbers, so checkpoints need no pick
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -24,6 +25,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Fp16Overflow(RuntimeError):
     """fp16 training overflowed too many steps in a row; the message says where."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run ended without training anything usable: every step skipped, or a non-finite held-out loss."""
+
+
+def refuse_untrained(steps: int, skipped: int, eval_loss: float | None, *, precision: str) -> None:
+    """A run that trained nothing (every one of its `steps` skipped) or whose held-out loss after
+    training is inf/NaN must not end as if it had trained: raise (exit code 1) before the final
+    checkpoint and adapter are written, so the last good checkpoint is the newest."""
+    if steps > 0 and skipped >= steps:
+        raise TrainingFailed(
+            f"every one of this run's {steps} steps was skipped ({precision}: inf/NaN gradients or loss): nothing "
+            "was trained, no adapter written. fp16: keep train.fp16_guard=auto (it runs what overflows in fp32), "
+            "or train with train.precision=bf16 / fp32; else a lower optim.lr.")
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise TrainingFailed(
+            f"the held-out loss after training is {eval_loss} ({precision}): the adapter is not written and the "
+            "newest checkpoint is the last good one. fp16: keep train.fp16_guard=auto, or train in bf16 / fp32.")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -92,7 +112,7 @@ class DynamicLossScaler:
     def __init__(self, enabled: bool, device: torch.device | str = "cpu", init_scale: float = 2.0**16,
                  growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
                  min_scale: float = 1.0):
-        self.enabled = enabled
+        self.enabled, self.init_scale = enabled, init_scale
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
         self.growth_interval, self.min_scale = growth_interval, min_scale
         zero = dict(device=device, dtype=torch.int32)
@@ -149,6 +169,13 @@ class DynamicLossScaler:
         skipped = found_inf.to(torch.int32)
         self._consecutive.mul_(skipped).add_(skipped)  # +1 on a skip, back to 0 on a clean step
         self._skipped.add_(skipped)
+
+    def forgive(self, skips: int) -> None:
+        """Undo what `skips` skipped steps did to the scale (halved each) and to the count of skips
+        in a row: their overflow was the forward's, which the fp16 guard has healed
+        (engine/training/fp16_guard.py), not the gradients'. The steps stay counted as skipped."""
+        self._scale.mul_(self.backoff_factor ** -skips).clamp_(max=self.init_scale)
+        self._consecutive.zero_()
 
     def read(self) -> dict:
         """The scaler's state on the host (a sync: call it on log steps): scale, skipped steps in all

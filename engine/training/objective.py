@@ -23,7 +23,7 @@ summary rows and its resumable state.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -66,6 +66,7 @@ class RunSetup:
     ctx: Any                    # engine.parallel.distributed.DistContext
     precision: str
     kernels: StepKernels
+    planner_terms: dict = field(default_factory=dict)  # the fp16 guard's fp32 weights / residual (plan.predict)
 
     @property
     def device(self) -> torch.device:

@@ -30,6 +30,11 @@ class Prefetcher:
         if self._next is None:
             self._next = [to_device(next(self._batches), self.device) for _ in range(self.grad_accum)]
 
+    def peek(self) -> list[dict]:
+        """The next step's micro-batches, fetched now if need be, left for `take` (the fp16 guard's probe)."""
+        self.prepare()
+        return self._next
+
     def take(self) -> list[dict]:
         """The micro-batches of the next step (fetched now unless `prepare` already did)."""
         self.prepare()

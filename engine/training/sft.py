@@ -28,7 +28,7 @@ class SFT:
         micro_batch_size = cfg.train.micro_batch_size
         if micro_batch_size == "auto":  # planned for the rows really used (padded ones carry a mask: a little more memory)
             micro_batch_size = planner.auto_micro_batch_size(
-                replace(cfg, data=replace(cfg.data, packing=setup.packing)), setup.model)
+                replace(cfg, data=replace(cfg.data, packing=setup.packing)), setup.model, **setup.planner_terms)
         self.loader = make_loader(self.train_set, max_seq_len=cfg.data.max_seq_len, micro_batch_size=micro_batch_size,
                                   packing=setup.packing, seed=cfg.train.seed, pad_token_id=setup.tokenizer.pad_token_id,
                                   rank=ctx.rank, world_size=ctx.world_size, pin_memory=setup.device.type == "cuda")

@@ -169,9 +169,11 @@ def test_grpo_training_steps_never_sync(tmp_path, model_dir, precision, method, 
     assert not extra, "ops that wait on the device, per 4 GRPO steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
 
 
-def test_fp16_skip_of_an_injected_inf_stays_on_the_device(tmp_path, model_dir, monkeypatch):
+def test_fp16_skip_of_an_injected_inf_stays_on_the_device(tmp_path, model_dir, monkeypatch, capsys):
     """A step whose gradients overflow is skipped without the host looking: the skip is decided on
-    the device (fused AdamW's found_inf) and read, with the scale, on the log step."""
+    the device (fused AdamW's found_inf) and read, with the scale, on the log step. The inf is in
+    the loss, so the fp16 guard re-probes that step's batch on the log step (its reads are the log
+    step's, engine/training/fp16_guard.py) and finds the decoder finite: the scaler's business."""
     inner = engine.training.objective.causal_lm_loss
     calls = {"n": 0}
 
@@ -186,7 +188,11 @@ def test_fp16_skip_of_an_injected_inf_stays_on_the_device(tmp_path, model_dir, m
     with pytest.warns(UserWarning, match=r"step 7: inf/NaN gradients in 1 of steps 1\.\.7, skipped; loss scale now 32768"):
         long = _run(tmp_path / "long", model_dir, steps=7, precision="fp16", method="lora")
     extra = long - short
+    # the guard reads nothing per step (it keeps each step's loss tensor); all it reads, it reads
+    # at start or in `at_log_step`, the re-probe of the overflowed step on the log step
+    extra = collections.Counter({k: n for k, n in extra.items() if "training/fp16_guard.py" not in k[1]})
     assert not extra, "ops that wait on the device: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
+    assert "step 7: fp16_guard: the loss overflowed in 5 (skipped)" in capsys.readouterr().err
     summary = json.loads((tmp_path / "long" / "run" / "summary.json").read_text())
     assert summary["skipped_steps"] == 1
 
