@@ -28,11 +28,12 @@ from engine import plan as planner
 from engine import speed
 from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_configs
 from engine.data import load_dataset, make_loader
-from engine.evaluate import before_after_scores, heldout_loss
+from engine.evaluate import adapter_scores, before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
 from engine.model.isolation import packing_for
+from engine.model.neftune import add_neftune
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          full_tensor, gather_to_main, init_distributed, shutdown)
 from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
@@ -41,8 +42,9 @@ from engine.plot import plot_run
 from engine.preference.objective import build_objective
 from engine.preference.run import (load_pair_data, preference_accuracy, preference_eval, prepare_reference,
                                    reference_cache_file)
-from engine.tensorboard import maybe_tensorboard
+from engine.tracking import Trackers, open_trackers
 from engine.training import amp, checkpoint
+from engine.training.early_stopping import BEST_DIR, EarlyStopping, write_atomically
 from engine.training.objective import CausalLM
 from engine.training.optim import build_optimizer, build_scheduler
 from engine.training.prefetch import Prefetcher
@@ -72,30 +74,32 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON record per logged step; on resume, records past the step are dropped."""
+    """metrics.jsonl, one JSON record per logged step; on resume, records past the step are dropped.
+    Every record also goes to the run's loggers (engine/tracking/), started here once the resume
+    step is known; those that kept the dropped records (W&B, MLflow) are not sent them again."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int, enabled: bool, trackers: Trackers | None = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers or Trackers()
         if not enabled:
             return
-        kept = []
+        kept, logged_through = [], 0
         if resume_step > 0 and path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
+                    step = json.loads(line).get("step", 0)
                 except json.JSONDecodeError:  # a line half-written when the process was killed
                     continue
+                logged_through = max(logged_through, step)
+                if step <= resume_step:
+                    kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = maybe_tensorboard(path.parent, enabled=True,
-                                             purge_step=resume_step + 1 if resume_step else None)
+        self.trackers.start(path.parent, resume_step=resume_step, logged_through=logged_through)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.tensorboard is not None:
-                self.tensorboard.write(record)
+            self.trackers.log_metrics(record)
 
 
 # ---------------------------------------------------------------- setup
@@ -125,6 +129,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
         apply_fsdp(model, ctx)
+    if cfg.train.neftune_alpha:  # noisy input embeddings in training forwards (after FSDP's own hooks)
+        add_neftune(model, cfg.train.neftune_alpha)
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
 
@@ -186,6 +192,20 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
             keep_last=cfg.train.keep_last)
 
 
+def save_best_adapter(cfg: RunConfig, model, optimizer, ctx: DistContext) -> None:
+    """Collective: output_dir/adapter_best/ (atomic), the adapter as it is now, written by rank 0
+    (under FSDP the LoRA weights are gathered to full tensors first, as for a checkpoint)."""
+    weights = nullcontext()
+    if ctx.fsdp:
+        trainable, _ = full_trainable_state(model, optimizer)
+        if ctx.is_main:
+            weights = full_lora_weights(model, trainable)
+    if ctx.is_main:
+        with weights:
+            write_atomically(Path(cfg.output_dir) / BEST_DIR,
+                             lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path))
+
+
 def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, loader, ctx: DistContext) -> tuple[int, dict]:
     """Restore the newest complete checkpoint (train.resume=auto) or the one named; else step 0.
     Every rank reads the checkpoint itself (output_dir must be shared by all nodes)."""
@@ -231,17 +251,24 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     import torch.distributed as dist
 
     if ctx is not None:
-        return _train(cfg, ctx)
+        return _train_logged(cfg, ctx)
     had_group = dist.is_available() and dist.is_initialized()
     ctx = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, ctx)
+        return _train_logged(cfg, ctx)
     finally:
         if not had_group:
             shutdown(ctx)
 
 
-def _train(cfg: RunConfig, ctx: DistContext) -> dict:
+def _train_logged(cfg: RunConfig, ctx: DistContext) -> dict:
+    """The run inside its loggers (engine/tracking/): a logger that cannot work stops it here,
+    before the model is built; each logger's run is closed with the outcome."""
+    with open_trackers(cfg, is_main=ctx.is_main) as trackers:
+        return _train(cfg, ctx, trackers)
+
+
+def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
     from tqdm import tqdm
 
     if cfg.train.fsdp:
@@ -257,26 +284,43 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, loader, ctx)
     counters = {"tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0,
                 "eval_loss_before": None, **counters}
-    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main)
+    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main, trackers=trackers)
     plotter = make_plotter(cfg, out, ctx)
+    stopper = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_metric, tc.early_stopping_mode,
+                            tc.early_stopping_threshold)
+    stopper.load_state_dict(counters.get("early_stopping"))
+    # an SFT early-stopping metric that is not a loss is a generation score, computed at each evaluation
+    generate_scores = stopper.enabled and cfg.objective.name == "sft" and stopper.metric not in ("eval_loss", "eval_ppl")
 
     last_eval: dict = {}  # the latest preference evaluation (its preference_accuracy is the summary's "after")
+    evaluated: dict[int, float | None] = {}  # step -> held-out loss: an early stop's last step is evaluated once
 
     def evaluate(step: int) -> float | None:
         if eval_set is None:
             return None
+        if step in evaluated:
+            return evaluated[step]
         if preference:
             result = preference_eval(model, objective, eval_set, max_seq_len=cfg.data.max_seq_len,
                                      batch_size=cfg.eval.batch_size, packing=loader.packing, precision=precision,
                                      device=device, pad_token_id=tokenizer.pad_token_id)
             last_eval.update(result)
-            metrics.write({"step": step, "eval_loss": result["loss"],
-                           **{f"eval_{k}": v for k, v in result.items() if k not in ("loss", "pairs")}})
-            return result["loss"]
-        result = heldout_loss(model, eval_set, max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
-                              packing=loader.packing, precision=precision, device=device,
-                              pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk, ctx=ctx)
-        metrics.write({"step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
+            record = {"step": step, "eval_loss": result["loss"],
+                      **{f"eval_{k}": v for k, v in result.items() if k not in ("loss", "pairs")}}
+        else:
+            result = heldout_loss(model, eval_set, max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
+                                  packing=loader.packing, precision=precision, device=device,
+                                  pad_token_id=tokenizer.pad_token_id, chunk_size=loss_chunk, ctx=ctx)
+            record = {"step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"]}
+            if generate_scores and step > 0:
+                record.update({f"eval_{k}": v for k, v in adapter_scores(model, tokenizer, cfg, device=device,
+                                                                          precision=precision).items()})
+        metrics.write(record)
+        if stopper.observe(step, record):  # the new best: adapter_best/ now, as the checkpoint would hold it
+            save_best_adapter(cfg, model, optimizer, ctx)
+        if stopper.enabled:
+            counters["early_stopping"] = stopper.state_dict()
+        evaluated[step] = result["loss"]
         return result["loss"]
 
     loss_chunk = tc.loss_chunk_size if tc.chunked_loss else None
@@ -295,8 +339,9 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
     step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0, "since": start_step}
     model.train()
+    last_step = start_step if stopper.should_stop else tc.max_steps  # rerun after an early stop: nothing left
     with StopOnSignal() as stop:
-        for step in range(start_step + 1, tc.max_steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             t0 = time.perf_counter()
             # 1. The step: forward/backward over grad_accum micro-batches, each token loss divided
             #    by the step's global count of loss tokens, then unscale, clip, step, schedule
@@ -330,7 +375,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                                     since=window["since"], skipped_before=counters["skipped_steps"],
                                     max_skips=tc.max_consecutive_skips)
                 last_loss = record["loss"]
-                counters["skipped_steps"] = record.pop("skipped_steps")
+                counters["skipped_steps"] = record["skipped_steps"]  # kept in the record: the loggers show it
             elapsed = time.perf_counter() - t0  # on log steps: the wait for the device included
             counters["train_seconds"] += elapsed
             window["seconds"] += elapsed
@@ -346,6 +391,12 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             if tc.eval_every and step % tc.eval_every == 0:
                 evaluate(step)
                 plotter()
+                if stopper.should_stop:  # the same on every rank (evaluation results are global)
+                    if ctx.is_main:
+                        print(f"\nearly stopping at step {step}: {stopper.metric} has not improved for "
+                              f"{stopper.patience} evaluations (best {stopper.best_value:.4f} at step "
+                              f"{stopper.best_step}, kept in {out / BEST_DIR})", file=sys.stderr)
+                    break
             if (tc.save_every and step % tc.save_every == 0) or stop_now:
                 path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
                 barrier(ctx)
@@ -357,12 +408,12 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                     raise Stopped(stop.signum or signal.SIGINT)
     bar.close()
 
-    eval_loss_after = evaluate(tc.max_steps)
-    path = save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
+    eval_loss_after = evaluate(step)  # step: max_steps, or where early stopping ended the run
+    path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
     if ctx.is_main:  # the final adapter is the last checkpoint's (already gathered under FSDP)
         shutil.copytree(path / "adapter", out / "adapter", dirs_exist_ok=True)
     summary = {
-        "steps": tc.max_steps, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
+        "steps": step, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
         "useful_tokens_per_s": counters["tokens"] / max(counters["train_seconds"], 1e-9),
         "final_train_loss": last_loss, "eval_loss_before": counters["eval_loss_before"],
         "eval_loss_after": eval_loss_after, "skipped_steps": counters["skipped_steps"],  # as of the last (log) step
@@ -376,12 +427,15 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         summary.update(objective=cfg.objective.name, pairs=counters.get("pairs", 0),
                        preference_accuracy_before=preference_accuracy(model, eval_set, base=True, **kwargs),
                        preference_accuracy_after=last_eval["preference_accuracy"])
+    if stopper.enabled:
+        summary.update(stopper.summary(stopped_at=step if step < tc.max_steps else None))
     if cfg.eval.generate and eval_set is not None and not preference:
         summary["scores"] = before_after_scores(model, tokenizer, cfg, device=device, precision=precision, ctx=ctx)
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plotter()
         print_summary(summary)
+        trackers.log_summary(summary, out)
     return summary
 
 

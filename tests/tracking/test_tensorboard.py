@@ -1,11 +1,11 @@
-"""engine.tensorboard: the metrics.jsonl records mirrored as TensorBoard scalars, and the not-installed path."""
+"""engine.tracking.tensorboard: the metrics.jsonl records mirrored as TensorBoard scalars, and the not-installed path."""
 
 import sys
 import types
 
 import pytest
 
-from engine import tensorboard as tb
+from engine.tracking import tensorboard as tb
 
 TRAIN = {"step": 3, "loss": 1.5, "lr": 1e-4, "grad_norm": float("nan"), "tokens": 300, "tokens_per_s": 99.5,
          "loss_scale": 1.0, "peak_mem_gib": 0.25}
