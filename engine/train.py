@@ -42,7 +42,7 @@ from engine.plot import plot_run
 from engine.preference.objective import build_objective
 from engine.preference.run import (load_pair_data, preference_accuracy, preference_eval, prepare_reference,
                                    reference_cache_file)
-from engine.tracking import Trackers, open_trackers
+from engine.tracking import MetricsLog, Trackers, open_trackers
 from engine.training import amp, checkpoint
 from engine.training.early_stopping import BEST_DIR, EarlyStopping, write_atomically
 from engine.training.objective import CausalLM
@@ -71,35 +71,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON record per logged step; on resume, records past the step are dropped.
-    Every record also goes to the run's loggers (engine/tracking/), started here once the resume
-    step is known; those that kept the dropped records (W&B, MLflow) are not sent them again."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool, trackers: Trackers | None = None):
-        self.path, self.enabled, self.trackers = path, enabled, trackers or Trackers()
-        if not enabled:
-            return
-        kept, logged_through = [], 0
-        if resume_step > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    step = json.loads(line).get("step", 0)
-                except json.JSONDecodeError:  # a line half-written when the process was killed
-                    continue
-                logged_through = max(logged_through, step)
-                if step <= resume_step:
-                    kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
-        self.trackers.start(path.parent, resume_step=resume_step, logged_through=logged_through)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.trackers.log_metrics(record)
 
 
 # ---------------------------------------------------------------- setup
@@ -393,9 +364,7 @@ def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
                 plotter()
                 if stopper.should_stop:  # the same on every rank (evaluation results are global)
                     if ctx.is_main:
-                        print(f"\nearly stopping at step {step}: {stopper.metric} has not improved for "
-                              f"{stopper.patience} evaluations (best {stopper.best_value:.4f} at step "
-                              f"{stopper.best_step}, kept in {out / BEST_DIR})", file=sys.stderr)
+                        print(f"\n{stopper.message(step, out / BEST_DIR)}", file=sys.stderr)
                     break
             if (tc.save_every and step % tc.save_every == 0) or stop_now:
                 path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from engine.tracking.runs import LoggerError, flatten, metric_name, numeric_items, table_rows
+from engine.tracking.records import LoggerError, flatten, metric_name, numeric_items, table_rows
 
 INSTALL_HINT = "pip install 'engine[mlflow]'"
 STATUSES = {"finished": "FINISHED", "killed": "KILLED", "failed": "FAILED"}

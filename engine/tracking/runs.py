@@ -22,19 +22,19 @@ a picture of the run never stops the run. Only rank 0 logs; other ranks hold an 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import engine.tracking.mlflow_logger as mlflow_logger
+import engine.tracking.tensorboard as tensorboard
+import engine.tracking.wandb_logger as wandb_logger
+from engine.tracking.records import LoggerError
+
 TRACKING_FILE = "tracking.json"
 """output_dir/tracking.json: {logger name: its run id and where it lives}, read back on resume."""
-
-
-class LoggerError(RuntimeError):
-    """A chosen logger cannot work (package missing, tracking URI unusable); raised before training."""
 
 
 class Tracker(Protocol):
@@ -55,39 +55,6 @@ class Tracker(Protocol):
 
     def finish(self, status: str) -> None:
         """status: finished | killed | failed."""
-
-
-def metric_name(key: str) -> str:
-    """metrics.jsonl key -> logger name: eval_loss -> eval/loss, tokens_per_s -> train/tokens_per_s."""
-    return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
-
-
-def numeric_items(record: dict) -> Iterator[tuple[str, float]]:
-    """(key, value) of a record's finite numbers, "step" left out (NaN: a skipped fp16 step's norm)."""
-    for key, value in record.items():
-        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isfinite(value):
-            yield key, value
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}: nested config / summary as dotted keys."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def table_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """(columns, rows of cells) for records that may nest dicts (a generation's scores)."""
-    flat = [flatten(r) for r in rows]
-    columns = list(dict.fromkeys(k for r in flat for k in r))
-    return columns, [[r.get(c) for c in columns] for r in flat]
 
 
 class Trackers:
@@ -149,8 +116,6 @@ def _read_ids(out: Path) -> dict:
 
 def _factories(cfg) -> dict:
     """{logger name: its class} for the chosen loggers, each package imported and checked now."""
-    from engine.tracking import mlflow_logger, tensorboard, wandb_logger
-
     chosen = {}
     lc = cfg.logger
     if lc.tensorboard is True or (lc.tensorboard == "auto" and tensorboard.installed(announce=True)):

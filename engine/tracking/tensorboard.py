@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.tracking.runs import LoggerError, metric_name, numeric_items, table_rows
+from engine.tracking.records import LoggerError, metric_name, numeric_items, table_rows
 
 INSTALL_HINT = "pip install 'engine[tensorboard]'"
 _said_missing = False  # say "not installed" once per process, not at every run/evaluation

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from engine.tracking.runs import LoggerError, flatten, metric_name, numeric_items, table_rows
+from engine.tracking.records import LoggerError, flatten, metric_name, numeric_items, table_rows
 
 INSTALL_HINT = "pip install 'engine[wandb]'"
 STATUS_EXIT_CODES = {"finished": 0, "killed": 130, "failed": 1}

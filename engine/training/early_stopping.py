@@ -75,6 +75,10 @@ class EarlyStopping:
         self.misses += 1
         return False
 
+    def message(self, step: int, best_dir: Path) -> str:
+        return (f"early stopping at step {step}: {self.metric} has not improved for {self.patience} evaluations "
+                f"(best {self.best_value:.4f} at step {self.best_step}, kept in {best_dir})")
+
     def state_dict(self) -> dict:
         return {"best_step": self.best_step, "best_value": self.best_value, "misses": self.misses}
 

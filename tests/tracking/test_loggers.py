@@ -157,7 +157,7 @@ def test_cli_bad_uri_is_one_line_and_exit_1(tmp_path):
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "engine.train", f"output_dir={tmp_path / 'run'}",
-                           f"data.train_path={data}", "logger=[wandb,mlflow]",
+                           f"data.train_path={data}", "data.eval_path=null", "logger=[wandb,mlflow]",
                            "logger.mlflow_tracking_uri=bogus-scheme://nowhere"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
