@@ -246,6 +246,24 @@ class TrainConfig:
     """Budget for the memory planner and micro_batch_size=auto (a T4 shows 14.7 GiB)."""
     plots: bool = True
     """Write loss.png at every evaluation and at the end (needs matplotlib)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations (train.eval_every) in a row without improving
+    train.early_stopping_metric; the best adapter is kept as output_dir/adapter_best/ and the
+    summary names its step and value (best_step, best_value). 0 = off."""
+    early_stopping_metric: str = "eval_loss"
+    """What early stopping watches: a key of the evaluation records in metrics.jsonl (eval_loss,
+    eval_ppl, eval_preference_accuracy, eval_rewards/margins, ...; the eval_ prefix may be left out)
+    or a generation score (exact_match, token_f1, rouge_l, and the orders task's field scores),
+    which is then computed at every evaluation on eval.max_examples greedy answers."""
+    early_stopping_mode: str = "auto"
+    """min | max | auto: whether a lower or a higher value is better. auto: min for losses and
+    perplexity, max for everything else (accuracies, exact match, F1, ROUGE, rewards)."""
+    early_stopping_threshold: float = 0.0
+    """An evaluation improves on the best only by more than this (absolute, in the metric's units)."""
+    neftune_alpha: float = 0.0
+    """NEFTune (Jain et al. 2023): uniform noise on the input embeddings while training, scaled by
+    alpha / sqrt(L * d) with L each packed document's own length and d the hidden size; never in
+    evaluation or generation. 0 = off; the paper uses 5 to 15."""
 
     def validate(self) -> None:
         if self.max_steps <= 0:
@@ -274,6 +292,17 @@ class TrainConfig:
             if value and self.fsdp:
                 _fail(f"train.{key}", "is not checked under train.fsdp=true yet (no test runs the tiles' backward "
                       "recompute on sharded parameters); set it to 0")
+        if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 0:
+            _fail("train.early_stopping_patience", f"must be an integer >= 0 (0 = off), got {self.early_stopping_patience!r}")
+        if self.early_stopping_patience and not self.eval_every:
+            _fail("train.early_stopping_patience", "needs evaluations during training: set train.eval_every > 0")
+        if not isinstance(self.early_stopping_metric, str) or not self.early_stopping_metric:
+            _fail("train.early_stopping_metric", f"must be a metric name, got {self.early_stopping_metric!r}")
+        _one_of("train.early_stopping_mode", self.early_stopping_mode, ("auto", "min", "max"))
+        if self.early_stopping_threshold < 0:
+            _fail("train.early_stopping_threshold", f"must be >= 0, got {self.early_stopping_threshold!r}")
+        if not (isinstance(self.neftune_alpha, (int, float)) and self.neftune_alpha >= 0):
+            _fail("train.neftune_alpha", f"must be >= 0 (0 = off), got {self.neftune_alpha!r}")
         if self.loss_chunk_size < 1:
             _fail("train.loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size!r}")
         if not (self.resume in ("auto", "never") or os.path.isdir(self.resume)):
@@ -445,6 +474,50 @@ class ObjectiveConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where a run's numbers go besides metrics.jsonl and summary.json (engine/tracking/). Pick with
+    the `logger` group: logger=tensorboard, logger=wandb, logger=mlflow, logger=none, several at once
+    as logger=[wandb,mlflow]; the default (logger=auto) is TensorBoard when it is installed."""
+
+    tensorboard: Any = False
+    """TensorBoard event files in output_dir: true | false | auto (on when tensorboard is installed)."""
+    wandb: bool = False
+    """Weights & Biases (pip install 'engine[wandb]'); offline unless an account is configured."""
+    mlflow: bool = False
+    """MLflow (pip install 'engine[mlflow]'); a local file store unless a tracking URI is given."""
+    project: str = "engine"
+    """W&B project and MLflow experiment name."""
+    run_name: Optional[str] = None
+    """The run's name in W&B and MLflow; null = output_dir's last part (runs/quickstart -> quickstart)."""
+    tags: Any = field(default_factory=list)
+    """Tags for the run, e.g. [lora, smollm2] (W&B tags; MLflow tags with the value "true")."""
+    wandb_entity: Optional[str] = None
+    """W&B team or user the run belongs to; null = the account's default."""
+    wandb_mode: str = "auto"
+    """auto | online | offline. auto: WANDB_MODE when set, else online when an API key is configured
+    (WANDB_API_KEY or `wandb login`), else offline (the run is kept in output_dir/wandb/ for
+    `wandb sync`)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking URI (http(s)://server, file:/path, a local path); null = MLFLOW_TRACKING_URI
+    when set, else the file store mlruns/ beside the run directory (runs/quickstart -> runs/mlruns)."""
+
+    @property
+    def backends(self) -> list[str]:
+        """The loggers chosen, in a fixed order (tensorboard only where not auto)."""
+        return [name for name in ("tensorboard", "wandb", "mlflow") if getattr(self, name) is True]
+
+    def validate(self) -> None:
+        _one_of("logger.tensorboard", self.tensorboard, (True, False, "auto"))
+        _one_of("logger.wandb", self.wandb, (True, False))
+        _one_of("logger.mlflow", self.mlflow, (True, False))
+        _one_of("logger.wandb_mode", self.wandb_mode, ("auto", "online", "offline"))
+        if not isinstance(self.project, str) or not self.project:
+            _fail("logger.project", f"must be a non-empty name, got {self.project!r}")
+        if not (isinstance(self.tags, (list, tuple)) and all(isinstance(t, str) and t for t in self.tags)):
+            _fail("logger.tags", f"must be a list of non-empty strings, got {self.tags!r}")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, adapter/, summary.json."""
@@ -456,22 +529,27 @@ class RunConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self) -> "RunConfig":
         for section in (self.model, self.data, self.peft, self.optim, self.train, self.speed, self.eval,
-                        self.objective):
+                        self.objective, self.logger):
             section.validate()
         if not self.output_dir:
             _fail("output_dir", "is empty")
         if self.objective.name == "grpo" and self.train.grad_accum != 1:
             _fail("train.grad_accum", "objective=grpo trains each step on one whole rollout (objective.prompts_per_step x "
                   "objective.num_generations completions, in as many forwards as its packed rows need): leave it at 1")
+        if self.train.early_stopping_patience and not self.data.eval_path:
+            _fail("train.early_stopping_patience", "needs held-out data: set data.eval_path")
         return self
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "peft": PeftConfig,
             "optim": OptimConfig, "train": TrainConfig, "speed": SpeedConfig, "eval": EvalConfig,
-            "objective": ObjectiveConfig}
+            "objective": ObjectiveConfig, "logger": LoggerConfig}
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+"""The `logger` group's choices besides none and auto (conf/logger/)."""
 
 
 def from_dict(raw: dict) -> RunConfig:
@@ -485,6 +563,8 @@ def from_dict(raw: dict) -> RunConfig:
     for key in raw:
         if key not in top and key not in ("hydra",):
             _fail(key, f"unknown key (known: {', '.join(sorted(top))})")
+    if isinstance(raw.get("logger"), (str, list, tuple)):  # logger: wandb | [wandb, mlflow] | none, as on the CLI
+        raw["logger"] = logger_choice(raw["logger"])
     for name, cls in SECTIONS.items():
         section = dict(raw.get(name) or {})
         known = {f.name for f in fields(cls)}
@@ -495,15 +575,28 @@ def from_dict(raw: dict) -> RunConfig:
             section["betas"] = tuple(section["betas"])
         if name == "peft" and isinstance(section.get("targets"), (list, tuple)):
             section["targets"] = list(section["targets"])
-        if name == "speed" and isinstance(section.get("disable"), (list, tuple)):
-            section["disable"] = list(section["disable"])
-        for key in ("rewards", "reward_weights"):
-            if name == "objective" and isinstance(section.get(key), (list, tuple)):
+        for key in ("disable", "tags", "rewards", "reward_weights"):  # OmegaConf's ListConfig -> list
+            if isinstance(section.get(key), (list, tuple)):
                 section[key] = list(section[key])
         kwargs[name] = cls(**section)
     if "output_dir" in raw:
         kwargs["output_dir"] = str(raw["output_dir"])
     return RunConfig(**kwargs)
+
+
+def logger_choice(names) -> dict:
+    """The `logger` section for a choice written as on the command line: "wandb", ["wandb", "mlflow"],
+    "none" or "auto" (what the conf/logger/ files set)."""
+    names = [names] if isinstance(names, str) else list(names)
+    section: dict[str, Any] = {}
+    for name in names:
+        if name == "auto":
+            section["tensorboard"] = "auto"
+        elif name in LOGGERS:
+            section[name] = True
+        elif name != "none":
+            _fail("logger", f"{name!r} is not one of 'tensorboard', 'wandb', 'mlflow', 'none', 'auto'")
+    return section
 
 
 def register_configs() -> None:

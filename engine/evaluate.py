@@ -199,6 +199,18 @@ def write_scores(out_dir: str | Path, table: dict, rows: list[dict], meta: dict 
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def adapter_scores(model, tokenizer, cfg, *, device: torch.device, precision: str) -> dict:
+    """Mean generation scores of base + adapter on the first cfg.eval.max_examples examples of
+    cfg.data.eval_path ({exact_match: ..., token_f1: ..., ...}): an evaluation during training
+    whose early-stopping metric is a generation score (no base pass, nothing written)."""
+    examples = reference_examples(cfg.data.eval_path, cfg.data.format, cfg.eval.max_examples)
+    table, _ = generation_scores(model, tokenizer, examples, max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size, device=device, precision=precision,
+                                 max_prompt_tokens=cfg.data.max_seq_len, task=detect_task(examples),
+                                 compare_base=False)
+    return {name: pair["after"] for name, pair in table.items()}
+
+
 def before_after_scores(model, tokenizer, cfg, *, device: torch.device, precision: str,
                         ctx: DistContext | None = None) -> dict:
     """Generation scores at the end of a training run (cfg: RunConfig, eval.generate=true).

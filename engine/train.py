@@ -30,13 +30,15 @@ from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
 from engine.model.isolation import packing_for, probe_batches
+from engine.model.neftune import add_neftune
 from engine.parallel.distributed import (DistContext, all_reduce_sum_ints, all_reduce_sum_tensor, barrier,
                                          full_tensor, gather_to_main, init_distributed, shutdown)
 from engine.parallel.fsdp import (apply_fsdp, ensure_process_group, full_lora_weights, full_trainable_state,
                                   load_full_trainable_state)
 from engine.plot import plot_run
-from engine.tensorboard import maybe_tensorboard
+from engine.tracking import MetricsLog, Trackers, open_trackers
 from engine.training import amp, checkpoint, fp16_guard
+from engine.training.early_stopping import BEST_DIR, EarlyStopping, write_atomically
 from engine.training.objective import RunSetup, build_objective
 from engine.training.optim import build_optimizer, build_scheduler
 from engine.training.step import StepResult, train_step
@@ -62,33 +64,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON record per logged step; on resume, records past the step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if resume_step > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:  # a line half-written when the process was killed
-                    continue
-        path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = maybe_tensorboard(path.parent, enabled=True,
-                                             purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.tensorboard is not None:
-                self.tensorboard.write(record)
 
 
 # ---------------------------------------------------------------- setup
@@ -125,6 +100,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     packing = packing_for(model, cfg.data.packing, precision=precision, announce=ctx.is_main)
     if ctx.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
         apply_fsdp(model, ctx)
+    if cfg.train.neftune_alpha:  # noisy input embeddings in training forwards (after FSDP's own hooks)
+        add_neftune(model, cfg.train.neftune_alpha)
     if ctx.enabled:  # LoRA init above is the same everywhere; dropout masks should differ per rank
         seed_everything(cfg.train.seed + ctx.rank)
 
@@ -168,6 +145,20 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
             Path(cfg.output_dir) / "checkpoints", step, state=state, trainable=trainable,
             write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path),
             keep_last=cfg.train.keep_last)
+
+
+def save_best_adapter(cfg: RunConfig, model, optimizer, ctx: DistContext) -> None:
+    """Collective: output_dir/adapter_best/ (atomic), the adapter as it is now, written by rank 0
+    (under FSDP the LoRA weights are gathered to full tensors first, as for a checkpoint)."""
+    weights = nullcontext()
+    if ctx.fsdp:
+        trainable, _ = full_trainable_state(model, optimizer)
+        if ctx.is_main:
+            weights = full_lora_weights(model, trainable)
+    if ctx.is_main:
+        with weights:
+            write_atomically(Path(cfg.output_dir) / BEST_DIR,
+                             lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path))
 
 
 def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, objective, ctx: DistContext) -> tuple[int, dict]:
@@ -215,17 +206,24 @@ def run_training(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     import torch.distributed as dist
 
     if ctx is not None:
-        return _train(cfg, ctx)
+        return _train_logged(cfg, ctx)
     had_group = dist.is_available() and dist.is_initialized()
     ctx = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, ctx)
+        return _train_logged(cfg, ctx)
     finally:
         if not had_group:
             shutdown(ctx)
 
 
-def _train(cfg: RunConfig, ctx: DistContext) -> dict:
+def _train_logged(cfg: RunConfig, ctx: DistContext) -> dict:
+    """The run inside its loggers (engine/tracking/): a logger that cannot work stops it here,
+    before the model is built; each logger's run is closed with the outcome."""
+    with open_trackers(cfg, is_main=ctx.is_main) as trackers:
+        return _train(cfg, ctx, trackers)
+
+
+def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
     from tqdm import tqdm
 
     if cfg.train.fsdp:
@@ -241,19 +239,36 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, objective, ctx)
     counters = {"tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "skipped_steps": 0,
                 "eval_loss_before": None, "eval_before": None, **counters}
-    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main)
+    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=ctx.is_main, trackers=trackers)
     plotter = make_plotter(cfg, out, ctx)
+    stopper = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_metric, tc.early_stopping_mode,
+                            tc.early_stopping_threshold)
+    stopper.load_state_dict(counters.get("early_stopping"))
+    # a stopping metric the objective's evaluation does not report: its generation scores (SFT: exact match, ...)
+    generate_scores = (stopper.enabled and stopper.metric not in ("eval_loss", "eval_ppl")
+                       and hasattr(objective, "generation_scores"))
 
     last_eval: dict = {}  # the latest evaluation (the summary's "after")
+    evaluated: dict[int, float | None] = {}  # step -> held-out loss: an early stop's last step is evaluated once
 
     def evaluate(step: int) -> float | None:
+        if step in evaluated:
+            return evaluated[step]
         result = objective.evaluate(step)
         if result is None:
             return None
         last_eval.clear()
         last_eval.update(result)
-        metrics.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
-        return result.get("loss")
+        record = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
+        if generate_scores and step > 0:  # the stopping metric is a generation score (exact match, ...)
+            record.update({f"eval_{k}": v for k, v in objective.generation_scores().items()})
+        metrics.write(record)
+        if stopper.observe(step, record):  # the new best: adapter_best/ now, as the checkpoint would hold it
+            save_best_adapter(cfg, model, optimizer, ctx)
+        if stopper.enabled:
+            counters["early_stopping"] = stopper.state_dict()
+        evaluated[step] = result.get("loss")
+        return evaluated[step]
 
     objective.before_training()
     batches = objective.batches(tc.grad_accum)
@@ -269,8 +284,9 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True)
     step, last_loss, window = start_step, None, {"tokens": 0, "seconds": 0.0, "since": start_step}
     model.train()
+    last_step = start_step if stopper.should_stop else tc.max_steps  # rerun after an early stop: nothing left
     with StopOnSignal() as stop:
-        for step in range(start_step + 1, tc.max_steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             t0 = time.perf_counter()
             # 1. The step: forward/backward over grad_accum micro-batches, each token loss divided
             #    by the step's global count of loss tokens, then unscale, clip, step, schedule
@@ -307,7 +323,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                                     since=window["since"], skipped_before=counters["skipped_steps"],
                                     max_skips=tc.max_consecutive_skips)
                 last_loss = record["loss"]
-                counters["skipped_steps"] = record.pop("skipped_steps")
+                counters["skipped_steps"] = record["skipped_steps"]  # kept in the record: the loggers show it
             elapsed = time.perf_counter() - t0  # on log steps: the wait for the device included
             counters["train_seconds"] += elapsed
             window["seconds"] += elapsed
@@ -324,6 +340,10 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             if tc.eval_every and step % tc.eval_every == 0:
                 evaluate(step)
                 plotter()
+                if stopper.should_stop:  # the same on every rank (evaluation results are global)
+                    if ctx.is_main:
+                        print(f"\n{stopper.message(step, out / BEST_DIR)}", file=sys.stderr)
+                    break
             if (tc.save_every and step % tc.save_every == 0) or stop_now:
                 path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
                 barrier(ctx)
@@ -335,14 +355,14 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
                     raise Stopped(stop.signum or signal.SIGINT)
     bar.close()
 
-    eval_loss_after = evaluate(tc.max_steps)
-    amp.refuse_untrained(tc.max_steps - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,
+    eval_loss_after = evaluate(step)  # step: max_steps, or where early stopping ended the run
+    amp.refuse_untrained(step - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,
                          precision=precision)  # raises before the final checkpoint: the last good one stays
-    path = save_state(cfg, tc.max_steps, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
+    path = save_state(cfg, step, model, tokenizer, optimizer, scheduler, scaler, resume_point, counters, ctx)
     if ctx.is_main:  # the final adapter is the last checkpoint's (already gathered under FSDP)
         shutil.copytree(path / "adapter", out / "adapter", dirs_exist_ok=True)
     summary = {
-        "steps": tc.max_steps, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
+        "steps": step, "tokens": counters["tokens"], "loss_tokens": counters["loss_tokens"],
         "useful_tokens_per_s": counters["tokens"] / max(counters["train_seconds"], 1e-9),
         "final_train_loss": last_loss, "eval_loss_before": counters["eval_loss_before"],
         "eval_loss_after": eval_loss_after, "skipped_steps": counters["skipped_steps"],  # as of the last (log) step
@@ -350,10 +370,13 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         "precision": precision, "world_size": ctx.world_size,
     }
     summary.update(objective.summary(counters["eval_before"], dict(last_eval) or None, counters))
+    if stopper.enabled:
+        summary.update(stopper.summary(stopped_at=step if step < tc.max_steps else None))
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plotter()
         print_summary(summary, objective.summary_rows(summary))
+        trackers.log_summary(summary, out)
     return summary
 
 

@@ -12,6 +12,7 @@ The model's vocab_size equals len(tokenizer), so every token id is valid.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,12 @@ MORE_FAMILIES = {
     "starcoder2": ("Starcoder2Config", {}),
     "gpt2": ("GPT2Config", {"n_inner": 128}),              # Conv1D layers (nn.Linear in the engine)
 }
+# Loggers in tests never reach a network or an account (engine/tracking/): W&B offline, quiet, no
+# console capture under pytest's; MLflow only where a test names a store.
+os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off")
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from engine import plan as planner
 from engine.data import load_dataset, make_loader
-from engine.evaluate import before_after_scores, heldout_loss
+from engine.evaluate import adapter_scores, before_after_scores, heldout_loss
 from engine.training.objective import CausalLM, RunSetup
 from engine.training.prefetch import Prefetcher
 
@@ -48,6 +48,11 @@ class SFT:
                               packing=self.loader.packing, precision=s.precision, device=s.device,
                               pad_token_id=s.tokenizer.pad_token_id, chunk_size=s.chunk_size, ctx=s.ctx)
         return {"loss": result["loss"], "ppl": result["ppl"]}
+
+    def generation_scores(self) -> dict:
+        """Base + adapter's generation scores now (exact match, ...): an early-stopping metric that is one."""
+        s = self.setup
+        return adapter_scores(s.model, s.tokenizer, s.cfg, device=s.device, precision=s.precision)
 
     def step_counts(self, micro: list[dict], count: int) -> dict[str, int]:
         return {"tokens": sum(b["num_tokens"] for b in micro), "loss_tokens": sum(b["num_loss_tokens"] for b in micro)}

@@ -102,11 +102,12 @@ def model_dir(tmp_path_factory):
 
 
 def _run(root: Path, model_dir, *, steps: int, precision: str, method: str, packing: bool = True,
-         recorder=SyncRecorder) -> collections.Counter:
+         recorder=SyncRecorder, neftune_alpha: float = 0.0) -> collections.Counter:
     root.mkdir(parents=True, exist_ok=True)
     peft = PeftConfig(method=method, r=4, alpha=8, targets="all-linear", dropout=0.1)
     cfg = counting_run_config(root, model_dir, peft, max_steps=steps)
-    cfg = replace(cfg, train=replace(cfg.train, precision=precision, log_every=1000, grad_accum=2),
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision, log_every=1000, grad_accum=2,
+                                     neftune_alpha=neftune_alpha),
                   data=replace(cfg.data, packing=packing))
     with recorder() as seen:
         train_mod.run_training(cfg)
@@ -169,6 +170,13 @@ def test_grpo_training_steps_never_sync(tmp_path, model_dir, precision, method, 
     assert not extra, "ops that wait on the device, per 4 GRPO steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_neftune_adds_no_syncing_op(tmp_path, model_dir, packing):
+    """NEFTune's per-document scale comes from the packing context's cu_seqlens on the device."""
+    extra = _extra_syncs(tmp_path, model_dir, precision="fp32", method="lora", packing=packing, neftune_alpha=5.0)
+    assert not extra, "ops that wait on the device, per 5 steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
+
+
 def test_fp16_skip_of_an_injected_inf_stays_on_the_device(tmp_path, model_dir, monkeypatch, capsys):
     """A step whose gradients overflow is skipped without the host looking: the skip is decided on
     the device (fused AdamW's found_inf) and read, with the scale, on the log step. The inf is in
@@ -214,10 +222,13 @@ def test_the_recorder_sees_what_it_must(model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method,precision", [("lora", "fp16"), ("qlora", "fp16"), ("lora", "bf16"), ("qlora", "bf16")])
-def test_no_synchronising_cuda_call_between_log_steps(tmp_path, model_dir, method, precision):
+@pytest.mark.parametrize("method,precision,neftune_alpha", [("lora", "fp16", 0.0), ("qlora", "fp16", 0.0),
+                                                           ("lora", "bf16", 0.0), ("qlora", "bf16", 0.0),
+                                                           ("lora", "bf16", 5.0)])
+def test_no_synchronising_cuda_call_between_log_steps(tmp_path, model_dir, method, precision, neftune_alpha):
     """The same two runs on the GPU, under CUDA's sync debug mode (which also sees copies that wait)."""
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bf16")
-    extra = _extra_syncs(tmp_path, model_dir, precision=precision, method=method, recorder=CudaSyncWarnings)
+    extra = _extra_syncs(tmp_path, model_dir, precision=precision, method=method, recorder=CudaSyncWarnings,
+                         neftune_alpha=neftune_alpha)
     assert not extra, "synchronising CUDA calls, per 5 steps: " + "; ".join(f"{n}x {k}" for k, n in extra.items())
