@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import train as train_mod
+from engine.training import sft as sft_mod
 from engine.config import ConfigError, PeftConfig
 from engine.training.early_stopping import EarlyStopping, resolve_mode, write_atomically
 from tests.conftest import counting_run_config, make_tiny_model_dir
@@ -97,7 +98,7 @@ def model_dir(tmp_path_factory):
 def test_run_stops_after_patience_and_keeps_the_best_steps_adapter(tmp_path, model_dir, monkeypatch):
     """Held-out loss (the real one, plus a rise from step 3 on, as when a model starts to overfit)
     at steps 0..: best at step 2, two evaluations without improvement: stop at step 4 of 10."""
-    real = train_mod.heldout_loss
+    real = sft_mod.heldout_loss
     rise = {0: 0.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 2.0}
     calls = []
 
@@ -107,7 +108,7 @@ def test_run_stops_after_patience_and_keeps_the_best_steps_adapter(tmp_path, mod
         calls.append(step)
         return {**result, "loss": result["loss"] + rise.get(step, 5.0)}
 
-    monkeypatch.setattr(train_mod, "heldout_loss", heldout)
+    monkeypatch.setattr(sft_mod, "heldout_loss", heldout)
     cfg = counting_run_config(tmp_path, model_dir, PeftConfig(r=4, alpha=8), max_steps=10)
     cfg = replace(cfg, data=replace(cfg.data, eval_path=cfg.data.train_path),
                   train=replace(cfg.train, eval_every=1, save_every=1, keep_last=20, log_every=1,
