@@ -27,7 +27,7 @@ import torch
 from engine import plan as planner
 from engine import speed
 from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_configs
-from engine.data import load_dataset, make_loader
+from engine.data import load_dataset, make_loader, read_chat_template
 from engine.evaluate import before_after_scores, heldout_loss
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
@@ -112,6 +112,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     speed.prepare(plan)  # process settings first: the model's own memory comes from the retained heap
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
+    if cfg.data.chat_template:  # replaces the tokenizer's template; saved with the adapter
+        tokenizer.chat_template = read_chat_template(cfg.data.chat_template)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     for key, tile in (("mlp_tile_tokens", tile_mlps), ("norm_tile_tokens", tile_norms)):
@@ -182,7 +184,8 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     with weights:
         return checkpoint.save_checkpoint(
             Path(cfg.output_dir) / "checkpoints", step, state=state, trainable=trainable,
-            write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path),
+            write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path,
+                                                 chat_template=tokenizer.chat_template if cfg.data.chat_template else None),
             keep_last=cfg.train.keep_last)
 
 
