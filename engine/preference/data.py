@@ -1,4 +1,7 @@
-"""Preference pairs: JSONL in TRL's formats -> rendered, tokenized (chosen, rejected) pairs, cached.
+"""Preference pairs: rows in TRL's formats -> rendered, tokenized (chosen, rejected) pairs, cached.
+
+Rows come from any source engine/data/sources.py reads (JSONL, Parquet, CSV with the
+conversational lists as JSON text, Arrow, a save_to_disk folder), renamed per data.columns.
 
 Two formats, told apart per line by the type of `prompt` (TRL's names):
 
@@ -41,7 +44,8 @@ from engine.data.errors import DataError, _BadLine, data_error
 from engine.data.messages import decode_json_text, parse_message
 from engine.data.sources import good_rows, read_rows
 from engine.data.report import histogram
-from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, render_chat, resolve_template,
+from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, read_chat_template, render_chat,
+                                resolve_template, template_features,
                                 shift_labels, special_token_ids, token_mask)
 from engine.data.tokenized import cache_key, default_cache_dir, encode_batch
 
@@ -178,14 +182,17 @@ class PairDataset:
 
 def _render_side(tokenizer, template, prompt: list[dict], reply: list[dict], special_texts) -> tuple[str, list, list]:
     """(text, reply spans, tail starts) of prompt + reply; spans of the reply turns only."""
-    r = render_chat(tokenizer, template, prompt + reply, special_texts)
+    messages = prompt + reply
+    reasoning_key = (template_features(tokenizer, template)["reasoning_key"]
+                     if any("reasoning_content" in m for m in messages) else None)
+    r = render_chat(tokenizer, template, messages, special_texts, reasoning_key=reasoning_key)
     return r.text, r.spans[len(r.spans) - len(reply):], r.tail_starts
 
 
 def _tokenize(path: str, tokenizer, cfg: DataConfig, template: str, fallback: bool) -> tuple[list[dict], PairStats]:
     t0 = time.perf_counter()
     stats = PairStats(path=path, max_seq_len=cfg.max_seq_len, template_fallback=fallback)
-    pairs = load_pairs(path, cfg.on_bad_line, skipped=stats.skipped_lines)
+    pairs = load_pairs(path, cfg.on_bad_line, skipped=stats.skipped_lines, columns=cfg.columns)
     stats.pairs = len(pairs)
     stats.format = "/".join(sorted({p["format"] for p in pairs})).replace("conversational/standard", "mixed")
     special = special_token_ids(tokenizer)
@@ -282,11 +289,15 @@ def load_pair_dataset(path: str, tokenizer, cfg: DataConfig, *, cache: bool = Tr
     """Read, render, tokenize (or load from the cache) and length-fit a preference JSONL file.
 
     DataError (file, line, field) for a malformed line, and when no pair is left to train on."""
-    dataclasses.replace(cfg, train_path=path, eval_path=None).validate()
+    if path in (None, "", "???") and cfg.sources:
+        raise DataError("data.sources:0: field 'data.sources': preference pairs are read from one source "
+                        "(data.train_path: a JSONL, Parquet, CSV or Arrow file or a save_to_disk folder)")
+    dataclasses.replace(cfg, train_path=path, eval_path=None, sources=None).validate()
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{path}:0: field '(tokenizer)': a fast tokenizer is required (offset mapping "
                         f"finds the reply tokens); got {type(tokenizer).__name__} — ")
-    template, fallback = resolve_template(tokenizer)
+    template, fallback = ((read_chat_template(cfg.chat_template), False) if cfg.chat_template
+                          else resolve_template(tokenizer))
     file = None
     if cache:
         file = os.path.join(cfg.cache_dir or default_cache_dir(), pair_cache_key(path, tokenizer, template, cfg)
