@@ -1,19 +1,20 @@
-"""JSONL files -> examples (conversations or plain text), with the line each came from.
+"""Rows of any source (sources.py: JSONL, Parquet, CSV, Arrow, save_to_disk folders) -> examples
+(conversations or plain text), with the line or row each came from.
 
-Five formats, detected per file from the keys of its first JSON object (or named):
+Five formats, detected per source from the keys of its first row (or named):
 
-| format              | one line holds                                        | becomes                        |
+| format              | one row holds                                         | becomes                        |
 |---------------------|-------------------------------------------------------|--------------------------------|
-| `chat`              | `{"messages": [{"role", "content"}, ...]}` or ShareGPT `{"conversations": [{"from", "value"}, ...]}` | one conversation |
+| `chat`              | `{"messages": [message, ...], "tools"?: [schema, ...]}` or ShareGPT `{"conversations": [{"from", "value"}, ...]}` | one conversation (messages: messages.py: tool calls, tool results, reasoning, loss flags) |
 | `messages_per_line` | one `{"role", "content"}` message (the seed's files)  | consecutive lines -> one conversation; a new one starts at a `system` line or at a `user` line after an `assistant` line |
-| `prompt_completion` | `{"prompt", "completion"}`                            | user / assistant               |
+| `prompt_completion` | `{"prompt", "completion", "tools"?}` (strings or lists of messages) | user / assistant |
 | `alpaca`            | `{"instruction", "input" (optional), "output"}`       | user (instruction + input) / assistant |
 | `text`              | `{"text"}`                                            | plain text, loss on every token |
 
-An example is a dict: `{"messages": [{"role", "content"}, ...], "source_line": n, "message_lines": [...]}`
-for conversations, `{"text": str, "source_line": n}` for text. Line numbers are 1-based.
-Every malformed line raises `DataError` with a one-line message
-`"<file>:<line>: field '<field>': <why> — <excerpt>"` (or, with `on_bad_line="skip"`, is counted).
+An example is a dict: `{"messages": [{"role", "content", ...}, ...], "tools"?: [...], "source_line": n,
+"message_lines": [...]}` for conversations, `{"text": str, "source_line": n}` for text. Line and row
+numbers are 1-based. Every malformed line or row raises `DataError` with a one-line message
+`"<file>:<line or row>: field '<field>': <why> — <excerpt>"` (or, with `on_bad_line="skip"`, is counted).
 """
 
 from __future__ import annotations
