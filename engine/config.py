@@ -114,7 +114,7 @@ class DataConfig:
     eval_path: Optional[str] = None
     """Held-out data (same kinds as train_path) for evaluation loss; null disables evaluation."""
     sources: Any = None
-    """A mixture instead of train_path: a list of {path, count} or {path, share} (or {path}):
+    """A mixture that replaces train_path for training (train_path is then ignored): a list of {path, count} or {path, share} (or {path}):
     count = that many examples from the source (its first ones; more than it has repeats it),
     share = that fraction of the source's examples (2 = each twice). Sources are concatenated in
     order; the loader shuffles."""
@@ -158,9 +158,7 @@ class DataConfig:
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             _fail("data.max_seq_len", f"must be an integer >= 8, got {self.max_seq_len!r}")
         unset = self.train_path in (None, "", "???")
-        if self.sources is not None:
-            if not unset:
-                _fail("data.sources", "set together with data.train_path: name the training data once")
+        if self.sources is not None:  # the mixture replaces train_path (a default one from conf/data too)
             if not isinstance(self.sources, (list, tuple)) or not self.sources:
                 _fail("data.sources", f"must be a non-empty list of {{path, count | share}}, got {self.sources!r}")
             for i, src in enumerate(self.sources):

@@ -14,7 +14,8 @@ class DataError(ValueError):
 
 def excerpt(value: Any, width: int = 60) -> str:
     """A short single-line rendering of a value or raw line for error messages."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    # default=str: rows from Arrow may hold dates or bytes, which JSON cannot write
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     text = text.replace("\n", "\\n").replace("\r", "\\r")
     return text if len(text) <= width else text[:width] + "..."
 

@@ -111,11 +111,13 @@ def template_features(tokenizer, template: str) -> dict:
     trace is written into the content as a <think> block)."""
     key = (id(tokenizer), template)
     if key not in _probed:
-        call = {"type": "function", "function": {"name": _PROBE_FN, "arguments": {"x": 1}}}
+        # ids of 9 alphanumerics: Mistral's templates refuse any other
+        call = {"type": "function", "id": "probe0001", "function": {"name": _PROBE_FN, "arguments": {"x": 1}}}
         tools = [{"type": "function", "function": {"name": _PROBE_TOOL, "description": "probe",
                                                    "parameters": {"type": "object", "properties": {}}}}]
         convo = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                 {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]
+                 {"role": "tool", "tool_call_id": "probe0001", "name": _PROBE_FN, "content": "r"},
+                 {"role": "assistant", "content": "a"}]
         out = {"tool_calls": False, "tools": False, "reasoning_key": None}
         text = _try_render(tokenizer, template, convo, tools)
         out["tool_calls"] = _PROBE_FN in text

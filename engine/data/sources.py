@@ -163,7 +163,7 @@ def _csv_batches(path: str) -> Iterator[Any]:
     if not header:
         raise DataError(f"{path}:0: field '(file)': file is empty (no header row)")
     yield from pcsv.open_csv(
-        path, read_options=pcsv.ReadOptions(block_size=1 << 22),
+        path, read_options=pcsv.ReadOptions(block_size=1 << 24),  # a row must fit in one block
         parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
         convert_options=pcsv.ConvertOptions(column_types={name: pa.string() for name in header},
                                             strings_can_be_null=False))

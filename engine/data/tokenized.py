@@ -168,15 +168,20 @@ def source_list(path, cfg: DataConfig) -> list[dict]:
     unset (None / "???") or is that list."""
     if isinstance(path, (list, tuple)):
         return [dict(s) for s in path]
-    if path in (None, "", "???"):
-        if not cfg.sources:
-            raise DataError(f"{path}:0: field 'data.train_path': not set (and no data.sources)")
+    if cfg.sources and _is_train(path, cfg):
         return [dict(s) for s in cfg.sources]
+    if path in (None, "", "???"):
+        raise DataError(f"{path}:0: field 'data.train_path': not set (and no data.sources)")
     return [{"path": path}]
 
 
-def _label(path) -> str:
-    return path if isinstance(path, str) and path not in ("", "???") else "data.sources"
+def _is_train(path, cfg: DataConfig) -> bool:
+    """`path` is the training data (so data.sources, when set, replaces it)."""
+    return path in (None, "", "???") or path == cfg.train_path
+
+
+def _label(path, cfg: DataConfig) -> str:
+    return "data.sources" if isinstance(path, (list, tuple)) or (cfg.sources and _is_train(path, cfg)) else str(path)
 
 
 def default_cache_dir() -> str:
@@ -265,7 +270,7 @@ def _check_template_features(path: str, examples: list[dict], features) -> None:
 def _tokenize(path, tokenizer, cfg: DataConfig, template: str, fallback: bool) -> tuple[list[dict], DataStats]:
     t0 = time.perf_counter()
     sources = source_list(path, cfg)
-    stats = DataStats(path=_label(path), format="/".join(sorted({format_of(s["path"], cfg.format, cfg.columns)
+    stats = DataStats(path=_label(path, cfg), format="/".join(sorted({format_of(s["path"], cfg.format, cfg.columns)
                                                                  for s in sources})),
                       max_seq_len=cfg.max_seq_len, loss_on=cfg.loss_on, template_fallback=fallback,
                       train_on_reasoning=cfg.train_on_reasoning)
@@ -389,11 +394,11 @@ def load_dataset(path, tokenizer, cfg: DataConfig, *, cache: bool = True) -> Tok
     Raises DataError (one line: file, line or row, field, why, excerpt) for malformed input, and
     when no example carries a trainable token (FIELD.md bug 4) — before any training starts.
     """
-    if isinstance(path, str) and path not in ("", "???"):
-        dataclasses.replace(cfg, train_path=path, eval_path=None, sources=None).validate()  # ConfigError
+    label = _label(path, cfg)
+    if label == "data.sources":
+        dataclasses.replace(cfg, eval_path=None).validate()  # ConfigError on bad fields
     else:
-        dataclasses.replace(cfg, train_path="???", eval_path=None).validate()
-    label = _label(path)
+        dataclasses.replace(cfg, train_path=path, eval_path=None, sources=None).validate()
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{label}:0: field '(tokenizer)': a fast tokenizer is required (offset mapping "
                         f"finds the assistant tokens); got {type(tokenizer).__name__}")

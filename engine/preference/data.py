@@ -289,7 +289,7 @@ def load_pair_dataset(path: str, tokenizer, cfg: DataConfig, *, cache: bool = Tr
     """Read, render, tokenize (or load from the cache) and length-fit a preference JSONL file.
 
     DataError (file, line, field) for a malformed line, and when no pair is left to train on."""
-    if path in (None, "", "???") and cfg.sources:
+    if cfg.sources and (path in (None, "", "???") or path == cfg.train_path):
         raise DataError("data.sources:0: field 'data.sources': preference pairs are read from one source "
                         "(data.train_path: a JSONL, Parquet, CSV or Arrow file or a save_to_disk folder)")
     dataclasses.replace(cfg, train_path=path, eval_path=None, sources=None).validate()

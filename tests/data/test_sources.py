@@ -142,3 +142,24 @@ def test_preference_pairs_from_parquet(tmp_path):
     assert is_pair_file(path)
     with pytest.raises(DataError, match=rf"^{path}:2: field 'rejected': is identical to chosen"):
         load_pairs(path)
+
+
+def test_sources_and_columns_from_the_command_line(tmp_path):
+    """Hydra overrides: data.sources replaces the default train_path; data.columns is a mapping."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from engine.config import CONF_DIR, from_dict, register_configs
+
+    a = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist([{"q": "x", "a": "y"}]), a)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=[f"data.sources=[{{path: {a}, count: 5}}]",
+                                                        "data.columns={prompt: q, completion: a}"])
+    cfg = from_dict(OmegaConf.to_container(dcfg, resolve=True)).validate()
+    assert cfg.data.sources == [{"path": str(a), "count": 5}] and cfg.data.columns == {"prompt": "q", "completion": "a"}
+    from engine.data.tokenized import source_list
+
+    assert source_list(cfg.data.train_path, cfg.data) == [{"path": str(a), "count": 5}]
+    assert source_list(cfg.data.eval_path, cfg.data) == [{"path": cfg.data.eval_path}]
