@@ -32,6 +32,8 @@ from typing import Any
 from engine.data.errors import _BadLine
 
 ROLES = ("system", "user", "assistant", "tool")
+# other names for a tool's result: OpenAI's legacy function role, Llama 3's ipython
+ROLE_ALIASES = {**{r: r for r in ROLES}, "function": "tool", "ipython": "tool"}
 # ShareGPT speaker names -> chat roles (the chat names are accepted verbatim too).
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                   "assistant": "assistant", "tool": "tool", "function_call": "assistant",
@@ -42,7 +44,14 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 def decode_json_text(value: Any, field: str, want: type) -> Any:
     """A value that should be a list / object but arrived as its JSON text (a CSV cell, an Arrow
-    string column): decoded. Anything else is returned as it is."""
+    string column): decoded. A list that arrived as a dict of equal-length lists (a `datasets`
+    Sequence of dicts, stored as a struct of lists): turned back into a list of dicts. Anything
+    else is returned as it is."""
+    if want is list and isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        lengths = {len(v) for v in value.values()}
+        if len(lengths) == 1:
+            n = lengths.pop()
+            return [{k: v[i] for k, v in value.items() if v[i] is not None} for i in range(n)]
     if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
         try:
             decoded = json.loads(value)
@@ -149,7 +158,7 @@ def parse_message(m: Any, where: str, *, sharegpt: bool = False) -> dict:
     if role_key not in m:
         raise _BadLine(f"{_at(where)}{role_key}", "missing", m)
     raw_role = m[role_key]
-    role = role_of(raw_role, f"{_at(where)}{role_key}", SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES})
+    role = role_of(raw_role, f"{_at(where)}{role_key}", SHAREGPT_ROLES if sharegpt else ROLE_ALIASES)
     out: dict = {"role": role}
     calls = m.get("tool_calls")
     if sharegpt and raw_role == "function_call":  # LLaMA-Factory: the value is the call(s) as JSON

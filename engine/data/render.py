@@ -101,7 +101,7 @@ class RenderedChat:
 # ------------------------------------------------------------------------ how the template
 # renders tool calls and reasoning, probed once per template
 _PROBE_FN, _PROBE_TOOL, _PROBE_TRACE = "probe_fn_7f3a", "probe_tool_7f3a", "PROBE_TRACE_7f3a"
-_probed: dict[tuple[int, str], dict] = {}
+_probed: dict[str, dict] = {}
 
 
 def template_features(tokenizer, template: str) -> dict:
@@ -109,7 +109,7 @@ def template_features(tokenizer, template: str) -> dict:
     whether rendering a probe conversation shows a tool call's function name, a tool schema's
     name, and a reasoning trace given under that key (None: the template drops both keys, so the
     trace is written into the content as a <think> block)."""
-    key = (id(tokenizer), template)
+    key = template  # what a template renders depends on its text (and the special tokens it names)
     if key not in _probed:
         # ids of 9 alphanumerics: Mistral's templates refuse any other
         call = {"type": "function", "id": "probe0001", "function": {"name": _PROBE_FN, "arguments": {"x": 1}}}

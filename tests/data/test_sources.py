@@ -163,3 +163,15 @@ def test_sources_and_columns_from_the_command_line(tmp_path):
 
     assert source_list(cfg.data.train_path, cfg.data) == [{"path": str(a), "count": 5}]
     assert source_list(cfg.data.eval_path, cfg.data) == [{"path": cfg.data.eval_path}]
+
+
+def test_sequence_of_dicts_stored_as_a_struct_of_lists(tool_tok, cfg, tmp_path):
+    """`datasets`' Sequence({"role", "content"}) is Arrow struct<role: list, content: list>."""
+    msgs = ROWS[2]["messages"]
+    path = str(tmp_path / "seq.parquet")
+    pq.write_table(pa.Table.from_pylist([{"messages": {"role": [m["role"] for m in msgs],
+                                                       "content": [m["content"] for m in msgs]}}]), path)
+    jsonl = tmp_path / "seq.jsonl"
+    jsonl.write_text(json.dumps(ROWS[2]) + "\n")
+    assert load_dataset(path, tool_tok, cfg(), cache=False).docs == load_dataset(str(jsonl), tool_tok, cfg(),
+                                                                                 cache=False).docs
