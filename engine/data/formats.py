@@ -19,11 +19,12 @@ numbers are 1-based. Every malformed line or row raises `DataError` with a one-l
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, Iterable, Iterator
 
 from engine.data.errors import DataError, _BadLine, data_error, decode_lines, excerpt, parse_object  # noqa: F401
 from engine.data.messages import ROLES, decode_json_text, parse_message, parse_messages, parse_tools  # noqa: F401
-from engine.data.sources import good_rows, read_rows
+from engine.data.sources import good_rows, parsed_rows
 
 FORMATS = ("chat", "messages_per_line", "prompt_completion", "alpaca", "text")
 
@@ -100,31 +101,34 @@ def _with_tools(example: dict, obj: dict) -> dict:
     return dict(example, tools=tools) if tools else example
 
 
-def _group_messages(rows: list[tuple[int, dict]]) -> list[dict]:
+def _group_messages(rows: Iterable[tuple[int, dict]]) -> Iterator[dict]:
     """Seed layout: consecutive one-message lines -> conversations.
 
     A conversation starts at a `system` line, or at a `user` line that follows an `assistant` line."""
-    convs: list[dict] = []
+    conv = None
     prev_role = None
     for line, msg in rows:
-        starts = not convs or msg["role"] == "system" or (msg["role"] == "user" and prev_role == "assistant")
+        starts = conv is None or msg["role"] == "system" or (msg["role"] == "user" and prev_role == "assistant")
         if starts:
-            convs.append({"messages": [], "source_line": line, "message_lines": []})
-        convs[-1]["messages"].append(msg)
-        convs[-1]["message_lines"].append(line)
+            if conv is not None:
+                yield conv
+            conv = {"messages": [], "source_line": line, "message_lines": []}
+        conv["messages"].append(msg)
+        conv["message_lines"].append(line)
         prev_role = msg["role"]
-    return convs
+    if conv is not None:
+        yield conv
 
 
-def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
-                  skipped: list[int] | None = None, columns: dict[str, str] | None = None) -> list[dict]:
-    """Read a data source (JSONL, Parquet, CSV, Arrow or a save_to_disk folder: sources.py) into
-    examples (see the module docstring for the formats).
+def iter_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
+                  skipped: list[int] | None = None, columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """The examples of a data source (JSONL, Parquet, CSV, Arrow or a save_to_disk folder:
+    sources.py) as they are read (see the module docstring for the formats).
 
     fmt: "auto" (from the first row's keys) or one of FORMATS. columns: {ours: theirs} renames.
     on_bad_line: "error" raises DataError at the first malformed row; "skip" leaves it out and
     appends its number to `skipped` (if given). Blank JSONL lines are ignored.
-    Returns a list of examples, each with "source_line" (its first line or row, 1-based).
+    Each example has "source_line" (its first line or row, 1-based).
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{path}:0: field 'format': unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
@@ -143,10 +147,21 @@ def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
                                + ("" if columns else "; data.columns maps other names onto these") + ")", obj)
         return lineno, _parse(obj, detected)
 
-    parsed = read_rows(path, parse, on_bad_line=on_bad_line, skipped=skipped, columns=columns)
+    parsed = parsed_rows(path, parse, on_bad_line=on_bad_line, skipped=skipped, columns=columns)
+    first = next(parsed, None)
+    if first is None:
+        return
+    rows = itertools.chain([first], parsed)
     if detected == "messages_per_line":
-        return _group_messages([(line, ex["message"]) for line, ex in parsed])
-    return [dict(ex, source_line=line) for line, ex in parsed]
+        yield from _group_messages((line, ex["message"]) for line, ex in rows)
+    else:
+        yield from (dict(ex, source_line=line) for line, ex in rows)
+
+
+def load_examples(path: str, fmt: str = "auto", on_bad_line: str = "error",
+                  skipped: list[int] | None = None, columns: dict[str, str] | None = None) -> list[dict]:
+    """iter_examples as a list."""
+    return list(iter_examples(path, fmt, on_bad_line, skipped, columns))
 
 
 def format_of(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> str:

@@ -19,9 +19,10 @@ values inside objects for every source alike, so a Parquet copy of a JSONL file 
     for n, row in iter_rows("data.parquet", columns={"messages": "conversation"}):
         ...   # n: 1-based row, row: a dict; an unparseable JSONL line raises DataError
 
-`read_rows(path, parse, on_bad_line=...)` is the reader the SFT examples (formats.py), the
-preference pairs (engine/preference/data.py) and prompt-only data use: `parse(n, row)` per row,
-a `_BadLine` becomes a `file:row: field` DataError or a counted skip.
+`parsed_rows(path, parse, on_bad_line=...)` (a generator; `read_rows`: the list) is the reader
+the SFT examples (formats.py), the preference pairs (engine/preference/data.py) and prompt-only
+data use: `parse(n, row)` per row, a `_BadLine` becomes a `file:row: field` DataError or a
+counted skip.
 """
 
 from __future__ import annotations
@@ -201,32 +202,41 @@ def iter_rows(path: str, columns: dict[str, str] | None = None) -> Iterator[tupl
         yield n, rename_columns(drop_nulls(row), columns)
 
 
-def read_rows(path: str, parse: Callable[[int, dict], T], *, on_bad_line: str = "error",
-              skipped: list[int] | None = None, columns: dict[str, str] | None = None) -> list[T]:
-    """`parse(n, row)` of every row of `path` (iter_rows), in order. A row that is not a JSON
+def parsed_rows(path: str, parse: Callable[[int, dict], T], *, on_bad_line: str = "error",
+                skipped: list[int] | None = None, columns: dict[str, str] | None = None) -> Iterator[T]:
+    """`parse(n, row)` of every row of `path` (iter_rows), in order, as they are read (a columnar
+    file one record batch at a time: it need not fit in memory). A row that is not a JSON
     object, or whose parse raises _BadLine, is a DataError naming the file, row and field
     (on_bad_line="error") or is left out with its number appended to `skipped` ("skip"). A missing
-    file, an empty one, and one with nothing parsed, are DataErrors too."""
+    file, an empty one, and one with nothing parsed, are DataErrors too (raised at the end)."""
     if on_bad_line not in ("error", "skip"):
         raise DataError(f"{path}:0: field 'on_bad_line': must be 'error' or 'skip' — {on_bad_line!r}")
     skipped = skipped if skipped is not None else []
-    parsed, rows = [], 0
+    parsed = rows = 0
     for n, row in _raw_rows(path):
         rows += 1
         try:
             if isinstance(row, _BadLine):
                 raise row
-            parsed.append(parse(n, rename_columns(drop_nulls(row), columns)))
+            out = parse(n, rename_columns(drop_nulls(row), columns))
         except _BadLine as bad:
             if on_bad_line == "error":
                 raise data_error(path, n, bad.field, bad.why, bad.value) from None
             skipped.append(n)
+            continue
+        parsed += 1
+        yield out
     unit = "line" if source_kind(path) == "jsonl" else "row"
     if rows == 0:
         raise DataError(f"{path}:0: field '(file)': file is empty (no {'JSON lines' if unit == 'line' else 'rows'})")
     if not parsed:
         raise DataError(f"{path}:0: field '(file)': every {unit} was malformed and skipped ({unit}s {short_list(skipped)})")
-    return parsed
+
+
+def read_rows(path: str, parse: Callable[[int, dict], T], *, on_bad_line: str = "error",
+              skipped: list[int] | None = None, columns: dict[str, str] | None = None) -> list[T]:
+    """parsed_rows as a list."""
+    return list(parsed_rows(path, parse, on_bad_line=on_bad_line, skipped=skipped, columns=columns))
 
 
 def good_rows(path: str, columns: dict[str, str] | None = None) -> Iterator[dict]:

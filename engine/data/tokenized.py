@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
 from engine.config import DataConfig
-from engine.data.formats import DataError, data_error, format_of, load_examples
+from engine.data.formats import DataError, data_error, format_of, iter_examples
 from engine.data.masks import ROLE_INDEX, conversation_mask, count_by_role, token_roles
 from engine.data.render import (char_to_token, ensure_eos, fit_length, read_chat_template, render_chat,
                                 resolve_template, shift_labels, special_token_ids, template_features, IGNORE_INDEX)
@@ -239,16 +241,29 @@ def encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[
     return out
 
 
-def mix(examples: list[dict], src: dict) -> list[dict]:
-    """A source's share of the mixture: `count` examples (its first ones; more than it has cycles
-    through it again) or `share` x its examples; all of them without either."""
-    n = len(examples)
+def mixed_examples(path: str, src: dict, cfg: DataConfig, skipped: list[int], first_pass: list[int]) -> Iterator[dict]:
+    """A source's share of the mixture, streamed: every example; or `count` examples (its first
+    ones; more than it has reads it again from the start); or `share` x its examples (a first
+    pass counts them). `first_pass`: [examples read in the first pass] (for the report)."""
+    def read(skips: list[int]) -> Iterator[dict]:
+        return iter_examples(path, cfg.format, cfg.on_bad_line, skips, cfg.columns)
+
     want = src.get("count")
     if want is None and src.get("share") is not None:
+        n = sum(1 for _ in read([]))
         want = max(1, round(src["share"] * n))
-    if want is None or n == 0:
-        return examples
-    return examples * (want // n) + examples[:want % n]
+    given, passes = 0, 0
+    while want is None or given < want:
+        for ex in read(skipped if passes == 0 else []):
+            if want is not None and given == want:
+                break
+            if passes == 0:
+                first_pass[0] += 1
+            given += 1
+            yield ex
+        passes += 1
+        if want is None:
+            return
 
 
 def _check_template_features(path: str, examples: list[dict], features) -> None:
@@ -282,18 +297,19 @@ def _tokenize(path, tokenizer, cfg: DataConfig, template: str, fallback: bool) -
     for index, src in enumerate(sources):
         where = src["path"]
         skipped: list[int] = []
-        examples = load_examples(where, cfg.format, cfg.on_bad_line, skipped=skipped, columns=cfg.columns)
-        _check_template_features(where, examples, features)
-        per = {"path": where, "rows": len(examples) + len(skipped), "formats": {}, "examples": 0,
-               "tool_call_turns": 0, "reasoning_turns": 0, "loss_tokens_by_role": {}, "skipped": len(skipped),
-               "dropped": 0, "truncated": 0, "documents": 0}
+        first_pass = [0]
+        per = {"path": where, "rows": 0, "formats": {}, "examples": 0, "tool_call_turns": 0, "reasoning_turns": 0,
+               "loss_tokens_by_role": {}, "skipped": 0, "dropped": 0, "truncated": 0, "documents": 0}
+        stream = mixed_examples(where, src, cfg, skipped, first_pass)
+        while chunk := list(itertools.islice(stream, RENDER_CHUNK)):  # rows stream; tokens accumulate
+            _check_template_features(where, chunk, features)
+            per["examples"] += len(chunk)
+            docs += _tokenize_chunk(chunk, where, index, tokenizer, cfg, template, special, special_texts,
+                                    features, stats, per)
+        per["rows"] = first_pass[0] + len(skipped)
+        per["skipped"] += len(skipped)
+        per["formats"][format_of(where, cfg.format, cfg.columns)] = first_pass[0]
         stats.skipped_lines += skipped
-        used = mix(examples, src)
-        per["examples"] = len(used)
-        per["formats"][format_of(where, cfg.format, cfg.columns)] = len(examples)
-        for k in range(0, len(used), RENDER_CHUNK):
-            docs += _tokenize_chunk(used[k:k + RENDER_CHUNK], where, index, tokenizer, cfg, template, special,
-                                    special_texts, features, stats, per)
         stats.sources.append(per)
     stats.documents = len(docs)
     stats.tokenize_seconds = time.perf_counter() - t0
