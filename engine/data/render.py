@@ -196,19 +196,27 @@ def render_chat(tokenizer, template: str, messages: list[dict], special_texts: t
         elif before is not None and full.startswith(before) and after.startswith(before) and len(before) >= cursor:
             # later turns change how this one renders (Qwen3 drops the reasoning of turns before the
             # last question): the reply runs from the header to the marker that closed it alone
-            closer = _closing_special(after[len(before):], special_texts)
+            # (only ever shorter than alone: a longer match ran into later turns)
+            body = after[len(before):]
+            closer = _closing_special(body, special_texts)
             at = full.find(closer, len(before)) if closer else -1
-            if at >= 0 and full[len(before):at].lstrip().startswith(msg["content"].strip()):
+            if (at >= 0 and at + len(closer) - len(before) <= len(body)
+                    and full[len(before):at].lstrip().startswith(msg["content"].strip())):
                 start, end = len(before), at + len(closer)
         if start < 0:  # inconsistent prefixes: find the reply's text, extend over a following special token
-            if msg["content"] and before is None and full.startswith(after):
-                start = after.rfind(msg["content"])  # an opening reply: after its own header, not in it
-            elif msg["content"]:
-                start = full.find(msg["content"], cursor)
+            # the text as given to the template, else the answer alone (a template that drops a
+            # <think> block written into the content, as DeepSeek-R1's does)
+            for text in dict.fromkeys([msg["content"], source[i]["content"]]):
+                if text and before is None and full.startswith(after):
+                    start = after.rfind(text)  # an opening reply: after its own header, not in it
+                elif text:
+                    start = full.find(text, cursor)
+                if start >= 0:
+                    break
             if start < 0:
                 raise ValueError(f"the chat template does not render assistant message {i} verbatim; "
                                  "cannot tell which tokens are the reply")
-            end = start + len(msg["content"])
+            end = start + len(text)
             rest = full[end:]
             gap = len(rest) - len(rest.lstrip())
             for tok in special_texts:

@@ -183,3 +183,41 @@ def test_bad_flags_name_the_field(write_jsonl, flag, why):
     path = write_jsonl([_turns({"role": "user", "content": "q"}, {"role": "assistant", "content": "a", **flag})])
     with pytest.raises(DataError, match=rf"^{path}:1: field 'messages\[1\]\.{next(iter(flag))}': {why}"):
         load_examples(path)
+
+
+# ----------------------------------------------------------------------------- real templates
+def _trl_template(name: str) -> str:
+    import os
+
+    trl = pytest.importorskip("trl")
+    path = os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja")
+    if not os.path.isfile(path):
+        pytest.skip(f"trl ships no {name}.jinja")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_qwen2_5_tool_mask_matches_the_generation_markers(tool_tok, write_jsonl, cfg, trained_text):
+    """Qwen2.5's real template; the oracle is TRL's copy with {% generation %} markers (our span
+    finder needs none). Equal up to the newlines around the turns, which TRL's markers include."""
+    tool_tok.chat_template = _trl_template("qwen2_5")
+    d = load_dataset(write_jsonl([tool_chat()]), tool_tok, cfg(), cache=False).docs[0]
+    ours = trained_text(tool_tok, d)
+    row = tool_chat()
+    row["messages"][2]["content"] = ""
+    out = tool_tok.apply_chat_template(row["messages"], tools=row["tools"], chat_template=_trl_template("qwen2_5_training"),
+                                       tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    theirs = tool_tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    assert ours == f"{CALL_TEXT}{IM_END}It is sunny.{IM_END}"
+    assert ours.replace("\n", "") == theirs.replace("\n", "")
+
+
+def test_qwen3_real_template_tools_and_reasoning(think_tok, write_jsonl, cfg, trained_text):
+    think_tok.chat_template = _trl_template("qwen3")
+    row = tool_chat()
+    row["messages"][-1]["reasoning_content"] = "The tool says sunny."
+    d = load_dataset(write_jsonl([row]), think_tok, cfg(), cache=False).docs[0]
+    assert trained_text(think_tok, d) == (f"{CALL_TEXT}{IM_END}<think>\nThe tool says sunny.\n</think>\n\n"
+                                          f"It is sunny.{IM_END}")
+    d = load_dataset(write_jsonl([row], "off.jsonl"), think_tok, cfg(train_on_reasoning=False), cache=False).docs[0]
+    assert trained_text(think_tok, d) == f"{CALL_TEXT}{IM_END}\n\nIt is sunny.{IM_END}"
