@@ -9,12 +9,15 @@ groups of 10,000), and times for each, in the same run:
 - tokenize: load_dataset(cache=False): read + render the chat template + batched fast-tokenizer
   call + masks + length policy, in rows/s and tokens/s (tokens of every example before the
   length policy).
-It also checks that both give the same documents. Writes benchmarks/results/data_sources.{json,md}.
+It also checks that both give the same documents (a digest of each; each format's documents are
+freed before the next is measured, so both start from the same heap). Writes benchmarks/results/data_sources.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import os
 import platform
@@ -54,19 +57,32 @@ def write_files(rows: list[dict], directory: str) -> dict[str, str]:
     return {"jsonl": jsonl, "parquet": parquet}
 
 
-def measure(kind: str, path: str, tokenizer, max_seq_len: int) -> tuple[dict, list]:
+def docs_digest(docs: list[dict]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(json.dumps([d["input_ids"], d["labels"], d["source_line"]]).encode())
+    return h.hexdigest()
+
+
+def measure(kind: str, path: str, tokenizer, max_seq_len: int) -> tuple[dict, str]:
     t0 = time.perf_counter()
     examples = load_examples(path)
     read_s = time.perf_counter() - t0
+    n = len(examples)
+    del examples
+    gc.collect()
     cfg = DataConfig(train_path=path, max_seq_len=max_seq_len)
     t0 = time.perf_counter()
     ds = load_dataset(path, tokenizer, cfg, cache=False)
     tok_s = time.perf_counter() - t0
     tokens = sum(ds.stats.raw_lengths)
-    return {"format": kind, "rows": len(examples), "file_mb": round(os.path.getsize(path) / 2**20, 1),
-            "read_s": round(read_s, 2), "read_rows_per_s": round(len(examples) / read_s),
-            "tokenize_s": round(tok_s, 2), "rows_per_s": round(len(examples) / tok_s),
-            "tokens": tokens, "tokens_per_s": round(tokens / tok_s)}, ds.docs
+    digest = docs_digest(ds.docs)
+    del ds
+    gc.collect()  # the next format starts from the same heap (a large heap slows Python's collector)
+    return {"format": kind, "rows": n, "file_mb": round(os.path.getsize(path) / 2**20, 1),
+            "read_s": round(read_s, 2), "read_rows_per_s": round(n / read_s),
+            "tokenize_s": round(tok_s, 2), "rows_per_s": round(n / tok_s),
+            "tokens": tokens, "tokens_per_s": round(tokens / tok_s)}, digest
 
 
 def to_markdown(results: list[dict], meta: dict) -> str:
@@ -104,6 +120,7 @@ def main(argv=None) -> int:
     results, docs = [], {}
     with tempfile.TemporaryDirectory() as directory:
         files = write_files(make_rows(args.rows), directory)
+        gc.collect()
         for kind, path in files.items():
             r, docs[kind] = measure(kind, path, tokenizer, args.max_seq_len)
             results.append(r)
