@@ -108,9 +108,25 @@ class PeftConfig:
 @dataclass
 class DataConfig:
     train_path: str = "???"
-    """Training JSONL file (chat, seed one-message-per-line, prompt/completion, alpaca or text)."""
+    """Training data: a JSONL file (chat, seed one-message-per-line, prompt/completion, alpaca or
+    text), a .parquet, .csv or .arrow file, or a `datasets` save_to_disk folder (the `datasets`
+    extra); unset when data.sources names the files."""
     eval_path: Optional[str] = None
-    """Held-out JSONL file for evaluation loss; null disables evaluation."""
+    """Held-out data (same kinds as train_path) for evaluation loss; null disables evaluation."""
+    sources: Any = None
+    """A mixture that replaces train_path for training (train_path is then ignored): a list of {path, count} or {path, share} (or {path}):
+    count = that many examples from the source (its first ones; more than it has repeats it),
+    share = that fraction of the source's examples (2 = each twice). Sources are concatenated in
+    order; the loader shuffles."""
+    columns: Any = None
+    """Map our field names onto a file's column names, e.g. {messages: conversation, prompt: question,
+    completion: answer} (applies to every source)."""
+    chat_template: Optional[str] = None
+    """A Jinja chat-template file that replaces the tokenizer's for training (e.g. one that renders
+    tool calls); saved with the adapter (chat_template.jinja) and used by generate, merge and export."""
+    train_on_reasoning: bool = True
+    """Assistant reasoning traces (reasoning_content / thinking / <think> blocks): true = the trace
+    carries loss like the answer; false = it is context only."""
     format: str = "auto"
     """auto | chat | messages_per_line | prompt_completion | alpaca | text."""
     max_seq_len: int = 1024
@@ -120,7 +136,8 @@ class DataConfig:
     false pads one document per row to the longest in the batch. A model that would let packed
     documents see each other (a probe before training, engine/model/isolation.py) gets padded rows."""
     loss_on: str = "assistant"
-    """Which tokens carry loss: assistant | last_assistant | all."""
+    """Which tokens carry loss: assistant | last_assistant | all; a message's own "train": true|false
+    (or "weight": 0|1) overrides this for that message."""
     length_policy: str = "truncate"
     """Examples longer than max_seq_len: truncate (cut the middle of the prompt, keep the system
     prompt's start and the final assistant reply) | drop | error."""
@@ -140,12 +157,41 @@ class DataConfig:
         _one_of("data.on_bad_line", self.on_bad_line, ("error", "skip"))
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             _fail("data.max_seq_len", f"must be an integer >= 8, got {self.max_seq_len!r}")
-        if self.train_path in (None, "", "???"):
+        unset = self.train_path in (None, "", "???")
+        if self.sources is not None:  # the mixture replaces train_path (a default one from conf/data too)
+            if not isinstance(self.sources, (list, tuple)) or not self.sources:
+                _fail("data.sources", f"must be a non-empty list of {{path, count | share}}, got {self.sources!r}")
+            for i, src in enumerate(self.sources):
+                _check_source(f"data.sources[{i}]", src)
+        elif unset:
             _fail("data.train_path", "is not set")
-        if not os.path.isfile(self.train_path):
+        elif not os.path.exists(self.train_path):
             _fail("data.train_path", f"file {self.train_path!r} does not exist")
-        if self.eval_path is not None and not os.path.isfile(self.eval_path):
+        if self.eval_path is not None and not os.path.exists(self.eval_path):
             _fail("data.eval_path", f"file {self.eval_path!r} does not exist")
+        if self.columns is not None and not (isinstance(self.columns, dict) and all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in self.columns.items())):
+            _fail("data.columns", f"must map our field names to the file's column names, got {self.columns!r}")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            _fail("data.chat_template", f"file {self.chat_template!r} does not exist (a Jinja chat template)")
+
+
+def _check_source(key: str, src: Any) -> None:
+    if not isinstance(src, dict) or not isinstance(src.get("path"), str):
+        _fail(key, f"must be {{path: FILE, count: N}} or {{path: FILE, share: X}}, got {src!r}")
+    unknown = set(src) - {"path", "count", "share"}
+    if unknown:
+        _fail(f"{key}.{sorted(unknown)[0]}", "unknown key (known: count, path, share)")
+    if not os.path.exists(src["path"]):
+        _fail(f"{key}.path", f"{src['path']!r} does not exist")
+    if "count" in src and "share" in src:
+        _fail(key, "give count or share, not both")
+    count = src.get("count")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
+        _fail(f"{key}.count", f"must be a positive integer, got {count!r}")
+    share = src.get("share")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or share <= 0):
+        _fail(f"{key}.share", f"must be a number > 0, got {share!r}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 
 from engine.cli import run_cli
 from engine.data.render import resolve_template, special_token_ids
-from engine.export.adapter import load_adapter, read_adapter_config
+from engine.export.adapter import adapter_chat_template, load_adapter, read_adapter_config
 from engine.layers.quant import QuantSpec
 from engine.model.build import load_base_model, load_tokenizer, resolve_dtype
 from engine.parallel.distributed import resolve_device
@@ -205,6 +205,9 @@ def load_for_inference(model_path: str, adapter_dir: str | None, *, method: str 
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    trained_template = adapter_chat_template(adapter_dir)  # data.chat_template of the run
+    if trained_template is not None:
+        tokenizer.chat_template = trained_template
     info.update(precision=precision, device=str(device))
     return model.eval(), tokenizer, info
 

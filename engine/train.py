@@ -26,6 +26,7 @@ import torch
 
 from engine import speed
 from engine.config import CONF_DIR, ConfigError, RunConfig, from_dict, register_configs
+from engine.data import read_chat_template
 from engine.export.adapter import save_adapter
 from engine.model.build import build_model, enable_activation_checkpointing
 from engine.model.tiling import resolve_tile_tokens, tile_mlps, tile_norms
@@ -81,6 +82,8 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     speed.prepare(plan)  # process settings first: the model's own memory comes from the retained heap
     seed_everything(cfg.train.seed)  # same seed on every rank: identical LoRA init everywhere
     model, tokenizer = build_model(cfg.model, cfg.peft, device=device, compute_dtype=amp.DTYPES[precision])
+    if cfg.data.chat_template:  # replaces the tokenizer's template; saved with the adapter
+        tokenizer.chat_template = read_chat_template(cfg.data.chat_template)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     for key, tile in (("mlp_tile_tokens", tile_mlps), ("norm_tile_tokens", tile_norms)):
@@ -143,11 +146,17 @@ def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler
     with weights:
         return checkpoint.save_checkpoint(
             Path(cfg.output_dir) / "checkpoints", step, state=state, trainable=trainable,
-            write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path),
+            write_adapter=lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path,
+                                                 chat_template=adapter_template(cfg, tokenizer)),
             keep_last=cfg.train.keep_last)
 
 
-def save_best_adapter(cfg: RunConfig, model, optimizer, ctx: DistContext) -> None:
+def adapter_template(cfg: RunConfig, tokenizer) -> str | None:
+    """The chat template saved with the adapter: data.chat_template's, when the run replaced the tokenizer's."""
+    return tokenizer.chat_template if cfg.data.chat_template else None
+
+
+def save_best_adapter(cfg: RunConfig, model, tokenizer, optimizer, ctx: DistContext) -> None:
     """Collective: output_dir/adapter_best/ (atomic), the adapter as it is now, written by rank 0
     (under FSDP the LoRA weights are gathered to full tensors first, as for a checkpoint)."""
     weights = nullcontext()
@@ -158,7 +167,8 @@ def save_best_adapter(cfg: RunConfig, model, optimizer, ctx: DistContext) -> Non
     if ctx.is_main:
         with weights:
             write_atomically(Path(cfg.output_dir) / BEST_DIR,
-                             lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path))
+                             lambda d: save_adapter(model, d, cfg.peft, base_model_name_or_path=cfg.model.path,
+                                                    chat_template=adapter_template(cfg, tokenizer)))
 
 
 def maybe_resume(cfg: RunConfig, model, optimizer, scheduler, scaler, objective, ctx: DistContext) -> tuple[int, dict]:
@@ -264,7 +274,7 @@ def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
             record.update({f"eval_{k}": v for k, v in objective.generation_scores().items()})
         metrics.write(record)
         if stopper.observe(step, record):  # the new best: adapter_best/ now, as the checkpoint would hold it
-            save_best_adapter(cfg, model, optimizer, ctx)
+            save_best_adapter(cfg, model, tokenizer, optimizer, ctx)
         if stopper.enabled:
             counters["early_stopping"] = stopper.state_dict()
         evaluated[step] = result.get("loss")

@@ -1,4 +1,4 @@
-"""Data pipeline: JSONL formats -> conversations -> tokens + shifted labels -> packed/padded batches.
+"""Data pipeline: JSONL / Parquet / CSV / Arrow / saved-dataset sources -> conversations -> tokens + shifted labels -> packed/padded batches.
 
     examples = load_examples(path)                          # formats.py
     dataset  = load_dataset(path, tokenizer, cfg.data)       # render.py + tokenized.py (cached)
@@ -12,8 +12,10 @@
 
 from engine.data.formats import DataError, load_examples
 from engine.data.loader import Loader, make_loader, pack_documents
-from engine.data.render import CHATML_TEMPLATE, IGNORE_INDEX
+from engine.data.render import CHATML_TEMPLATE, IGNORE_INDEX, read_chat_template
+from engine.data.sources import iter_rows, read_rows
 from engine.data.tokenized import DataStats, TokenizedDataset, load_dataset
 
 __all__ = ["CHATML_TEMPLATE", "DataError", "DataStats", "IGNORE_INDEX", "Loader", "TokenizedDataset",
-           "load_dataset", "load_examples", "make_loader", "pack_documents"]
+           "iter_rows", "load_dataset", "load_examples", "make_loader", "pack_documents", "read_chat_template",
+           "read_rows"]

@@ -1,4 +1,9 @@
-"""The data report: what a JSONL file becomes in tokens, and what looks wrong in it.
+"""The data report: what a data source becomes in tokens, and what looks wrong in it.
+
+Per source (a file, a save_to_disk folder, or each entry of data.sources): rows, the formats
+found, tool-call turns, reasoning turns, tokens carrying loss per role (the role of the token a
+label predicts: system, user, assistant, tool, reasoning, text, (template) for what no message
+renders), and the rows skipped, dropped and truncated.
 
 Degenerate samples: a reply that loops (`agosagosagos...`, "the Effective on the Effective on...")
 teaches the model to loop. Two cheap detectors over the raw text of assistant replies (and texts):
@@ -91,6 +96,21 @@ def _lines(xs: list[int], limit: int = 30) -> str:
     return ", ".join(map(str, xs[:limit])) + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
 
 
+def _roles(counts: dict) -> str:
+    return ", ".join(f"{role} {n:,}" for role, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def _source_lines(sources: list[dict]) -> list[str]:
+    out = [f"sources: {len(sources)}"]
+    for s in sources:
+        formats = ", ".join(f"{fmt} {n}" for fmt, n in s["formats"].items())
+        out.append(f"  {s['path']}: {s['rows']} rows ({formats}), {s['examples']} examples used, "
+                   f"{s['documents']} documents; tool-call turns {s['tool_call_turns']}, reasoning turns "
+                   f"{s['reasoning_turns']}; skipped {s['skipped']}, dropped {s['dropped']}, truncated "
+                   f"{s['truncated']}; loss tokens per role: {_roles(s['loss_tokens_by_role'])}")
+    return out
+
+
 def format_report(stats: DataStats, examples: list[dict], tokenizer_name: str, length_policy: str) -> str:
     """The report as plain text (markdown-friendly)."""
     L = stats.max_seq_len
@@ -111,6 +131,10 @@ def format_report(stats: DataStats, examples: list[dict], tokenizer_name: str, l
         f"dropped (too long): {stats.dropped} [{_lines(stats.dropped_lines)}]",
         f"examples with no trainable token: {stats.no_trainable} [{_lines(stats.no_trainable_lines)}]",
         f"EOS inserted after final replies: {stats.eos_inserted}",
+        f"tool-call turns: {stats.tool_call_turns}; reasoning turns: {stats.reasoning_turns} "
+        f"(train_on_reasoning {str(stats.train_on_reasoning).lower()})",
+        f"tokens carrying loss per role: {_roles(stats.loss_tokens_by_role)}",
+        *_source_lines(stats.sources),
         "length histogram (tokens per example, before the length policy):",
         *histogram(stats.raw_lengths),
     ]

@@ -33,6 +33,7 @@ from engine.layers.pissa import converted_alpha, is_pissa, pissa_to_lora
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"(?P<module>.+)\.(?:(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight"
                  r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)")
@@ -55,8 +56,11 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
 
 
-def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_model_name_or_path: str) -> None:
-    """Write adapter_model.safetensors + adapter_config.json for every LoRALinear in `model`.
+def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_model_name_or_path: str,
+                 chat_template: str | None = None) -> None:
+    """Write adapter_model.safetensors + adapter_config.json for every LoRALinear in `model`, and
+    `chat_template.jinja` when training used its own template (data.chat_template): generate, merge
+    and export read it back (adapter_chat_template) in place of the base tokenizer's.
 
     DoRA layers add their magnitudes (`use_dora: true`). PiSSA layers (peft_cfg.init == "pissa")
     are written converted: A' = [A; A0], B' = [B, -B0], r' = 2r, alpha' = `converted_alpha`,
@@ -121,6 +125,20 @@ def save_adapter(model: nn.Module, out_dir: str, peft_cfg: PeftConfig, base_mode
         with open(p, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
     _atomic_write(os.path.join(out_dir, CONFIG_NAME), write_config)
+    if chat_template is not None:
+        def write_template(p):
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(chat_template)
+        _atomic_write(os.path.join(out_dir, CHAT_TEMPLATE_NAME), write_template)
+
+
+def adapter_chat_template(adapter_dir: str | None) -> str | None:
+    """The chat template the adapter was trained with (its chat_template.jinja), or None."""
+    path = os.path.join(adapter_dir, CHAT_TEMPLATE_NAME) if adapter_dir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def read_adapter_config(adapter_dir: str) -> dict:

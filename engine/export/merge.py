@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from engine.cli import run_cli
 from engine.data import load_examples
-from engine.export.adapter import load_adapter, read_adapter_config
+from engine.export.adapter import adapter_chat_template, load_adapter, read_adapter_config
 from engine.export.gguf import check_gguf_type, DRIFT_TOLERANCE, export_gguf_dir, GGUF_TYPES
 from engine.export.gguf_arch import FAMILIES
 from engine.export.modelfile import check_system_prompt, training_system_prompt, write_modelfile
@@ -311,6 +311,8 @@ def merge(model_path: str, adapter_dir: str, out_dir: str, *, method: str | None
         raise MergeError(f"{model_path}: cannot be merged streamed: {refusal}")
     stream = refusal is None and streamed is not False
     tokenizer = load_tokenizer(model_path)
+    if adapter_chat_template(adapter_dir) is not None:  # trained with data.chat_template: ship that one
+        tokenizer.chat_template = adapter_chat_template(adapter_dir)
     inputs = drift_inputs(tokenizer, drift_examples) if measure else None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""GRPO prompts from JSONL, in TRL's two formats:
+"""GRPO prompts from any source engine/data reads (JSONL, Parquet, CSV, Arrow, save_to_disk folders;
+data.columns renames), in TRL's two formats:
 
     {"prompt": "What is 2 + 2?", "answer": "4"}                                     standard
     {"prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}], "answer": "4"}
@@ -13,12 +14,12 @@ field (or a counted skip with data.on_bad_line=skip).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.data.formats import DataError, _BadLine, read_jsonl
+from engine.data.errors import DataError, _BadLine
+from engine.data.sources import read_rows
 from engine.generate import encode_prompt
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -39,13 +40,8 @@ class Prompt:
         return self.prompt if self.conversational else [{"role": "user", "content": self.prompt}]
 
 
-def _parse(path: str, lineno: int, line: str) -> Prompt:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _BadLine("(line)", f"not valid JSON ({e.msg})", line) from None
-    if not isinstance(row, dict):
-        raise _BadLine("(line)", "must be a JSON object with a 'prompt' field", row)
+def _parse(path: str, lineno: int, row: dict) -> Prompt:
+    """One row (a JSON object: engine/data/sources.py checks that) -> a Prompt, or _BadLine naming the field."""
     if "prompt" not in row:
         raise _BadLine("prompt", f"missing (fields: {', '.join(sorted(row)) or 'none'})", row)
     prompt = row["prompt"]
@@ -69,11 +65,12 @@ def _parse(path: str, lineno: int, line: str) -> Prompt:
 
 
 def load_prompts(path: str, tokenizer, *, max_prompt_tokens: int, on_bad_line: str = "error",
-                 announce: bool = True) -> list[Prompt]:
+                 announce: bool = True, columns: dict[str, str] | None = None) -> list[Prompt]:
     """The prompts of `path`, tokenized through the chat template (see the module docstring).
     A prompt longer than max_prompt_tokens is a DataError (or skipped), never cut silently."""
     skipped: list[int] = []
-    prompts = read_jsonl(path, lambda n, line: _parse(path, n, line), on_bad_line=on_bad_line, skipped=skipped)
+    prompts = read_rows(path, lambda n, row: _parse(path, n, row), on_bad_line=on_bad_line, skipped=skipped,
+                        columns=columns)
     kept = []
     for p in prompts:
         p.prompt_ids = encode_prompt(tokenizer, p.messages())

@@ -92,7 +92,8 @@ class GRPO:
         if max_prompt < 1:
             raise ConfigError(f"config key 'data.max_seq_len': {cfg.data.max_seq_len} leaves no room for a prompt "
                               f"beside objective.max_completion_length={o.max_completion_length}")
-        load = dict(max_prompt_tokens=max_prompt, on_bad_line=cfg.data.on_bad_line, announce=ctx.is_main)
+        load = dict(max_prompt_tokens=max_prompt, on_bad_line=cfg.data.on_bad_line, announce=ctx.is_main,
+                    columns=cfg.data.columns)
         self.train_set = load_prompts(cfg.data.train_path, setup.tokenizer, **load)
         self.eval_set = load_prompts(cfg.data.eval_path, setup.tokenizer, **load) if cfg.data.eval_path else None
         self.functions = [load_reward_function(spec) for spec in o.rewards]

@@ -1,4 +1,7 @@
-"""Preference pairs: JSONL in TRL's formats -> rendered, tokenized (chosen, rejected) pairs, cached.
+"""Preference pairs: rows in TRL's formats -> rendered, tokenized (chosen, rejected) pairs, cached.
+
+Rows come from any source engine/data/sources.py reads (JSONL, Parquet, CSV with the
+conversational lists as JSON text, Arrow, a save_to_disk folder), renamed per data.columns.
 
 Two formats, told apart per line by the type of `prompt` (TRL's names):
 
@@ -37,10 +40,12 @@ from typing import Any
 import numpy as np
 
 from engine.config import DataConfig
-from engine.data.formats import (ROLES, DataError, _BadLine, _content, _lines, _role, data_error, parse_object,
-                                 read_jsonl)
+from engine.data.errors import DataError, _BadLine, data_error
+from engine.data.messages import decode_json_text, parse_message
+from engine.data.sources import good_rows, read_rows
 from engine.data.report import histogram
-from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, render_chat, resolve_template,
+from engine.data.render import (IGNORE_INDEX, char_to_token, ensure_eos, fit_length, read_chat_template, render_chat,
+                                resolve_template, template_features,
                                 shift_labels, special_token_ids, token_mask)
 from engine.data.tokenized import cache_key, default_cache_dir, encode_batch
 
@@ -56,36 +61,26 @@ def is_pair_line(obj: Any) -> bool:
     return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
 
 
-def is_pair_file(path: str) -> bool:
-    """The first parseable JSON object of `path` is a preference pair."""
+def is_pair_file(path: str, columns: dict[str, str] | None = None) -> bool:
+    """The first row of `path` (any source, engine/data/sources.py) that is an object is a preference pair."""
     try:
-        with open(path, "rb") as f:
-            for raw in _lines(path, f):
-                if raw.strip():
-                    try:
-                        return is_pair_line(parse_object(raw))
-                    except _BadLine:
-                        continue
+        return is_pair_line(next(good_rows(path, columns), None))
     except (OSError, DataError):
         return False
-    return False
 
 
 # ------------------------------------------------------------------------------------- parsing
 def _messages(value: Any, key: str, *, assistant_only: bool) -> list[dict]:
+    value = decode_json_text(value, key, list)
     if not isinstance(value, list) or not value:
         raise _BadLine(key, "must be a non-empty list of messages (conversational format)", value)
     out = []
     for i, m in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(m, dict):
-            raise _BadLine(where, f"must be an object, got {type(m).__name__}", m)
-        if "role" not in m:
-            raise _BadLine(f"{where}.role", "missing", m)
-        role = _role(m["role"], f"{where}.role", {r: r for r in ROLES})
-        if assistant_only and role != "assistant":
-            raise _BadLine(f"{where}.role", f"must be 'assistant' (chosen/rejected hold the reply turns), got {role!r}", m)
-        out.append({"role": role, "content": _content(m, "content", f"{where}.content")})
+        msg = parse_message(m, f"{key}[{i}]")
+        if assistant_only and msg["role"] != "assistant":
+            raise _BadLine(f"{key}[{i}].role", f"must be 'assistant' (chosen/rejected hold the reply turns), "
+                           f"got {msg['role']!r}", m)
+        out.append(msg)
     return out
 
 
@@ -96,6 +91,10 @@ def parse_pair(obj: dict) -> dict:
             raise _BadLine(key, f"missing (a preference pair needs prompt, chosen and rejected; keys present: "
                            f"{', '.join(map(repr, obj)) or 'none'})", obj)
     prompt = obj["prompt"]
+    if isinstance(prompt, str) and prompt.lstrip().startswith("[") and isinstance(obj["chosen"], str) \
+            and obj["chosen"].lstrip().startswith("["):  # a CSV / string column holding the conversational lists
+        obj = {k: decode_json_text(obj[k], k, list) for k in PAIR_KEYS}
+        prompt = obj["prompt"]
     if isinstance(prompt, str):
         fmt = "standard"
         if not prompt.strip():
@@ -122,12 +121,15 @@ def parse_pair(obj: dict) -> dict:
     return {"format": fmt, "prompt": prompt_msgs, "chosen": sides["chosen"], "rejected": sides["rejected"]}
 
 
-def load_pairs(path: str, on_bad_line: str = "error", skipped: list[int] | None = None) -> list[dict]:
-    """Read a preference JSONL file: [{"format", "prompt", "chosen", "rejected", "source_line"}].
+def load_pairs(path: str, on_bad_line: str = "error", skipped: list[int] | None = None,
+               columns: dict[str, str] | None = None) -> list[dict]:
+    """Read preference pairs from any source (JSONL, Parquet, CSV, Arrow, a save_to_disk folder:
+    engine/data/sources.py): [{"format", "prompt", "chosen", "rejected", "source_line"}].
 
-    on_bad_line "error": DataError at the first bad line; "skip": its line number goes to `skipped`."""
-    return read_jsonl(path, lambda lineno, raw: dict(parse_pair(parse_object(raw)), source_line=lineno),
-                      on_bad_line=on_bad_line, skipped=skipped)
+    on_bad_line "error": DataError at the first bad row; "skip": its number goes to `skipped`.
+    columns: {ours: theirs} (data.columns)."""
+    return read_rows(path, lambda n, obj: dict(parse_pair(obj), source_line=n),
+                     on_bad_line=on_bad_line, skipped=skipped, columns=columns)
 
 
 # ------------------------------------------------------------------------------------- tokens
@@ -180,14 +182,17 @@ class PairDataset:
 
 def _render_side(tokenizer, template, prompt: list[dict], reply: list[dict], special_texts) -> tuple[str, list, list]:
     """(text, reply spans, tail starts) of prompt + reply; spans of the reply turns only."""
-    r = render_chat(tokenizer, template, prompt + reply, special_texts)
+    messages = prompt + reply
+    reasoning_key = (template_features(tokenizer, template)["reasoning_key"]
+                     if any("reasoning_content" in m for m in messages) else None)
+    r = render_chat(tokenizer, template, messages, special_texts, reasoning_key=reasoning_key)
     return r.text, r.spans[len(r.spans) - len(reply):], r.tail_starts
 
 
 def _tokenize(path: str, tokenizer, cfg: DataConfig, template: str, fallback: bool) -> tuple[list[dict], PairStats]:
     t0 = time.perf_counter()
     stats = PairStats(path=path, max_seq_len=cfg.max_seq_len, template_fallback=fallback)
-    pairs = load_pairs(path, cfg.on_bad_line, skipped=stats.skipped_lines)
+    pairs = load_pairs(path, cfg.on_bad_line, skipped=stats.skipped_lines, columns=cfg.columns)
     stats.pairs = len(pairs)
     stats.format = "/".join(sorted({p["format"] for p in pairs})).replace("conversational/standard", "mixed")
     special = special_token_ids(tokenizer)
@@ -284,11 +289,15 @@ def load_pair_dataset(path: str, tokenizer, cfg: DataConfig, *, cache: bool = Tr
     """Read, render, tokenize (or load from the cache) and length-fit a preference JSONL file.
 
     DataError (file, line, field) for a malformed line, and when no pair is left to train on."""
-    dataclasses.replace(cfg, train_path=path, eval_path=None).validate()
+    if cfg.sources and (path in (None, "", "???") or path == cfg.train_path):
+        raise DataError("data.sources:0: field 'data.sources': preference pairs are read from one source "
+                        "(data.train_path: a JSONL, Parquet, CSV or Arrow file or a save_to_disk folder)")
+    dataclasses.replace(cfg, train_path=path, eval_path=None, sources=None).validate()
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{path}:0: field '(tokenizer)': a fast tokenizer is required (offset mapping "
                         f"finds the reply tokens); got {type(tokenizer).__name__} — ")
-    template, fallback = resolve_template(tokenizer)
+    template, fallback = ((read_chat_template(cfg.chat_template), False) if cfg.chat_template
+                          else resolve_template(tokenizer))
     file = None
     if cache:
         file = os.path.join(cfg.cache_dir or default_cache_dir(), pair_cache_key(path, tokenizer, template, cfg)

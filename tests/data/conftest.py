@@ -97,3 +97,61 @@ def trained_text():
 @pytest.fixture(params=[SEED_TRAIN, SEED_TEST], ids=["seed_train", "seed_test"])
 def seed_file(request):
     return request.param
+
+
+# A ChatML template that renders tools the way Qwen2.5's does (schemas in the system turn, calls
+# as <tool_call> JSON, results as <tool_response> user turns); no whitespace control, so every
+# character it writes is written here.
+CHATML_TOOLS = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n<tools>' }}{% for t in tools %}{{ '\n' + (t | tojson) }}{% endfor %}{{ '\n</tools><|im_end|>\n' }}"
+    "{% elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + m['content'] }}"
+    "{% for tc in m.get('tool_calls') or [] %}{% if m['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + tc['function']['name'] + '\", \"arguments\": ' + (tc['function']['arguments'] | tojson) + '}\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif m['role'] == 'tool' %}{{ '<|im_start|>user\n<tool_response>\n' + m['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{% elif m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen3's way with reasoning: a trace is written as <think>..</think> only for the assistant turns
+# after the last user question (earlier turns lose theirs); a <think> block in the content is split off.
+QWEN3_THINK = (
+    "{% set ns = namespace(last=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% set content = m['content'] %}{% set rc = m.get('reasoning_content') or '' %}"
+    "{% if '</think>' in content %}{% set rc = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "{% if loop.index0 > ns.last and (loop.last or rc) %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + rc.strip('\n') + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+@pytest.fixture
+def tool_tok():
+    """The tiny tokenizer with the tool-capable ChatML template and Qwen's markup as added tokens."""
+    t = build_tiny_tokenizer()
+    t.add_tokens(MARKUP_TOKENS)
+    t.chat_template = CHATML_TOOLS
+    return t
+
+
+@pytest.fixture
+def think_tok():
+    """The tiny tokenizer with a Qwen3-like thinking template."""
+    t = build_tiny_tokenizer()
+    t.add_tokens(MARKUP_TOKENS)
+    t.chat_template = QWEN3_THINK
+    return t

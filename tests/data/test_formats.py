@@ -67,7 +67,7 @@ BAD = [
     ([{"text": "a"}, {"txt": "b"}], 2, "text", "missing"),
     ([{"text": "a"}, {"text": 3}], 2, "text", "must be a string"),
     ([{"role": "system", "content": "s"}, {"role": "robot", "content": "x"}], 2, "role", "unknown role 'robot'"),
-    ([{"role": "user", "content": "s"}, {"role": "assistant", "content": None}], 2, "content", "must be a string"),
+    ([{"role": "user", "content": "s"}, {"role": "assistant", "content": None}], 2, "content", "missing or null"),
     ([{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}], 1, "messages[1].role",
      "unknown role"),
     ([{"messages": [{"role": "user"}]}], 1, "messages[0].content", "missing"),
@@ -80,7 +80,7 @@ BAD = [
      1, "messages[0].content[1]", "content part of type 'image_url': only text parts"),
     ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
                                                       "tool_calls": [{"type": "function"}]}]}],
-     1, "messages[1].content", "tool-call messages are not supported"),
+     1, "messages[1].tool_calls[0].name", "missing or not a non-empty string"),
 ]
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from engine.data.__main__ import main
 from engine.data.report import degenerate_reason, find_degenerate, histogram
@@ -72,3 +73,23 @@ def test_cli_subprocess_exit_code(tmp_path):
                        timeout=120)
     assert r.returncode == 2
     assert f"{empty}:0: field '(file)': file is empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_report_per_source_with_tools_and_reasoning(tmp_path, capsys):
+    """A Parquet file of tool-calling and reasoning conversations: the report's per-source line."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from tests.data.conftest import CHATML_TOOLS, build_tiny_tokenizer
+    from tests.data.test_tools import think_chat, tool_chat
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = CHATML_TOOLS
+    tok.save_pretrained(tmp_path / "tok")
+    path = str(tmp_path / "agent.parquet")
+    pq.write_table(pa.Table.from_pylist([tool_chat(), think_chat(), tool_chat()]), path)
+    assert main([path, "--tokenizer", str(tmp_path / "tok"), "--max-seq-len", "512", "--no-train-on-reasoning"]) == 0
+    out = capsys.readouterr().out
+    assert "tool-call turns: 2; reasoning turns: 1 (train_on_reasoning false)" in out
+    assert f"  {path}: 3 rows (chat 3), 3 examples used, 3 documents; tool-call turns 2, reasoning turns 1" in out
+    assert "loss tokens per role: assistant" in out and "reasoning" not in out.split("per role:")[1].split("\n")[0]
