@@ -6,6 +6,8 @@ and exposes hooks; this module decides which fast implementation plugs into each
     switch                  hook in the core                          what it buys
     fused_lora              LoRALinear.fused                          B's GEMM adds into the base output (addmm_)
     grouped_lora            engine.layers.groups (parent hooks)       one A matmul for q/k/v, one for gate/up
+    fused_blocks            engine.model.fused_blocks (module swap)   LoRA q/k/v, o, the gated MLP and RMSNorm as
+                            autograd Functions with their own backward: about half the host's ops per layer
     packed_attention        engine.model.attention (AttentionInterface) per-document attention, O(sum n_i^2)
     short_attention         a DocumentKernel (engine.speed.cpu_attention) CPU bf16: short documents as explicit matmuls
     batch_short_documents   the same kernel, one autograd node per layer
@@ -35,6 +37,7 @@ from torch import nn
 from engine.config import SpeedConfig
 from engine.layers.groups import set_grouped_lora
 from engine.layers.lora import set_fused_lora
+from engine.model.fused_blocks import set_fused_blocks
 from engine.model.attention import register_packed_attention, set_attention
 import engine.speed.compiled as compiled
 import engine.speed.cuda_attention as cuda_attention
@@ -55,6 +58,7 @@ class SpeedPlan:
 
     fused_lora: bool = True
     grouped_lora: bool = True
+    fused_blocks: bool = True
     packed_attention: bool = True
     short_attention: int = 0
     batch_short_documents: bool = False
@@ -65,7 +69,7 @@ class SpeedPlan:
     offload_activations: bool = False
     notes: tuple[str, ...] = ()
 
-    SWITCHES = ("fused_lora", "grouped_lora", "packed_attention", "short_attention", "batch_short_documents",
+    SWITCHES = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention", "batch_short_documents",
                 "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
     VALUED = ("short_attention", "varlen_attention")  # said with their value; off is 0 / ""
 
@@ -94,7 +98,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
     """The plan for this run: `cfg.mode=off` is the reference path (every switch off); `auto` turns
     on what is measured to pay on this device (and possible here), minus `cfg.disable`."""
     if cfg.mode == "off":
-        return SpeedPlan(fused_lora=False, grouped_lora=False, packed_attention=False,
+        return SpeedPlan(fused_lora=False, grouped_lora=False, fused_blocks=False, packed_attention=False,
                          offload_activations=offload_activations)
     notes = []
     cpu_bf16 = device.type == "cpu" and precision == "bf16"
@@ -107,6 +111,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
     plan = SpeedPlan(
         fused_lora=True,
         grouped_lora=not fsdp,  # FSDP's parameters are DTensor shards outside the block's forward
+        fused_blocks=not fsdp,  # the same
         packed_attention=True,
         short_attention=SHORT_ATTENTION_MAX_LEN if cpu_bf16 else 0,
         batch_short_documents=cpu_bf16,
@@ -160,7 +165,14 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
     else:
         name = None
     set_attention(model, name)
-    compiled.set_compiled_norms(model, plan.compile_norms)
+    if plan.compile_norms:  # compiled norms replace the fused ones (one kernel each way)
+        blocks = set_fused_blocks(model, plan.fused_blocks, norms=False)
+        compiled.set_compiled_norms(model, True)
+    else:
+        compiled.set_compiled_norms(model, False)
+        blocks = set_fused_blocks(model, plan.fused_blocks)
+    if plan.fused_blocks and blocks.left:  # what falls back, said once beside the plan line
+        print(f"speed: {blocks.describe()}", file=sys.stderr)
     if plan.offload_activations and not getattr(model, "_activation_offloader", None):
         install_offload(model, use_reentrant=False)
     return StepKernels(cross_entropy=compiled.compiled_cross_entropy() if plan.compile_loss else None,

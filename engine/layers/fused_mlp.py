@@ -1,0 +1,117 @@
+"""The gated MLP with LoRA on its three projections as one autograd Function (speed switch fused_blocks).
+
+    y = down( act(gate(x)) * up(x) )          every projection  P(z) = z W^T + b + s (z A^T) B^T
+
+(Llama, Mistral, Qwen2/3, Gemma's gelu-tanh, Mixtral's and Qwen2-MoE's shared MLPs where LoRA'd;
+Phi-3 computes gate and up as one `gate_up_proj` and splits its output). After Unsloth's `LoRA_MLP`
+(unsloth/kernels/fast_lora.py):
+
+    forward    gu = project(x; gate, up)            one A matmul for gate and up (engine/layers/fused_lora.py)
+               h = act(g) * u;  y = project(h; down)
+               saves x, xa [N, 2r], g, u, ha [N, r]  (not act(g) nor h: two [N, I] tensors fewer than
+               autograd keeps; backward remakes them, two elementwise ops)
+    backward   dh = dy W_d + (dy B_d) (S A_d)   and the down factors' gradients
+               du = dh * act(g);  dg = act'(g) * (dh * u)   (one fused activation-backward op)
+               dx = dg W_g + du W_u + (dxa) (S A_gu)       and the gate / up factors' gradients
+
+Same math as the module's own forward (tests/layers/test_fused_blocks.py: values and gradients).
+The activation is recognised by what it computes (`activation_of`), not by its class name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.fused_lora import LoRAFactors, base_bias, base_weight, compute_dtype, fusable, project, project_backward
+
+ACTIVATIONS = {
+    "silu": (F.silu, lambda g, z: torch.ops.aten.silu_backward(g, z)),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh")),
+    "gelu": (F.gelu, lambda g, z: torch.ops.aten.gelu_backward(g, z)),
+}
+
+
+def activation_of(fn) -> str | None:
+    """The ACTIVATIONS name whose values `fn` reproduces on a probe (fp32), or None."""
+    probe = torch.linspace(-6.0, 6.0, 97)
+    with torch.no_grad():
+        try:
+            got = fn(probe)
+        except Exception:  # noqa: BLE001 (a module that cannot run on a CPU probe: not ours to fuse)
+            return None
+        for name, (act, _) in ACTIVATIONS.items():
+            if isinstance(got, torch.Tensor) and got.shape == probe.shape and torch.allclose(got, act(probe), atol=1e-6):
+                return name
+    return None
+
+
+class GatedMLPParts:
+    """What the Function needs of one MLP module: the upper projections (gate, up; or gate_up),
+    down, the activation; factors cached per optimizer step (LoRAFactors)."""
+
+    def __init__(self, upper: list, down, activation: str):
+        self.upper, self.down, self.activation = list(upper), down, activation
+        self.fused_gate_up = len(self.upper) == 1
+        self.upper_factors, self.down_factors = LoRAFactors(self.upper), LoRAFactors([down])
+
+    def usable(self, x: torch.Tensor) -> bool:
+        return compute_dtype(x) is not None and all(fusable(m) for m in (*self.upper, self.down))
+
+    def params(self) -> list[torch.Tensor]:
+        return self.upper_factors.params() + self.down_factors.params()
+
+    def weights(self, dtype):
+        return [base_weight(m, dtype) for m in self.upper], base_weight(self.down, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))
+        return LoRAGatedMLP.apply(self, flat, *self.params()).view(*x.shape[:-1], -1)
+
+
+class LoRAGatedMLP(torch.autograd.Function):
+    """apply(parts, x [N, h], *params) -> y [N, h]; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, parts: GatedMLPParts, x: torch.Tensor, *params):
+        dtype = x.dtype
+        fu, fd = parts.upper_factors.get(dtype), parts.down_factors.get(dtype)
+        w_upper, w_down = parts.weights(dtype)
+        outs, xa = project(x, w_upper, [base_bias(m, dtype) for m in parts.upper], fu)
+        g, u = outs[0].chunk(2, dim=-1) if parts.fused_gate_up else outs
+        act = ACTIVATIONS[parts.activation][0]
+        h = act(g).mul_(u)                                                    # [N, I]
+        (y,), ha = project(h, [w_down], [base_bias(parts.down, dtype)], fd)
+        ctx.parts, ctx.dtype = parts, dtype
+        ctx.save_for_backward(x, xa, g, u, ha)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, g, u, ha = ctx.saved_tensors
+        parts, dtype = ctx.parts, ctx.dtype
+        fu, fd = parts.upper_factors.get(dtype), parts.down_factors.get(dtype)
+        w_upper, w_down = parts.weights(dtype)
+        act, act_backward = ACTIVATIONS[parts.activation]
+        a = act(g)
+        dh, d_down = project_backward(a * u, ha, [dy], [w_down], fd, True)   # h = act(g) * u, remade
+        du = dh * a
+        dg = act_backward(dh.mul_(u), g)
+        grads = [torch.cat([dg, du], dim=1)] if parts.fused_gate_up else [dg, du]
+        dx, d_upper = project_backward(x, xa, grads, w_upper, fu, ctx.needs_input_grad[1])
+        return (None, dx, *d_upper, *d_down)
+
+
+class FusedMLPForward:
+    """A gated MLP module's `forward` replaced by `LoRAGatedMLP` (installed by
+    engine.model.fused_blocks); where the parts cannot take it now (an adapter merged or switched off,
+    a 16-bit input without autocast) the module's own forward runs."""
+
+    def __init__(self, module: nn.Module, parts: GatedMLPParts):
+        self.module, self.parts = module, parts
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or not self.parts.usable(x):
+            return type(self.module).forward(self.module, x, *args, **kwargs)
+        return self.parts(x)
