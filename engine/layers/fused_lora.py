@@ -56,7 +56,23 @@ def fusable(layer: nn.Module) -> bool:
             and not layer.merged and not layer.disabled)
 
 
-_CAST_WEIGHTS: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+class _ByTensor:
+    """tensor -> value, by identity (tensors compare by value), dropped when the tensor is freed."""
+
+    def __init__(self):
+        self._items: dict[int, tuple] = {}
+
+    def get(self, t: torch.Tensor):
+        hit = self._items.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
+    def put(self, t: torch.Tensor, value):
+        key = id(t)
+        self._items[key] = (weakref.ref(t, lambda _, key=key: self._items.pop(key, None)), value)
+        return value
+
+
+_CAST_WEIGHTS = _ByTensor()
 """frozen float weight -> (version, dtype, its copy in dtype): cast once, not per call"""
 
 
@@ -66,19 +82,32 @@ def base_weight(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor:
     base = layer.base_layer
     if is_linear4bit(base):
         return dequantize_weight(base).to(dtype)
-    weight = base.weight.detach()
+    weight = base.weight  # frozen (requires_grad False): used as it is, no detach op per call
     if weight.dtype == dtype:
         return weight
     hit = _CAST_WEIGHTS.get(base.weight)
     if hit is None or hit[0] != base.weight._version or hit[1] != dtype:
-        hit = (base.weight._version, dtype, weight.to(dtype))
-        _CAST_WEIGHTS[base.weight] = hit
+        hit = _CAST_WEIGHTS.put(base.weight, (base.weight._version, dtype, weight.detach().to(dtype)))
     return hit[2]
+
+
+_TRANSPOSED = _ByTensor()
+"""weight kept between calls -> its transpose (a view made once: a `t` op per call saved)"""
+
+
+def transposed(weight: torch.Tensor, keep: bool) -> torch.Tensor:
+    """weight.t(), remembered for a weight that lives on (`keep`: a frozen float W or its cached cast)."""
+    if not keep:
+        return weight.t()
+    t = _TRANSPOSED.get(weight)
+    if t is None:
+        t = _TRANSPOSED.put(weight, weight.t())
+    return t
 
 
 def base_bias(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor | None:
     bias = layer.base_layer.bias
-    return None if bias is None else bias.detach().to(dtype)
+    return None if bias is None else bias.to(dtype)  # frozen; .to is free when the dtype matches
 
 
 class LoRAFactors:
@@ -87,14 +116,12 @@ class LoRAFactors:
         a    [R, h]  S A = [s_1 A_1; s_2 A_2; ...]    a_t: its transpose (a view)
         b    [B_1, B_2, ...]  [o_i, r_i]              b_t: their transposes (views)
         scale [R, 1] fp32: s_i on member i's rows (dA = scale * d(SA), in fp32)
-        bounds [(start, end)] of member i's rows in R."""
+        sizes [r_i]: member i's rows in R."""
 
     def __init__(self, members: list[LoRALinear]):
         self.members = list(members)
-        self.bounds, start = [], 0
-        for m in self.members:
-            self.bounds.append((start, start + m.r))
-            start += m.r
+        self.sizes = [m.r for m in self.members]
+        self.keeps_weights = not any(is_linear4bit(m.base_layer) for m in self.members)  # 4-bit: W per call
         self._key = None
 
     def params(self) -> list[torch.Tensor]:
@@ -115,14 +142,19 @@ class LoRAFactors:
             self._key = key
         return self
 
+    def split(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        """t's members' parts along dim (R wide): one split op, not a slice per member."""
+        return [t] if len(self.sizes) == 1 else t.split(self.sizes, dim)
+
 
 def project(x: torch.Tensor, weights: list[torch.Tensor], biases: list, f: LoRAFactors):
     """Forward of K projections of x [N, h]: ([Y_i [N, o_i]], xa [N, R])."""
     xa = torch.mm(x, f.a_t)
     outs = []
-    for (start, end), w, b, b_t in zip(f.bounds, weights, biases, f.b_t):
-        y = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
-        outs.append(y.addmm_(xa[:, start:end] if len(f.bounds) > 1 else xa, b_t))
+    for w, b, b_t, xa_i in zip(weights, biases, f.b_t, f.split(xa, 1)):
+        w_t = transposed(w, f.keeps_weights)
+        y = torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+        outs.append(y.addmm_(xa_i, b_t))
     return outs, xa
 
 
@@ -136,9 +168,8 @@ def project_backward(x: torch.Tensor, xa: torch.Tensor, grads: list, weights: li
     dxa = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)       # [N, R]
     da = torch.mul(torch.mm(dxa.t(), x), f.scale)                       # [R, h], fp32 (scale is)
     out = []
-    for (start, end), g in zip(f.bounds, grads):
-        xa_i = xa[:, start:end] if len(f.bounds) > 1 else xa
-        out += [da[start:end] if len(f.bounds) > 1 else da, torch.mm(g.t(), xa_i)]
+    for g, xa_i, da_i in zip(grads, f.split(xa, 1), f.split(da, 0)):
+        out += [da_i, torch.mm(g.t(), xa_i)]
     dx = None
     if want_x:
         dx = torch.mm(grads[0], weights[0])

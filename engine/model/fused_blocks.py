@@ -3,7 +3,9 @@
     attention   q_proj, k_proj, v_proj of one module -> one `LoRAProjections` call (engine/layers/fused_lora.py)
                 (Phi-3's qkv_proj, o_proj, and every other plain LoRA linear: the same Function, one member)
     gated MLP   gate / up (or gate_up) -> act -> down  -> one `LoRAGatedMLP` call (engine/layers/fused_mlp.py)
-    RMSNorm     the blocks' norms -> `FusedRMSNorm` (engine/layers/fused_norm.py), where its math is recognised
+    RMSNorm     the blocks' norms -> `RMSNormFunction` (engine/layers/fused_norm.py), where its math is recognised
+    RoPE        inside each attention module's forward, the family's apply_rotary_pos_emb -> `RoPEFunction`
+                (engine/layers/fused_rope.py), where the family's function is the half-split rotation
 
 No family-specific forward is written here: the model's own attention and decoder-layer code runs,
 and the modules it calls compute faster. That keeps every family transformers ships (sliding
@@ -33,6 +35,7 @@ from torch import nn
 from engine.layers.fused_lora import FusedProjections
 from engine.layers.fused_mlp import FusedMLPForward, GatedMLPParts, activation_of
 from engine.layers.fused_norm import set_fused_norms
+from engine.layers.fused_rope import RopeSwitch, rope_switch_for
 from engine.layers.lora import LoRALinear
 from engine.model.tiling import find_mlps, is_tiled
 
@@ -48,10 +51,11 @@ class FusedBlocks:
     groups: int = 0
     projections: int = 0
     norms: int = 0
+    rope: int = 0
     left: Counter = field(default_factory=Counter)
 
     def describe(self) -> str:
-        line = f"fused_blocks: {self.mlps} MLPs, {self.groups} q/k/v groups, {self.projections} single projections, {self.norms} norms"
+        line = f"fused_blocks: {self.mlps} MLPs, {self.groups} q/k/v groups, {self.projections} single projections, {self.norms} norms, {self.rope} RoPE"
         if self.left:
             line += "; reference path for " + ", ".join(f"{n} {why}" for why, n in sorted(self.left.items()))
         return line
@@ -78,7 +82,8 @@ def _remove(model: nn.Module) -> None:
         if isinstance(module.__dict__.get("forward"), FusedMLPForward):
             del module.forward
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, fn in hooks.items() if isinstance(getattr(fn, "__self__", None), FusedProjections)]:
+            for key in [k for k, fn in hooks.items()
+                        if isinstance(getattr(fn, "__self__", None), (FusedProjections, RopeSwitch))]:
                 del hooks[key]
 
 
@@ -132,6 +137,16 @@ def set_fused_blocks(model: nn.Module, enabled: bool, norms: bool = True) -> Fus
             parent.register_forward_pre_hook(group.begin)
             parent.register_forward_hook(group.end)
             report.groups += 1
+    for attention in model.modules():
+        if not type(attention).__name__.endswith("Attention"):
+            continue
+        switch = rope_switch_for(attention)
+        if switch is None:
+            report.left["attention modules with another rotary form"] += 1
+            continue
+        attention.register_forward_pre_hook(switch.enter)
+        attention.register_forward_hook(switch.exit)
+        report.rope += 1
     for layer in model.modules():
         if not isinstance(layer, LoRALinear) or id(layer) in taken:
             continue

@@ -11,6 +11,8 @@ and exposes hooks; this module decides which fast implementation plugs into each
     packed_attention        engine.model.attention (AttentionInterface) per-document attention, O(sum n_i^2)
     short_attention         a DocumentKernel (engine.speed.cpu_attention) CPU bf16: short documents as explicit matmuls
     batch_short_documents   the same kernel, one autograd node per layer
+    row_attention           a DocumentKernel (engine.speed.row_attention) rows of up to this many tokens (and no
+                            kernel above): one masked SDPA call per layer instead of one per document
     varlen_attention        a DocumentKernel (engine.speed.cuda_attention) CUDA: one kernel call per layer for every
                             document of the micro-batch (flash_varlen on sm80+ in fp16 / bf16, nested_sdpa
                             elsewhere, a T4 included), cu_seqlens from the loader
@@ -43,12 +45,17 @@ import engine.speed.compiled as compiled
 import engine.speed.cuda_attention as cuda_attention
 import engine.speed.host_memory as host_memory
 from engine.speed.cpu_attention import short_document_kernel
+from engine.speed.row_attention import row_mask_kernel
 from engine.speed.offload import install_offload
 from engine.training.loss import StepKernels
 
 SHORT_ATTENTION_MAX_LEN = 256
 """Longest document the CPU short-attention kernel takes: its saved probabilities grow as n^2; at
 n <= 4 head_dim they are no larger than q, k, v and the output together."""
+
+ROW_ATTENTION_MAX_LEN = 256
+"""Longest row the one-call-per-layer masked kernel takes (row_attention): it computes all T^2
+query-key pairs of a row; at <= 256 tokens those cost less than a call per document does."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class SpeedPlan:
     packed_attention: bool = True
     short_attention: int = 0
     batch_short_documents: bool = False
+    row_attention: int = 0
     varlen_attention: str = ""
     compile_norms: bool = False
     compile_loss: bool = False
@@ -70,16 +78,17 @@ class SpeedPlan:
     notes: tuple[str, ...] = ()
 
     SWITCHES = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention", "batch_short_documents",
-                "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
-    VALUED = ("short_attention", "varlen_attention")  # said with their value; off is 0 / ""
+                "row_attention", "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
+    VALUED = ("short_attention", "row_attention", "varlen_attention")  # said with their value; off is 0 / ""
 
     def describe(self) -> str:
         """One line: the switches that are on, and why auto left any off."""
-        kernels = ("short_attention", "batch_short_documents", "varlen_attention")  # of the packed path
+        kernels = ("short_attention", "batch_short_documents", "row_attention", "varlen_attention")  # packed path
         on = [f"{name}={getattr(self, name)}" if name in self.VALUED else name
               for name in self.SWITCHES if getattr(self, name)
               and (name not in kernels or self.packed_attention)
-              and (name != "batch_short_documents" or self.short_attention)]  # it batches that kernel
+              and (name != "batch_short_documents" or self.short_attention)  # it batches that kernel
+              and (name != "row_attention" or not (self.short_attention or self.varlen_attention))]
         if self.offload_activations:
             on.append("offload_activations")
         line = "speed: " + (", ".join(on) if on else "reference path (every switch off)")
@@ -115,6 +124,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         packed_attention=True,
         short_attention=SHORT_ATTENTION_MAX_LEN if cpu_bf16 else 0,
         batch_short_documents=cpu_bf16,
+        row_attention=ROW_ATTENTION_MAX_LEN if device.type == "cpu" else 0,  # a GPU's packed rows: varlen
         varlen_attention=varlen,
         compile_norms=compile_on, compile_loss=compile_on,
         retain_host_memory=retain, offload_activations=offload_activations, notes=tuple(notes))
@@ -160,6 +170,8 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
         name = register_packed_attention(f"engine_packed_short{plan.short_attention}"
                                          f"{'_batched' if plan.batch_short_documents else ''}",
                                          short_document_kernel(plan.short_attention, plan.batch_short_documents))
+    elif plan.packed_attention and plan.row_attention:
+        name = register_packed_attention(f"engine_packed_rows{plan.row_attention}", row_mask_kernel(plan.row_attention))
     elif plan.packed_attention:
         name = register_packed_attention()
     else:
@@ -183,4 +195,4 @@ def announce(plan: SpeedPlan) -> None:
     print(plan.describe(), file=sys.stderr)
 
 
-__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "SHORT_ATTENTION_MAX_LEN"]
+__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "SHORT_ATTENTION_MAX_LEN", "ROW_ATTENTION_MAX_LEN"]
