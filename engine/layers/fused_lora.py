@@ -4,19 +4,25 @@ K projections that read the same input x [N, h] (q_proj, k_proj, v_proj; or o_pr
 
     Y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T            W_i [o_i, h] frozen, A_i [r_i, h], B_i [o_i, r_i]
 
-as one `torch.autograd.Function` (Hu et al. 2021 for LoRA; the hand-written backward after Unsloth's
-`fast_lora.py`, LoRA_QKV / LoRA_W):
+as one `torch.autograd.Function` over the stacked output Y = [Y_1 | Y_2 | ...] [N, O] (Hu et al. 2021
+for LoRA; the hand-written backward after Unsloth's `fast_lora.py`, LoRA_QKV / LoRA_W):
 
-    forward    xa = x (S A)^T                  [N, R]   one matmul for every member, S A = [s_1 A_1; ...]
-               Y_i = x W_i^T (+ b_i);  Y_i += xa_i B_i^T     (addmm_, in place)
-               saves x and xa only (the small [N, R] product; no [N, o_i] tensor)
-    backward   dxa_i = dY_i B_i;  dB_i = dY_i^T xa_i;  d(SA) = dxa^T x;  dA_i = s_i d(SA)_i (fp32)
-               dx = sum_i dY_i W_i + dxa (S A)       (mm then addmm_ chain: no add of [N, h] tensors)
-               the frozen W_i get no gradient; 4-bit W_i are dequantized again here, not saved
+    W  = [W_1; W_2; ...]  [O, h]      the frozen weights, stacked once at the swap: the members'
+                                      own weights become views of it (no second copy)
+    SA = [s_1 A_1; ...]   [R, h]      B_bd = diag(B_1, B_2, ...) [O, R] (block-diagonal)
+    forward    xa = x SA^T  [N, R];   Y = x W^T (+ b);   Y += xa B_bd^T       three GEMMs for the group
+               saves x and xa only (no [N, O] tensor)
+    backward   dxa = dY B_bd;  dB_i = (dY^T xa)'s block i;  dA_i = s_i (dxa^T x)_i   (fp32)
+               dx = dY W + dxa SA                                              four GEMMs, one addmm_
+               the frozen W gets no gradient; a 4-bit W is dequantized again here, not saved
+
+The block-diagonal B costs K times the LoRA-B FLOPs (R x O instead of sum r_i o_i: small beside
+x W^T once h >> R) for one GEMM call instead of K each way; a GEMM call, not its FLOPs, is what a
+host-bound step pays.
 
 Precision (the choice the issue asks to state): A and B stay fp32 parameters (the optimizer, the
 checkpoints and the adapter files see fp32, as everywhere else in the engine); the Function computes
-with compute-dtype copies of S A and B made once per optimizer step (`LoRAFactors`: remade when a
+with compute-dtype copies of SA and B_bd made once per optimizer step (`LoRAFactors`: remade when a
 parameter's version counter moves, i.e. after the optimizer's in-place update, or when the dtype
 changes), not once per call as autocast would (autocast's own weight cache skips tensors reached
 inside a Function and is emptied on every autocast exit). Gradients come back in the compute dtype;
@@ -56,72 +62,92 @@ def fusable(layer: nn.Module) -> bool:
             and not layer.merged and not layer.disabled)
 
 
-class _ByTensor:
-    """tensor -> value, by identity (tensors compare by value), dropped when the tensor is freed."""
-
-    def __init__(self):
-        self._items: dict[int, tuple] = {}
-
-    def get(self, t: torch.Tensor):
-        hit = self._items.get(id(t))
-        return hit[1] if hit is not None and hit[0]() is t else None
-
-    def put(self, t: torch.Tensor, value):
-        key = id(t)
-        self._items[key] = (weakref.ref(t, lambda _, key=key: self._items.pop(key, None)), value)
-        return value
-
-
-_CAST_WEIGHTS = _ByTensor()
-"""frozen float weight -> (version, dtype, its copy in dtype): cast once, not per call"""
-
-
-def base_weight(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor:
-    """W [out, in] of the frozen base in `dtype`: a 4-bit W dequantized (per call: never kept),
-    a float W as it is or its cached cast."""
-    base = layer.base_layer
-    if is_linear4bit(base):
-        return dequantize_weight(base).to(dtype)
-    weight = base.weight  # frozen (requires_grad False): used as it is, no detach op per call
-    if weight.dtype == dtype:
-        return weight
-    hit = _CAST_WEIGHTS.get(base.weight)
-    if hit is None or hit[0] != base.weight._version or hit[1] != dtype:
-        hit = _CAST_WEIGHTS.put(base.weight, (base.weight._version, dtype, weight.detach().to(dtype)))
-    return hit[2]
+def stack_base_weights(members: list[LoRALinear]) -> None:
+    """Make the members' frozen float weights (and biases) views of one stacked tensor, so the group's
+    base GEMM is one call without a second copy of W. 4-bit or mixed bases are left as they are."""
+    bases = [m.base_layer for m in members]
+    if len(bases) < 2 or any(is_linear4bit(b) for b in bases):
+        return
+    w0 = bases[0].weight
+    if any(b.weight.dtype != w0.dtype or b.weight.device != w0.device for b in bases):
+        return
+    if stacked_weight(members) is not None:
+        return  # already views of one tensor
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            tensors = [getattr(b, name) for b in bases]
+            if any(t is None for t in tensors):
+                continue
+            stacked = torch.cat([t.detach() for t in tensors])
+            for b, view in zip(bases, stacked.split([t.shape[0] for t in tensors])):
+                setattr(b, name, nn.Parameter(view, requires_grad=False))
 
 
-_TRANSPOSED = _ByTensor()
-"""weight kept between calls -> its transpose (a view made once: a `t` op per call saved)"""
+def stacked_weight(members: list[LoRALinear], name: str = "weight") -> torch.Tensor | None:
+    """The stacked tensor [O, ...] the members' float `name` tensors are consecutive views of, or None."""
+    tensors = [getattr(m.base_layer, name) for m in members]
+    if any(t is None or is_linear4bit(m.base_layer) for t, m in zip(tensors, members)):
+        return None
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first
+    offset, ptr = first.storage_offset(), first.untyped_storage().data_ptr()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def transposed(weight: torch.Tensor, keep: bool) -> torch.Tensor:
-    """weight.t(), remembered for a weight that lives on (`keep`: a frozen float W or its cached cast)."""
-    if not keep:
-        return weight.t()
-    t = _TRANSPOSED.get(weight)
-    if t is None:
-        t = _TRANSPOSED.put(weight, weight.t())
-    return t
+class BaseWeights:
+    """The frozen part of a group: W [O, h] (and b [O]) in the compute dtype, with W^T as a view
+    kept between calls. Float: the stacked tensor (`stack_base_weights`) or, where the weights were
+    replaced since, their concatenation (per call); cast once per dtype where W is in another.
+    4-bit: dequantized and concatenated per call, never kept."""
 
+    def __init__(self, members: list[LoRALinear]):
+        self.members = list(members)
+        self._key = None
 
-def base_bias(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor | None:
-    bias = layer.base_layer.bias
-    return None if bias is None else bias.to(dtype)  # frozen; .to is free when the dtype matches
+    def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W [O, h], W^T, b [O] or None)."""
+        weights = [m.base_layer.weight for m in self.members]
+        if any(is_linear4bit(m.base_layer) for m in self.members):
+            w = torch.cat([dequantize_weight(m.base_layer).to(dtype) for m in self.members])
+            return w, w.t(), self._bias(dtype)
+        key = (dtype, *(id(w) for w in weights), *(w._version for w in weights))
+        if key != self._key:
+            with torch.no_grad():
+                w = stacked_weight(self.members)
+                w = torch.cat(weights) if w is None else w
+                self.w = w if w.dtype == dtype else w.to(dtype)
+                self.w_t = self.w.t()
+                self.b = self._bias(dtype)
+            self._key = key
+        return self.w, self.w_t, self.b
+
+    def _bias(self, dtype):
+        biases = [m.base_layer.bias for m in self.members]
+        if all(b is None for b in biases):
+            return None
+        with torch.no_grad():
+            full = [b if b is not None else torch.zeros(m.out_features, device=m.lora_A.weight.device)
+                    for b, m in zip(biases, self.members)]
+            return (full[0] if len(full) == 1 else torch.cat([b.to(dtype) for b in full])).to(dtype)
 
 
 class LoRAFactors:
     """Compute-dtype copies of a group's LoRA factors, remade only when a parameter changed:
 
-        a    [R, h]  S A = [s_1 A_1; s_2 A_2; ...]    a_t: its transpose (a view)
-        b    [B_1, B_2, ...]  [o_i, r_i]              b_t: their transposes (views)
+        a     [R, h]  SA = [s_1 A_1; s_2 A_2; ...]   a_t: its transpose (a view)
+        b     [O, R]  B_bd = diag(B_1, B_2, ...)     b_t: its transpose (a view)
         scale [R, 1] fp32: s_i on member i's rows (dA = scale * d(SA), in fp32)
-        sizes [r_i]: member i's rows in R."""
+        sizes [r_i], out_sizes [o_i]: the members' rows in R and in O."""
 
     def __init__(self, members: list[LoRALinear]):
         self.members = list(members)
         self.sizes = [m.r for m in self.members]
-        self.keeps_weights = not any(is_linear4bit(m.base_layer) for m in self.members)  # 4-bit: W per call
+        self.out_sizes = [m.out_features for m in self.members]
         self._key = None
 
     def params(self) -> list[torch.Tensor]:
@@ -135,76 +161,66 @@ class LoRAFactors:
             with torch.no_grad():
                 self.a = torch.cat([m.lora_A.weight * m.scaling for m in self.members]).to(dtype)
                 self.a_t = self.a.t()
-                self.b = [m.lora_B.weight.to(dtype) for m in self.members]
-                self.b_t = [b.t() for b in self.b]
+                self.b = torch.block_diag(*[m.lora_B.weight for m in self.members]).to(dtype)
+                self.b_t = self.b.t()
                 self.scale = torch.cat([torch.full((m.r, 1), float(m.scaling), device=self.a.device)
                                         for m in self.members])
             self._key = key
         return self
 
-    def split(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
-        """t's members' parts along dim (R wide): one split op, not a slice per member."""
-        return [t] if len(self.sizes) == 1 else t.split(self.sizes, dim)
+    def lora_grads(self, db: torch.Tensor, da: torch.Tensor) -> list[torch.Tensor]:
+        """[dA_1, dB_1, dA_2, dB_2, ...] from dA [R, h] and the full dY^T xa [O, R] (its diagonal blocks)."""
+        if len(self.sizes) == 1:
+            return [da, db]
+        out = []
+        start = 0
+        for da_i, db_i, r in zip(da.split(self.sizes), db.split(self.out_sizes), self.sizes):
+            out += [da_i, db_i[:, start:start + r]]
+            start += r
+        return out
 
 
-def project(x: torch.Tensor, weights: list[torch.Tensor], biases: list, f: LoRAFactors):
-    """Forward of K projections of x [N, h]: ([Y_i [N, o_i]], xa [N, R])."""
+def project(x: torch.Tensor, w_t: torch.Tensor, bias, f: LoRAFactors):
+    """Forward of the stacked projections of x [N, h]: (Y [N, O], xa [N, R])."""
     xa = torch.mm(x, f.a_t)
-    outs = []
-    for w, b, b_t, xa_i in zip(weights, biases, f.b_t, f.split(xa, 1)):
-        w_t = transposed(w, f.keeps_weights)
-        y = torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
-        outs.append(y.addmm_(xa_i, b_t))
-    return outs, xa
+    y = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+    return y.addmm_(xa, f.b_t), xa
 
 
-def project_backward(x: torch.Tensor, xa: torch.Tensor, grads: list, weights: list, f: LoRAFactors,
-                     want_x: bool):
-    """Backward of `project`: (dx or None, [dA_1, dB_1, dA_2, dB_2, ...]); a None dY_i (an
-    output nobody used) contributes nothing."""
-    grads = [g if g is not None else torch.zeros(x.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
-             for g, b in zip(grads, f.b)]
-    parts = [torch.mm(g, b) for g, b in zip(grads, f.b)]                 # dxa_i [N, r_i]
-    dxa = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)       # [N, R]
-    da = torch.mul(torch.mm(dxa.t(), x), f.scale)                       # [R, h], fp32 (scale is)
-    out = []
-    for g, xa_i, da_i in zip(grads, f.split(xa, 1), f.split(da, 0)):
-        out += [da_i, torch.mm(g.t(), xa_i)]
-    dx = None
-    if want_x:
-        dx = torch.mm(grads[0], weights[0])
-        for g, w in zip(grads[1:], weights[1:]):
-            dx.addmm_(g, w)
-        dx.addmm_(dxa, f.a)
-    return dx, out
+def project_backward(x: torch.Tensor, xa: torch.Tensor, dy: torch.Tensor, w: torch.Tensor | None, f: LoRAFactors):
+    """Backward of `project`: (dx, or None without w; [dA_1, dB_1, ...])."""
+    dxa = torch.mm(dy, f.b)                                              # [N, R]
+    grads = f.lora_grads(torch.mm(dy.t(), xa),                            # [O, R]: dB_i on the diagonal
+                         torch.mul(torch.mm(dxa.t(), x), f.scale))       # [R, h], fp32 (scale is)
+    if w is None:
+        return None, grads
+    return torch.mm(dy, w).addmm_(dxa, f.a), grads
 
 
 class LoRAProjections(torch.autograd.Function):
-    """apply(group, x [N, h], *params) -> (Y_1, ..., Y_K); see the module docstring."""
+    """apply(group, x [N, h], *params) -> Y [N, O] (the members' outputs side by side)."""
 
     @staticmethod
     def forward(ctx, group: "FusedProjections", x: torch.Tensor, *params):
         dtype = x.dtype
-        f = group.factors.get(dtype)
-        weights = [base_weight(m, dtype) for m in group.members]
-        outs, xa = project(x, weights, [base_bias(m, dtype) for m in group.members], f)
-        ctx.group, ctx.dtype = group, dtype
+        _, w_t, bias = group.base.get(dtype)
+        y, xa = project(x, w_t, bias, group.factors.get(dtype))
+        ctx.group = group
         ctx.save_for_backward(x, xa)
-        return tuple(outs)
+        return y
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, dy):
         x, xa = ctx.saved_tensors
-        group = ctx.group
-        f = group.factors.get(ctx.dtype)
-        weights = [base_weight(m, ctx.dtype) for m in group.members] if ctx.needs_input_grad[1] else []
-        dx, dparams = project_backward(x, xa, list(grads), weights, f, ctx.needs_input_grad[1])
+        group, dtype = ctx.group, x.dtype
+        w = group.base.get(dtype)[0] if ctx.needs_input_grad[1] else None
+        dx, dparams = project_backward(x, xa, dy, w, group.factors.get(dtype))
         return (None, dx, *dparams)
 
 
 class FusedProjections:
-    """The hook a `LoRALinear` calls when it is a member (`LoRALinear.fused`): the members' outputs
-    for one input, computed together by `LoRAProjections`.
+    """The hook a `LoRALinear` calls when it is a member (`LoRALinear.fused_group`): the members'
+    outputs for one input, computed together by `LoRAProjections`.
 
     Members read the same input (q, k, v of an attention module) or there is one member. Inside the
     parent module's forward (between its pre- and post-hook) the first member called computes every
@@ -215,7 +231,7 @@ class FusedProjections:
     def __init__(self, members: list[LoRALinear]):
         self.members = list(members)
         self.index = {m: i for i, m in enumerate(self.members)}
-        self.factors = LoRAFactors(self.members)
+        self.factors, self.base = LoRAFactors(self.members), BaseWeights(self.members)
         self._x = self._outs = None
 
     def begin(self, *args) -> None:  # forward pre-hook and forward hook of the parent module
@@ -227,12 +243,12 @@ class FusedProjections:
         return compute_dtype(x) is not None and all(fusable(m) for m in self.members)
 
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        if x is not self._x or self._outs is None:
-            dtype = compute_dtype(x)
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            self._outs = LoRAProjections.apply(self, flat, *self.factors.params())
-            self._x = x if len(self.members) > 1 else None  # one member: nothing to share
-        out = self._outs[self.index[member]]
+        lead = x.shape[:-1]
         if len(self.members) == 1:
-            self._outs = None
-        return out.view(*x.shape[:-1], out.shape[-1])
+            y = LoRAProjections.apply(self, x.reshape(-1, x.shape[-1]).to(compute_dtype(x)), *self.factors.params())
+            return y.view(*lead, y.shape[-1])
+        if x is not self._x or self._outs is None:
+            flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))
+            y = LoRAProjections.apply(self, flat, *self.factors.params())
+            self._x, self._outs = x, y.view(*lead, y.shape[-1]).split(self.factors.out_sizes, dim=-1)
+        return self._outs[self.index[member]]

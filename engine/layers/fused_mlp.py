@@ -6,9 +6,9 @@
 Phi-3 computes gate and up as one `gate_up_proj` and splits its output). After Unsloth's `LoRA_MLP`
 (unsloth/kernels/fast_lora.py):
 
-    forward    gu = project(x; gate, up)            one A matmul for gate and up (engine/layers/fused_lora.py)
+    forward    gu = project(x; gate, up)            stacked [gate | up], 3 GEMMs (engine/layers/fused_lora.py)
                h = act(g) * u;  y = project(h; down)
-               saves x, xa [N, 2r], g, u, ha [N, r]  (not act(g) nor h: two [N, I] tensors fewer than
+               saves x, xa [N, 2r], [g | u], ha [N, r]  (not act(g) nor h: two [N, I] tensors fewer than
                autograd keeps; backward remakes them, two elementwise ops)
     backward   dh = dy W_d + (dy B_d) (S A_d)   and the down factors' gradients
                du = dh * act(g);  dg = act'(g) * (dh * u)   (one fused activation-backward op)
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.fused_lora import LoRAFactors, base_bias, base_weight, compute_dtype, fusable, project, project_backward
+from engine.layers.fused_lora import BaseWeights, LoRAFactors, compute_dtype, fusable, project, project_backward
 
 ACTIVATIONS = {
     "silu": (F.silu, lambda g, z: torch.ops.aten.silu_backward(g, z)),
@@ -53,17 +53,14 @@ class GatedMLPParts:
 
     def __init__(self, upper: list, down, activation: str):
         self.upper, self.down, self.activation = list(upper), down, activation
-        self.fused_gate_up = len(self.upper) == 1
         self.upper_factors, self.down_factors = LoRAFactors(self.upper), LoRAFactors([down])
+        self.upper_base, self.down_base = BaseWeights(self.upper), BaseWeights([down])
 
     def usable(self, x: torch.Tensor) -> bool:
         return compute_dtype(x) is not None and all(fusable(m) for m in (*self.upper, self.down))
 
     def params(self) -> list[torch.Tensor]:
         return self.upper_factors.params() + self.down_factors.params()
-
-    def weights(self, dtype):
-        return [base_weight(m, dtype) for m in self.upper], base_weight(self.down, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))
@@ -76,30 +73,29 @@ class LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, parts: GatedMLPParts, x: torch.Tensor, *params):
         dtype = x.dtype
-        fu, fd = parts.upper_factors.get(dtype), parts.down_factors.get(dtype)
-        w_upper, w_down = parts.weights(dtype)
-        outs, xa = project(x, w_upper, [base_bias(m, dtype) for m in parts.upper], fu)
-        g, u = outs[0].chunk(2, dim=-1) if parts.fused_gate_up else outs
-        act = ACTIVATIONS[parts.activation][0]
-        h = act(g).mul_(u)                                                    # [N, I]
-        (y,), ha = project(h, [w_down], [base_bias(parts.down, dtype)], fd)
-        ctx.parts, ctx.dtype = parts, dtype
-        ctx.save_for_backward(x, xa, g, u, ha)
+        _, w_t, bias = parts.upper_base.get(dtype)
+        gu, xa = project(x, w_t, bias, parts.upper_factors.get(dtype))       # [N, 2I]: [gate | up]
+        g, u = gu.chunk(2, dim=-1)
+        h = ACTIVATIONS[parts.activation][0](g).mul_(u)                      # [N, I]
+        _, w_t, bias = parts.down_base.get(dtype)
+        y, ha = project(h, w_t, bias, parts.down_factors.get(dtype))
+        ctx.parts = parts
+        ctx.save_for_backward(x, xa, gu, ha)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, g, u, ha = ctx.saved_tensors
-        parts, dtype = ctx.parts, ctx.dtype
-        fu, fd = parts.upper_factors.get(dtype), parts.down_factors.get(dtype)
-        w_upper, w_down = parts.weights(dtype)
+        x, xa, gu, ha = ctx.saved_tensors
+        parts, dtype = ctx.parts, x.dtype
+        g, u = gu.chunk(2, dim=-1)
         act, act_backward = ACTIVATIONS[parts.activation]
         a = act(g)
-        dh, d_down = project_backward(a * u, ha, [dy], [w_down], fd, True)   # h = act(g) * u, remade
+        dh, d_down = project_backward(a * u, ha, dy, parts.down_base.get(dtype)[0],   # h = act(g) * u, remade
+                                      parts.down_factors.get(dtype))
         du = dh * a
-        dg = act_backward(dh.mul_(u), g)
-        grads = [torch.cat([dg, du], dim=1)] if parts.fused_gate_up else [dg, du]
-        dx, d_upper = project_backward(x, xa, grads, w_upper, fu, ctx.needs_input_grad[1])
+        dgu = torch.cat([act_backward(dh.mul_(u), g), du], dim=1)           # [N, 2I]
+        w = parts.upper_base.get(dtype)[0] if ctx.needs_input_grad[1] else None
+        dx, d_upper = project_backward(x, xa, dgu, w, parts.upper_factors.get(dtype))
         return (None, dx, *d_upper, *d_down)
 
 

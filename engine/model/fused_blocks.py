@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from engine.layers.fused_lora import FusedProjections
+from engine.layers.fused_lora import FusedProjections, stack_base_weights
 from engine.layers.fused_mlp import FusedMLPForward, GatedMLPParts, activation_of
 from engine.layers.fused_norm import set_fused_norms
 from engine.layers.fused_rope import RopeSwitch, rope_switch_for
@@ -119,6 +119,7 @@ def set_fused_blocks(model: nn.Module, enabled: bool, norms: bool = True) -> Fus
         if parts is None:
             report.left[why] += 1
             continue
+        stack_base_weights(parts.upper)
         mlp.forward = FusedMLPForward(mlp, parts)
         taken.update(id(m) for m in (*parts.upper, parts.down))
         report.mlps += 1
@@ -130,6 +131,7 @@ def set_fused_blocks(model: nn.Module, enabled: bool, norms: bool = True) -> Fus
                 continue
             if len({m.in_features for m in members}) != 1:
                 continue
+            stack_base_weights(members)
             group = FusedProjections(members)
             for m in members:
                 m.fused_group = group
