@@ -5,6 +5,8 @@
     python benchmarks/host_cost.py --family qwen3 --layers 8    # any family transformers knows, tiny defaults
     python benchmarks/host_cost.py --disable fused_blocks       # what a switch buys (engine side only)
     python benchmarks/host_cost.py --no-checkpointing --precision fp32
+    python benchmarks/host_cost.py --device cuda --shape phi-3-mini --hidden 0 --layers 8   # a GPU: real widths,
+                                                                # GPU ms (CUDA events) beside host ms (scripts/gpu_check.sh)
 
 What it measures: the work the host issues per step when arithmetic is negligible. A real model's
 layer structure (32 decoder layers for Llama-3.1-8B) with every width shrunk (hidden 64, head_dim 16,
@@ -50,7 +52,8 @@ CPU_ONLY_SWITCHES = ("short_attention", "batch_short_documents", "compile_norms"
 
 def skeleton_config(args):
     """The model's transformers config: --shape (a known real config) or --family (transformers'
-    defaults), every width shrunk to --hidden with the real ratios, --layers if given."""
+    defaults), every width shrunk to --hidden with the real ratios (--hidden 0: the real widths),
+    --layers if given."""
     from transformers import AutoConfig
 
     if args.family:
@@ -58,6 +61,11 @@ def skeleton_config(args):
     else:
         from engine.plan import known_config
         config = known_config(args.shape)
+    if not args.hidden:
+        if args.layers:
+            config.num_hidden_layers = args.layers
+        config.pad_token_id = 0
+        return config
     heads = max(1, args.hidden // args.head_dim)
     ratio = config.num_attention_heads // max(1, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
@@ -75,19 +83,20 @@ def skeleton_config(args):
     return config
 
 
-def gpu_plan(disable: tuple[str, ...], precision: str):
+def gpu_plan(disable: tuple[str, ...], precision: str, device: torch.device):
+    """The plan a GPU gets: on a GPU, its own; on a CPU, the CPU's without its CPU-only switches."""
     from engine import speed
     from engine.config import SpeedConfig
 
-    plan = speed.resolve(SpeedConfig(), device=torch.device("cpu"), precision=precision)
-    return plan.off(*CPU_ONLY_SWITCHES, *disable)
+    plan = speed.resolve(SpeedConfig(), device=device, precision=precision)
+    return plan.off(*(CPU_ONLY_SWITCHES if device.type == "cpu" else ()), *disable)
 
 
-def build_base(config, precision: str):
+def build_base(config, precision: str, device: torch.device):
     from throughput_inputs import random_base_model
 
     from engine.training.amp import DTYPES
-    return random_base_model(config, method="lora", device="cpu", dtype=DTYPES[precision])
+    return random_base_model(config, method="lora", device=device, dtype=DTYPES[precision])
 
 
 class EngineRun:
@@ -105,10 +114,10 @@ class EngineRun:
         from engine.training.objective import CausalLM
         from engine.training.optim import build_optimizer
 
-        self.args, self.precision = args, args.precision
-        self.plan = gpu_plan(tuple(args.disable), args.precision)
+        self.args, self.precision, self.device = args, args.precision, torch.device(args.device)
+        self.plan = gpu_plan(tuple(args.disable), args.precision, self.device)
         seed_everything(0)
-        model = build_base(config, args.precision)
+        model = build_base(config, args.precision, self.device)
         inject_lora(model, "all-linear", args.r, 2 * args.r)
         mark_only_lora_trainable(model)
         if args.checkpointing:
@@ -116,9 +125,9 @@ class EngineRun:
         kernels = speed.apply(self.plan, model)
         self.model = model.train()
         self.loader = iter(make_loader(docs, max_seq_len=args.seq_len, micro_batch_size=args.rows, packing=True,
-                                       seed=0, pad_token_id=0))
+                                       seed=0, pad_token_id=0, pin_memory=self.device.type == "cuda"))
         self.optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
-        self.scaler = amp.DynamicLossScaler(enabled=False, device=torch.device("cpu"))
+        self.scaler = amp.DynamicLossScaler(enabled=False, device=self.device)
         self.objective = CausalLM(1024, kernels)
         self.params = trainable_parameters(model)
 
@@ -127,7 +136,7 @@ class EngineRun:
 
         return train_step(self.model, [next(self.loader)], objective=self.objective, params=self.params,
                           optimizer=self.optimizer, scheduler=None, scaler=self.scaler, precision=self.precision,
-                          device=torch.device("cpu"), max_grad_norm=1.0).loss_sum
+                          device=self.device, max_grad_norm=1.0).loss_sum
 
 
 class HFRun:
@@ -137,7 +146,8 @@ class HFRun:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        model = build_base(config, args.precision)
+        self.device = torch.device(args.device)
+        model = build_base(config, args.precision, self.device)
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, bias="none",
                                                  task_type="CAUSAL_LM", target_modules="all-linear"))
         if args.checkpointing:
@@ -162,11 +172,11 @@ class HFRun:
             ids[i, :k] = torch.tensor(d["input_ids"])
             labels[i, 1:k] = torch.tensor(d["labels"][:k - 1])  # HF shifts labels itself
             mask[i, :k] = 1
-        return ids, mask, labels
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     def step(self):
         ids, mask, labels = self._next()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -203,7 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tag", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (then GPU ms from CUDA events too)")
+    ap.add_argument("--tag", default=None, help="write benchmarks/results/host_cost_TAG.{json,md}")
+    ap.add_argument("--out-dir", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from throughput_inputs import synthetic_docs
@@ -214,15 +226,26 @@ def main(argv=None) -> int:
     print(runs["engine"].plan.describe(), file=sys.stderr)
     times = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
+    gpu = {k: [] for k in runs}
+    cuda = args.device == "cuda"
     for run in runs.values():  # warm-up: first-call costs (allocator, lazy imports)
         run.step(), run.step()
     for rep in range(args.repeats):
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for name in order:
             for _ in range(args.steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
                 t0, c0 = time.perf_counter(), time.process_time()
                 runs[name].step()
-                times[name].append(1e3 * (time.perf_counter() - t0))
+                host = time.perf_counter() - t0  # the host's time to issue the step (it does not wait)
+                if cuda:
+                    end.record()
+                    torch.cuda.synchronize()
+                    gpu[name].append(start.elapsed_time(end))
+                times[name].append(1e3 * (host if cuda else time.perf_counter() - t0))
                 cpu[name].append(1e3 * (time.process_time() - c0))
     ops = {k: count_ops(r) for k, r in runs.items()}
     layers = config.num_hidden_layers
@@ -234,7 +257,7 @@ def main(argv=None) -> int:
             r.step()
             layer_ops[k] = per_layer(ops[k], count_ops(r), layers)
     result = {"command": "python benchmarks/host_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "torch": torch.__version__, "threads": args.threads, "load_average": os.getloadavg(),
+              "torch": torch.__version__, "threads": args.threads, "device": args.device, "load_average": os.getloadavg(),
               "model": {"model_type": config.model_type, "layers": layers, "hidden": config.hidden_size,
                         "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                         "intermediate": config.intermediate_size, "vocab": config.vocab_size},
@@ -243,6 +266,7 @@ def main(argv=None) -> int:
               "plan": runs["engine"].plan.describe(), "configs": {}}
     for k in runs:
         result["configs"][k] = {"ms_per_step": statistics.median(times[k]), "cpu_ms_per_step": statistics.median(cpu[k]),
+                                "gpu_ms_per_step": statistics.median(gpu[k]) if gpu[k] else None,
                                 "ms_all": times[k], "aten_ops_per_step": ops[k].total,
                                 "top_ops": dict(ops[k].by_name.most_common(15))}
         if k in layer_ops:
@@ -258,13 +282,13 @@ def main(argv=None) -> int:
         print(f"{k:8s} {c['ms_per_step']:8.1f} ms  {c['cpu_ms_per_step']:8.1f} cpu-ms  {c['aten_ops_per_step']:7d} ops"
               f"  {c.get('ops_per_layer', 0):6.0f} ops/layer  top: {c.get('ops_per_layer_by_name', c['top_ops'])}")
     if args.tag:
-        write(result, args.tag)
+        write(result, args.tag, args.out_dir)
     return 0
 
 
-def write(result: dict, tag: str) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"host_cost_{tag}")
+def write(result: dict, tag: str, out_dir: str = RESULTS) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"host_cost_{tag}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     m = result["model"]
@@ -275,9 +299,11 @@ def write(result: dict, tag: str) -> None:
              f"{result['precision']}, checkpointing={result['checkpointing']}, LoRA r{result['r']} on every block linear, "
              f"rows of {result['seq_len']} tokens (engine: {result['engine_rows']} packed rows; HF: "
              f"{result['hf_batch']} padded documents per step)", "", f"engine plan: `{result['plan']}`", "",
-             "| | ms per step (wall) | CPU ms per step | aten ops per step | ops per layer |", "|---|---|---|---|---|"]
+             "| | ms per step (host: wall; on a GPU the time to issue it) | CPU ms per step | GPU ms per step | "
+             "aten ops per step | ops per layer |", "|---|---|---|---|---|---|"]
     for k, c in result["configs"].items():
-        lines.append(f"| {k} | {c['ms_per_step']:.1f} | {c['cpu_ms_per_step']:.1f} | {c['aten_ops_per_step']:,} | "
+        g = f"{c['gpu_ms_per_step']:.1f}" if c.get("gpu_ms_per_step") is not None else "-"
+        lines.append(f"| {k} | {c['ms_per_step']:.1f} | {c['cpu_ms_per_step']:.1f} | {g} | {c['aten_ops_per_step']:,} | "
                      f"{c.get('ops_per_layer', 0):.0f} |")
     lines += ["", f"engine / HF: wall {result['ratio_ms']:.2f}x, CPU {result['ratio_cpu_ms']:.2f}x, "
               f"ops {result['ratio_ops']:.2f}x", "", "Ops per decoder layer by name (forward + recompute + backward):", ""]

@@ -10,6 +10,10 @@
 #   1. the GPU tests (pytest -m gpu): training runs under torch.cuda.set_sync_debug_mode with no
 #      synchronising call between log steps (LoRA / QLoRA, fp16 / bf16), one attention kernel call
 #      per layer per forward with the plan's varlen kernel, its numerics;
+#   1b. host cost per step (benchmarks/host_cost.py): host ms (time to issue the step), GPU ms (CUDA
+#      events) and aten ops per step, engine vs transformers + PEFT, bf16, checkpointing, LoRA r16 on
+#      every linear, 128-token rows, with and without the fused blocks (speed.disable=[fused_blocks]),
+#      on the Phi-3-mini and Llama-3.1-8B shapes (real widths);
 #   2. throughput in "T4 mode" (fp16, memory capped at 14.7 GiB, activation checkpointing, as every
 #      16 GB QLoRA recipe runs): engine vs HF Trainer + PEFT, padded and padding-free (the report
 #      names the best of the two), Phi-3-mini shape, random weights, synthetic documents of 1/16
@@ -61,6 +65,7 @@ if [ "$DRY_RUN" = 1 ]; then
     SEQ=256; PROBE=(--probe-start 256 --probe-max 1024); STEPS=(--warmup 1 --steps 1 --repeats 1)
     T_BENCH=100; T_PROBE=120
     VARLEN=(--dry-run); ATTN_MEMORY=(--tokens 1024,4096 --dense-max 4096)
+    HOST_COST=(--layers 2 --hidden 32 --steps 1 --repeats 1)
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
@@ -68,6 +73,7 @@ else
     T_BENCH=30; T_PROBE=90
     VARLEN=(--model "$PHI3" --seq-len 4096 --micro-batch 2 --checkpointing --warmup 1 --steps 2)
     ATTN_MEMORY=(--device cuda --heads 32 --kv-heads 32 --head-dim 96 --iters 3)
+    HOST_COST=(--device cuda --hidden 0 --rows 4 --steps 5 --repeats 2)
 fi
 
 save() {  # what has been measured so far travels back even if the call is cut short
@@ -106,6 +112,14 @@ if [ "$DRY_RUN" = 0 ]; then
     step 70 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
         tests/speed/test_varlen_attention.py
 fi
+
+echo "== 1b. host cost per step, engine vs transformers + PEFT, with and without the fused blocks"
+for shape in phi-3-mini llama-3.1-8b; do
+    step 40 "host_cost_$shape" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
+        --tag "gpu_$shape" --out-dir "$RES"
+    step 40 "host_cost_${shape}_unfused" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
+        --disable fused_blocks --tag "gpu_${shape}_unfused" --out-dir "$RES"
+done
 
 throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding-free), T4 mode
     local name="${1#shape:}"
