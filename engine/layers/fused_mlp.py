@@ -104,6 +104,8 @@ class FusedMLPForward:
     engine.model.fused_blocks); where the parts cannot take it now (an adapter merged or switched off,
     a 16-bit input without autocast) the module's own forward runs."""
 
+    runs_in_tiles = True  # tiling (engine/model/tiling.py) may run it per tile
+
     def __init__(self, module: nn.Module, parts: GatedMLPParts):
         self.module, self.parts = module, parts
 

@@ -75,6 +75,8 @@ class FusedNormForward:
     """An RMSNorm module's `forward` replaced by `RMSNormFunction` (its trainable-weight case runs
     the module's own forward)."""
 
+    runs_in_tiles = True  # tiling (engine/model/tiling.py) may run it per tile
+
     def __init__(self, module: nn.Module, offset: bool):
         self.module, self.offset, self.eps = module, offset, _eps(module)
 
@@ -93,10 +95,20 @@ def set_fused_norms(model: nn.Module, enabled: bool, left: Counter | None = None
     for module in model.modules():
         if not type(module).__name__.endswith("RMSNorm"):
             continue
-        if isinstance(module.__dict__.get("forward"), FusedNormForward):
+        current = module.__dict__.get("forward")
+        if isinstance(current, FusedNormForward):
             del module.forward
+        elif isinstance(getattr(current, "inner", None), FusedNormForward):
+            current.inner = None  # a tiled norm: its tiles run the class's forward again
         if not enabled:
             continue
+        current = module.__dict__.get("forward")
+        if current is not None and type(current).__name__ == "TiledForward" and current.inner is None:
+            form = form_of(module)
+            if form is not None:  # the tiles run the fused norm
+                current.inner = FusedNormForward(module, form == "offset")
+                count += 1
+                continue
         if "forward" in module.__dict__:
             if left is not None:
                 left["RMSNorms already tiled or compiled"] += 1

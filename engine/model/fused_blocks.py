@@ -14,9 +14,9 @@ attention, tiling, checkpointing) where they were.
 
 What stays on the reference path, and why (counted in `FusedBlocks.left`, printed by speed.apply):
   - DoRA layers and layers with LoRA dropout (their forward needs W's row norms / keeps a mask);
-  - an MLP whose projections are not all plain LoRA layers, whose activation is not one
-    `fused_mlp.ACTIVATIONS` reproduces, or that is tiled (train.mlp_tile_tokens: the tiles call the
-    module's own forward) — its LoRA linears still take the one-member Function;
+  - an MLP whose projections are not all plain LoRA layers, or whose activation is not one
+    `fused_mlp.ACTIVATIONS` reproduces — its LoRA linears still take the one-member Function
+    (a tiled MLP, train.mlp_tile_tokens, runs the fused Function once per tile);
   - at run time, per call: an adapter merged or switched off (`adapters_disabled`), or a 16-bit input
     without autocast.
 Under FSDP the plan leaves this off (parameters are DTensor shards outside the block's forward).
@@ -81,6 +81,8 @@ def _remove(model: nn.Module) -> None:
             module.fused_group = None
         if isinstance(module.__dict__.get("forward"), FusedMLPForward):
             del module.forward
+        if is_tiled(module) and isinstance(module.forward.inner, FusedMLPForward):
+            module.forward.inner = None
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, fn in hooks.items()
                         if isinstance(getattr(fn, "__self__", None), (FusedProjections, RopeSwitch))]:
@@ -96,8 +98,8 @@ def _gated_parts(mlp: nn.Module) -> tuple[GatedMLPParts | None, str | None]:
         return None, "MLPs without LoRA on every projection"
     if any(not _plain(m) for m in layers):
         return None, "MLPs with DoRA or dropout"
-    if is_tiled(mlp) or "forward" in mlp.__dict__:
-        return None, "tiled MLPs"
+    if "forward" in mlp.__dict__ and not is_tiled(mlp):
+        return None, "MLPs whose forward is already replaced"
     act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
     name = activation_of(act) if act is not None else None
     if name is None:
@@ -120,7 +122,10 @@ def set_fused_blocks(model: nn.Module, enabled: bool, norms: bool = True) -> Fus
             report.left[why] += 1
             continue
         stack_base_weights(parts.upper)
-        mlp.forward = FusedMLPForward(mlp, parts)
+        if is_tiled(mlp):  # the tiles run the fused MLP, one call per tile
+            mlp.forward.inner = FusedMLPForward(mlp, parts)
+        else:
+            mlp.forward = FusedMLPForward(mlp, parts)
         taken.update(id(m) for m in (*parts.upper, parts.down))
         report.mlps += 1
     for parent in model.modules():

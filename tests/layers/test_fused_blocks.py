@@ -160,7 +160,7 @@ def test_dora_and_dropout_fall_back_and_say_so():
         assert_close_reduced(out, model(input_ids=ids).logits, terms=256)  # norms and RoPE: reordered sums
 
 
-def test_a_tiled_mlp_keeps_its_tiles():
+def test_a_tiled_mlp_runs_the_fused_mlp_per_tile():
     from engine.model.tiling import tile_mlps
 
     model = _lora_model("llama")
@@ -168,11 +168,13 @@ def test_a_tiled_mlp_keeps_its_tiles():
     ref_logits, ref_grads = _step(model, ids)
     tile_mlps(model, 8)
     report = set_fused_blocks(model, True)
-    assert report.mlps == 0 and report.left["tiled MLPs"] == 2 and report.groups == 2
+    assert report.mlps == 2 and not report.left and report.groups == 2
     logits, grads = _step(model, ids)
     assert_close_reduced(logits, ref_logits, terms=256)
     for name, g in grads.items():
         assert_close_reduced(g, ref_grads[name], terms=ids.numel() * 64, msg=name)
+    tile_mlps(model, 0)  # untiled: the fused forward stays
+    assert sum(type(m.__dict__.get("forward")).__name__ == "FusedMLPForward" for m in model.modules()) == 2
 
 
 def test_adapters_switched_off_or_a_16bit_input_without_autocast_run_the_reference():
