@@ -22,9 +22,10 @@ host-bound step pays.
 
 Precision (the choice the issue asks to state): A and B stay fp32 parameters (the optimizer, the
 checkpoints and the adapter files see fp32, as everywhere else in the engine); the Function computes
-with compute-dtype copies of SA and B_bd made once per optimizer step (`LoRAFactors`: remade when a
-parameter's version counter moves, i.e. after the optimizer's in-place update, or when the dtype
-changes), not once per call as autocast would (autocast's own weight cache skips tensors reached
+with compute-dtype copies of SA and B_bd made once per optimizer step (`LoRAFactors`: remade after
+every optimizer step — a global step hook counts them, since a fused AdamW leaves the version
+counters alone —, when a parameter's version counter moves (copy_, load_state_dict), or when the
+dtype changes), not once per call as autocast would (autocast's own weight cache skips tensors reached
 inside a Function and is emptied on every autocast exit). Gradients come back in the compute dtype;
 dA is scaled into fp32 by one multiply, dB is cast by autograd on its way to the fp32 parameter.
 A frozen float W already in the compute dtype (the engine loads the base in it) is used as it is;
@@ -60,6 +61,22 @@ def fusable(layer: nn.Module) -> bool:
     """A plain LoRA layer (no DoRA, no dropout) that is neither merged nor switched off."""
     return (type(layer) is LoRALinear and isinstance(layer.lora_dropout, nn.Identity)
             and not layer.merged and not layer.disabled)
+
+
+_OPTIMIZER_STEPS = [0]
+"""Optimizer steps taken in this process (a global post-hook on torch.optim.Optimizer.step). A fused
+AdamW updates its parameters without moving their version counters, so the factor caches key on
+this count as well as on the versions (which catch copy_ / mul_ / load_state_dict)."""
+_HOOK = []
+
+
+def _count_optimizer_steps() -> None:
+    if not _HOOK:
+        def counted(*args) -> None:
+            _OPTIMIZER_STEPS[0] += 1
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(counted))
 
 
 def stack_base_weights(members: list[LoRALinear]) -> None:
@@ -149,6 +166,7 @@ class LoRAFactors:
         self.sizes = [m.r for m in self.members]
         self.out_sizes = [m.out_features for m in self.members]
         self._key = None
+        _count_optimizer_steps()
 
     def params(self) -> list[torch.Tensor]:
         """(A_1, B_1, A_2, B_2, ...): the fp32 parameters, inputs of the Function for autograd."""
@@ -156,7 +174,7 @@ class LoRAFactors:
 
     def get(self, dtype: torch.dtype) -> "LoRAFactors":
         params = self.params()
-        key = (dtype, *(p._version for p in params), *(id(p) for p in params))
+        key = (dtype, _OPTIMIZER_STEPS[0], *(p._version for p in params), *(id(p) for p in params))
         if key != self._key:
             with torch.no_grad():
                 self.a = torch.cat([m.lora_A.weight * m.scaling for m in self.members]).to(dtype)

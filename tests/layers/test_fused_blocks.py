@@ -144,6 +144,21 @@ def test_the_cast_factors_follow_the_optimizer_step():
     assert _error(logits, ref_logits) < 0.1 * _error(ref_logits, before)
 
 
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_a_real_optimizer_step_refreshes_the_cast_factors(kind):
+    """A fused AdamW updates its parameters without moving their version counters: the caches must
+    still see the new weights (the training loss would otherwise follow stale adapters)."""
+    model = _lora_model("llama")
+    twin = copy.deepcopy(model)
+    set_fused_blocks(model, True)
+    ids = _ids(model)
+    for m in (model, twin):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1, **{kind: True})
+        _step(m, ids)
+        opt.step()
+    assert_close_reduced(_step(model, ids)[0], _step(twin, ids)[0], terms=4096)
+
+
 def test_dora_and_dropout_fall_back_and_say_so():
     dora = set_fused_blocks(_lora_model("llama", use_dora=True), True)
     assert dora.mlps == dora.groups == dora.projections == 0
