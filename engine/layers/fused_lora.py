@@ -165,7 +165,7 @@ class LoRAFactors:
         self.members = list(members)
         self.sizes = [m.r for m in self.members]
         self.out_sizes = [m.out_features for m in self.members]
-        self._key = None
+        self._key = self.scale = None
         _count_optimizer_steps()
 
     def params(self) -> list[torch.Tensor]:
@@ -177,12 +177,16 @@ class LoRAFactors:
         key = (dtype, _OPTIMIZER_STEPS[0], *(p._version for p in params), *(id(p) for p in params))
         if key != self._key:
             with torch.no_grad():
-                self.a = torch.cat([m.lora_A.weight * m.scaling for m in self.members]).to(dtype)
+                if self.scale is None:  # s_i per row of R: fixed by the members' r and alpha
+                    self.scale = torch.cat([torch.full((m.r, 1), float(m.scaling), device=params[0].device)
+                                            for m in self.members])
+                scalings = {m.scaling for m in self.members}
+                a = params[0] if len(self.members) == 1 else torch.cat(params[0::2])
+                self.a = (a * scalings.pop() if len(scalings) == 1 else a * self.scale).to(dtype)
                 self.a_t = self.a.t()
-                self.b = torch.block_diag(*[m.lora_B.weight for m in self.members]).to(dtype)
+                b = params[1] if len(self.members) == 1 else torch.block_diag(*params[1::2])
+                self.b = b.to(dtype)
                 self.b_t = self.b.t()
-                self.scale = torch.cat([torch.full((m.r, 1), float(m.scaling), device=self.a.device)
-                                        for m in self.members])
             self._key = key
         return self
 
