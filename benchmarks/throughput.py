@@ -26,6 +26,8 @@ or last; each run is a fresh subprocess, so peak RSS is per configuration):
                   ops; by default a CPU compiles each norm into one kernel, paid in the warmup)
   engine_eager_loss   the same with speed.disable=[compile_loss] (the chunked loss's eager cross-entropy)
   engine_ungrouped    the same with speed.disable=[grouped_lora] (one A matmul per LoRA layer)
+  engine_unfused_blocks  the same with speed.disable=[fused_blocks] (LoRALinear.forward, transformers'
+                  RMSNorm and RoPE under autograd instead of the Functions with their own backward)
   engine_compiled the same with speed.compile=true (auto leaves them off on
                   a GPU, where they are not measured yet: scripts/gpu_check.sh measures this row)
   engine_malloc_default  the same with speed.disable=[retain_host_memory] (glibc's own malloc thresholds:
@@ -94,7 +96,7 @@ def engine_switches(kind: str, args) -> dict:
     off = {"engine_nofuse": "fused_lora", "engine_dense_attn": "packed_attention", "engine_sdpa_short": "short_attention",
            "engine_doc_nodes": "batch_short_documents", "engine_eager_norms": "compile_norms",
            "engine_eager_loss": "compile_loss", "engine_ungrouped": "grouped_lora",
-           "engine_malloc_default": "retain_host_memory"}
+           "engine_unfused_blocks": "fused_blocks", "engine_malloc_default": "retain_host_memory"}
     if kind in off:
         speed["disable"] = [off[kind]]
     if kind == "engine_compiled":

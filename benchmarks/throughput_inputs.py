@@ -23,7 +23,7 @@ T4_BYTES = 14.7 * 2**30
 SEED_MAX_LEN, SEED_BATCH = 512, 2
 SEED_CONFIGS = ("seed", "seed_ckpt", "seed_retained")  # the seed's recipe (its str(line) JSONL text)
 ALL_CONFIGS = ("engine", "engine_nofuse", "engine_dense_attn", "engine_sdpa_short", "engine_doc_nodes", "engine_eager_norms",
-               "engine_eager_loss", "engine_ungrouped", "engine_compiled", "engine_malloc_default", "engine_ckpt", "hf_padded", "hf_flat", "seed",
+               "engine_eager_loss", "engine_ungrouped", "engine_unfused_blocks", "engine_compiled", "engine_malloc_default", "engine_ckpt", "hf_padded", "hf_flat", "seed",
                "seed_ckpt", "seed_retained")
 LABELS = {"engine": "engine (packed, chunked loss, fused + grouped LoRA, packed attention, compiled kernels=auto)",
           "engine_nofuse": "engine, fused_lora=false",
@@ -33,6 +33,7 @@ LABELS = {"engine": "engine (packed, chunked loss, fused + grouped LoRA, packed 
           "engine_eager_norms": "engine, compile_norms=false (eager RMSNorm)",
           "engine_eager_loss": "engine, compile_loss=false (eager cross-entropy)",
           "engine_ungrouped": "engine, grouped_lora=false",
+          "engine_unfused_blocks": "engine, fused_blocks=false",
           "engine_compiled": "engine, compile_norms=true, compile_loss=true",
           "engine_malloc_default": "engine, retain_host_memory=false (glibc's malloc thresholds)",
           "engine_ckpt": "engine + activation checkpointing",

@@ -14,6 +14,10 @@
 #      Gemma-2-2B / Llama-3.1-8B widths) and an fp16 LoRA run of a Gemma-2-shaped model whose MLP
 #      overflows fp16, with the guard (trains, follows fp32), without it (must fail), and in fp32
 #      (scripts/gpu_guard_check.py);
+#   1c. host cost per step (benchmarks/host_cost.py): host ms (time to issue the step), GPU ms (CUDA
+#      events) and aten ops per step, engine vs transformers + PEFT, bf16, checkpointing, LoRA r16 on
+#      every linear, 128-token rows, with and without the fused blocks (speed.disable=[fused_blocks]),
+#      on the Phi-3-mini and Llama-3.1-8B shapes (real widths);
 #   2. throughput in "T4 mode" (fp16, memory capped at 14.7 GiB, activation checkpointing, as every
 #      16 GB QLoRA recipe runs): engine vs HF Trainer + PEFT, padded and padding-free (the report
 #      names the best of the two), Phi-3-mini shape, random weights, synthetic documents of 1/16
@@ -70,6 +74,7 @@ if [ "$DRY_RUN" = 1 ]; then
     VARLEN=(--dry-run); ATTN_MEMORY=(--tokens 1024,4096 --dense-max 4096)
     ROLLOUT=(--device cpu --precision fp32 --model shape:tiny-llama --prompts 2 --generations 2 --prompt-len 16
              --completion-len 8 --repeats 1); T_ROLLOUT=60
+    HOST_COST=(--layers 2 --hidden 32 --steps 1 --repeats 1)
 else
     DEVICE=(--device cuda --t4)
     LLAMA=shape:llama-3.1-8b; PHI3=shape:phi-3-mini
@@ -79,6 +84,7 @@ else
     ATTN_MEMORY=(--device cuda --heads 32 --kv-heads 32 --head-dim 96 --iters 3)
     ROLLOUT=(--device cuda --precision bf16 --model shape:smollm2-135m --prompts 8 --generations 8 --prompt-len 256
              --completion-len 256 --repeats 2); T_ROLLOUT=60
+    HOST_COST=(--device cuda --hidden 0 --rows 4 --steps 5 --repeats 2)
 fi
 
 save() {  # what has been measured so far travels back even if the call is cut short
@@ -121,6 +127,13 @@ fi
 echo "== 1b. the kernel self-check's verdicts (Gemma-2-2B / Llama-3.1-8B widths) and an fp16 run of a Gemma-2-shaped model through the guard"
 if [ "$DRY_RUN" = 1 ]; then GUARD=(--dry-run); else GUARD=(); fi
 step 150 guard_check $PY scripts/gpu_guard_check.py --out "$RES/guard_check" "${GUARD[@]}"
+echo "== 1c. host cost per step, engine vs transformers + PEFT, with and without the fused blocks"
+for shape in phi-3-mini llama-3.1-8b; do
+    step 40 "host_cost_$shape" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
+        --tag "gpu_$shape" --out-dir "$RES"
+    step 40 "host_cost_${shape}_unfused" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
+        --disable fused_blocks --tag "gpu_${shape}_unfused" --out-dir "$RES"
+done
 
 throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding-free), T4 mode
     local name="${1#shape:}"

@@ -157,3 +157,19 @@ def test_rollout_generation_benchmark_refuses_bad_options(capsys):
         with pytest.raises(SystemExit):
             rollout_generation.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_host_cost_benchmark_counts_ops_per_step_and_layer(tmp_path):
+    """benchmarks/host_cost.py on a 3-layer skeleton: both configurations timed and counted, the
+    fused blocks in the engine's plan, fewer ops per layer than transformers + PEFT."""
+    import json
+
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "host_cost.py"), "--layers", "3", "--hidden", "32",
+           "--steps", "1", "--repeats", "1", "--tag", "t", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "host_cost_t.json").read_text())
+    assert "fused_blocks" in result["plan"] and "row_attention" in result["plan"]
+    engine, hf = result["configs"]["engine"], result["configs"]["hf_peft"]
+    assert engine["ops_per_layer"] < hf["ops_per_layer"] and engine["aten_ops_per_step"] < hf["aten_ops_per_step"]
+    assert (tmp_path / "host_cost_t.md").read_text().count("|") > 20

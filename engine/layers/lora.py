@@ -99,9 +99,15 @@ class LoRALinear(nn.Module):
     """Speed switch (speed switch grouped_lora): the `SharedInputGroup` (engine/layers/groups.py) whose one
     stacked A matmul serves this layer and its siblings reading the same input, or None."""
 
+    fused_group = None
+    """Speed switch (speed switch fused_blocks): the `FusedProjections` (engine/layers/fused_lora.py)
+    that computes this layer with its siblings in one autograd Function with its own backward, or None."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
+        if self.fused_group is not None and self.fused_group.usable(x):
+            return self.fused_group.output(self, x)
         lead = x.shape[:-1]
         # the base on the flattened tokens: a fresh [tokens, out] tensor the fused update can add
         # into in place (nothing saved for backward aliases it: a linear saves its input and weight)

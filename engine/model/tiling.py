@@ -147,9 +147,10 @@ class TiledForward:
     `tile_tokens` rows, and the per-tile calls themselves (`_in_tile`), run the class's forward.
     Rows are x's leading dimensions flattened: tokens (a per-head norm: tokens x heads)."""
 
-    def __init__(self, module: nn.Module, tile_tokens: int):
+    def __init__(self, module: nn.Module, tile_tokens: int, inner=None):
         self.module = module
         self.tile_tokens = tile_tokens
+        self.inner = inner  # a forward the tiles run instead of the class's (the fused blocks'), or None
         self._in_tile = False
 
     def trainable_parameters(self) -> list[torch.Tensor]:
@@ -164,10 +165,11 @@ class TiledForward:
             self._in_tile = False
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        plain = type(self.module).forward
         tokens = x.numel() // x.shape[-1]
         if self._in_tile or args or kwargs or tokens <= self.tile_tokens:
-            return plain(self.module, x, *args, **kwargs)
+            if self.inner is not None:
+                return self.inner(x, *args, **kwargs)
+            return type(self.module).forward(self.module, x, *args, **kwargs)
         params = self.trainable_parameters()
         if not torch.is_grad_enabled() or not (x.requires_grad or params):
             with torch.no_grad():  # nothing to differentiate: the tiles alone (evaluation at long context)
@@ -201,13 +203,17 @@ def _tile(modules: dict[str, nn.Module], tile_tokens: int, key: str) -> int:
     if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 0:
         raise TilingError(f"{key}: must be an integer >= 0, got {tile_tokens!r}")
     for name, module in modules.items():
-        if "forward" in module.__dict__ and not is_tiled(module):
+        current = module.__dict__.get("forward")
+        inner = current.inner if is_tiled(module) else current
+        if inner is not None and not getattr(inner, "runs_in_tiles", False):
             raise TilingError(f"{key}: {name}'s forward is already replaced (a compiled norm?): tile before "
                               "speed.apply, which leaves tiled modules alone")
-        if is_tiled(module):
+        if current is not None:
             del module.forward
         if tile_tokens:
-            module.forward = TiledForward(module, tile_tokens)
+            module.forward = TiledForward(module, tile_tokens, inner)
+        elif inner is not None:
+            module.forward = inner  # untiled: the fused forward it wrapped, as before
     return len(modules) if tile_tokens else 0
 
 

@@ -12,6 +12,10 @@ op is counted where PyTorch dispatches it, whatever Python code issued it:
         out = attention(q, k, v); out.backward(g)    #  torch.cuda.max_memory_allocated)
     mem.peak                                 # most bytes allocated inside and alive at once
 
+    with AtenOps() as ops:                   # benchmarks/host_cost.py: the host's work per step
+        train_step(...)
+    ops.total, ops.by_name                   # every op dispatched, forward and backward
+
 An attention kernel is an op whose name says so: SDPA's fused kernels (`_scaled_dot_product_*`),
 flash / memory-efficient / cuDNN attention called directly (`_flash_attention_forward`, ... as
 nested-tensor SDPA calls them) and `torch_attn::_varlen_attn`. SDPA's math fallback is decomposed
@@ -56,6 +60,24 @@ class AttentionCalls(TorchDispatchMode):
     @property
     def forward(self) -> int:
         return sum(self.ops.values()) - self.backward
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts every op dispatched in the region (`total`, and `by_name`: Counter of op names such
+    as "mm.default"). What the host issues: on a GPU each is at least one dispatcher trip and
+    usually one kernel launch, so this is the work CUDA graphs or fused blocks take off the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_name[func.name().split("::", 1)[-1]] += 1  # "mm", "mul.Tensor" (overload kept where named)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_name.values())
 
 
 class AllocatedBytes(TorchDispatchMode):

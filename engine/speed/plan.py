@@ -6,9 +6,13 @@ and exposes hooks; this module decides which fast implementation plugs into each
     switch                  hook in the core                          what it buys
     fused_lora              LoRALinear.fused                          B's GEMM adds into the base output (addmm_)
     grouped_lora            engine.layers.groups (parent hooks)       one A matmul for q/k/v, one for gate/up
+    fused_blocks            engine.model.fused_blocks (module swap)   LoRA q/k/v, o, the gated MLP and RMSNorm as
+                            autograd Functions with their own backward: about half the host's ops per layer
     packed_attention        engine.model.attention (AttentionInterface) per-document attention, O(sum n_i^2)
     short_attention         a DocumentKernel (engine.speed.cpu_attention) CPU bf16: short documents as explicit matmuls
     batch_short_documents   the same kernel, one autograd node per layer
+    row_attention           a DocumentKernel (engine.speed.row_attention) rows of up to this many tokens (and no
+                            kernel above): one masked SDPA call per layer instead of one per document
     varlen_attention        a DocumentKernel (engine.speed.cuda_attention) CUDA: one kernel call per layer for every
                             document of the micro-batch (flash_varlen on sm80+ in fp16 / bf16, nested_sdpa
                             elsewhere, a T4 included), cu_seqlens from the loader
@@ -35,17 +39,23 @@ from torch import nn
 from engine.config import SpeedConfig
 from engine.layers.groups import set_grouped_lora
 from engine.layers.lora import set_fused_lora
+from engine.model.fused_blocks import set_fused_blocks
 from engine.model.attention import NAME, register_packed_attention, sdpa_per_document, set_attention
 import engine.speed.compiled as compiled
 import engine.speed.cuda_attention as cuda_attention
 import engine.speed.host_memory as host_memory
 from engine.speed.cpu_attention import short_document_kernel
+from engine.speed.row_attention import row_mask_kernel
 from engine.speed.offload import install_offload
 from engine.training.loss import StepKernels
 
 SHORT_ATTENTION_MAX_LEN = 256
 """Longest document the CPU short-attention kernel takes: its saved probabilities grow as n^2; at
 n <= 4 head_dim they are no larger than q, k, v and the output together."""
+
+ROW_ATTENTION_MAX_LEN = 256
+"""Longest row the one-call-per-layer masked kernel takes (row_attention): it computes all T^2
+query-key pairs of a row; at <= 256 tokens those cost less than a call per document does."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +65,11 @@ class SpeedPlan:
 
     fused_lora: bool = True
     grouped_lora: bool = True
+    fused_blocks: bool = True
     packed_attention: bool = True
     short_attention: int = 0
     batch_short_documents: bool = False
+    row_attention: int = 0
     varlen_attention: str = ""
     compile_norms: bool = False
     compile_loss: bool = False
@@ -65,17 +77,18 @@ class SpeedPlan:
     offload_activations: bool = False
     notes: tuple[str, ...] = ()
 
-    SWITCHES = ("fused_lora", "grouped_lora", "packed_attention", "short_attention", "batch_short_documents",
-                "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
-    VALUED = ("short_attention", "varlen_attention")  # said with their value; off is 0 / ""
+    SWITCHES = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention", "batch_short_documents",
+                "row_attention", "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory")
+    VALUED = ("short_attention", "row_attention", "varlen_attention")  # said with their value; off is 0 / ""
 
     def describe(self) -> str:
         """One line: the switches that are on, and why auto left any off."""
-        kernels = ("short_attention", "batch_short_documents", "varlen_attention")  # of the packed path
+        kernels = ("short_attention", "batch_short_documents", "row_attention", "varlen_attention")  # packed path
         on = [f"{name}={getattr(self, name)}" if name in self.VALUED else name
               for name in self.SWITCHES if getattr(self, name)
               and (name not in kernels or self.packed_attention)
-              and (name != "batch_short_documents" or self.short_attention)]  # it batches that kernel
+              and (name != "batch_short_documents" or self.short_attention)  # it batches that kernel
+              and (name != "row_attention" or not (self.short_attention or self.varlen_attention))]
         if self.offload_activations:
             on.append("offload_activations")
         line = "speed: " + (", ".join(on) if on else "reference path (every switch off)")
@@ -94,7 +107,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
     """The plan for this run: `cfg.mode=off` is the reference path (every switch off); `auto` turns
     on what is measured to pay on this device (and possible here), minus `cfg.disable`."""
     if cfg.mode == "off":
-        return SpeedPlan(fused_lora=False, grouped_lora=False, packed_attention=False,
+        return SpeedPlan(fused_lora=False, grouped_lora=False, fused_blocks=False, packed_attention=False,
                          offload_activations=offload_activations)
     notes = []
     cpu_bf16 = device.type == "cpu" and precision == "bf16"
@@ -107,9 +120,11 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
     plan = SpeedPlan(
         fused_lora=True,
         grouped_lora=not fsdp,  # FSDP's parameters are DTensor shards outside the block's forward
+        fused_blocks=not fsdp,  # the same
         packed_attention=True,
         short_attention=SHORT_ATTENTION_MAX_LEN if cpu_bf16 else 0,
         batch_short_documents=cpu_bf16,
+        row_attention=ROW_ATTENTION_MAX_LEN if device.type == "cpu" else 0,  # a GPU's packed rows: varlen
         varlen_attention=varlen,
         compile_norms=compile_on, compile_loss=compile_on,
         retain_host_memory=retain, offload_activations=offload_activations, notes=tuple(notes))
@@ -150,7 +165,14 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
     set_grouped_lora(model, plan.grouped_lora)
     chosen = document_kernel(plan)
     set_attention(model, register_packed_attention(*chosen) if chosen else None)
-    compiled.set_compiled_norms(model, plan.compile_norms)
+    if plan.compile_norms:  # compiled norms replace the fused ones (one kernel each way)
+        blocks = set_fused_blocks(model, plan.fused_blocks, norms=False)
+        compiled.set_compiled_norms(model, True)
+    else:
+        compiled.set_compiled_norms(model, False)
+        blocks = set_fused_blocks(model, plan.fused_blocks)
+    if plan.fused_blocks and blocks.left:  # what falls back, said once beside the plan line
+        print(f"speed: {blocks.describe()}", file=sys.stderr)
     if plan.offload_activations and not getattr(model, "_activation_offloader", None):
         install_offload(model, use_reentrant=False)
     return StepKernels(cross_entropy=compiled.compiled_cross_entropy() if plan.compile_loss else None,
@@ -166,6 +188,8 @@ def document_kernel(plan: SpeedPlan) -> tuple[str, object] | None:
     if plan.short_attention:
         return (f"engine_packed_short{plan.short_attention}{'_batched' if plan.batch_short_documents else ''}",
                 short_document_kernel(plan.short_attention, plan.batch_short_documents))
+    if plan.row_attention:
+        return f"engine_packed_rows{plan.row_attention}", row_mask_kernel(plan.row_attention)
     return NAME, sdpa_per_document
 
 
@@ -173,4 +197,5 @@ def announce(plan: SpeedPlan) -> None:
     print(plan.describe(), file=sys.stderr)
 
 
-__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "document_kernel", "SHORT_ATTENTION_MAX_LEN"]
+__all__ = ["SpeedPlan", "resolve", "prepare", "apply", "announce", "document_kernel", "SHORT_ATTENTION_MAX_LEN",
+           "ROW_ATTENTION_MAX_LEN"]

@@ -288,7 +288,8 @@ def _attention_case(kernel, shape: Shape) -> Case:
 
 def _attention_check(switch: str, keep: tuple[str, ...]):
     """The check of `switch`: the kernel of the plan with the packed path's other kernels off."""
-    others = [s for s in ("varlen_attention", "short_attention", "batch_short_documents") if s not in keep]
+    others = [s for s in ("varlen_attention", "short_attention", "batch_short_documents", "row_attention")
+              if s not in keep]
 
     def build(plan, shape: Shape, model) -> Case | None:
         if not plan.packed_attention:
@@ -302,7 +303,69 @@ register_check("varlen_attention")(_attention_check("varlen_attention", ("varlen
 register_check("batch_short_documents")(
     _attention_check("batch_short_documents", ("short_attention", "batch_short_documents")))
 register_check("short_attention")(_attention_check("short_attention", ("short_attention",)))
+register_check("row_attention")(_attention_check("row_attention", ("row_attention",)))
 register_check("packed_attention")(_attention_check("packed_attention", ()))
+
+
+class _GatedMLP(nn.Module):
+    """gate / up / act / down, every projection LoRA: what fused_blocks computes in one Function."""
+
+    def __init__(self, shape: Shape, act: nn.Module):
+        super().__init__()
+        inner = 2 * shape.hidden
+        self.gate_proj = _lora(shape.hidden, inner, shape, seed=11)
+        self.up_proj = _lora(shape.hidden, inner, shape, seed=12)
+        self.down_proj = _lora(inner, shape.hidden, shape, seed=13)
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Block(nn.Module):
+    """A small stand-in for one decoder block's LoRA work: q / k / v siblings, the model's own
+    activation in a gated MLP, and a copy of the model's first RMSNorm (its family's form)."""
+
+    def __init__(self, shape: Shape, model: nn.Module):
+        super().__init__()
+        import copy
+
+        from engine.model.tiling import find_mlps, find_norms
+
+        mlp = next(iter(find_mlps(model).values()), None)
+        act = (getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)) if mlp is not None else None
+        self.attn = _Siblings(shape)
+        self.mlp = _GatedMLP(shape, act if act is not None else nn.SiLU())
+        norm = next((m for m in find_norms(model).values()
+                     if getattr(m, "weight", None) is not None and m.weight.shape[-1] == shape.hidden), None)
+        self.norm = copy.deepcopy(norm) if norm is not None else nn.Identity()
+
+    def forward(self, x):
+        return (*self.attn(x), self.mlp(x), self.norm(x))
+
+
+@register_check("fused_blocks")
+def _fused_blocks(plan, shape: Shape, model: nn.Module) -> Case:
+    """The fused q/k/v group, gated MLP and RMSNorm Functions (engine/model/fused_blocks.py) vs the
+    modules' own forwards, on the same weights (RoPE's Function is tested, not checked here)."""
+    from engine.model.fused_blocks import set_fused_blocks
+
+    block = _Block(shape, model)
+    x = _randn(sum(TOKENS), shape.hidden, shape_of=shape, dtype=torch.float32 if shape.precision == "fp32" else shape.dtype)
+
+    def run(fused: bool):
+        def call():
+            set_fused_blocks(block, fused)
+            try:
+                with shape.autocast():
+                    return block(x)
+            finally:
+                set_fused_blocks(block, False)
+        return call
+
+    leaves = [x] + [p for p in block.parameters() if p.requires_grad]
+    return Case(fast=run(True), reference=run(False), leaves=leaves,
+                reduction=max(2 * shape.hidden, sum(TOKENS)), dtype=shape.dtype)
 
 
 @register_check("compile_norms")

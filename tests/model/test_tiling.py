@@ -32,7 +32,7 @@ DOCS = [[12, 20], [32]]
 
 
 def _model(family="llama", *, method="lora", dtype=torch.float32, dropout=0.0, checkpointing=False, grouped=True,
-           compile="auto"):
+           compile="auto", fused=True):
     model, _ = make_tiny_model(family)
     model.to(dtype)
     if method == "qlora":
@@ -48,7 +48,8 @@ def _model(family="llama", *, method="lora", dtype=torch.float32, dropout=0.0, c
         enable_activation_checkpointing(model)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     # the engine's step: fused + grouped LoRA, packed attention, compiled norms where auto says so
-    apply_speed(model, precision, off=() if grouped else ("grouped_lora",), compile=compile)
+    off = (() if grouped else ("grouped_lora",)) + (() if fused else ("fused_blocks",))
+    apply_speed(model, precision, off=off, compile=compile)
     return model.train()
 
 
@@ -171,8 +172,9 @@ def _kept_tiles(mlp):
 
 def test_grouped_lora_projects_each_tile_once_for_gate_and_up(monkeypatch):
     """Each tile is a call of the MLP module, so grouped LoRA's hooks fire per tile: gate and up
-    share one stacked A matmul per tile, in forward and in the backward recompute."""
-    model = _model()
+    share one stacked A matmul per tile, in forward and in the backward recompute (the LoRALinear
+    path: with fused_blocks the tiles run the fused MLP, tests/layers/test_fused_blocks.py)."""
+    model = _model(fused=False)
     batch = _batch(model.config.vocab_size)
     plain = _step(model, batch)
     tile_mlps(model, TILE)

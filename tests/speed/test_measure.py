@@ -31,3 +31,14 @@ def test_allocated_bytes_peak_counts_live_storage_made_inside_only():
     assert mem.peak == 8000 and mem.live == 8000
     del b, view, c
     assert mem.live == 0
+
+
+def test_aten_ops_counts_every_op_forward_and_backward_by_name():
+    from engine.speed.measure import AtenOps
+
+    x = torch.randn(4, 3, requires_grad=True)
+    with AtenOps() as ops:
+        y = (x * 2).sum()
+        y.backward()
+    assert ops.by_name["mul.Tensor"] >= 2 and ops.by_name["sum"] == 1  # forward mul, backward mul
+    assert ops.total == sum(ops.by_name.values()) and ops.total >= 4

@@ -25,6 +25,8 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     plan = speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="fp16", fsdp=True)
     assert plan.short_attention == 0 and not plan.retain_host_memory and not plan.compile_norms
     assert not plan.grouped_lora and plan.packed_attention and plan.fused_lora
+    assert not plan.fused_blocks and plan.row_attention == 0  # FSDP shards; a GPU's rows take varlen
+    assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
 
 
 def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
@@ -34,7 +36,8 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
     some = speed_plan.resolve(SpeedConfig(disable=["grouped_lora", "short_attention"], retain_host_memory=False),
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
-    assert some.describe() == "speed: fused_lora, packed_attention, compile_norms, compile_loss"
+    assert some.describe() == ("speed: fused_lora, fused_blocks, packed_attention, row_attention=256, compile_norms, "
+                               "compile_loss")  # no short-document kernel: rows of <= 256 tokens take row_attention
 
 
 def test_off_names_an_unknown_switch():
@@ -56,9 +59,11 @@ def test_applying_a_plan_switches_the_model_and_back():
     assert model.config._attn_implementation.startswith("engine_packed")
     assert all(m.fused for m in lora_modules(model).values())
     assert any(m.shared_input is not None for m in lora_modules(model).values())
+    assert any(m.fused_group is not None for m in lora_modules(model).values())  # q/k/v, o (the MLP: its forward)
     speed_plan.apply(speed_plan.resolve(SpeedConfig(mode="off"), device=CPU, precision="bf16"), model)
     assert model.config._attn_implementation == "sdpa"
-    assert not any(m.fused or m.shared_input is not None for m in lora_modules(model).values())
+    assert not any(m.fused or m.shared_input is not None or m.fused_group is not None
+                   for m in lora_modules(model).values())
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
@@ -68,3 +73,15 @@ def test_precision_auto_on_a_cpu_is_bf16_where_its_matmuls_are_native(monkeypatc
     assert precision == expected
     assert ("has native bf16" if native else "no native bf16") in why
     assert amp.choose_precision("fp32", CPU) == ("fp32", "asked for")
+
+
+def test_fused_blocks_fall_back_is_said_beside_the_plan_line(capsys):
+    from engine.layers.inject import inject_lora
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    inject_lora(model, "all-linear", 4, 8.0, use_dora=True)
+    plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=CPU, precision="fp32")
+    speed_plan.apply(plan, model)
+    err = capsys.readouterr().err
+    assert "speed: fused_blocks: 0 MLPs" in err and "14 DoRALinear layers" in err, err

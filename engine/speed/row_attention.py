@@ -1,0 +1,70 @@
+"""Packed attention for short rows: one SDPA call per layer with the rows' block-diagonal mask (speed switch row_attention).
+
+The reference document kernel (`engine.model.attention.sdpa_per_document`) calls SDPA once per
+document, each call wrapped in slices, a K/V head repeat and a copy into the output: at 128-token
+rows of ~40-token documents that is ~10 host ops per document per layer, forward and backward, for
+almost no arithmetic. For a short row the whole row in one call costs less, even though it computes
+every query-key pair of the row (T^2 instead of sum n_i^2): the mask keeps each document to itself,
+
+    mask[b, 0, i, j] = 0     if i, j are in the same document of row b, j <= i (and i - j < window)
+                       -inf  otherwise                                             [B, 1, T, T]
+
+built once per micro-batch on the host's document lengths (kept in the packing context's
+`kernel_cache`, so every layer, and checkpointing's recompute, reuses it), in the queries' dtype so
+SDPA takes it as it is. Grouped K/V heads are read in place (`enable_gqa`). Rows longer than the
+limit go to the reference kernel: there the T^2 work would outgrow what the calls cost. This is
+also closer to a GPU's step (one varlen kernel call per layer, engine/speed/cuda_attention.py) than
+a per-document loop is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.attention import exact_document_attention, sdpa_per_document
+from engine.model.packing import PackingContext
+
+
+def row_mask(packing: PackingContext, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """The additive block-diagonal causal mask [B, 1, T, T] of the packed rows (see the module
+    docstring), made once per (window, dtype) per micro-batch."""
+    key = ("row_mask", window, dtype, str(device))
+    mask = packing.kernel_cache.get(key)
+    if mask is None:
+        # document index of every position: host ints from the loader, no device read
+        doc = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in packing.doc_lengths],
+                           device=device)                                            # [B, T]
+        pos = torch.arange(doc.shape[1], device=device)
+        allowed = (doc[:, :, None] == doc[:, None, :]) & (pos[None, :] <= pos[:, None])
+        if window is not None:
+            allowed &= (pos[:, None] - pos[None, :]) < window
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        mask = mask[:, None]
+        packing.kernel_cache[key] = mask
+    return mask
+
+
+def row_mask_kernel(max_len: int):
+    """A document kernel (engine.model.attention.DocumentKernel) that computes rows of at most
+    `max_len` tokens in one masked SDPA call, and longer ones per document."""
+
+    def kernel(query, key, value, docs, *, scale: float, dropout: float, packing: PackingContext, window=None):
+        B, H, T, D = query.shape
+        if T > max_len:  # per document; a document the window bites: the exact path (as packed_attention's)
+            out = sdpa_per_document(query, key, value, docs, scale=scale, dropout=dropout, packing=packing)
+            for b, start, n in docs:
+                if window is not None and n > window:
+                    q, k, v = (t[b:b + 1, :, start:start + n] for t in (query, key, value))
+                    o = exact_document_attention(q, k, v, scale=scale, window=window, softcap=None,
+                                                 dropout=dropout, training=dropout > 0)
+                    out[b, start:start + n] = o[0].transpose(0, 1)
+            return out
+        mask = row_mask(packing, window, query.dtype, query.device)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                             enable_gqa=key.shape[1] != H)
+        return out.transpose(1, 2)                                                   # [B, T, H, D]
+
+    kernel.takes_window = True
+    kernel.max_len = max_len
+    return kernel
