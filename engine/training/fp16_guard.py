@@ -328,8 +328,10 @@ class Fp16Guard:
         return sum(w.fp32_bytes for w in self._wrappers.values())
 
     def planner_terms(self) -> dict:
-        """What the memory planner counts for the fp32 set (engine/plan/prediction.py::predict)."""
-        return {"fp32_weight_bytes": self.fp32_weight_bytes, "fp32_residual_blocks": len(self._hooks)}
+        """What the memory planner counts for the fp32 set (engine/plan/prediction.py::predict); empty
+        when nothing runs in fp32 (the planner's defaults)."""
+        terms = {"fp32_weight_bytes": self.fp32_weight_bytes, "fp32_residual_blocks": len(self._hooks)}
+        return {k: v for k, v in terms.items() if v}
 
     # ------------------------------------------------ the probes
     def heal(self, micro: list[dict]) -> tuple[str, float] | None:
