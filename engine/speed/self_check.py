@@ -240,22 +240,27 @@ class _Siblings(nn.Module):
 @register_check("grouped_lora")
 def _grouped_lora(plan, shape: Shape, model) -> Case:
     """One stacked A matmul for siblings reading the same input vs one A matmul each."""
-    block = _Siblings(shape)
+    return _swap_case(_Siblings(shape), set_grouped_lora, shape, reduction=max(shape.hidden, sum(TOKENS)))
+
+
+def _swap_case(block: nn.Module, swap: Callable[[nn.Module, bool], object], shape: Shape, *, reduction: int) -> Case:
+    """`block` on one token batch with `swap(block, True)` (fast) and `swap(block, False)` (reference);
+    the input and every trainable parameter are the leaves."""
     x = _randn(sum(TOKENS), shape.hidden, shape_of=shape, dtype=torch.float32 if shape.precision == "fp32" else shape.dtype)
 
-    def run(grouped: bool):
+    def run(on: bool):
         def call():
-            set_grouped_lora(block, grouped)
+            swap(block, on)
             try:
                 with shape.autocast():
-                    return block(x)
+                    out = block(x)
+                return out if isinstance(out, tuple) else (out,)
             finally:
-                set_grouped_lora(block, False)
+                swap(block, False)
         return call
 
     leaves = [x] + [p for p in block.parameters() if p.requires_grad]
-    return Case(fast=run(True), reference=run(False), leaves=leaves,
-                reduction=max(shape.hidden, sum(TOKENS)), dtype=shape.dtype)
+    return Case(fast=run(True), reference=run(False), leaves=leaves, reduction=reduction, dtype=shape.dtype)
 
 
 def _attention_case(kernel, shape: Shape) -> Case:
@@ -350,22 +355,7 @@ def _fused_blocks(plan, shape: Shape, model: nn.Module) -> Case:
     modules' own forwards, on the same weights (RoPE's Function is tested, not checked here)."""
     from engine.model.fused_blocks import set_fused_blocks
 
-    block = _Block(shape, model)
-    x = _randn(sum(TOKENS), shape.hidden, shape_of=shape, dtype=torch.float32 if shape.precision == "fp32" else shape.dtype)
-
-    def run(fused: bool):
-        def call():
-            set_fused_blocks(block, fused)
-            try:
-                with shape.autocast():
-                    return block(x)
-            finally:
-                set_fused_blocks(block, False)
-        return call
-
-    leaves = [x] + [p for p in block.parameters() if p.requires_grad]
-    return Case(fast=run(True), reference=run(False), leaves=leaves,
-                reduction=max(2 * shape.hidden, sum(TOKENS)), dtype=shape.dtype)
+    return _swap_case(_Block(shape, model), set_fused_blocks, shape, reduction=max(2 * shape.hidden, sum(TOKENS)))
 
 
 @register_check("compile_norms")

@@ -96,3 +96,29 @@ def test_a_new_switch_registers_its_check_with_one_function(monkeypatch):
     plan = speed_plan.SpeedPlan(grouped_lora=False, packed_attention=False)
     checked, lines, _ = self_check.check_plan(plan, model, precision="fp32")
     assert not checked.fused_lora and "fused_lora off" in lines[0] and "differs" in lines[0]
+
+
+def test_fused_blocks_and_row_attention_are_checked_and_a_wrong_fused_mlp_is_turned_off(monkeypatch):
+    """The CPU plan's fused_blocks and row_attention have checks that pass; a fused MLP Function that
+    returns 1% too much is caught and only fused_blocks is turned off."""
+    from engine.layers import fused_mlp
+    from engine.layers.inject import inject_lora
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    inject_lora(model, "all-linear", r=4, alpha=8)
+    plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False, compile=False), device=torch.device("cpu"),
+                              precision="fp32")
+    assert plan.fused_blocks and plan.row_attention and {"fused_blocks", "row_attention"} <= set(self_check.CHECKS)
+    speed_plan.apply(plan, model)
+    assert self_check.check_plan(plan, model, precision="fp32")[1] == []
+
+    real = fused_mlp.LoRAGatedMLP.forward
+
+    def off_by_one_percent(ctx, *args):
+        return real(ctx, *args) * 1.01
+
+    monkeypatch.setattr(fused_mlp.LoRAGatedMLP, "forward", staticmethod(off_by_one_percent))
+    checked, lines, _ = self_check.check_plan(plan, model, precision="fp32")
+    assert checked == plan.off("fused_blocks") and len(lines) == 1, lines
+    assert "turned fused_blocks off" in lines[0] and "differs from the reference" in lines[0]
