@@ -42,8 +42,8 @@ VARIANTS = {
 }
 
 
-def compose_config(overrides: list[str]):
-    """RunConfig from conf/ + the quickstart experiment + overrides (as the Hydra entry point builds it)."""
+def compose_config(overrides: list[str], experiment: str = "quickstart"):
+    """RunConfig from conf/ + an experiment + overrides (as the Hydra entry point builds it)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -51,7 +51,7 @@ def compose_config(overrides: list[str]):
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=["+experiment=quickstart", *overrides])
+        dcfg = compose(config_name="config", overrides=[f"+experiment={experiment}", *overrides])
     return from_dict(OmegaConf.to_container(dcfg, resolve=True)).validate()
 
 

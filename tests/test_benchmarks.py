@@ -173,3 +173,31 @@ def test_host_cost_benchmark_counts_ops_per_step_and_layer(tmp_path):
     engine, hf = result["configs"]["engine"], result["configs"]["hf_peft"]
     assert engine["ops_per_layer"] < hf["ops_per_layer"] and engine["aten_ops_per_step"] < hf["aten_ops_per_step"]
     assert (tmp_path / "host_cost_t.md").read_text().count("|") > 20
+
+
+@pytest.mark.slow
+def test_grpo_step_benchmark_runs_engine_and_trl_on_a_tiny_model(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--model", "tiny", "--prompts", "2",
+           "--generations", "2", "--completion-len", "4", "--steps", "1", "--tag", "test", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "grpo_step_test.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"engine", "trl"}
+    assert rows["trl"]["speedup_vs_trl"] == 1.0 and rows["engine"]["speedup_vs_trl"] > 0
+    for row in rows.values():
+        assert len(row["timed_steps_ms"]) == 1 and row["ms_per_step"] > 0
+        assert row["mean_completion_length"] and all(n == 4 for n in row["mean_completion_length"])  # no early stop
+    assert "| engine |" in (tmp_path / "grpo_step_test.md").read_text()
+
+
+def test_grpo_step_benchmark_refuses_bad_options(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import grpo_step
+
+    for argv, message in ((["--configs", "engine,unsloth"], "--configs: unknown ['unsloth']"),
+                          (["--steps", "0"], "must be >= 1"),
+                          (["--generations", "1"], "--generations must be >= 2")):
+        with pytest.raises(SystemExit):
+            grpo_step.main(argv)
+        assert message in capsys.readouterr().err
