@@ -31,6 +31,7 @@ switches compile here what the first step would otherwise compile (printed with 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -43,7 +44,9 @@ from torch import nn
 from engine.layers.groups import set_grouped_lora
 from engine.layers.lora import LoRALinear
 from engine.model.attention import exact_document_attention
+from engine.model.fused_blocks import set_fused_blocks
 from engine.model.packing import PackingContext
+from engine.model.tiling import find_mlps, find_norms
 import engine.speed.plan as speed_plan
 from engine.training.loss import StepKernels, cross_entropy_and_grad_fused
 
@@ -333,10 +336,6 @@ class _Block(nn.Module):
 
     def __init__(self, shape: Shape, model: nn.Module):
         super().__init__()
-        import copy
-
-        from engine.model.tiling import find_mlps, find_norms
-
         mlp = next(iter(find_mlps(model).values()), None)
         act = (getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)) if mlp is not None else None
         self.attn = _Siblings(shape)
@@ -353,8 +352,6 @@ class _Block(nn.Module):
 def _fused_blocks(plan, shape: Shape, model: nn.Module) -> Case:
     """The fused q/k/v group, gated MLP and RMSNorm Functions (engine/model/fused_blocks.py) vs the
     modules' own forwards, on the same weights (RoPE's Function is tested, not checked here)."""
-    from engine.model.fused_blocks import set_fused_blocks
-
     return _swap_case(_Block(shape, model), set_fused_blocks, shape, reduction=max(2 * shape.hidden, sum(TOKENS)))
 
 
