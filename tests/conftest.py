@@ -237,3 +237,27 @@ def packed_batch(ids: torch.Tensor, doc_lengths: list[list[int]], labels: torch.
         labels = torch.full_like(ids, -100)
     return {"input_ids": ids, "labels": labels, "position_ids": position_ids,
             "packing": packing_context(labels, doc_lengths, num_tokens=ids.numel())}
+
+
+def lora_and_peft_twins(base: torch.nn.Module, *, seed: int):
+    """(ours, PEFT's): the same tiny model with our LoRA (r=4, alpha=8, all-linear, B != 0 from a
+    generator seeded with `seed`: the policy differs from the reference) and PEFT's copy of that
+    adapter; the oracle pair of the TRL parity tests."""
+    import peft
+
+    from engine.layers.inject import inject_lora, target_modules_for_config
+    from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
+
+    ours = copy.deepcopy(base)
+    torch.manual_seed(0)
+    inject_lora(ours, "all-linear", r=4, alpha=8.0)
+    mark_only_lora_trainable(ours)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(lora_state_dict(ours).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=target_modules_for_config(ours, "all-linear"),
+        task_type="CAUSAL_LM"))
+    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v for k, v in lora_state_dict(ours).items()})
+    return ours, theirs

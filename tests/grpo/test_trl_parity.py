@@ -9,7 +9,6 @@ completion mask, and its log-probs from a plain forward of the PEFT model (logit
 log-softmax at the completion tokens, what its fused head computes). `_compute_loss` runs on a
 stand-in trainer object holding only the attributes it reads."""
 
-import copy
 import inspect
 import textwrap
 from types import SimpleNamespace
@@ -17,12 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import lora_and_peft_twins, make_tiny_model
 from engine.grpo.batches import Rollout, rollout_batches
 from engine.grpo.loss import advantages as engine_advantages
 from engine.grpo.objective import GRPOLoss
-from engine.layers.inject import inject_lora, target_modules_for_config
-from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
+from engine.layers.lora import lora_state_dict
 
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
@@ -39,18 +37,7 @@ ADVANTAGES = [0.9, -0.4, -0.5, 1.2, 0.3, -1.5]
 @pytest.fixture(scope="module")
 def models():
     base, _ = make_tiny_model("llama", seed=3)
-    ours = copy.deepcopy(base)
-    torch.manual_seed(0)
-    inject_lora(ours, "all-linear", r=4, alpha=8.0)
-    mark_only_lora_trainable(ours)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for _, p in sorted(lora_state_dict(ours).items()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=target_modules_for_config(ours, "all-linear"),
-        task_type="CAUSAL_LM"))
-    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v for k, v in lora_state_dict(ours).items()})
+    ours, theirs = lora_and_peft_twins(base, seed=11)
     return ours.train(), theirs.train()
 
 

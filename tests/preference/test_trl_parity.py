@@ -7,17 +7,14 @@ TRL gets the same token ids as prompt_ids / chosen_ids / rejected_ids through it
 The reference model is the base with adapters off on both sides (TRL: ref_model=None + PEFT, its
 "ref" adapter copy removed so the reference is the base, as in the engine)."""
 
-import copy
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import lora_and_peft_twins, make_tiny_model
 from engine.config import DataConfig
-from engine.layers.inject import inject_lora, target_modules_for_config
-from engine.layers.lora import lora_state_dict, mark_only_lora_trainable
 from engine.preference.batches import make_pair_loader
 from engine.preference.data import load_pair_dataset
 from engine.preference.objective import DPOObjective, ORPOObjective
@@ -38,18 +35,7 @@ PAIRS = [
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     base, tok = make_tiny_model("llama", seed=1)
-    ours = copy.deepcopy(base)
-    torch.manual_seed(0)
-    inject_lora(ours, "all-linear", r=4, alpha=8.0)
-    mark_only_lora_trainable(ours)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # B != 0: the policy differs from the reference
-        for _, p in sorted(lora_state_dict(ours).items()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=target_modules_for_config(ours, "all-linear"),
-        task_type="CAUSAL_LM"))
-    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v for k, v in lora_state_dict(ours).items()})
+    ours, theirs = lora_and_peft_twins(base, seed=7)
     path = tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     ds = load_pair_dataset(str(path), tok, DataConfig(train_path=str(path), max_seq_len=64, cache_dir=str(tmp / "c")))
