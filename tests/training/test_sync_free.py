@@ -43,16 +43,21 @@ HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.
               torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu}
 
 
+# the engine package's own folder: a checkout may itself sit in a folder named engine (CI's fresh clone)
+ENGINE_DIR = str(Path(engine.training.objective.__file__).resolve().parents[1]) + "/"
+
+
 def _host_side() -> bool:
     """Host-side data preparation: engine/data/, and a GRPO rollout (generate, decode, score, pack:
     `GRPO._fetch`, which reads its completions back by design, once per rollout)."""
-    return any("/engine/data/" in frame.filename or (frame.filename.endswith("/engine/grpo/plugin.py")
-                                                    and frame.name == "_fetch")
+    return any(frame.filename.startswith(ENGINE_DIR + "data/")
+               or (frame.filename == ENGINE_DIR + "grpo/plugin.py" and frame.name == "_fetch")
                for frame in traceback.extract_stack())
 
 
 def _where() -> str:
-    frames = [f for f in traceback.extract_stack() if "/engine/" in f.filename or "site-packages" in f.filename]
+    frames = [f for f in traceback.extract_stack()
+              if f.filename.startswith(ENGINE_DIR) or "site-packages" in f.filename]
     return " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
                        for f in reversed(frames[-5:]))
 
