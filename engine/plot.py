@@ -45,8 +45,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             if i == len(lines) - 1:  # being written right now
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON record: {line[:80]!r}") from None
-        if "eval_loss" in record:
-            evals.append(record)
+        if "eval_loss" in record or ("loss" not in record and any(k.startswith("eval_") for k in record)):
+            evals.append(record)  # GRPO's evaluations have a held-out reward and no loss
         elif "loss" in record:
             train.append(record)
     return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
@@ -81,9 +81,10 @@ def _title(name: str, train: list[dict], evals: list[dict]) -> str:
     parts = [name]
     if train:
         parts.append(f"step {train[-1]['step']}, train loss {train[-1]['loss']:.4f}")
-    if evals:
-        first, last = evals[0]["eval_loss"], evals[-1]["eval_loss"]
-        parts.append(f"held-out {first:.4f} → {last:.4f}" if len(evals) > 1 else f"held-out {last:.4f}")
+    for key, what in (("eval_loss", "held-out"), ("eval_reward", "held-out reward")):
+        xs, ys = _series(evals, key)
+        if ys:
+            parts.append(f"{what} {ys[0]:.4f} → {ys[-1]:.4f}" if len(ys) > 1 else f"{what} {ys[-1]:.4f}")
     return "  |  ".join(parts)
 
 
@@ -117,6 +118,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     if any("reward_accuracy" in r for r in train) or any("eval_preference_accuracy" in r for r in evals):
         _preference_axis(bottom, train, evals)  # DPO / ORPO runs (engine/preference/)
         top.set_ylabel("loss (per pair)")
+    elif any("eval_reward" in r for r in evals) or any("reward" in r for r in train):
+        _reward_axis(bottom, train, evals)      # GRPO runs (engine/grpo/)
     if not (train or evals):
         top.text(0.5, 0.5, "no metrics yet", transform=top.transAxes, ha="center", va="center", color="0.4")
         for ax in (top, bottom, lr_axis):
@@ -141,6 +144,22 @@ def _preference_axis(bottom, train: list[dict], evals: list[dict]) -> None:
     acc.set_ylim(0, 1.02)
     acc.set_ylabel("accuracy")
     acc.legend(handles=handles, loc="lower right", framealpha=0.9, fontsize="small")
+
+
+def _reward_axis(bottom, train: list[dict], evals: list[dict]) -> None:
+    """Right axis of the bottom panel: the rollouts' mean reward and the held-out mean reward
+    (greedy, on the eval prompts: at the start, each evaluation and the end)."""
+    axis = bottom.twinx()
+    handles = []
+    for records, key, label, style in ((train, "reward", "reward (rollouts)", dict(color="C1", lw=1)),
+                                       (evals, "eval_reward", "held-out reward",
+                                        dict(color="C3", lw=1.5, marker="o", ms=4))):
+        xs, ys = _series(records, key)
+        if xs:
+            handles += axis.plot(xs, ys, label=label, **style)
+    axis.set_ylim(bottom=0)
+    axis.set_ylabel("mean reward")
+    axis.legend(handles=handles, loc="lower right", framealpha=0.9, fontsize="small")
 
 
 def _run_labels(run_dirs: list[Path]) -> list[str]:

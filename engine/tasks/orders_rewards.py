@@ -15,6 +15,10 @@ The GRPO quickstart asks only for the order's city (`city_prompt`; `answer` = th
 
     city_mentioned  1 when the completion names the city
     city_exact      1 when the completion is the city name alone
+    city_concise    the city's share of the answer's characters when it is named (1 for the city
+                    alone, ~0.1 for a sentence around it), else 0: a graded signal toward the bare
+                    name, which the base model never samples at first (city_exact alone would give
+                    every group equal rewards, so no advantage and no gradient)
 """
 
 from __future__ import annotations
@@ -63,3 +67,12 @@ def city_mentioned(completions, answer, **kwargs) -> list[float]:
 def city_exact(completions, answer, **kwargs) -> list[float]:
     """1 when the completion is the city name and nothing else (case, spaces and a final period aside)."""
     return [float(_normal(_text(c)) == a.lower()) for c, a in zip(completions, answer)]
+
+
+def city_concise(completions, answer, **kwargs) -> list[float]:
+    """len(city) / len(answer) (normalised as city_exact) when the completion names the city, else 0."""
+    out = []
+    for c, a in zip(completions, answer):
+        text = _normal(_text(c))
+        out.append(len(a) / max(len(text), len(a)) if a.lower() in text else 0.0)
+    return out

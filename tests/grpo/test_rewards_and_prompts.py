@@ -94,6 +94,8 @@ def test_builtin_orders_rewards():
     assert orders_rewards.exact_match(completions, answers) == [1.0, 0.0, 0.0, 1.0]
     assert orders_rewards.city_exact(["Oslo.", "oslo", "It is Oslo"], ["Oslo"] * 3) == [1.0, 1.0, 0.0]
     assert orders_rewards.city_mentioned(["Oslo.", "It is oslo", "Bergen"], ["Oslo"] * 3) == [1.0, 1.0, 0.0]
+    assert orders_rewards.city_concise(["Oslo.", "It is oslo", "Bergen", "Oslo, Norway"],
+                                       ["Oslo"] * 4) == [1.0, 0.4, 0.0, 4 / 12]
 
 
 HOSTILE = [
