@@ -73,12 +73,17 @@ def run_engine(args, model_dir: str, prompts: str, work: str) -> dict:
         f"optim.lr={args.lr}", f"train.max_steps={args.steps + 2}", "train.log_every=1", "train.save_every=0",
         f"train.precision={args.precision}", f"train.device={args.device}", "train.plots=false",
         f"train.micro_batch_size={args.micro_batch_size}", "train.resume=never"], experiment="quickstart_grpo")
-    real = plugin.stop_token_ids
+    import engine.tracking.metrics_log as metrics_log
+
+    real, write = plugin.stop_token_ids, metrics_log.MetricsLog.write
     plugin.stop_token_ids = lambda tokenizer: [NO_STOP]
+    # this process's CPU seconds (every thread) stamped on each record: log_every 1, so consecutive
+    # records bound one step (the file's other fields are the loop's own)
+    metrics_log.MetricsLog.write = lambda self, record: write(self, {**record, "process_cpu_s": time.process_time()})
     try:
         run_training(cfg)
     finally:
-        plugin.stop_token_ids = real
+        plugin.stop_token_ids, metrics_log.MetricsLog.write = real, write
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     train = [r for r in records if "loss" in r]
@@ -86,9 +91,10 @@ def run_engine(args, model_dir: str, prompts: str, work: str) -> dict:
     for r in train:  # log_every=1: a record's tokens_per_s is that one step's tokens over its seconds
         seconds.append((r["tokens"] - tokens_before) / r["tokens_per_s"])
         tokens_before = r["tokens"]
+    cpu = [b["process_cpu_s"] - a["process_cpu_s"] for a, b in zip(train, train[1:])]  # steps 2..N
     lengths = [r["completions/mean_length"] for r in train]
-    return {"step_seconds": seconds[1:-1], "all_step_seconds": seconds, "mean_completion_length": lengths,
-            "rewards": [r["reward"] for r in train]}
+    return {"step_seconds": seconds[1:-1], "all_step_seconds": seconds, "step_cpu_seconds": cpu[:-1],
+            "mean_completion_length": lengths, "rewards": [r["reward"] for r in train]}
 
 
 def run_trl(args, model_dir: str, prompts: str, work: str) -> dict:
@@ -103,17 +109,18 @@ def run_trl(args, model_dir: str, prompts: str, work: str) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.seconds, self.t0 = [], 0.0
+            self.seconds, self.cpu, self.t0, self.c0 = [], [], 0.0, 0.0
 
         def on_step_begin(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
     with open(prompts) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -135,7 +142,7 @@ def run_trl(args, model_dir: str, prompts: str, work: str) -> dict:
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     trainer.train()
     logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
-    return {"step_seconds": timer.seconds[1:], "all_step_seconds": timer.seconds,
+    return {"step_seconds": timer.seconds[1:], "all_step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu[1:],
             "mean_completion_length": [r["completions/mean_length"] for r in logs],
             "rewards": [r.get("reward") for r in logs]}
 
@@ -199,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind}: steps {[round(s * 1000) for s in results[kind]['all_step_seconds']]} ms, completion "
                   f"lengths {results[kind]['mean_completion_length']}", file=sys.stderr, flush=True)
     base = statistics.median(results["trl"]["step_seconds"]) if "trl" in results else None
+    base_cpu = statistics.median(results["trl"]["step_cpu_seconds"]) if "trl" in results else None
     rows = []
     for kind in configs:
         t = statistics.median(results[kind]["step_seconds"])
+        c = statistics.median(results[kind]["step_cpu_seconds"])
         rows.append({"config": kind, "ms_per_step": round(t * 1000, 1),
                      "speedup_vs_trl": round(base / t, 2) if base else None,
+                     "cpu_ms_per_step": round(c * 1000, 1),
+                     "cpu_speedup_vs_trl": round(base_cpu / c, 2) if base_cpu else None,
                      "timed_steps_ms": [round(s * 1000, 1) for s in results[kind]["step_seconds"]],
                      "all_steps_ms": [round(s * 1000, 1) for s in results[kind]["all_step_seconds"]],
                      "mean_completion_length": results[kind]["mean_completion_length"],
@@ -247,11 +258,14 @@ def write_markdown(path: str, result: dict) -> None:
              f"trl {m['trl']}, peft {m['peft']}" + (f", {m['gpu']}" if m["gpu"] else "") + ".",
              f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}"
              + (f" ({m['load_note']})" if m["load_note"] else "") + ".", "",
-             "| config | ms per step | vs TRL | timed steps (ms) | all steps (ms) | mean completion length per step |",
-             "|---|---:|---:|---|---|---|"]
+             "CPU time: this process's, every thread, over the same steps (robust to other jobs on the machine).", "",
+             "| config | ms per step | vs TRL | CPU ms per step | vs TRL (CPU) | timed steps (ms) | all steps (ms) "
+             "| mean completion length per step |",
+             "|---|---:|---:|---:|---:|---|---|---|"]
     for r in result["rows"]:
         speedup = f"{r['speedup_vs_trl']:.2f}x" if r["speedup_vs_trl"] else "-"
-        lines.append(f"| {r['config']} | {r['ms_per_step']:.0f} | {speedup} | "
+        cpu_speedup = f"{r['cpu_speedup_vs_trl']:.2f}x" if r["cpu_speedup_vs_trl"] else "-"
+        lines.append(f"| {r['config']} | {r['ms_per_step']:.0f} | {speedup} | {r['cpu_ms_per_step']:.0f} | {cpu_speedup} | "
                      f"{', '.join(f'{x:.0f}' for x in r['timed_steps_ms'])} | "
                      f"{', '.join(f'{x:.0f}' for x in r['all_steps_ms'])} | "
                      f"{', '.join(f'{x:g}' for x in r['mean_completion_length'])} |")
