@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import traceback
 import warnings
 from dataclasses import replace
@@ -44,7 +45,8 @@ HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.
 
 
 # the engine package's own folder: a checkout may itself sit in a folder named engine (CI's fresh clone)
-ENGINE_DIR = str(Path(engine.training.objective.__file__).resolve().parents[1]) + "/"
+# (as imported, not resolved: frames carry the path their module was imported from)
+ENGINE_DIR = os.path.dirname(os.path.dirname(engine.training.objective.__file__)) + "/"
 
 
 def _host_side() -> bool:
