@@ -130,7 +130,9 @@ def run_plan(raw: dict) -> dict:
     text = format_report(report)
     grpo = grpo_plan_args(cfg.objective)
     if grpo is not None:  # objective=grpo: the rollout and the reference forward beside the step
-        b = predict_grpo(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch, **grpo, **settings)
+        merge = cfg.speed.mode != "off" and "rollout_merge" not in cfg.speed.disable   # as speed.resolve decides
+        b = predict_grpo(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch, **grpo, **settings,
+                         rollout_merge=merge)
         report["grpo"] = b.as_dict()
         text += "\n" + format_grpo(b, budget, grpo["prompts_per_step"])
     print(text)

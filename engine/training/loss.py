@@ -46,10 +46,13 @@ class StepKernels:
         None: the eager fp32 path.
     max_chunk_bytes: the largest a chunk's logits may be (a CPU retaining host memory keeps each
         chunk in its heap); None: `chunk_size` rows alone decide.
+    rollout_merge: GRPO's rollouts (engine/grpo/rollout.py): the layout of the merged LoRA decode
+        copies ("in_out" | "out_in", engine/layers/decode_merge.py); "": LoRA decodes as a branch.
     """
 
     cross_entropy: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     max_chunk_bytes: int | None = None
+    rollout_merge: str = ""
 
 
 EAGER = StepKernels()

@@ -27,6 +27,8 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert not plan.grouped_lora and plan.packed_attention and plan.fused_lora
     assert not plan.fused_blocks and plan.row_attention == 0  # FSDP shards; a GPU's rows take varlen
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
+    assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_merge == "out_in"
+    assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == "in_out"
 
 
 def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
@@ -37,7 +39,7 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
     assert some.describe() == ("speed: fused_lora, fused_blocks, packed_attention, row_attention=256, compile_norms, "
-                               "compile_loss")  # no short-document kernel: rows of <= 256 tokens take row_attention
+                               "compile_loss, rollout_merge=in_out")  # no short-document kernel: rows of <= 256 tokens take row_attention
 
 
 def test_off_names_an_unknown_switch():
