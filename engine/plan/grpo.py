@@ -17,7 +17,8 @@ to None, so generation does not pay for them):
                   + decode copies  speed switch rollout_merge (engine/layers/decode_merge.py): every
                                 LoRA-targeted float weight merged once per rollout into a copy
                                 W + s*B@A in the base dtype, held for the whole rollout (a 4-bit
-                                base keeps its LoRA branch: no copy)
+                                base keeps its LoRA branch, no copy, unless rollout_dequantize:
+                                then a copy W_hat + s*B@A in the dtype it was quantized from)
     reference   beta > 0 (the k3 KL to the base) or num_iterations > 1 (the old policy's
                 log-probs): a no-grad forward over each micro-batch's packed rows before the step:
                 one block's largest intermediate + a chunk of fp32 logits ([C, V], C <= loss_chunk_size)
@@ -93,7 +94,8 @@ def _forward_transient(shape, tokens: int, a: int, rs: int) -> int:
 def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, max_completion_length: int,
                  seq_len: int, micro_batch: int, prompt_len: int | None = None, beta: float = 0.0,
                  num_iterations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 share_prefill: bool = True, rollout_merge: bool = True, **settings) -> GRPOBreakdown:
+                 share_prefill: bool = True, rollout_merge: bool = True, rollout_dequantize: bool = False,
+                 **settings) -> GRPOBreakdown:
     """Predicted peak of one GRPO step (pure: config numbers in, bytes out).
 
     seq_len: data.max_seq_len, the packed training rows' length; a prompt holds at most
@@ -130,7 +132,7 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
                 else "sample" if not top_k else "top_p")   # top-k alone: topk values ~ a sort's
     # (one query per row: transformers' SDPA folds the query heads onto the KV heads, no K/V copy)
     out.decode_transient = N * shape.vocab * SAMPLING_BYTES_PER_LOGIT[sampling] + _forward_transient(shape, N, a, rs)
-    if rollout_merge and settings.get("method", "qlora") == "lora":
+    if rollout_merge and (settings.get("method", "qlora") == "lora" or rollout_dequantize):
         out.decode_weights = decode_copy_bytes_planned(shape, settings.get("targets", "all-linear"), rs)
     out.rollout = out.static + out.decode_weights + out.rollout_dynamic
     if beta > 0 or num_iterations > 1:

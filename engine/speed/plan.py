@@ -23,6 +23,9 @@ and exposes hooks; this module decides which fast implementation plugs into each
     rollout_merge           generate_rollouts(merge_lora, merged_layout)  GRPO rollouts decode on merged LoRA
                             copies W + s*B@A, one GEMM per layer (engine.layers.decode_merge), stored
                             [in, out] on a CPU (MKL's decode GEMMs 15-25% faster), [out, in] on a GPU
+    rollout_dequantize      generate_rollouts(dequantize_4bit)        a 4-bit base gets a 16-bit merged decode copy
+                            too (CPU: bitsandbytes dequantizes W in every call, ~1.6x per decode step;
+                            a GPU keeps QLoRA's memory: off there)
 
 `resolve` turns the user's `speed` config (auto / off, plus per-switch opt-outs) into a `SpeedPlan`
 for (device, precision, model, FSDP); `apply` swaps the implementations in and returns the
@@ -79,10 +82,12 @@ class SpeedPlan:
     retain_host_memory: bool = False
     offload_activations: bool = False
     rollout_merge: str = ""
+    rollout_dequantize: bool = False
     notes: tuple[str, ...] = ()
 
     SWITCHES = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention", "batch_short_documents",
-                "row_attention", "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory", "rollout_merge")
+                "row_attention", "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory", "rollout_merge",
+                "rollout_dequantize")
     VALUED = ("short_attention", "row_attention", "varlen_attention", "rollout_merge")  # said with their value; off is 0 / ""
 
     def describe(self) -> str:
@@ -132,7 +137,8 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         varlen_attention=varlen,
         compile_norms=compile_on, compile_loss=compile_on,
         retain_host_memory=retain, offload_activations=offload_activations,
-        rollout_merge="in_out" if device.type == "cpu" else "out_in", notes=tuple(notes))
+        rollout_merge="in_out" if device.type == "cpu" else "out_in", rollout_dequantize=device.type == "cpu",
+        notes=tuple(notes))
     return plan.off(*cfg.disable) if cfg.disable else plan
 
 
@@ -182,7 +188,8 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
         install_offload(model, use_reentrant=False)
     return StepKernels(cross_entropy=compiled.compiled_cross_entropy() if plan.compile_loss else None,
                        max_chunk_bytes=host_memory.HEAP_BLOCK_LIMIT if plan.retain_host_memory else None,
-                       rollout_merge=plan.rollout_merge)
+                       rollout_merge=plan.rollout_merge,
+                       rollout_dequantize=bool(plan.rollout_merge) and plan.rollout_dequantize)
 
 
 def document_kernel(plan: SpeedPlan) -> tuple[str, object] | None:

@@ -64,6 +64,20 @@ def test_rollout_prediction_bounds_the_measured_live_bytes(top_p, share):
     assert unmerged.decode_weights == 0 and unmerged.rollout == b.rollout - b.decode_weights
 
 
+def test_decode_copies_are_the_targeted_weights_and_4bit_bases_get_one_only_when_dequantized():
+    config = known_config("smollm2-135m")
+    kw = dict(prompts_per_step=2, num_generations=4, max_completion_length=64, seq_len=512, micro_batch=1)
+    lora = predict_grpo(config, **kw, **{**CPU_FP32, "targets": "all-linear"})
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    assert lora.decode_weights == 4 * layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    only_q = predict_grpo(config, **kw, **{**CPU_FP32, "targets": ["q_proj"]})
+    assert only_q.decode_weights == 4 * layers * h * h
+    qlora = {**CPU_FP32, "method": "qlora"}
+    assert predict_grpo(config, **kw, **qlora).decode_weights == 0
+    assert predict_grpo(config, **kw, **qlora, rollout_dequantize=True).decode_weights == lora.decode_weights
+
+
 def test_moments_scale_with_what_they_hold():
     llama = known_config("llama-3.1-8b")
     settings = _qlora(activation_checkpointing=True, chunked_loss=True)

@@ -29,6 +29,8 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_merge == "out_in"
     assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == "in_out"
+    assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_dequantize   # QLoRA: CPU only
+    assert not speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="fp16").rollout_dequantize
 
 
 def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
@@ -39,7 +41,7 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
     assert some.describe() == ("speed: fused_lora, fused_blocks, packed_attention, row_attention=256, compile_norms, "
-                               "compile_loss, rollout_merge=in_out")  # no short-document kernel: rows of <= 256 tokens take row_attention
+                               "compile_loss, rollout_merge=in_out, rollout_dequantize")  # no short-document kernel: rows of <= 256 tokens take row_attention
 
 
 def test_off_names_an_unknown_switch():
