@@ -34,6 +34,12 @@ attention the filled prefix, exactly what a growing `DynamicCache` hands it (so 
 transformers builds, and the engine's packed attention, see the same shapes). Any family whose
 forward takes a transformers cache works: sliding windows are applied by the mask over the full
 prefix, not by dropping old keys.
+
+Per decode step the cost is the weights' GEMMs at a few rows (bandwidth-bound: SmolLM2-135M reads
+its ~540 MB of fp32 weights every token), plus ~2,300 small ops of transformers' blocks. The LoRA
+branch alone was ~1,500 more (A's matmul, B's addmm, views, per projection): with `merge_lora` each
+adapted layer decodes on a merged copy W + s*B@A built once per rollout (engine/layers/decode_merge.py),
+one GEMM per layer; the model's own weights are not touched.
 """
 
 from __future__ import annotations
