@@ -33,6 +33,23 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert not speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="fp16").rollout_dequantize
 
 
+def test_rollout_switches_reach_the_rollouts_through_the_step_kernels_and_can_be_turned_off():
+    from engine.layers.inject import inject_lora
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    inject_lora(model, "all-linear", 4, 8.0)
+    on = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=CPU, precision="fp32")
+    kernels = speed_plan.apply(on.off("compile_norms", "compile_loss"), model)
+    assert (kernels.rollout_merge, kernels.rollout_dequantize) == ("in_out", True)
+    config = SpeedConfig(disable=["rollout_merge"], retain_host_memory=False)
+    config.validate()
+    kernels = speed_plan.apply(speed_plan.resolve(config, device=CPU, precision="fp32"), model)
+    assert (kernels.rollout_merge, kernels.rollout_dequantize) == ("", False)   # no copies, 4-bit ones neither
+    off = speed_plan.resolve(SpeedConfig(mode="off"), device=CPU, precision="fp32")
+    assert speed_plan.apply(off, model).rollout_merge == ""
+
+
 def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
     off = speed_plan.resolve(SpeedConfig(mode="off"), device=CPU, precision="bf16")
     assert not any(getattr(off, name) for name in speed_plan.SpeedPlan.SWITCHES)
