@@ -137,7 +137,9 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         varlen_attention=varlen,
         compile_norms=compile_on, compile_loss=compile_on,
         retain_host_memory=retain, offload_activations=offload_activations,
-        rollout_merge="in_out" if device.type == "cpu" else "out_in", rollout_dequantize=device.type == "cpu",
+        # FSDP: the weights are DTensor shards outside the block's forward, a merged copy would be a shard
+        rollout_merge="" if fsdp else "in_out" if device.type == "cpu" else "out_in",
+        rollout_dequantize=device.type == "cpu" and not fsdp,
         notes=tuple(notes))
     return plan.off(*cfg.disable) if cfg.disable else plan
 

@@ -26,6 +26,7 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert plan.short_attention == 0 and not plan.retain_host_memory and not plan.compile_norms
     assert not plan.grouped_lora and plan.packed_attention and plan.fused_lora
     assert not plan.fused_blocks and plan.row_attention == 0  # FSDP shards; a GPU's rows take varlen
+    assert plan.rollout_merge == "" and not plan.rollout_dequantize   # a merged copy of a shard: no
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_merge == "out_in"
     assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == "in_out"
