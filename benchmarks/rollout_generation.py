@@ -18,6 +18,12 @@ same work). Configurations (`--configs`), their order rotated every repeat:
   engine_noshare  the same with share_prefill=False (each prompt prefilled G times: what sharing buys)
   engine_nocompact  the same with compact_rows=False (stopped rows decoded to the end; acts with --stop natural)
   engine_multinomial  the same with sampler="multinomial" (torch.multinomial, as transformers draws)
+  engine_nomerge  the same with merge_lora=False (the LoRA branch in every decode step instead of the
+                  rollout's merged decode copies W + s*B@A, engine/layers/decode_merge.py)
+  engine_nodequant  (--method qlora) the same with dequantize_4bit=False: the 4-bit bases keep their LoRA
+                  branch (the engine row gives them a merged 16-bit decode copy, as the CPU's speed plan does)
+  engine_out_in   the same with merged_layout="out_in" (the decode copies stored as nn.Linear stores W,
+                  not transposed: what the in_out layout, the CPU's default, buys)
   hf_generate     model.generate on the prompts repeated G times, left-padded, as TRL's GRPOTrainer
                   calls it (transformers' DynamicCache, its logits processors, min_new_tokens = max)
   hf_static       the same with cache_implementation="static" (transformers' StaticCache, not compiled)
@@ -44,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "engine_multinomial", "hf_generate", "hf_static")
+CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "engine_multinomial", "engine_nomerge", "engine_nodequant",
+           "engine_out_in", "hf_generate", "hf_static")
 NO_STOP = -1  # a token id no model emits: every row runs the full completion length
 
 
@@ -109,7 +116,10 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
                                   stop_token_ids=stops or [NO_STOP], pad_token_id=pad,
                                   generator=torch.Generator(device=args.device).manual_seed(0),
                                   share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact",
-                                  sampler="multinomial" if kind == "engine_multinomial" else "inverse_cdf")
+                                  sampler="multinomial" if kind == "engine_multinomial" else "inverse_cdf",
+                                  merge_lora=kind != "engine_nomerge",
+                                  merged_layout="out_in" if kind == "engine_out_in" else None,
+                                  dequantize_4bit=args.device == "cpu" and kind != "engine_nodequant")
         lengths = [len(c) for c in r.completion_ids]
     else:
         ids, mask = left_pad([p for p in prompts for _ in range(G)], pad)

@@ -161,7 +161,9 @@ class GRPO:
                                  max_new_tokens=o.max_completion_length, temperature=0.0 if greedy else o.temperature,
                                  top_p=o.top_p, top_k=o.top_k, stop_token_ids=self.stops,
                                  pad_token_id=s.tokenizer.pad_token_id, generator=None if greedy else self.generator,
-                                 autocast_dtype=amp.DTYPES[s.precision] if s.precision in ("bf16", "fp16") else None)
+                                 autocast_dtype=amp.DTYPES[s.precision] if s.precision in ("bf16", "fp16") else None,
+                                 merge_lora=bool(s.kernels.rollout_merge), merged_layout=s.kernels.rollout_merge or None,
+                                 dequantize_4bit=s.kernels.rollout_dequantize)
 
     def _roll_out(self) -> tuple[Rollout, dict]:
         s, o, G = self.setup, self.o, self.o.num_generations

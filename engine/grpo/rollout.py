@@ -34,6 +34,12 @@ attention the filled prefix, exactly what a growing `DynamicCache` hands it (so 
 transformers builds, and the engine's packed attention, see the same shapes). Any family whose
 forward takes a transformers cache works: sliding windows are applied by the mask over the full
 prefix, not by dropping old keys.
+
+Per decode step the cost is the weights' GEMMs at a few rows (bandwidth-bound: SmolLM2-135M reads
+its ~540 MB of fp32 weights every token), plus ~2,300 small ops of transformers' blocks. The LoRA
+branch alone was ~1,500 more (A's matmul, B's addmm, views, per projection): with `merge_lora` each
+adapted layer decodes on a merged copy W + s*B@A built once per rollout (engine/layers/decode_merge.py),
+one GEMM per layer; the model's own weights are not touched.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from engine.layers.decode_merge import lora_merged_for_decode
 
 
 COMPACT_BELOW = 0.75
@@ -238,7 +246,8 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
                       temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int],
                       pad_token_id: int, generator: torch.Generator | None = None, check_every: int = 8,
                       share_prefill: bool = True, compact_rows: bool = True, sampler: str = "inverse_cdf",
-                      autocast_dtype: torch.dtype | None = None) -> Rollouts:
+                      autocast_dtype: torch.dtype | None = None, merge_lora: bool = True,
+                      dequantize_4bit: bool = False, merged_layout: str | None = None) -> Rollouts:
     """`num_generations` completions of each prompt (token ids), prompt-major; see the module docstring.
 
     temperature 0 is greedy. The model runs as it is (LoRA on, 4-bit base or not), in eval mode
@@ -250,6 +259,12 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     of transformers' generate, which keeps every row). `sampler` (speed switch): how a sampled
     token is drawn from its distribution (`next_tokens`); "multinomial" draws what transformers'
     generate draws from the same RNG state.
+    `merge_lora` (speed switch): every float-base LoRA layer computes on a merged decode copy
+    W + s*B@A for the rollout (engine/layers/decode_merge.py: one GEMM per layer instead of the
+    branch's several ops; the weights themselves are not touched); `dequantize_4bit` gives 4-bit
+    bases such a copy too (16-bit memory for the rollout), else they keep the unmerged branch.
+    `merged_layout` (speed switch, device-specific): how the decode copies are stored, "in_out"
+    or "out_in" (`lora_merged_for_decode`); None picks in_out on a CPU, out_in elsewhere.
     `autocast_dtype` runs the forwards under torch.autocast at that dtype (None: as the caller has it).
     """
     _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_k, stop_token_ids, check_every)
@@ -276,10 +291,13 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     precision = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                  else contextlib.nullcontext())
 
+    layout = merged_layout or ("in_out" if device.type == "cpu" else "out_in")
+    merged = (lora_merged_for_decode(model, dequantize_4bit=dequantize_4bit, layout=layout) if merge_lora
+              else contextlib.nullcontext())
     was_training = model.training
     model.eval()
     try:
-        with precision:
+        with precision, merged:
             cache = RolloutCache(_num_layers(model), T if share_prefill and G > 1 else capacity)
             forward_kw = _forward_keywords(model, cache)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward_kw)

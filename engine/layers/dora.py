@@ -58,6 +58,8 @@ class DoRALinear(LoRALinear):
             return torch.linalg.norm(combined, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_weight is not None:  # a rollout's merged copy (engine/layers/decode_merge.py)
+            return super().forward(x)
         out = self.base_layer(x)                                        # W x + b   [..., out]
         if self.merged or self.disabled:
             return out

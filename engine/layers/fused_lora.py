@@ -58,9 +58,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def fusable(layer: nn.Module) -> bool:
-    """A plain LoRA layer (no DoRA, no dropout) that is neither merged nor switched off."""
+    """A plain LoRA layer (no DoRA, no dropout) that is neither merged (for good or for a rollout's
+    decode) nor switched off."""
     return (type(layer) is LoRALinear and isinstance(layer.lora_dropout, nn.Identity)
-            and not layer.merged and not layer.disabled)
+            and not layer.merged and not layer.disabled and layer.decode_weight is None)
 
 
 _OPTIMIZER_STEPS = [0]

@@ -24,6 +24,7 @@ import math
 from typing import Iterator, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.quant import dequantize_weight, is_linear4bit, logical_numel
@@ -103,7 +104,14 @@ class LoRALinear(nn.Module):
     """Speed switch (speed switch fused_blocks): the `FusedProjections` (engine/layers/fused_lora.py)
     that computes this layer with its siblings in one autograd Function with its own backward, or None."""
 
+    decode_weight: torch.Tensor | None = None
+    """Speed switch (generate_rollouts' merge_lora): W + s*B@A (DoRA: its merged weight) in W's dtype,
+    a separate copy set by `engine.layers.decode_merge.lora_merged_for_decode` for the length of a
+    rollout (no grad); the forward is then one linear. None: the adapter runs as a branch."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_weight is not None:
+            return F.linear(x, self.decode_weight, self.base_layer.bias)
         if self.merged or self.disabled:
             return self.base_layer(x)
         if self.fused_group is not None and self.fused_group.usable(x):

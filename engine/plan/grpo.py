@@ -14,6 +14,11 @@ to None, so generation does not pay for them):
                   + decoding    the logits [N, V] in fp32 and the sampling's copies of them (sort,
                                 indices, softmax, cumulative sum with top-p), and one block's
                                 intermediate over the N new tokens
+                  + decode copies  speed switch rollout_merge (engine/layers/decode_merge.py): every
+                                LoRA-targeted float weight merged once per rollout into a copy
+                                W + s*B@A in the base dtype, held for the whole rollout (a 4-bit
+                                base keeps its LoRA branch, no copy, unless rollout_dequantize:
+                                then a copy W_hat + s*B@A in the dtype it was quantized from)
     reference   beta > 0 (the k3 KL to the base) or num_iterations > 1 (the old policy's
                 log-probs): a no-grad forward over each micro-batch's packed rows before the step:
                 one block's largest intermediate + a chunk of fp32 logits ([C, V], C <= loss_chunk_size)
@@ -30,7 +35,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from engine.plan.prediction import Breakdown, predict_for
-from engine.plan.shapes import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, PlanError, model_shape
+from engine.plan.shapes import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, PlanError, model_shape,
+                                resolve_targets)
 
 SAMPLING_BYTES_PER_LOGIT = {"greedy": 4 + 8, "sample": 4 + 4 + 4 + 8, "top_p": 4 + 4 + 4 + 8 + 4 + 4 + 1 + 1}
 """Bytes per [N, V] logit the decoding step holds at its fullest: the fp32 logits and their
@@ -50,6 +56,7 @@ class GRPOBreakdown:
     prefill_kv: int = 0
     prefill_transient: int = 0
     decode_transient: int = 0
+    decode_weights: int = 0
     reference_transient: int = 0
     static: int = 0
     rollout: int = 0
@@ -87,7 +94,8 @@ def _forward_transient(shape, tokens: int, a: int, rs: int) -> int:
 def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, max_completion_length: int,
                  seq_len: int, micro_batch: int, prompt_len: int | None = None, beta: float = 0.0,
                  num_iterations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 share_prefill: bool = True, **settings) -> GRPOBreakdown:
+                 share_prefill: bool = True, rollout_merge: bool = True, rollout_dequantize: bool = False,
+                 **settings) -> GRPOBreakdown:
     """Predicted peak of one GRPO step (pure: config numbers in, bytes out).
 
     seq_len: data.max_seq_len, the packed training rows' length; a prompt holds at most
@@ -124,7 +132,9 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
                 else "sample" if not top_k else "top_p")   # top-k alone: topk values ~ a sort's
     # (one query per row: transformers' SDPA folds the query heads onto the KV heads, no K/V copy)
     out.decode_transient = N * shape.vocab * SAMPLING_BYTES_PER_LOGIT[sampling] + _forward_transient(shape, N, a, rs)
-    out.rollout = out.static + out.rollout_dynamic
+    if rollout_merge and (settings.get("method", "qlora") == "lora" or rollout_dequantize):
+        out.decode_weights = decode_copy_bytes_planned(shape, settings.get("targets", "all-linear"), rs)
+    out.rollout = out.static + out.decode_weights + out.rollout_dynamic
     if beta > 0 or num_iterations > 1:
         chunk = min(settings.get("loss_chunk_size", 1024), micro_batch * seq_len)
         out.reference_transient = (_forward_transient(shape, micro_batch * seq_len, a, rs)
@@ -139,6 +149,15 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
         out.cuda_context = CUDA_CONTEXT_BYTES
     out.total = allocated + out.allocator_slack + out.cuda_context
     return out
+
+
+def decode_copy_bytes_planned(shape, targets, weight_bytes: int) -> int:
+    """The rollout's merged LoRA decode copies: every targeted linear's [out, in] weight once, in
+    the base dtype (as `engine.layers.decode_merge.decode_copy_bytes` counts a built model)."""
+    per_layer, head = resolve_targets(shape, targets)
+    sizes = {name: fin * fout for name, fin, fout, _ in shape.linears}
+    return weight_bytes * (sum(sizes[n] for layer in per_layer for n in layer)
+                           + (shape.vocab * shape.hidden if head else 0))
 
 
 def grpo_plan_args(objective) -> dict | None:
@@ -166,8 +185,9 @@ def format_grpo(b: GRPOBreakdown, budget: int, prompts_per_step: int) -> str:
             ("rollout: the prompts' KV before its G copies", b.prefill_kv, f"{prompts_per_step} rows (share_prefill)"),
             ("rollout: prefill transient", b.prefill_transient, "one block's intermediate, mask, last logits"),
             ("rollout: decoding transient", b.decode_transient, "logits [rows, vocab] fp32 + sampling"),
+            ("rollout: merged LoRA decode copies", b.decode_weights, "W + s*B@A per targeted weight (rollout_merge)"),
             ("static without LoRA grads", b.static, "weights, LoRA, optimizer state"),
-            ("**rollout**", b.rollout, "static + KV + the larger transient"),
+            ("**rollout**", b.rollout, "static + decode copies + KV + the larger transient"),
             ("**reference / old log-probs forward**", b.reference, "beta > 0 or num_iterations > 1"),
             ("**training step**", training, "the table above, before slack and context")]
     lines = ["", f"GRPO: {prompts_per_step} prompts x {b.rows // prompts_per_step} completions per step, prompts of "

@@ -130,7 +130,11 @@ def run_plan(raw: dict) -> dict:
     text = format_report(report)
     grpo = grpo_plan_args(cfg.objective)
     if grpo is not None:  # objective=grpo: the rollout and the reference forward beside the step
-        b = predict_grpo(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch, **grpo, **settings)
+        # as speed.resolve decides: merged copies unless switched off; 4-bit bases dequantized on a CPU only
+        merge = cfg.speed.mode != "off" and "rollout_merge" not in cfg.speed.disable and not cfg.train.fsdp
+        dequantize = merge and not settings.get("cuda", True) and "rollout_dequantize" not in cfg.speed.disable
+        b = predict_grpo(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch, **grpo, **settings,
+                         rollout_merge=merge, rollout_dequantize=dequantize)
         report["grpo"] = b.as_dict()
         text += "\n" + format_grpo(b, budget, grpo["prompts_per_step"])
     print(text)

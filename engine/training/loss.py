@@ -46,10 +46,15 @@ class StepKernels:
         None: the eager fp32 path.
     max_chunk_bytes: the largest a chunk's logits may be (a CPU retaining host memory keeps each
         chunk in its heap); None: `chunk_size` rows alone decide.
+    rollout_merge: GRPO's rollouts (engine/grpo/rollout.py): the layout of the merged LoRA decode
+        copies ("in_out" | "out_in", engine/layers/decode_merge.py); "": LoRA decodes as a branch.
+    rollout_dequantize: 4-bit bases get such a copy too (W_hat + s*B@A, 16-bit memory for the rollout).
     """
 
     cross_entropy: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     max_chunk_bytes: int | None = None
+    rollout_merge: str = ""
+    rollout_dequantize: bool = False
 
 
 EAGER = StepKernels()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.grpo.rollout import RolloutCache, generate_rollouts
+from engine.layers.decode_merge import decode_copy_bytes
 from engine.layers.inject import inject_lora
 from engine.plan import GIB, LiveBytes, PlanError, known_config
 from engine.plan.grpo import format_grpo, grpo_plan_args, kv_cache_bytes, predict_grpo
@@ -35,7 +36,8 @@ def test_kv_cache_term_is_the_bytes_the_rollout_cache_allocates():
 @pytest.mark.parametrize("top_p,share", [(1.0, True), (0.9, True), (1.0, False)])
 def test_rollout_prediction_bounds_the_measured_live_bytes(top_p, share):
     """generate_rollouts on a tiny Llama under a live-bytes tracker: the predicted rollout bytes
-    (KV + the larger of prefill and decoding transients) cover the measured peak, within 1.5x."""
+    (the merged LoRA decode copies + KV + the larger of prefill and decoding transients) cover the
+    measured peak, within 1.5x; the decode copies' term is exactly what the rollout merges."""
     model, tokenizer = make_tiny_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8,
                                        num_key_value_heads=2, num_hidden_layers=4)
     model.set_attn_implementation("sdpa")  # as engine.train runs it (eager attention keeps [T, T] scores)
@@ -53,7 +55,27 @@ def test_rollout_prediction_bounds_the_measured_live_bytes(top_p, share):
     b = predict_grpo(model.config, prompts_per_step=P, num_generations=G, max_completion_length=L, seq_len=T + L,
                      micro_batch=1, top_p=top_p, share_prefill=share, **CPU_FP32)
     assert b.kv_cache == kv_cache_bytes(model.config, P * G, T + L, 4)
-    assert tracker.peak <= b.rollout_dynamic <= 1.5 * tracker.peak, (tracker.peak, b.as_dict())
+    assert b.decode_weights == decode_copy_bytes(model) > 0
+    predicted = b.decode_weights + b.rollout_dynamic
+    assert tracker.peak <= predicted <= 1.5 * tracker.peak, (tracker.peak, b.as_dict())
+    unmerged = predict_grpo(model.config, prompts_per_step=P, num_generations=G, max_completion_length=L,
+                            seq_len=T + L, micro_batch=1, top_p=top_p, share_prefill=share, rollout_merge=False,
+                            **CPU_FP32)
+    assert unmerged.decode_weights == 0 and unmerged.rollout == b.rollout - b.decode_weights
+
+
+def test_decode_copies_are_the_targeted_weights_and_4bit_bases_get_one_only_when_dequantized():
+    config = known_config("smollm2-135m")
+    kw = dict(prompts_per_step=2, num_generations=4, max_completion_length=64, seq_len=512, micro_batch=1)
+    lora = predict_grpo(config, **kw, **{**CPU_FP32, "targets": "all-linear"})
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    assert lora.decode_weights == 4 * layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    only_q = predict_grpo(config, **kw, **{**CPU_FP32, "targets": ["q_proj"]})
+    assert only_q.decode_weights == 4 * layers * h * h
+    qlora = {**CPU_FP32, "method": "qlora"}
+    assert predict_grpo(config, **kw, **qlora).decode_weights == 0
+    assert predict_grpo(config, **kw, **qlora, rollout_dequantize=True).decode_weights == lora.decode_weights
 
 
 def test_moments_scale_with_what_they_hold():

@@ -26,7 +26,29 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert plan.short_attention == 0 and not plan.retain_host_memory and not plan.compile_norms
     assert not plan.grouped_lora and plan.packed_attention and plan.fused_lora
     assert not plan.fused_blocks and plan.row_attention == 0  # FSDP shards; a GPU's rows take varlen
+    assert plan.rollout_merge == "" and not plan.rollout_dequantize   # a merged copy of a shard: no
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
+    assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_merge == "out_in"
+    assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == "in_out"
+    assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_dequantize   # QLoRA: CPU only
+    assert not speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="fp16").rollout_dequantize
+
+
+def test_rollout_switches_reach_the_rollouts_through_the_step_kernels_and_can_be_turned_off():
+    from engine.layers.inject import inject_lora
+    from tests.conftest import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    inject_lora(model, "all-linear", 4, 8.0)
+    on = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=CPU, precision="fp32")
+    kernels = speed_plan.apply(on.off("compile_norms", "compile_loss"), model)
+    assert (kernels.rollout_merge, kernels.rollout_dequantize) == ("in_out", True)
+    config = SpeedConfig(disable=["rollout_merge"], retain_host_memory=False)
+    config.validate()
+    kernels = speed_plan.apply(speed_plan.resolve(config, device=CPU, precision="fp32"), model)
+    assert (kernels.rollout_merge, kernels.rollout_dequantize) == ("", False)   # no copies, 4-bit ones neither
+    off = speed_plan.resolve(SpeedConfig(mode="off"), device=CPU, precision="fp32")
+    assert speed_plan.apply(off, model).rollout_merge == ""
 
 
 def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
@@ -37,7 +59,7 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
     assert some.describe() == ("speed: fused_lora, fused_blocks, packed_attention, row_attention=256, compile_norms, "
-                               "compile_loss")  # no short-document kernel: rows of <= 256 tokens take row_attention
+                               "compile_loss, rollout_merge=in_out, rollout_dequantize")  # no short-document kernel: rows of <= 256 tokens take row_attention
 
 
 def test_off_names_an_unknown_switch():
