@@ -185,4 +185,5 @@ def short_document_kernel(limit: int, batched: bool = True):
             out[b, start:start + n] = o[0].transpose(0, 1)
         return out
 
+    kernel.per_document = True  # reads only `docs` (tree documents stay with the core)
     return kernel
