@@ -3,6 +3,7 @@ objective.share_prompt, same process, same rollout, alternating.
 
     python benchmarks/grpo_update.py                 # the quickstart's shapes: +experiment=quickstart_grpo
     python benchmarks/grpo_update.py --repeats 1 --fixed-length 16   # every completion 16 tokens
+    python benchmarks/grpo_update.py --synthetic 16   # no rollout: random completions of 16 tokens
 
 The run is built as `python -m engine.train +experiment=quickstart_grpo` builds it (SmolLM2-135M-
 Instruct, LoRA r=16 on every linear, 4 prompts x G=8, completions of <= 16 tokens, packed rows of
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/grpo_update.py", description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed updates per config, after a warm-up each")
     p.add_argument("--fixed-length", type=int, default=0, help="every completion this many tokens (0: as sampled)")
+    p.add_argument("--synthetic", type=int, default=0, help="no rollout: random completions of this many tokens")
     p.add_argument("--precision", default="auto")
     p.add_argument("--tag", default=None)
     p.add_argument("--out-dir", default=RESULTS)
@@ -59,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(cfg.train.device)
     model, tokenizer, *_, precision, objective, _guard = build_everything(cfg, ctx)
     o = cfg.objective
-    rollout, _ = objective._roll_out()
+    if args.synthetic:  # no generation: the first prompts, random completions of exactly that length
+        g = torch.Generator().manual_seed(0)
+        N = o.prompts_per_step * o.num_generations
+        ids = torch.randint(100, tokenizer.vocab_size - 100, (N, args.synthetic), generator=g).tolist()
+        adv = (torch.randn(N, generator=g)).tolist()
+        rollout = Rollout(list(range(o.prompts_per_step)), ids, [False] * N, adv)
+    else:
+        rollout, _ = objective._roll_out()
     if args.fixed_length:  # the sampled tokens, cut or repeated to the length: every completion as long
         ids = [(c * args.fixed_length)[:args.fixed_length] for c in rollout.completion_ids]
         rollout = Rollout(rollout.prompt_index, ids, [False] * len(ids), rollout.advantages)
@@ -88,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, share in configs.items():  # warm-up, and the gradients each way (to print their agreement)
         _, _, losses[name] = update(batches(share))
         grads[name] = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        print(f"{name}: loss {losses[name]:.6g}, non-finite gradient entries {int((~grads[name].isfinite()).sum())} "
+              f"of {grads[name].numel()}", file=sys.stderr)
     grad_diff = float((grads["shared"] - grads["unshared"]).norm() / grads["unshared"].norm())
     for _ in range(args.repeats):
         for name, share in configs.items():
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             "loss_tokens": sum(lengths), "repeats": args.repeats, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "load_average_at_end": os.getloadavg(), "relative_grad_difference": grad_diff}
-    tag = args.tag or f"{ctx.device.type}_quickstart_{precision}" + (f"_len{args.fixed_length}" if args.fixed_length else "")
+    tag = args.tag or (f"{ctx.device.type}_quickstart_{precision}" + (f"_len{args.fixed_length}" if args.fixed_length else "")
+                       + (f"_synthetic{args.synthetic}" if args.synthetic else ""))
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"meta": meta, "rows": rows}
     with open(os.path.join(args.out_dir, f"grpo_update_{tag}.json"), "w") as f:

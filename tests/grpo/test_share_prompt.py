@@ -234,3 +234,44 @@ def test_the_plugin_turns_it_off_where_rows_are_padded_and_says_so(capsys):
     use_packed_attention(base, False)
     assert not _trees_honoured(SimpleNamespace(packing=True, model=base, precision="fp32"), announce=True)
     assert "packed attention" in capsys.readouterr().err
+
+
+def test_a_kernel_that_reads_the_whole_batch_never_sees_tree_documents():
+    """A varlen-style kernel (no `per_document`, no `takes_trees`: it would read cu_seqlens, where a
+    tree is one causal document) is not called for a batch with trees; the reference kernel takes
+    its plain documents, and the numbers are the reference's."""
+    from engine.model.attention import sdpa_per_document, set_attention
+
+    calls = []
+
+    def whole_batch(query, key, value, docs, *, scale, dropout, packing):
+        calls.append(len(docs))
+        return sdpa_per_document(query, key, value, docs, scale=scale, dropout=dropout, packing=packing)
+
+    reference = _run(_model("llama", {}, "fp32"), share=True, loss_type="dapo", beta=0.0, iterations=1,
+                     mask_truncated=False, precision="fp32")[:2]
+    model = _model("llama", {}, "fp32")
+    set_attention(model, register_packed_attention("engine_packed_test_whole_batch", whole_batch))
+    loss, grads, _, micro = _run(model, share=True, loss_type="dapo", beta=0.0, iterations=1, mask_truncated=False,
+                                 precision="fp32")
+    assert calls == [] and any(b["packing"].has_trees for b in micro)
+    torch.testing.assert_close(loss, reference[0], rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference[1][name], rtol=0, atol=0, msg=name)
+    _run(model, share=False, loss_type="dapo", beta=0.0, iterations=1, mask_truncated=False, precision="fp32")
+    assert calls  # plain batches still go to it
+
+
+def test_the_batched_short_kernel_gives_no_gradient_where_a_tree_sits():
+    """PackedShortAttention handed only some documents (the others are trees, computed by the core):
+    its gradient at the other positions is exactly zero, never an empty buffer's leftovers."""
+    from engine.speed.cpu_attention import PackedShortAttention, causal_bias
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 64, 16, generator=g).bfloat16().requires_grad_() for h in (4, 2, 2))
+    docs = [(0, 40, 24)]                                 # positions 0..39: a tree's, not this kernel's
+    out = PackedShortAttention.apply(q, k, v, 0.25, docs, {24: causal_bias(24, 2, torch.bfloat16, "cpu")}, [])
+    out[0, 40:].float().sum().backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad[0, :, :40], torch.zeros_like(t.grad[0, :, :40]))
+        assert t.grad[0, :, 40:].abs().sum() > 0
