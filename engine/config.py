@@ -466,6 +466,11 @@ class ObjectiveConfig:
     """grpo: advantages = (reward - group mean) / std of: group | batch | none (not divided)."""
     mask_truncated_completions: bool = False
     """grpo: completions without an end-of-turn within max_completion_length carry no loss."""
+    share_prompt: bool = True
+    """grpo: train each prompt once with its G completions as branches of one tree document
+    (engine/model/prefix_tree.py): the same loss and gradients, the prompt no longer computed G
+    times forward and backward. Needs packed rows and the engine's packed attention (a model
+    without them, or one the tree probe finds wrong, trains the unshared documents, said once)."""
     rewards: Any = field(default_factory=list)
     """grpo: reward functions, each "path/to/file.py:function" or "package.module:function", called
     as TRL's GRPOTrainer calls them: fn(prompts=..., completions=..., completion_ids=..., **columns)

@@ -201,3 +201,20 @@ def test_grpo_step_benchmark_refuses_bad_options(capsys):
         with pytest.raises(SystemExit):
             grpo_step.main(argv)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_grpo_update_benchmark_writes_both_rows_on_a_tiny_model(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from throughput_inputs import tiny_dir
+
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "grpo_update.py"), "--synthetic", "4", "--repeats", "1",
+           "--precision", "fp32", "--tag", "test", "--out-dir", str(tmp_path), f"model.path={tiny_dir()}",
+           "speed.self_check=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["config"]: r for r in json.loads((tmp_path / "grpo_update_test.json").read_text())["rows"]}
+    assert set(rows) == {"unshared", "shared"}
+    assert rows["shared"]["tokens_per_update"] < rows["unshared"]["tokens_per_update"]
+    assert rows["shared"]["loss"] == pytest.approx(rows["unshared"]["loss"], rel=1e-4, abs=1e-6)
+    assert "| shared |" in (tmp_path / "grpo_update_test.md").read_text()

@@ -39,6 +39,8 @@ from engine.grpo.objective import GRPOLoss
 from engine.grpo.rewards import load_reward_function, score, unique_names
 from engine.grpo.rollout import generate_rollouts
 from engine.layers.lora import adapters_disabled
+from engine.model.attention import uses_packed_attention
+from engine.model.isolation import LEAK_TOLERANCE, tree_leak
 from engine.preference.logprobs import token_logps
 from engine.training import amp
 from engine.training.objective import RunSetup
@@ -105,6 +107,7 @@ class GRPO:
         self.stops = stop_token_ids(setup.tokenizer)
         rows = 1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
         self.loader = _LoaderView(packing=setup.packing, micro_batch_size=rows)
+        self.share_prompt = o.share_prompt and _trees_honoured(setup, announce=ctx.is_main)
         self.loss = GRPOLoss(beta=o.beta, epsilon=o.epsilon, epsilon_high=o.epsilon_high, temperature=o.temperature,
                              chunk_size=setup.chunk_size)
         self.rollout: Rollout | None = None
@@ -116,7 +119,8 @@ class GRPO:
             print(f"grpo: {o.prompts_per_step} prompts x {o.num_generations} generations = "
                   f"{o.prompts_per_step * o.num_generations} completions per rollout (per rank), "
                   f"{o.num_iterations} optimizer step(s) per rollout; completions of <= {o.max_completion_length} "
-                  f"tokens trained in packed rows of {cfg.data.max_seq_len} tokens, {rows} row(s) per forward; "
+                  f"tokens trained in packed rows of {cfg.data.max_seq_len} tokens, {rows} row(s) per forward"
+                  f"{', each prompt once per group (share_prompt)' if self.share_prompt else ''}; "
                   f"{len(self.train_set)} training prompts, rewards: {', '.join(self.reward_names)}", file=sys.stderr)
 
     # ---- batches ----------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class GRPO:
                                loss_type=o.loss_type, max_completion_length=o.max_completion_length,
                                mask_truncated=o.mask_truncated_completions, max_seq_len=s.cfg.data.max_seq_len,
                                micro_batch_size=self.loader.micro_batch_size, pad_token_id=s.tokenizer.pad_token_id,
-                               packed=self.loader.packing)
+                               packed=self.loader.packing, share_prompt=self.share_prompt)
 
     def _generate(self, prompts, *, num_generations: int, greedy: bool):
         s, o = self.setup, self.o
@@ -287,6 +291,25 @@ class GRPO:
         self.generator.set_state(state["generator"])
         self.rollout = Rollout(**state["rollout"]) if state.get("rollout") else None
         self.used, self._next = int(state.get("used", 0)), None
+
+
+def _trees_honoured(setup: RunSetup, *, announce: bool) -> bool:
+    """Can this run train tree documents (objective.share_prompt)? Packed rows, the engine's packed
+    attention, and the tree probe (engine/model/isolation.py::tree_leak) finding the tree's branches
+    equal to the unshared documents; otherwise False, said once."""
+    if not setup.packing:
+        why = "rows are padded (data.packing=false or a model whose packed rows leak)"
+    elif not uses_packed_attention(setup.model):
+        why = "the model does not run the engine's packed attention (speed.disable=[packed_attention], eager)"
+    else:
+        ratio = tree_leak(setup.model, precision=setup.precision)
+        if ratio <= LEAK_TOLERANCE:
+            return True
+        why = f"the tree probe finds this model's branches see each other (ratio {ratio:.2f})"
+    if announce:
+        print(f"note: objective.share_prompt: each completion trained with its own copy of the prompt: {why}",
+              file=sys.stderr)
+    return False
 
 
 class _LoaderView:

@@ -28,6 +28,13 @@ What a kernel never sees, because the math is not plain causal attention per doc
     kernel call);
   * rows that are not packed (one document per row): one causal SDPA call over the batch, as
     transformers' own SDPA path makes it;
+  * tree documents (a shared prefix and branches: GRPO's prompt once with its G completions,
+    `packing.trees`, engine/model/prefix_tree.py): computed by `tree_attention`, two SDPA calls per
+    tree, unless the kernel takes them (`takes_trees = True`: it gets `trees=` and computes them in
+    the same call, the CPU's row mask). The other documents of such a batch go to the kernel when it
+    computes only the documents it is handed (`per_document = True`); a kernel that reads the whole
+    batch's layout (varlen offsets) would attend across the branches, so there the reference kernel
+    takes them. A batch with trees anywhere but packed rows (a padding mask, a KV cache) is refused;
   * a keyword this module does not know (an attention sink, say): refused with an error that names
     it, never ignored.
 
@@ -50,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.packing import PackingContext, lengths_from_positions
+from engine.model.prefix_tree import causal_window_mask, masked_attention, tree_attention
 
 NAME = "engine_packed_sdpa"
 _REGISTERED: set[str] = set()  # every name register_packed_attention has registered
@@ -67,11 +75,20 @@ DocumentKernel = Callable[..., torch.Tensor]
 query [B, H, T, D], key / value [B, H_kv, T, D]; docs: every (row, start, length) of the batch,
 in the order of `packing.cu_seqlens`; plain causal attention inside each document, nothing across
 them; dropout on the probabilities. A kernel whose attribute `takes_window` is True is also called
-with `window=` (the layer's sliding window, None for full attention) and applies it itself."""
+with `window=` (the layer's sliding window, None for full attention) and applies it itself; one whose
+`takes_trees` is True also gets `trees=` (packing.tree_documents(): row, start, length, prefix,
+branch lengths) and computes those documents too (module docstring); `per_document` True: it reads
+only `docs`, never the batch's whole layout."""
 
 
 class PackedAttentionError(ValueError):
     """The packed path met an attention variant it cannot honour; the message names it."""
+
+
+TREES_SEEN = "tree documents attended"
+"""kernel_cache key packed_attention sets once it has computed a batch's tree documents: the
+training forward checks it (engine/training/loss.py::decoder_hidden), so a family that does not
+hand the packing context down cannot silently attend across a tree's branches."""
 
 
 def sdpa_per_document(query, key, value, docs, *, scale: float, dropout: float, packing: PackingContext):
@@ -92,28 +109,18 @@ def sdpa_per_document(query, key, value, docs, *, scale: float, dropout: float, 
     return out
 
 
+sdpa_per_document.per_document = True  # computes only the documents it is handed
+
+
 def exact_document_attention(q, k, v, *, scale: float, window: int | None, softcap: float | None,
                              dropout: float, training: bool) -> torch.Tensor:
     """Eager attention of one document with every variant honoured, as transformers' eager path:
         S = scale q k^T  (-> softcap tanh(S / softcap) when soft-capped),  masked where
         key > query or query - key >= window,  P = softmax(S) in (at least) fp32,  out = dropout(P) v
     q [1, H, n, D], k / v [1, H_kv, n, D] -> [1, H, n, D]. Memory O(H n^2): per document, never per row."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    groups = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     n = q.shape[2]
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale                      # [1, H, n, n]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    i = torch.arange(n, device=q.device)
-    allowed = i[None, :] <= i[:, None]                                         # causal
-    if window is not None:
-        allowed &= (i[:, None] - i[None, :]) < window
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
-    probs = F.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs, v)
+    return masked_attention(q, k, v, causal_window_mask(n, n, window, q.device), scale=scale, softcap=softcap,
+                            dropout=dropout, training=training)
 
 
 def _per_document_backends(query: torch.Tensor):
@@ -166,11 +173,17 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
     B, _, T, _ = query.shape
     window, softcap = sliding_window_of(module, kwargs), kwargs.get("softcap")
+    packed_rows = (packing is not None and packing.packed and packing.row_length == T
+                   and packing.batch_size == B and key.shape[2] == T)
+    if packing is not None and packing.has_trees and not (packed_rows and (attention_mask is None
+                                                                           or attention_mask.dim() == 2)):
+        raise PackedAttentionError(
+            f"{type(module).__name__}: a batch with tree documents (GRPO's shared prompts) reached attention "
+            "with a padding mask, a KV cache or rows of another shape, where only packed rows can honour them; "
+            "train with objective.share_prompt=false")
     if attention_mask is not None and attention_mask.dim() == 4:  # a caller's own 4-D mask: as given
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    packed_rows = (packing is not None and packing.packed and packing.row_length == T
-                   and packing.batch_size == B and key.shape[2] == T)
     if packed_rows or (attention_mask is not None and _FORWARD_MASKS.get(id(attention_mask)) is attention_mask):
         # the all-ones stand-in of `forward_mask`: the context (or, from a family that does not hand
         # it down, position_ids) says where the documents are
@@ -194,16 +207,26 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             "does not implement; train without it (speed.disable=[packed_attention]) or with data.packing=false")
     p = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    docs = [(b, start, n) for b, row in enumerate(packing.doc_lengths) for start, n in _starts(row)]
+    trees = packing.tree_documents()
+    if trees and not getattr(kernel, "takes_trees", False) and not getattr(kernel, "per_document", False):
+        # a kernel that reads the whole batch's layout (varlen offsets, a row mask) would attend
+        # across a tree's branches: the plain documents go to the reference kernel instead
+        kernel = sdpa_per_document
+    trees_in_kernel = bool(trees) and getattr(kernel, "takes_trees", False) and softcap is None
+    in_tree = {(b, start) for b, start, *_ in trees}
+    docs = [(b, start, n) for b, row in enumerate(packing.doc_lengths) for start, n in _starts(row)
+            if (b, start) not in in_tree]
     takes_window = getattr(kernel, "takes_window", False)
     exact = [(b, start, n) for b, start, n in docs
              if softcap is not None or (window is not None and n > window and not takes_window)]
-    if len(exact) == len(docs):  # every document is recomputed below: no kernel call to throw away
+    outside = exact + ([] if trees_in_kernel else trees)  # what is written over the kernel's output below
+    if len(exact) == len(docs) and not trees_in_kernel:  # no kernel call whose output would all be thrown away
         out = query.new_empty(B, T, query.shape[1], query.shape[3])
     else:
         out = kernel(query, key, value, docs, scale=scale, dropout=p, packing=packing,
-                     **({"window": window} if takes_window else {}))
-        if exact:  # a varlen kernel saves its output for backward: overwrite a copy, not the saved one
+                     **({"window": window} if takes_window else {}),
+                     **({"trees": trees} if trees_in_kernel else {}))
+        if outside:  # a varlen kernel saves its output for backward: overwrite a copy, not the saved one
             out = out.clone()
     for b, start, n in exact:
         # overwritten in place: the kernel's gradient for these positions is then zero
@@ -211,6 +234,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         o = exact_document_attention(q, k, v, scale=scale, window=window, softcap=softcap, dropout=p,
                                      training=module.training)
         out[b, start:start + n] = o[0].transpose(0, 1)
+    for b, start, n, prefix, branches in ([] if trees_in_kernel else trees):
+        tree_attention(query, key, value, out, b, start, prefix, branches, scale=scale, window=window,
+                       softcap=softcap, dropout=p, training=module.training, cache=packing.kernel_cache)
+    if trees:
+        packing.kernel_cache[TREES_SEEN] = True
     return out, None
 
 

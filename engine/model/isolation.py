@@ -38,7 +38,8 @@ import sys
 import torch
 from torch import nn
 
-from engine.model.packing import packing_context
+from engine.model.attention import PackedAttentionError
+from engine.model.packing import PackingContext, packing_context
 from engine.training import amp
 from engine.training.loss import decoder_hidden
 
@@ -82,6 +83,48 @@ def _probe_batch(ids: torch.Tensor, lengths: tuple[int, ...], device) -> dict:
     labels = torch.full_like(ids, -100)
     return {"input_ids": ids.to(device), "position_ids": position_ids.to(device),
             "packing": packing_context(labels, [list(lengths)], num_tokens=ids.shape[1]).to(device)}
+
+
+@torch.no_grad()
+def tree_leak(model: nn.Module, *, precision: str = "fp32") -> float:
+    """Does `model` honour tree documents (engine/model/prefix_tree.py)? The ratio of the module
+    docstring for one tree row against the same tokens as plain documents:
+
+        tree    [ a (4) | b (3) | c (2) ]    position_ids [0 1 2 3 | 4 5 6 | 4 5]
+        alone   [ a (4) | c (2) ]            position_ids [0 1 2 3 4 5]
+        other   [ a (4) | c' (2) ]           c' = c with another first token
+        leak    = max |h_tree(a, c) - h_alone(a, c)|      (b must not reach c; a is a itself)
+        context = max |h_alone(c)[1:] - h_other(c')[1:]|
+
+    A model whose attention never receives the packing context (it reads the restarts of
+    position_ids) or has a layer that mixes neighbouring tokens by their place in the row fails it;
+    one that refuses tree documents (PackedAttentionError) gives inf."""
+    device = next(model.parameters()).device
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (4, 3, 2))
+    c2 = c.clone()
+    c2[0, 0] = (c[0, 0] + 1) % config.vocab_size
+    tree = {"input_ids": torch.cat([a, b, c], 1).to(device),
+            "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 6, 4, 5]], device=device),
+            "packing": PackingContext([[9]], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 9, 0,
+                                      trees=[[(4, (3, 2))]]).to(device)}
+    was_training = model.training
+    model.eval()
+    try:
+        with amp.autocast(precision, device):
+            try:
+                h_tree = decoder_hidden(model, tree)[0].float()
+            except PackedAttentionError:
+                return float("inf")
+            h_alone, h_other = (decoder_hidden(model, _probe_batch(torch.cat([a, x], 1), (6,), device))[0].float()
+                                for x in (c, c2))
+    finally:
+        model.train(was_training)
+    mine = torch.cat([h_tree[:4], h_tree[7:]])
+    leak = (mine - h_alone).abs().max()
+    context = (h_alone[5:] - h_other[5:]).abs().max()
+    return (leak / torch.maximum(context, 1e-3 * h_alone.abs().max()).clamp_min(1e-30)).item()
 
 
 def packing_is_safe(model: nn.Module, *, precision: str = "fp32") -> tuple[bool, float]:

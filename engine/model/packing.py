@@ -14,6 +14,16 @@ A packed row holds several documents back to back; positions restart at each one
                                           max_seqlen; a nested tensor's bounds)
     label_index    [N]                    int64 flat indices (b*T + t) of the tokens that carry a label
     label_targets  [N]                    their labels (the next token)
+    trees          None, or per row, per document: None (a plain document) or (prefix, branches),
+                   a *tree document* (engine/model/prefix_tree.py): a shared prefix of `prefix`
+                   tokens, then branches of the given lengths, each seeing the prefix and itself:
+
+        row b:     [ prompt (p) | completion 1 (L1) | ... | completion G (LG) ]   doc_lengths: p + sum L_i
+        positions: [ 0 .. p-1   | p .. p+L1-1       | ... | p .. p+LG-1       ]
+        attention: prompt causal; completion i: the whole prompt + its own earlier tokens
+
+                   label_index may then repeat a position (the prompt's last predicts every
+                   completion's first token) and need not be sorted: its order is the caller's
 
 The data loader builds it on the host while it builds the batch (it knows every length already),
 so neither attention nor the loss ever asks the device where documents start or which tokens carry
@@ -47,6 +57,7 @@ class PackingContext:
     num_loss_tokens: int
     packed: bool = True
     cu_seqlens: torch.Tensor | None = None
+    trees: list[list[tuple[int, tuple[int, ...]] | None]] | None = None
     kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
     max_doc_length: int = field(init=False)
     min_doc_length: int = field(init=False)
@@ -56,6 +67,8 @@ class PackingContext:
             self.cu_seqlens = torch.tensor([0] + list(accumulate(n for row in self.doc_lengths for n in row)),
                                            dtype=torch.int32)
         lengths = [n for row in self.doc_lengths for n in row]
+        if self.trees is not None:
+            _check_trees(self.trees, self.doc_lengths)
         self.max_doc_length = max(lengths, default=0)
         self.min_doc_length = min(lengths, default=0)
 
@@ -63,8 +76,8 @@ class PackingContext:
         return (isinstance(other, PackingContext) and self.doc_lengths == other.doc_lengths
                 and torch.equal(self.label_index, other.label_index)
                 and torch.equal(self.label_targets, other.label_targets)
-                and (self.num_tokens, self.num_loss_tokens, self.packed)
-                == (other.num_tokens, other.num_loss_tokens, other.packed))
+                and (self.num_tokens, self.num_loss_tokens, self.packed, self.trees)
+                == (other.num_tokens, other.num_loss_tokens, other.packed, other.trees))
 
     @property
     def batch_size(self) -> int:
@@ -77,7 +90,24 @@ class PackingContext:
     @property
     def has_several_documents(self) -> bool:
         """True when some row holds more than one document: attention must keep them apart."""
-        return self.packed and any(len(row) > 1 for row in self.doc_lengths)
+        return self.packed and (any(len(row) > 1 for row in self.doc_lengths) or self.has_trees)
+
+    @property
+    def has_trees(self) -> bool:
+        return self.trees is not None and any(t is not None for row in self.trees for t in row)
+
+    def tree_documents(self) -> list[tuple[int, int, int, int, tuple[int, ...]]]:
+        """Every tree document of the batch: (row, start, length, prefix, branch lengths)."""
+        if not self.has_trees:
+            return []
+        out = []
+        for b, (row, trees) in enumerate(zip(self.doc_lengths, self.trees)):
+            start = 0
+            for n, tree in zip(row, trees):
+                if tree is not None:
+                    out.append((b, start, n, tree[0], tuple(tree[1])))
+                start += n
+        return out
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackingContext":
         device = torch.device(device)
@@ -91,7 +121,23 @@ class PackingContext:
     def _with(self, move) -> "PackingContext":
         """This context with `move` applied to each tensor (and a fresh kernel cache)."""
         return PackingContext(self.doc_lengths, move(self.label_index), move(self.label_targets), self.num_tokens,
-                              self.num_loss_tokens, self.packed, cu_seqlens=move(self.cu_seqlens))
+                              self.num_loss_tokens, self.packed, cu_seqlens=move(self.cu_seqlens), trees=self.trees)
+
+
+def _check_trees(trees, doc_lengths: list[list[int]]) -> None:
+    """Each tree's prefix + branches fill its document exactly (host ints; a caller's slip, said here)."""
+    if len(trees) != len(doc_lengths):
+        raise ValueError(f"trees: {len(trees)} rows, doc_lengths {len(doc_lengths)}")
+    for b, (row, row_trees) in enumerate(zip(doc_lengths, trees)):
+        if len(row_trees) != len(row):
+            raise ValueError(f"trees row {b}: {len(row_trees)} entries for {len(row)} documents")
+        for n, tree in zip(row, row_trees):
+            if tree is None:
+                continue
+            prefix, branches = tree
+            if prefix < 1 or not branches or min(branches) < 1 or prefix + sum(branches) != n:
+                raise ValueError(f"trees row {b}: prefix {prefix} + branches {list(branches)} do not make a "
+                                 f"document of {n} tokens (a prefix and branches of >= 1 token each)")
 
 
 def packing_context(labels: torch.Tensor, doc_lengths: list[list[int]], *, num_tokens: int,

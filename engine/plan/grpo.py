@@ -22,8 +22,11 @@ to None, so generation does not pay for them):
     reference   beta > 0 (the k3 KL to the base) or num_iterations > 1 (the old policy's
                 log-probs): a no-grad forward over each micro-batch's packed rows before the step:
                 one block's largest intermediate + a chunk of fp32 logits ([C, V], C <= loss_chunk_size)
-    training    the SFT step (`predict_for`) over packed rows of data.max_seq_len tokens, prompt
-                and completion as one document each, train.micro_batch_size rows per forward
+    training    the SFT step (`predict_for`) over packed rows of data.max_seq_len tokens,
+                train.micro_batch_size rows per forward, or fewer when the whole rollout fills fewer
+                rows (`training_rows`): share_prompt packs each group as one tree document of
+                prompt + G completions (P x (prompt + G x completion) tokens, engine/grpo/batches.py),
+                otherwise each completion is its own prompt + completion document (N x (prompt + completion))
 
 The rollout's terms are the byte counts of the tensors `generate_rollouts` makes (the KV buffers
 exactly; the transients as estimated above, checked against a live-bytes measurement on CPU in
@@ -76,6 +79,22 @@ class GRPOBreakdown:
         return {**asdict(self), "rollout_dynamic": self.rollout_dynamic}
 
 
+def training_rows(prompts: int, num_generations: int, prompt_len: int, completion_len: int, seq_len: int, *,
+                  share_prompt: bool) -> int:
+    """At most how many packed rows of seq_len tokens one rollout's training documents fill
+    (engine/grpo/batches.py): no more rows than documents, and best-fit packing leaves at most one
+    row half empty, so rows <= 2 tokens / seq_len + 1. Shared: a group is one tree document, or
+    several when prompt + G completions outgrow a row (each part holds the prompt again)."""
+    if share_prompt and num_generations > 1:
+        per_part = max(1, (seq_len - prompt_len) // completion_len)
+        parts = -(-num_generations // per_part)
+        docs, tokens = prompts * parts, prompts * (parts * prompt_len + num_generations * completion_len)
+    else:
+        docs = prompts * num_generations
+        tokens = docs * (prompt_len + completion_len)
+    return max(1, min(docs, 2 * tokens // seq_len + 1))
+
+
 def kv_cache_bytes(model_config, rows: int, tokens: int, kv_bytes: int) -> int:
     """The rollout's preallocated KV cache: keys and values of every layer for rows x tokens positions."""
     s = model_shape(model_config)
@@ -94,8 +113,8 @@ def _forward_transient(shape, tokens: int, a: int, rs: int) -> int:
 def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, max_completion_length: int,
                  seq_len: int, micro_batch: int, prompt_len: int | None = None, beta: float = 0.0,
                  num_iterations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 share_prefill: bool = True, rollout_merge: bool = True, rollout_dequantize: bool = False,
-                 **settings) -> GRPOBreakdown:
+                 share_prefill: bool = True, share_prompt: bool = True, rollout_merge: bool = True,
+                 rollout_dequantize: bool = False, **settings) -> GRPOBreakdown:
     """Predicted peak of one GRPO step (pure: config numbers in, bytes out).
 
     seq_len: data.max_seq_len, the packed training rows' length; a prompt holds at most
@@ -114,7 +133,8 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
     L, P = max_completion_length, prompts_per_step
     N = P * num_generations
     cuda = settings.get("cuda", True)
-    training = predict_for(model_config, seq_len, micro_batch, **settings)
+    training_micro = min(micro_batch, training_rows(P, num_generations, T, L, seq_len, share_prompt=share_prompt))
+    training = predict_for(model_config, seq_len, training_micro, **settings)
     shape = model_shape(model_config)
     a = DTYPE_BYTES[settings.get("precision", "fp16")]
     rs = DTYPE_BYTES[settings.get("base_dtype") or settings.get("precision", "fp16")]
@@ -136,8 +156,8 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
         out.decode_weights = decode_copy_bytes_planned(shape, settings.get("targets", "all-linear"), rs)
     out.rollout = out.static + out.decode_weights + out.rollout_dynamic
     if beta > 0 or num_iterations > 1:
-        chunk = min(settings.get("loss_chunk_size", 1024), micro_batch * seq_len)
-        out.reference_transient = (_forward_transient(shape, micro_batch * seq_len, a, rs)
+        chunk = min(settings.get("loss_chunk_size", 1024), training_micro * seq_len)
+        out.reference_transient = (_forward_transient(shape, training_micro * seq_len, a, rs)
                                    + chunk * shape.vocab * (4 + (2 if a == 2 else 0)))
         out.reference = out.static + out.reference_transient
     training_allocated = training.static + training.dynamic
@@ -163,7 +183,7 @@ def decode_copy_bytes_planned(shape, targets, weight_bytes: int) -> int:
 def grpo_plan_args(objective) -> dict | None:
     """predict_grpo's GRPO keywords from an objective config (engine/config.py ObjectiveConfig:
     name grpo, prompts_per_step, num_generations, max_completion_length, beta, num_iterations,
-    temperature, top_p, top_k); None for another objective."""
+    temperature, top_p, top_k, share_prompt); None for another objective."""
     if getattr(objective, "name", "sft") != "grpo":
         return None
     keys = ("prompts_per_step", "num_generations", "max_completion_length", "beta", "num_iterations",
@@ -171,7 +191,7 @@ def grpo_plan_args(objective) -> dict | None:
     missing = [k for k in keys if not hasattr(objective, k)]
     if missing:
         raise PlanError(f"objective=grpo: the objective config lacks {missing}")
-    return {k: getattr(objective, k) for k in keys}
+    return {**{k: getattr(objective, k) for k in keys}, "share_prompt": getattr(objective, "share_prompt", True)}
 
 
 def format_grpo(b: GRPOBreakdown, budget: int, prompts_per_step: int) -> str:

@@ -134,8 +134,12 @@ class PackedShortAttention(torch.autograd.Function):
         key, value, *saved = ctx.saved_tensors
         B, H_kv, T, D = key.shape
         H, scale = ctx.heads, ctx.scale
-        dq = grad_out.new_empty(B, T, H, D)
-        dk, dv = (grad_out.new_empty(B, T, H_kv, D) for _ in range(2))
+        # positions outside `docs` and `long_docs` (a tree document, computed by the core) get no
+        # gradient from here: zeros, not an empty buffer's leftovers
+        covered = sum(n for *_, n in ctx.docs) + sum(n for *_, n in ctx.long_docs)
+        empty = grad_out.new_empty if covered == B * T else grad_out.new_zeros
+        dq = empty(B, T, H, D)
+        dk, dv = (empty(B, T, H_kv, D) for _ in range(2))
         for i, (b, start, n) in enumerate(ctx.docs):
             qg, p = saved[2 * i], saved[2 * i + 1]
             k = key[b, :, start:start + n]
@@ -185,4 +189,5 @@ def short_document_kernel(limit: int, batched: bool = True):
             out[b, start:start + n] = o[0].transpose(0, 1)
         return out
 
+    kernel.per_document = True  # reads only `docs` (tree documents stay with the core)
     return kernel

@@ -24,21 +24,39 @@ import torch.nn.functional as F
 
 from engine.model.attention import exact_document_attention, sdpa_per_document
 from engine.model.packing import PackingContext
+from engine.model.prefix_tree import tree_attention
 
 
 def row_mask(packing: PackingContext, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
     """The additive block-diagonal causal mask [B, 1, T, T] of the packed rows (see the module
-    docstring), made once per (window, dtype) per micro-batch."""
+    docstring), made once per (window, dtype) per micro-batch. A tree document (packing.trees) is
+    one block in which a branch's queries see the prefix and their own branch only, the window
+    measured on positions (a branch starts at the prefix's length)."""
     key = ("row_mask", window, dtype, str(device))
     mask = packing.kernel_cache.get(key)
     if mask is None:
-        # document index of every position: host ints from the loader, no device read
-        doc = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in packing.doc_lengths],
-                           device=device)                                            # [B, T]
-        pos = torch.arange(doc.shape[1], device=device)
-        allowed = (doc[:, :, None] == doc[:, None, :]) & (pos[None, :] <= pos[:, None])
+        # per position: document, branch (0: a plain document or a tree's prefix), position id;
+        # host ints from the loader, no device read
+        doc, branch, pos = [], [], []
+        trees = packing.trees or [[None] * len(row) for row in packing.doc_lengths]
+        for row, row_trees in zip(packing.doc_lengths, trees):
+            d_row, b_row, p_row = [], [], []
+            for d, (n, tree) in enumerate(zip(row, row_trees)):
+                d_row += [d] * n
+                if tree is None:
+                    b_row += [0] * n
+                    p_row += list(range(n))
+                else:
+                    prefix, branches = tree
+                    b_row += [0] * prefix + [g + 1 for g, m in enumerate(branches) for _ in range(m)]
+                    p_row += list(range(prefix)) + [prefix + t for m in branches for t in range(m)]
+            doc.append(d_row), branch.append(b_row), pos.append(p_row)
+        doc, branch, pos = (torch.tensor(x, device=device) for x in (doc, branch, pos))  # [B, T]
+        index = torch.arange(doc.shape[1], device=device)
+        allowed = ((doc[:, :, None] == doc[:, None, :]) & (index[None, :] <= index[:, None])
+                   & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
         if window is not None:
-            allowed &= (pos[:, None] - pos[None, :]) < window
+            allowed &= (pos[:, :, None] - pos[:, None, :]) < window
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None]
         packing.kernel_cache[key] = mask
@@ -47,9 +65,11 @@ def row_mask(packing: PackingContext, window: int | None, dtype: torch.dtype, de
 
 def row_mask_kernel(max_len: int):
     """A document kernel (engine.model.attention.DocumentKernel) that computes rows of at most
-    `max_len` tokens in one masked SDPA call, and longer ones per document."""
+    `max_len` tokens in one masked SDPA call, and longer ones per document (tree documents:
+    `tree_attention`)."""
 
-    def kernel(query, key, value, docs, *, scale: float, dropout: float, packing: PackingContext, window=None):
+    def kernel(query, key, value, docs, *, scale: float, dropout: float, packing: PackingContext, window=None,
+               trees=()):
         B, H, T, D = query.shape
         if T > max_len:  # per document; a document the window bites: the exact path (as packed_attention's)
             out = sdpa_per_document(query, key, value, docs, scale=scale, dropout=dropout, packing=packing)
@@ -59,6 +79,9 @@ def row_mask_kernel(max_len: int):
                     o = exact_document_attention(q, k, v, scale=scale, window=window, softcap=None,
                                                  dropout=dropout, training=dropout > 0)
                     out[b, start:start + n] = o[0].transpose(0, 1)
+            for b, start, n, prefix, branches in trees:
+                tree_attention(query, key, value, out, b, start, prefix, branches, scale=scale, window=window,
+                               softcap=None, dropout=dropout, training=dropout > 0, cache=packing.kernel_cache)
             return out
         mask = row_mask(packing, window, query.dtype, query.device)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
@@ -66,5 +89,6 @@ def row_mask_kernel(max_len: int):
         return out.transpose(1, 2)                                                   # [B, T, H, D]
 
     kernel.takes_window = True
+    kernel.takes_trees = True
     kernel.max_len = max_len
     return kernel

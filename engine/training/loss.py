@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.model.attention import forward_mask
+from engine.model.attention import TREES_SEEN, PackedAttentionError, forward_mask
 from engine.model.packing import PackingContext
 
 IGNORE_INDEX = -100
@@ -271,6 +271,14 @@ def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:
     # use_cache=False: with a cache transformers 5 ignores the restarted position_ids of packed
     # rows and lets documents attend to each other (FIELD.md bug 2).
     out = model.get_decoder()(**inputs, use_cache=False)
+    packing = inputs.get("packing")
+    if packing is not None and packing.has_trees and not packing.kernel_cache.get(TREES_SEEN):
+        # tree documents read as plain ones (split at their position restarts) attend wrongly:
+        # refused rather than trained on (host facts only, no device read)
+        raise PackedAttentionError(
+            f"{type(model).__name__}: the batch's tree documents (GRPO's shared prompts) never reached the "
+            "engine's packed attention (this model's attention does not take the packing context); "
+            "train with objective.share_prompt=false")
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

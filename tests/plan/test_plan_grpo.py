@@ -13,7 +13,7 @@ from engine.grpo.rollout import RolloutCache, generate_rollouts
 from engine.layers.decode_merge import decode_copy_bytes
 from engine.layers.inject import inject_lora
 from engine.plan import GIB, LiveBytes, PlanError, known_config
-from engine.plan.grpo import format_grpo, grpo_plan_args, kv_cache_bytes, predict_grpo
+from engine.plan.grpo import format_grpo, grpo_plan_args, kv_cache_bytes, predict_grpo, training_rows
 from engine.plan.report import _qlora
 from tests.conftest import make_tiny_model, use_packed_attention
 
@@ -96,6 +96,21 @@ def test_moments_scale_with_what_they_hold():
     assert small.peak_phase == "training step" and small.total > small.training_total * 0.99
     no_share = predict_grpo(llama, **base, share_prefill=False, **settings)
     assert no_share.prefill_kv == 0 and no_share.prefill_transient > b.prefill_transient
+
+
+def test_shared_prompts_fill_fewer_training_rows():
+    """One prompt of 100 tokens x 8 completions of 16 in rows of 1,024: unshared, 8 documents of 116
+    tokens fill up to 2 rows; shared, one tree document of 228 tokens fills one."""
+    llama = known_config("llama-3.1-8b")
+    args = dict(prompts_per_step=1, num_generations=8, max_completion_length=16, seq_len=1024, micro_batch=4,
+                prompt_len=100, **_qlora())
+    assert training_rows(1, 8, 100, 16, 1024, share_prompt=False) == 2
+    assert training_rows(1, 8, 100, 16, 1024, share_prompt=True) == 1
+    shared, unshared = (predict_grpo(llama, **args, share_prompt=s) for s in (True, False))
+    assert shared.training_total < unshared.training_total
+    # a group longer than a row (100 + 8 x 16 > 164): two parts of 4 completions, each with the prompt
+    assert training_rows(2, 8, 100, 16, 164, share_prompt=True) == 4
+    assert training_rows(2, 8, 100, 16, 164, share_prompt=False) == 16
 
 
 @pytest.mark.parametrize("kw,message", [
