@@ -514,7 +514,9 @@ def fmt(x) -> str:
 def print_summary(summary: dict, rows: list[tuple]) -> None:
     """The before / after table: the held-out loss, then the objective's rows (metric, before, after)."""
     print("\n| metric | before | after |\n|---|---|---|")
-    print(f"| held-out loss | {fmt(summary['eval_loss_before'])} | {fmt(summary['eval_loss_after'])} |")
+    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    if before is not None or after is not None or not rows:  # GRPO has no held-out loss: its rows say reward
+        print(f"| held-out loss | {fmt(before)} | {fmt(after)} |")
     for name, before, after in rows:
         print(f"| {name} | {fmt(before)} | {fmt(after)} |")
     print(f"\n{summary['steps']} steps, {summary['tokens']:,} tokens, "
