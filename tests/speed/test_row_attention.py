@@ -63,3 +63,35 @@ def test_rows_over_the_limit_go_per_document(monkeypatch):
     out = row_mask_kernel(16)(q, k, v, docs, scale=q.shape[-1] ** -0.5, dropout=0.0, packing=packing, window=6)
     assert calls == [1] and not packing.kernel_cache
     assert_close_reduced(out.detach(), _reference(q, k, v, docs, 6).detach(), terms=24 * 8)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_bf16_rows_take_the_explicit_kernel_as_close_to_fp32_as_sdpa(monkeypatch, window):
+    """Under bf16 on a CPU the row goes through ShortCausalAttention with the grouped row mask (not
+    SDPA, whose CPU backward re-derives the probabilities): its output and q / k / v gradients are
+    within 2x of the error bf16 SDPA makes against the fp32 computation of the same inputs."""
+    import engine.speed.row_attention as row
+
+    lengths = [[7, 12, 5], [20, 4]]
+    q32, k32, v32, packing, docs = _inputs(lengths)
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+    grad = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).bfloat16()
+    scale = q.shape[-1] ** -0.5
+
+    def run(kernel_packing):
+        out = row_mask_kernel(256)(q, k, v, docs, scale=scale, dropout=0.0, packing=kernel_packing, window=window)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*ref_inputs, docs, window)
+    want = [ref.detach(), *torch.autograd.grad(ref, ref_inputs, grad.float())]
+    sdpa = row.F.scaled_dot_product_attention
+    monkeypatch.setattr(row.F, "scaled_dot_product_attention", lambda *a, **kw: pytest.fail("SDPA called"))
+    got = run(packing)
+    assert any(key[0] == "row_bias" for key in packing.kernel_cache)  # the grouped mask, once per micro-batch
+    monkeypatch.setattr(row.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(row, "explicit_kernel_pays", lambda *a: False)  # SDPA's bf16 result: the yardstick
+    yardstick = run(_inputs(lengths)[3])
+    for g, y, w in zip(got, yardstick, want):
+        err, err_sdpa = (g.float() - w).abs().max(), (y.float() - w).abs().max()
+        assert err <= 2 * err_sdpa + 1e-3 * w.abs().max(), (err, err_sdpa)
