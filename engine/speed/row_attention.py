@@ -16,13 +16,13 @@ limit go to the reference kernel: there the T^2 work would outgrow what the call
 also closer to a GPU's step (one varlen kernel call per layer, engine/speed/cuda_attention.py) than
 a per-document loop is.
 
-On a CPU under bf16 the row goes through the explicit-matmul kernel the short-document switch uses
-(`engine.speed.cpu_attention.ShortCausalAttention`, probabilities saved) instead of SDPA: PyTorch's
-CPU flash kernel re-derives the probabilities block by block in backward, ~15x its forward there
-(4.7 ms against 0.3 ms fwd per 2 x 128-token rows at 4 heads of 16; fp32 SDPA: 0.7 ms fwd + bwd).
-Its rows are the (row, K/V head) pairs and its bias the row mask repeated per query head of a K/V
-group (`grouped_row_bias`, made once per micro-batch like the mask). Saved probabilities are
-B H T^2 elements per layer, at T <= the limit.
+On a CPU a 16-bit row is computed in fp32 (q, k, v and the mask upcast, the output cast back):
+PyTorch's CPU flash kernel re-derives the probabilities block by block in backward, which in bf16
+costs ~15x its forward there; in fp32 the whole forward + backward takes 0.6 ms against 3.7 ms in bf16
+(2 x 128-token rows, 4 heads of 16; 11 against 23 ms at 9 heads of 64 and 256 tokens), and less than
+the explicit-matmul kernel of the short-document switch (1.2 ms; 18 ms), whose saved probabilities
+(B H T^2) are also larger than the fp32 q, k, v SDPA keeps. The result is at least as close to an
+fp32 computation as bf16 SDPA's (one rounding, of the output).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from engine.model.attention import exact_document_attention, sdpa_per_document
 from engine.model.packing import PackingContext
-from engine.speed.cpu_attention import ShortCausalAttention
 
 
 def row_mask(packing: PackingContext, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
@@ -54,22 +53,12 @@ def row_mask(packing: PackingContext, window: int | None, dtype: torch.dtype, de
     return mask
 
 
-def grouped_row_bias(packing: PackingContext, window: int | None, mask: torch.Tensor, kv_heads: int,
-                     groups: int) -> torch.Tensor:
-    """The row mask [B, 1, T, T] laid out as ShortCausalAttention's bias [B H_kv, g T, T]: row b's
-    mask for each K/V head, repeated for the g query heads reading it. Once per micro-batch."""
-    key = ("row_bias", window, kv_heads, groups, mask.dtype, str(mask.device))
-    bias = packing.kernel_cache.get(key)
-    if bias is None:
-        B, _, T, _ = mask.shape
-        bias = mask[:, :, None].expand(B, kv_heads, groups, T, T).reshape(B * kv_heads, groups * T, T)
-        packing.kernel_cache[key] = bias
-    return bias
-
-
-def explicit_kernel_pays(query: torch.Tensor, dropout: float) -> bool:
-    """Whether the row takes ShortCausalAttention rather than SDPA: a CPU under bf16, no dropout."""
-    return query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+def compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype the row's attention runs in: fp32 for a 16-bit query on a CPU (see the module
+    docstring), else the query's."""
+    if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return query.dtype
 
 
 def row_mask_kernel(max_len: int):
@@ -87,15 +76,12 @@ def row_mask_kernel(max_len: int):
                                                  dropout=dropout, training=dropout > 0)
                     out[b, start:start + n] = o[0].transpose(0, 1)
             return out
-        mask = row_mask(packing, window, query.dtype, query.device)
-        if explicit_kernel_pays(query, dropout):
-            H_kv = key.shape[1]
-            bias = grouped_row_bias(packing, window, mask, H_kv, H // H_kv)
-            out = ShortCausalAttention.apply(query.reshape(B * H, T, D), key.reshape(B * H_kv, T, D),
-                                             value.reshape(B * H_kv, T, D), scale, bias)  # rows: (b, head)
-            return out.view(B, H, T, D).transpose(1, 2)                               # [B, T, H, D]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
-                                             enable_gqa=key.shape[1] != H)
+        dtype = compute_dtype(query)
+        mask = row_mask(packing, window, dtype, query.device)
+        q, k, v = (t.to(dtype) for t in (query, key, value))
+        with torch.autocast(query.device.type, enabled=False):  # CPU autocast would take SDPA back to bf16
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                                 enable_gqa=key.shape[1] != H).to(query.dtype)
         return out.transpose(1, 2)                                                   # [B, T, H, D]
 
     kernel.takes_window = True
