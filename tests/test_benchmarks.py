@@ -172,6 +172,10 @@ def test_host_cost_benchmark_counts_ops_per_step_and_layer(tmp_path):
     assert "fused_blocks" in result["plan"] and "row_attention" in result["plan"]
     engine, hf = result["configs"]["engine"], result["configs"]["hf_peft"]
     assert engine["ops_per_layer"] < hf["ops_per_layer"] and engine["aten_ops_per_step"] < hf["aten_ops_per_step"]
+    for c in (engine, hf):  # GEMM and attention CPU time split off the step's: parts of it
+        assert c["gemm_calls"] > 0 and 0 < c["gemm_cpu_ms"] and c["attention_cpu_ms"] >= 0
+        assert c["other_cpu_ms"] == c["cpu_ms_per_step"] - c["gemm_cpu_ms"] - c["attention_cpu_ms"]
+    assert engine["gemm_calls"] < hf["gemm_calls"]
     assert (tmp_path / "host_cost_t.md").read_text().count("|") > 20
 
 
