@@ -82,9 +82,24 @@ def skeleton_config(args):
     config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
     if args.layers:
         config.num_hidden_layers = args.layers
+    shrink_rope_factors(config, args.head_dim)
     if hasattr(config, "layer_types") and config.layer_types is not None:
         config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(config.num_hidden_layers)]
     return config
+
+
+def shrink_rope_factors(config, head_dim: int) -> None:
+    """Per-frequency RoPE factors (Phi-3's longrope short_factor / long_factor: one per rotary pair of
+    the real head_dim) resampled to the shrunk head's pairs, evenly spaced over the real ones."""
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if not isinstance(params, dict):
+            continue
+        pairs = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            factors = params.get(key)
+            if isinstance(factors, list) and len(factors) != pairs:
+                params[key] = [factors[i * len(factors) // pairs] for i in range(pairs)]
 
 
 def gpu_plan(disable: tuple[str, ...], precision: str, device: torch.device):
