@@ -165,16 +165,20 @@ class LoRAFactors:
         self.members = list(members)
         self.sizes = [m.r for m in self.members]
         self.out_sizes = [m.out_features for m in self.members]
+        self.scalings = [float(m.scaling) for m in self.members]
+        # the members' LoRA parameter dicts, read per call: a replaced Parameter is seen, and no
+        # Module.__getattr__ runs per call (four per member otherwise)
+        self._dicts = [d for m in self.members for d in (m.lora_A._parameters, m.lora_B._parameters)]
         self._key = self.scale = self._buffers_dtype = None
         _count_optimizer_steps()
 
     def params(self) -> list[torch.Tensor]:
         """(A_1, B_1, A_2, B_2, ...): the fp32 parameters, inputs of the Function for autograd."""
-        return [w for m in self.members for w in (m.lora_A.weight, m.lora_B.weight)]
+        return [d["weight"] for d in self._dicts]
 
     def get(self, dtype: torch.dtype) -> "LoRAFactors":
         params = self.params()
-        key = (dtype, _OPTIMIZER_STEPS[0], *(p._version for p in params), *(id(p) for p in params))
+        key = (dtype, _OPTIMIZER_STEPS[0], *[p._version for p in params], *map(id, params))
         if key != self._key:
             with torch.no_grad():
                 self._refresh(params, dtype)
@@ -187,7 +191,7 @@ class LoRAFactors:
         per dtype), instead of a concatenation, a block_diag and two casts into new tensors."""
         device = params[0].device
         if self.scale is None:  # s_i per row of R: fixed by the members' r and alpha
-            self.scale = torch.cat([torch.full((m.r, 1), float(m.scaling), device=device) for m in self.members])
+            self.scale = torch.cat([torch.full((r, 1), s, device=device) for r, s in zip(self.sizes, self.scalings)])
         if self._buffers_dtype != dtype:
             self.a = torch.empty(sum(self.sizes), params[0].shape[1], dtype=dtype, device=device)
             self.b = torch.zeros(sum(self.out_sizes), sum(self.sizes), dtype=dtype, device=device)
@@ -199,7 +203,7 @@ class LoRAFactors:
             self._views = ([self.a[rows[i]:rows[i + 1]] for i in range(len(self.sizes))]
                            + [self.b[cols[i]:cols[i + 1], rows[i]:rows[i + 1]] for i in range(len(self.sizes))])
             self._buffers_dtype = dtype
-        scaled = torch._foreach_mul(params[0::2], [float(m.scaling) for m in self.members])  # fp32, rounded once
+        scaled = torch._foreach_mul(params[0::2], self.scalings)  # fp32, rounded once
         torch._foreach_copy_(self._views, [*scaled, *params[1::2]])
 
     def lora_grads(self, db: torch.Tensor, da: torch.Tensor) -> list[torch.Tensor]:
