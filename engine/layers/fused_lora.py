@@ -124,12 +124,15 @@ class BaseWeights:
 
     def __init__(self, members: list[LoRALinear]):
         self.members = list(members)
+        # fixed at the swap: a base layer replaced after it (quantized, say) needs set_fused_blocks again
+        self.quantized = any(is_linear4bit(m.base_layer) for m in self.members)
+        self._dicts = [m.base_layer._parameters for m in self.members]  # read per call, as LoRAFactors does
         self._key = None
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(W [O, h], W^T, b [O] or None)."""
-        weights = [m.base_layer.weight for m in self.members]
-        if any(is_linear4bit(m.base_layer) for m in self.members):
+        weights = [d["weight"] for d in self._dicts]
+        if self.quantized:
             w = torch.cat([dequantize_weight(m.base_layer).to(dtype) for m in self.members])
             return w, w.t(), self._bias(dtype)
         key = (dtype, *(id(w) for w in weights), *(w._version for w in weights))
