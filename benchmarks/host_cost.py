@@ -22,7 +22,10 @@ Configurations, alternated every repeat in this process (so load on the machine 
              loop: forward with labels, backward, clip 1.0, torch AdamW (no Trainer: its own host work
              would only add to HF's side)
 Reported: median ms per step (wall and process CPU), aten ops per step (every op dispatched, forward
-and backward, engine.speed.measure.AtenOps, on one extra step), ops per decoder layer (the step's ops
+and backward, engine.speed.measure.AtenOps, on one extra step), the CPU ms spent inside GEMMs and
+attention kernels (engine.speed.measure.KernelTime, one more step: arithmetic, which on a CPU is
+not negligible even at hidden 64 -- bf16 GEMMs of these sizes take 40-200 us each here -- and which
+a GPU runs, so the CPU ms outside them is the host's own share), ops per decoder layer (the step's ops
 minus those of the same model with one layer, divided by layers - 1) with the largest op names.
 Writes benchmarks/results/host_cost_<tag>.{json,md}.
 """
@@ -30,6 +33,7 @@ Writes benchmarks/results/host_cost_<tag>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -42,7 +46,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
 
-from engine.speed.measure import AtenOps  # noqa: E402
+from engine.speed.measure import AtenOps, KernelTime  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CPU_ONLY_SWITCHES = ("short_attention", "batch_short_documents", "compile_norms", "compile_loss",
@@ -78,9 +82,24 @@ def skeleton_config(args):
     config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
     if args.layers:
         config.num_hidden_layers = args.layers
+    shrink_rope_factors(config, args.head_dim)
     if hasattr(config, "layer_types") and config.layer_types is not None:
         config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(config.num_hidden_layers)]
     return config
+
+
+def shrink_rope_factors(config, head_dim: int) -> None:
+    """Per-frequency RoPE factors (Phi-3's longrope short_factor / long_factor: one per rotary pair of
+    the real head_dim) resampled to the shrunk head's pairs, evenly spaced over the real ones."""
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if not isinstance(params, dict):
+            continue
+        pairs = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            factors = params.get(key)
+            if isinstance(factors, list) and len(factors) != pairs:
+                params[key] = [factors[i * len(factors) // pairs] for i in range(pairs)]
 
 
 def gpu_plan(disable: tuple[str, ...], precision: str, device: torch.device):
@@ -191,6 +210,12 @@ def count_ops(run) -> AtenOps:
     return ops
 
 
+def kernel_time(run) -> KernelTime:
+    with KernelTime() as kt:
+        run.step()
+    return kt
+
+
 def per_layer(full: AtenOps, one: AtenOps, layers: int) -> tuple[float, dict[str, float]]:
     names = {k: (full.by_name[k] - one.by_name.get(k, 0)) / (layers - 1) for k in full.by_name}
     return (full.total - one.total) / (layers - 1), {k: v for k, v in names.items() if abs(v) >= 0.5}
@@ -222,7 +247,9 @@ def main(argv=None) -> int:
 
     config = skeleton_config(args)
     docs = synthetic_docs(args.vocab, args.seq_len, n=512)
-    runs = {"engine": EngineRun(config, args, docs), "hf_peft": HFRun(config, args, docs)}
+    # each side its own config: a model keeps the config object it is built from, and building HF's
+    # model would otherwise set the engine model's attention implementation back to "sdpa"
+    runs = {"engine": EngineRun(copy.deepcopy(config), args, docs), "hf_peft": HFRun(copy.deepcopy(config), args, docs)}
     print(runs["engine"].plan.describe(), file=sys.stderr)
     times = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
@@ -248,11 +275,12 @@ def main(argv=None) -> int:
                 times[name].append(1e3 * (host if cuda else time.perf_counter() - t0))
                 cpu[name].append(1e3 * (time.process_time() - c0))
     ops = {k: count_ops(r) for k, r in runs.items()}
+    kernels = {k: kernel_time(r) for k, r in runs.items()}
     layers = config.num_hidden_layers
     layer_ops = {}
     if layers > 1:
         one_config = skeleton_config(argparse.Namespace(**{**vars(args), "layers": 1}))
-        one = {"engine": EngineRun(one_config, args, docs), "hf_peft": HFRun(one_config, args, docs)}
+        one = {"engine": EngineRun(copy.deepcopy(one_config), args, docs), "hf_peft": HFRun(one_config, args, docs)}
         for k, r in one.items():
             r.step()
             layer_ops[k] = per_layer(ops[k], count_ops(r), layers)
@@ -267,6 +295,9 @@ def main(argv=None) -> int:
     for k in runs:
         result["configs"][k] = {"ms_per_step": statistics.median(times[k]), "cpu_ms_per_step": statistics.median(cpu[k]),
                                 "gpu_ms_per_step": statistics.median(gpu[k]) if gpu[k] else None,
+                                "gemm_cpu_ms": 1e3 * kernels[k].seconds["gemm"],
+                                "attention_cpu_ms": 1e3 * kernels[k].seconds["attention"],
+                                "gemm_calls": kernels[k].calls["gemm"],
                                 "ms_all": times[k], "aten_ops_per_step": ops[k].total,
                                 "top_ops": dict(ops[k].by_name.most_common(15))}
         if k in layer_ops:
@@ -277,9 +308,15 @@ def main(argv=None) -> int:
     result["ratio_ms"] = e["ms_per_step"] / h["ms_per_step"]
     result["ratio_cpu_ms"] = e["cpu_ms_per_step"] / h["cpu_ms_per_step"]
     result["ratio_ops"] = e["aten_ops_per_step"] / h["aten_ops_per_step"]
-    print(json.dumps({k: result[k] for k in ("ratio_ms", "ratio_cpu_ms", "ratio_ops")}))
+    for c in result["configs"].values():
+        c["other_cpu_ms"] = c["cpu_ms_per_step"] - c["gemm_cpu_ms"] - c["attention_cpu_ms"]
+    result["ratio_other_cpu_ms"] = e["other_cpu_ms"] / h["other_cpu_ms"]
+    result["ratio_gemm_cpu_ms"] = e["gemm_cpu_ms"] / h["gemm_cpu_ms"]
+    print(json.dumps({k: result[k] for k in ("ratio_ms", "ratio_cpu_ms", "ratio_ops", "ratio_gemm_cpu_ms",
+                                              "ratio_other_cpu_ms")}))
     for k, c in result["configs"].items():
-        print(f"{k:8s} {c['ms_per_step']:8.1f} ms  {c['cpu_ms_per_step']:8.1f} cpu-ms  {c['aten_ops_per_step']:7d} ops"
+        print(f"{k:8s} {c['ms_per_step']:8.1f} ms  {c['cpu_ms_per_step']:8.1f} cpu-ms  (gemm {c['gemm_cpu_ms']:.1f}, "
+              f"attention {c['attention_cpu_ms']:.1f}, other {c['other_cpu_ms']:.1f})  {c['aten_ops_per_step']:7d} ops"
               f"  {c.get('ops_per_layer', 0):6.0f} ops/layer  top: {c.get('ops_per_layer_by_name', c['top_ops'])}")
     if args.tag:
         write(result, args.tag, args.out_dir)
@@ -299,14 +336,17 @@ def write(result: dict, tag: str, out_dir: str = RESULTS) -> None:
              f"{result['precision']}, checkpointing={result['checkpointing']}, LoRA r{result['r']} on every block linear, "
              f"rows of {result['seq_len']} tokens (engine: {result['engine_rows']} packed rows; HF: "
              f"{result['hf_batch']} padded documents per step)", "", f"engine plan: `{result['plan']}`", "",
-             "| | ms per step (host: wall; on a GPU the time to issue it) | CPU ms per step | GPU ms per step | "
-             "aten ops per step | ops per layer |", "|---|---|---|---|---|---|"]
+             "| | ms per step (host: wall; on a GPU the time to issue it) | CPU ms per step | of which in GEMMs "
+             "(calls) | in attention kernels | CPU ms outside them | GPU ms per step | aten ops per step | ops per layer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, c in result["configs"].items():
         g = f"{c['gpu_ms_per_step']:.1f}" if c.get("gpu_ms_per_step") is not None else "-"
-        lines.append(f"| {k} | {c['ms_per_step']:.1f} | {c['cpu_ms_per_step']:.1f} | {g} | {c['aten_ops_per_step']:,} | "
-                     f"{c.get('ops_per_layer', 0):.0f} |")
+        lines.append(f"| {k} | {c['ms_per_step']:.1f} | {c['cpu_ms_per_step']:.1f} | {c['gemm_cpu_ms']:.1f} "
+                     f"({c['gemm_calls']:,}) | {c['attention_cpu_ms']:.1f} | {c['other_cpu_ms']:.1f} | {g} | "
+                     f"{c['aten_ops_per_step']:,} | {c.get('ops_per_layer', 0):.0f} |")
     lines += ["", f"engine / HF: wall {result['ratio_ms']:.2f}x, CPU {result['ratio_cpu_ms']:.2f}x, "
-              f"ops {result['ratio_ops']:.2f}x", "", "Ops per decoder layer by name (forward + recompute + backward):", ""]
+              f"ops {result['ratio_ops']:.2f}x; CPU in GEMMs {result['ratio_gemm_cpu_ms']:.2f}x, CPU outside GEMMs "
+              f"and attention kernels {result['ratio_other_cpu_ms']:.2f}x", "", "Ops per decoder layer by name (forward + recompute + backward):", ""]
     for k, c in result["configs"].items():
         lines.append(f"- {k}: " + ", ".join(f"{n} {v:.0f}" for n, v in c.get("ops_per_layer_by_name", {}).items()))
     with open(base + ".md", "w") as f:

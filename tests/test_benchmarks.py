@@ -172,7 +172,29 @@ def test_host_cost_benchmark_counts_ops_per_step_and_layer(tmp_path):
     assert "fused_blocks" in result["plan"] and "row_attention" in result["plan"]
     engine, hf = result["configs"]["engine"], result["configs"]["hf_peft"]
     assert engine["ops_per_layer"] < hf["ops_per_layer"] and engine["aten_ops_per_step"] < hf["aten_ops_per_step"]
+    for c in (engine, hf):  # GEMM and attention CPU time split off the step's: parts of it
+        assert c["gemm_calls"] > 0 and 0 < c["gemm_cpu_ms"] and c["attention_cpu_ms"] >= 0
+        assert c["other_cpu_ms"] == c["cpu_ms_per_step"] - c["gemm_cpu_ms"] - c["attention_cpu_ms"]
+    assert engine["gemm_calls"] < hf["gemm_calls"]
     assert (tmp_path / "host_cost_t.md").read_text().count("|") > 20
+
+
+def test_host_cost_skeleton_of_phi3_mini_resamples_its_longrope_factors_and_builds():
+    """Phi-3-mini's longrope factors (one per rotary pair of head_dim 96) follow the shrunk head
+    (head_dim 16: 8 pairs), so its rotary module builds."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import host_cost
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    args = argparse.Namespace(shape="phi-3-mini", family=None, layers=1, hidden=64, head_dim=16, vocab=256)
+    config = host_cost.skeleton_config(args)
+    rope = config.rope_parameters
+    assert len(rope["short_factor"]) == len(rope["long_factor"]) == 8
+    model = AutoModelForCausalLM.from_config(config)
+    assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 256)
 
 
 @pytest.mark.slow

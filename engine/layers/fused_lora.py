@@ -125,12 +125,15 @@ class BaseWeights:
 
     def __init__(self, members: list[LoRALinear]):
         self.members = list(members)
+        # fixed at the swap: a base layer replaced after it (quantized, say) needs set_fused_blocks again
+        self.quantized = any(is_linear4bit(m.base_layer) for m in self.members)
+        self._dicts = [m.base_layer._parameters for m in self.members]  # read per call, as LoRAFactors does
         self._key = None
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(W [O, h], W^T, b [O] or None)."""
-        weights = [m.base_layer.weight for m in self.members]
-        if any(is_linear4bit(m.base_layer) for m in self.members):
+        weights = [d["weight"] for d in self._dicts]
+        if self.quantized:
             w = torch.cat([dequantize_weight(m.base_layer).to(dtype) for m in self.members])
             return w, w.t(), self._bias(dtype)
         key = (dtype, *(id(w) for w in weights), *(w._version for w in weights))
@@ -166,30 +169,46 @@ class LoRAFactors:
         self.members = list(members)
         self.sizes = [m.r for m in self.members]
         self.out_sizes = [m.out_features for m in self.members]
-        self._key = self.scale = None
+        self.scalings = [float(m.scaling) for m in self.members]
+        # the members' LoRA parameter dicts, read per call: a replaced Parameter is seen, and no
+        # Module.__getattr__ runs per call (four per member otherwise)
+        self._dicts = [d for m in self.members for d in (m.lora_A._parameters, m.lora_B._parameters)]
+        self._key = self.scale = self._buffers_dtype = None
         _count_optimizer_steps()
 
     def params(self) -> list[torch.Tensor]:
         """(A_1, B_1, A_2, B_2, ...): the fp32 parameters, inputs of the Function for autograd."""
-        return [w for m in self.members for w in (m.lora_A.weight, m.lora_B.weight)]
+        return [d["weight"] for d in self._dicts]
 
     def get(self, dtype: torch.dtype) -> "LoRAFactors":
         params = self.params()
-        key = (dtype, _OPTIMIZER_STEPS[0], *(p._version for p in params), *(id(p) for p in params))
+        key = (dtype, _OPTIMIZER_STEPS[0], *[p._version for p in params], *map(id, params))
         if key != self._key:
             with torch.no_grad():
-                if self.scale is None:  # s_i per row of R: fixed by the members' r and alpha
-                    self.scale = torch.cat([torch.full((m.r, 1), float(m.scaling), device=params[0].device)
-                                            for m in self.members])
-                scalings = {m.scaling for m in self.members}
-                a = params[0] if len(self.members) == 1 else torch.cat(params[0::2])
-                self.a = (a * scalings.pop() if len(scalings) == 1 else a * self.scale).to(dtype)
-                self.a_t = self.a.t()
-                b = params[1] if len(self.members) == 1 else torch.block_diag(*params[1::2])
-                self.b = b.to(dtype)
-                self.b_t = self.b.t()
+                self._refresh(params, dtype)
             self._key = key
         return self
+
+    def _refresh(self, params: list[torch.Tensor], dtype: torch.dtype) -> None:
+        """Write s_i A_i and B_i into the compute-dtype buffers in place: two foreach ops per group
+        and optimizer step (the buffers, their per-member views and B_bd's zero blocks are made once
+        per dtype), instead of a concatenation, a block_diag and two casts into new tensors."""
+        device = params[0].device
+        if self.scale is None:  # s_i per row of R: fixed by the members' r and alpha
+            self.scale = torch.cat([torch.full((r, 1), s, device=device) for r, s in zip(self.sizes, self.scalings)])
+        if self._buffers_dtype != dtype:
+            self.a = torch.empty(sum(self.sizes), params[0].shape[1], dtype=dtype, device=device)
+            self.b = torch.zeros(sum(self.out_sizes), sum(self.sizes), dtype=dtype, device=device)
+            self.a_t, self.b_t = self.a.t(), self.b.t()
+            rows, cols = [0], [0]
+            for r, o in zip(self.sizes, self.out_sizes):
+                rows.append(rows[-1] + r)
+                cols.append(cols[-1] + o)
+            self._views = ([self.a[rows[i]:rows[i + 1]] for i in range(len(self.sizes))]
+                           + [self.b[cols[i]:cols[i + 1], rows[i]:rows[i + 1]] for i in range(len(self.sizes))])
+            self._buffers_dtype = dtype
+        scaled = torch._foreach_mul(params[0::2], self.scalings)  # fp32, rounded once
+        torch._foreach_copy_(self._views, [*scaled, *params[1::2]])
 
     def lora_grads(self, db: torch.Tensor, da: torch.Tensor) -> list[torch.Tensor]:
         """[dA_1, dB_1, dA_2, dB_2, ...] from dA [R, h] and the full dY^T xa [O, R] (its diagonal blocks)."""

@@ -16,6 +16,10 @@ op is counted where PyTorch dispatches it, whatever Python code issued it:
         train_step(...)
     ops.total, ops.by_name                   # every op dispatched, forward and backward
 
+    with KernelTime() as kt:                 # benchmarks/host_cost.py: how much of a CPU step is
+        train_step(...)                      #  arithmetic a GPU would run, not host work
+    kt.seconds["gemm"], kt.seconds["attention"], kt.calls
+
 An attention kernel is an op whose name says so: SDPA's fused kernels (`_scaled_dot_product_*`),
 flash / memory-efficient / cuDNN attention called directly (`_flash_attention_forward`, ... as
 nested-tensor SDPA calls them) and `torch_attn::_varlen_attn`. SDPA's math fallback is decomposed
@@ -25,6 +29,7 @@ explicit matmuls (`engine/speed/cpu_attention.py`): they launch no attention ker
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import Counter
 
@@ -78,6 +83,33 @@ class AtenOps(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.by_name.values())
+
+
+GEMM_OP_NAMES = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "_addmm_activation")
+
+
+class KernelTime(TorchDispatchMode):
+    """CPU seconds spent inside the region's matrix multiplies (`seconds["gemm"]`: mm, addmm,
+    bmm, ...) and attention kernels (`seconds["attention"]`, `is_attention_op`), and their `calls`.
+    On a CPU these are arithmetic, not the host's issuing work a GPU step would wait on: a step's
+    CPU time minus them is the host's share (Python, the dispatcher, autograd, elementwise ops).
+    The mode's own bookkeeping is outside the timed calls; it adds to the step, not to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().split("::", 1)[-1]
+        kind = "gemm" if name.split(".")[0] in GEMM_OP_NAMES else "attention" if is_attention_op(name) else None
+        if kind is None:
+            return func(*args, **(kwargs or {}))
+        start = time.process_time()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[kind] += time.process_time() - start
+        self.calls[kind] += 1
+        return out
 
 
 class AllocatedBytes(TorchDispatchMode):

@@ -13,6 +13,7 @@ and exposes hooks; this module decides which fast implementation plugs into each
     batch_short_documents   the same kernel, one autograd node per layer
     row_attention           a DocumentKernel (engine.speed.row_attention) rows of up to this many tokens (and no
                             kernel above): one masked SDPA call per layer instead of one per document
+                            (a 16-bit row on a CPU: in fp32, whose CPU backward is several times faster)
     varlen_attention        a DocumentKernel (engine.speed.cuda_attention) CUDA: one kernel call per layer for every
                             document of the micro-batch (flash_varlen on sm80+ in fp16 / bf16, nested_sdpa
                             elsewhere, a T4 included), cu_seqlens from the loader

@@ -392,7 +392,7 @@ def test_cpu_short_attention_under_bf16_is_as_close_to_fp32_as_sdpa(monkeypatch,
     taken = []
     real = cpu_attention.ShortCausalAttention.apply
     monkeypatch.setattr(cpu_attention.ShortCausalAttention, "apply", lambda q, *a: taken.append(q.shape[1]) or real(q, *a))
-    flash = _bf16_packed_step(model, batch, disable=["short_attention"])
+    flash = _bf16_packed_step(model, batch, disable=["short_attention", "row_attention"])  # SDPA per document
     assert taken == []
     monkeypatch.setattr(speed_plan, "SHORT_ATTENTION_MAX_LEN", 10)
     short = _bf16_packed_step(model, batch, disable=["batch_short_documents"])

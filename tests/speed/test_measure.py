@@ -42,3 +42,16 @@ def test_aten_ops_counts_every_op_forward_and_backward_by_name():
         y.backward()
     assert ops.by_name["mul.Tensor"] >= 2 and ops.by_name["sum"] == 1  # forward mul, backward mul
     assert ops.total == sum(ops.by_name.values()) and ops.total >= 4
+
+
+def test_kernel_time_counts_gemms_and_attention_and_times_only_them():
+    from engine.speed.measure import KernelTime
+
+    a = torch.randn(64, 64, requires_grad=True)
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    with KernelTime() as kt:
+        (a @ a).relu().sum().backward()  # mm forward, two mm in backward
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    assert kt.calls["gemm"] == 3 and kt.calls["attention"] == 2
+    assert kt.seconds["gemm"] > 0 and kt.seconds["attention"] > 0
+    assert set(kt.calls) == {"gemm", "attention"}  # relu, sum, the casts: not timed

@@ -63,3 +63,38 @@ def test_rows_over_the_limit_go_per_document(monkeypatch):
     out = row_mask_kernel(16)(q, k, v, docs, scale=q.shape[-1] ** -0.5, dropout=0.0, packing=packing, window=6)
     assert calls == [1] and not packing.kernel_cache
     assert_close_reduced(out.detach(), _reference(q, k, v, docs, 6).detach(), terms=24 * 8)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_bf16_rows_run_in_fp32_closer_to_fp32_than_bf16_sdpa(monkeypatch, window):
+    """Under bf16 autocast on a CPU the row's SDPA runs on fp32 q, k, v (its bf16 backward
+    re-derives the probabilities, several times slower): output and q / k / v gradients in bf16,
+    no further from the fp32 computation of the same inputs than bf16 SDPA's."""
+    import engine.speed.row_attention as row
+
+    lengths = [[7, 12, 5], [20, 4]]
+    q32, k32, v32, _, docs = _inputs(lengths)
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+    grad = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).bfloat16()
+    scale = q.shape[-1] ** -0.5
+    seen = []
+    sdpa = row.F.scaled_dot_product_attention
+    monkeypatch.setattr(row.F, "scaled_dot_product_attention", lambda *a, **kw: seen.append(a[0].dtype) or sdpa(*a, **kw))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = row_mask_kernel(256)(q, k, v, docs, scale=scale, dropout=0.0, packing=_inputs(lengths)[3],
+                                       window=window)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*ref_inputs, docs, window)
+    want = [ref.detach(), *torch.autograd.grad(ref, ref_inputs, grad.float())]
+    got = run()
+    monkeypatch.setattr(row, "compute_dtype", lambda query: query.dtype)  # bf16 SDPA: the yardstick
+    yardstick = run()
+    assert seen == [torch.float32, torch.bfloat16]
+    for g, y, w in zip(got, yardstick, want):
+        assert g.dtype == torch.bfloat16
+        err, err_sdpa = (g.float() - w).abs().max(), (y.float() - w).abs().max()
+        assert err <= err_sdpa + 1e-3 * w.abs().max(), (err, err_sdpa)
