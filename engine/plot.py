@@ -133,33 +133,34 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
 
 def _preference_axis(bottom, train: list[dict], evals: list[dict]) -> None:
     """Right axis of the bottom panel: training reward accuracy and held-out preference accuracy."""
-    acc = bottom.twinx()
-    handles = []
-    for records, key, style in ((train, "reward_accuracy", dict(color="C1", lw=1)),
-                                (evals, "eval_reward_accuracy", dict(color="C4", lw=1.5, marker="o", ms=4)),
-                                (evals, "eval_preference_accuracy", dict(color="C3", lw=1.5, marker="s", ms=4))):
-        xs, ys = _series(records, key)
-        if xs:
-            handles += acc.plot(xs, ys, label=key.replace("_", " "), **style)
-    acc.set_ylim(0, 1.02)
-    acc.set_ylabel("accuracy")
-    acc.legend(handles=handles, loc="lower right", framealpha=0.9, fontsize="small")
+    axis = _right_axis(bottom, "accuracy", (
+        (train, "reward_accuracy", "reward accuracy", dict(color="C1", lw=1)),
+        (evals, "eval_reward_accuracy", "eval reward accuracy", dict(color="C4", lw=1.5, marker="o", ms=4)),
+        (evals, "eval_preference_accuracy", "eval preference accuracy", dict(color="C3", lw=1.5, marker="s", ms=4))))
+    axis.set_ylim(0, 1.02)
 
 
 def _reward_axis(bottom, train: list[dict], evals: list[dict]) -> None:
     """Right axis of the bottom panel: the rollouts' mean reward and the held-out mean reward
     (greedy, on the eval prompts: at the start, each evaluation and the end)."""
+    axis = _right_axis(bottom, "mean reward", (
+        (train, "reward", "reward (rollouts)", dict(color="C1", lw=1)),
+        (evals, "eval_reward", "held-out reward", dict(color="C3", lw=1.5, marker="o", ms=4))))
+    axis.set_ylim(bottom=0)
+
+
+def _right_axis(bottom, ylabel: str, lines) -> object:
+    """A right axis on the bottom panel with one line per (records, key, label, style) that has
+    values, and their legend; returned for its limits."""
     axis = bottom.twinx()
     handles = []
-    for records, key, label, style in ((train, "reward", "reward (rollouts)", dict(color="C1", lw=1)),
-                                       (evals, "eval_reward", "held-out reward",
-                                        dict(color="C3", lw=1.5, marker="o", ms=4))):
+    for records, key, label, style in lines:
         xs, ys = _series(records, key)
         if xs:
             handles += axis.plot(xs, ys, label=label, **style)
-    axis.set_ylim(bottom=0)
-    axis.set_ylabel("mean reward")
+    axis.set_ylabel(ylabel)
     axis.legend(handles=handles, loc="lower right", framealpha=0.9, fontsize="small")
+    return axis
 
 
 def _run_labels(run_dirs: list[Path]) -> list[str]:
