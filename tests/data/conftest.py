@@ -139,19 +139,21 @@ QWEN3_THINK = (
 MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 
+def _markup_tokenizer(template: str):
+    """The tiny tokenizer with Qwen's markup as added tokens and `template` as its chat template."""
+    t = build_tiny_tokenizer()
+    t.add_tokens(MARKUP_TOKENS)
+    t.chat_template = template
+    return t
+
+
 @pytest.fixture
 def tool_tok():
     """The tiny tokenizer with the tool-capable ChatML template and Qwen's markup as added tokens."""
-    t = build_tiny_tokenizer()
-    t.add_tokens(MARKUP_TOKENS)
-    t.chat_template = CHATML_TOOLS
-    return t
+    return _markup_tokenizer(CHATML_TOOLS)
 
 
 @pytest.fixture
 def think_tok():
     """The tiny tokenizer with a Qwen3-like thinking template."""
-    t = build_tiny_tokenizer()
-    t.add_tokens(MARKUP_TOKENS)
-    t.chat_template = QWEN3_THINK
-    return t
+    return _markup_tokenizer(QWEN3_THINK)
