@@ -1,20 +1,16 @@
 """The README's main job, for real: SmolLM2-135M + LoRA on the order-to-JSON task (slow: minutes)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e import run_experiment
 
 
 @pytest.mark.slow
 def test_quickstart_beats_the_base_model(tmp_path):
     out = tmp_path / "quickstart"
-    proc = subprocess.run([sys.executable, "-m", "engine.train", "+experiment=quickstart", f"output_dir={out}",
-                           "train.plots=false"], cwd=REPO, capture_output=True, text=True, timeout=3600)
+    proc = run_experiment("quickstart", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     table = summary["scores"]["table"]
