@@ -18,6 +18,8 @@ same work). Configurations (`--configs`), their order rotated every repeat:
   engine_noshare  the same with share_prefill=False (each prompt prefilled G times: what sharing buys)
   engine_nocompact  the same with compact_rows=False (stopped rows decoded to the end; acts with --stop natural)
   engine_multinomial  the same with sampler="multinomial" (torch.multinomial, as transformers draws)
+  engine_nolean   the same with lean_decode=False: every decode step is transformers' forward (on the
+                  merged decode copies) instead of the lean step (engine/model/lean_decode.py)
   engine_nomerge  the same with merge_lora=False (the LoRA branch in every decode step instead of the
                   rollout's merged decode copies W + s*B@A, engine/layers/decode_merge.py)
   engine_nodequant  (--method qlora) the same with dequantize_4bit=False: the 4-bit bases keep their LoRA
@@ -50,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "engine_multinomial", "engine_nomerge", "engine_nodequant",
+CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "engine_multinomial", "engine_nolean", "engine_nomerge", "engine_nodequant",
            "engine_out_in", "hf_generate", "hf_static")
 NO_STOP = -1  # a token id no model emits: every row runs the full completion length
 
@@ -117,7 +119,7 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
                                   generator=torch.Generator(device=args.device).manual_seed(0),
                                   share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact",
                                   sampler="multinomial" if kind == "engine_multinomial" else "inverse_cdf",
-                                  merge_lora=kind != "engine_nomerge",
+                                  merge_lora=kind != "engine_nomerge", lean_decode=kind != "engine_nolean",
                                   merged_layout="out_in" if kind == "engine_out_in" else None,
                                   dequantize_4bit=args.device == "cpu" and kind != "engine_nodequant")
         lengths = [len(c) for c in r.completion_ids]

@@ -115,6 +115,7 @@ class GRPO:
         self._next: list[dict] | None = None
         self._window: dict[str, list[float]] = defaultdict(list)
         self._latest_samples: list[dict] = []
+        self._decode_said = False
         if ctx.is_main:
             print(f"grpo: {o.prompts_per_step} prompts x {o.num_generations} generations = "
                   f"{o.prompts_per_step * o.num_generations} completions per rollout (per rank), "
@@ -167,13 +168,16 @@ class GRPO:
                                  pad_token_id=s.tokenizer.pad_token_id, generator=None if greedy else self.generator,
                                  autocast_dtype=amp.DTYPES[s.precision] if s.precision in ("bf16", "fp16") else None,
                                  merge_lora=bool(s.kernels.rollout_merge), merged_layout=s.kernels.rollout_merge or None,
-                                 dequantize_4bit=s.kernels.rollout_dequantize)
+                                 dequantize_4bit=s.kernels.rollout_dequantize, lean_decode=s.kernels.rollout_lean_decode)
 
     def _roll_out(self) -> tuple[Rollout, dict]:
         s, o, G = self.setup, self.o, self.o.num_generations
         index = self.order.next()
         prompts = [self.train_set[i] for i in index]
         out = self._generate(prompts, num_generations=G, greedy=False)
+        if not self._decode_said and self.setup.ctx.is_main:  # which decode step rolls out, said once
+            print(f"grpo: rollouts decode with {out.decode}", file=sys.stderr)
+        self._decode_said = True
         texts = s.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         table = torch.tensor(score(self.functions, prompts, texts, out.completion_ids, G), dtype=torch.float32)
         adv, rewards, std_zero = advantages(table, self.weights, G, o.scale_rewards)

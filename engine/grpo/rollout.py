@@ -39,7 +39,11 @@ Per decode step the cost is the weights' GEMMs at a few rows (bandwidth-bound: S
 its ~540 MB of fp32 weights every token), plus ~2,300 small ops of transformers' blocks. The LoRA
 branch alone was ~1,500 more (A's matmul, B's addmm, views, per projection): with `merge_lora` each
 adapted layer decodes on a merged copy W + s*B@A built once per rollout (engine/layers/decode_merge.py),
-one GEMM per layer; the model's own weights are not touched.
+one GEMM per layer; the model's own weights are not touched. With `lean_decode` the prefill still
+runs the model's forward, and every decode step runs `LeanDecoder.step` (engine/model/lean_decode.py)
+on the same cache: ~1,150 ops per SmolLM2 token instead of ~3,000, q/k/v and gate/up one GEMM
+each on copies concatenated per group (its own merged copies: `lora_merged_for_decode` is then not
+entered). Which step ran, and why, is `Rollouts.decode` (GRPO prints it at its first rollout).
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from engine.layers.decode_merge import lora_merged_for_decode
+from engine.model.lean_decode import CHECK_TOLERANCE, LeanDecoder, NotRecognised
 
 
 COMPACT_BELOW = 0.75
@@ -74,6 +80,8 @@ class Rollouts:
     tokens: torch.Tensor | None = field(default=None, repr=False)
     """[N, steps] the generated ids on the model's device, pad after a row's stop token (steps <=
     max_new_tokens: fewer when every row stopped early)."""
+    decode: str = ""
+    """Which decode step ran: the lean step (engine/model/lean_decode.py) or transformers' forward, and why."""
 
 
 # ----------------------------------------------------------------------------- the KV cache
@@ -121,6 +129,13 @@ class PreallocatedLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return self.capacity
 
+    def to_dtype(self, dtype: torch.dtype) -> None:
+        """The buffers in `dtype` (under autocast transformers caches rotated keys in fp32; the lean
+        step's attention reads them in the compute dtype, as autocast's SDPA would cast them)."""
+        if self.is_initialized and (self._k.dtype != dtype or self._v.dtype != dtype):
+            self._k, self._v = self._k.to(dtype), self._v.to(dtype)
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
     def repeat_rows(self, repeats: int, capacity: int) -> None:
         """Each row repeated `repeats` times (row-major: row 0's copies first) into fresh buffers of
         `capacity` positions; the filled prefix is copied, the rest left to be written."""
@@ -149,6 +164,10 @@ class RolloutCache(Cache):
     def select_rows(self, index: torch.Tensor) -> None:
         for layer in self.layers:
             layer.select_rows(index)
+
+    def to_dtype(self, dtype: torch.dtype) -> None:
+        for layer in self.layers:
+            layer.to_dtype(dtype)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -241,13 +260,64 @@ def _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_
         raise RolloutError("stop_token_ids is empty: say which token ends a completion (EOS, end of turn)")
 
 
+_CHECKED: WeakKeyDictionary = WeakKeyDictionary()
+"""model -> None (the lean step computes its forward) or why not: checked once per model."""
+
+PROBE_TOKENS = 8
+
+
+def _lean_decoder(model, probe: list[int], dtype: torch.dtype, layout: str | None,
+                  dequantize_4bit: bool) -> tuple[LeanDecoder | None, str]:
+    """(the rollout's LeanDecoder, its report line), or (None, why transformers' forward runs)."""
+    try:
+        with torch.autocast(next(model.parameters()).device.type, enabled=False):  # copies summed as stored
+            if model not in _CHECKED:
+                _CHECKED[model] = _check_lean(model, probe)
+            if _CHECKED[model] is not None:
+                raise NotRecognised(_CHECKED[model])
+            decoder = LeanDecoder.build(model, dtype, layout, dequantize_4bit)
+    except NotRecognised as e:
+        return None, f"transformers' forward (lean decode: {e})"
+    return decoder, (f"lean decode: {len(decoder.layers)} layers, {decoder.bytes / 2**20:.0f} MiB of "
+                     f"{'merged ' if layout else ''}decode copies")
+
+
+def _check_lean(model, probe: list[int]) -> str | None:
+    """None where the lean step's logits for the probe's last token equal the model's own forward
+    (after the same prefill of the others), in the weights' dtype without autocast and without
+    decode copies (every projection its module: the structure is what is checked), else why not."""
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    decoder = LeanDecoder.build(model, dtype, None, False)
+    probe = (probe * 2)[:max(2, min(PROBE_TOKENS, len(probe)))]
+    ids = torch.tensor([probe], dtype=torch.long, device=device)                   # [1, n]
+    n = ids.shape[1]
+    logits = []
+    for lean in (False, True):
+        cache = RolloutCache(_num_layers(model), n)
+        kw = _forward_keywords(model, cache)
+        model(input_ids=ids[:, :-1], **kw)
+        if lean:
+            logits.append(decoder.step(ids[:, -1], torch.full((1,), n - 1, device=device), cache,
+                                       torch.zeros(1, 1, 1, n, dtype=dtype, device=device)))
+        else:
+            logits.append(model(input_ids=ids[:, -1:], **kw).logits[:, -1].float())
+    reference, got = logits
+    # sync: once per model, before its first rollout
+    error = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+    if not error <= CHECK_TOLERANCE[dtype]:
+        return f"its logits differ from the model's forward on a probe (max relative {error:.2g})"
+    return None
+
+
 @torch.no_grad()
 def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
                       temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int],
                       pad_token_id: int, generator: torch.Generator | None = None, check_every: int = 8,
                       share_prefill: bool = True, compact_rows: bool = True, sampler: str = "inverse_cdf",
                       autocast_dtype: torch.dtype | None = None, merge_lora: bool = True,
-                      dequantize_4bit: bool = False, merged_layout: str | None = None) -> Rollouts:
+                      dequantize_4bit: bool = False, merged_layout: str | None = None,
+                      lean_decode: bool = True) -> Rollouts:
     """`num_generations` completions of each prompt (token ids), prompt-major; see the module docstring.
 
     temperature 0 is greedy. The model runs as it is (LoRA on, 4-bit base or not), in eval mode
@@ -264,7 +334,11 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     branch's several ops; the weights themselves are not touched); `dequantize_4bit` gives 4-bit
     bases such a copy too (16-bit memory for the rollout), else they keep the unmerged branch.
     `merged_layout` (speed switch, device-specific): how the decode copies are stored, "in_out"
-    or "out_in" (`lora_merged_for_decode`); None picks in_out on a CPU, out_in elsewhere.
+    or "out_in" (`lora_merged_for_decode`, and the lean step's); None picks in_out on a CPU, out_in elsewhere.
+    `lean_decode` (speed switch): the decode steps run `LeanDecoder.step` (engine/model/lean_decode.py,
+    37 aten ops per layer instead of transformers' 98) where the model is a family it computes and its
+    probe check agrees, else transformers' forward; the decode copies are then its own (concatenated
+    per group, with `merge_lora`'s layout; without merge_lora every projection runs as its module).
     `autocast_dtype` runs the forwards under torch.autocast at that dtype (None: as the caller has it).
     """
     _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_k, stop_token_ids, check_every)
@@ -292,12 +366,16 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
                  else contextlib.nullcontext())
 
     layout = merged_layout or ("in_out" if device.type == "cpu" else "out_in")
-    merged = (lora_merged_for_decode(model, dequantize_4bit=dequantize_4bit, layout=layout) if merge_lora
-              else contextlib.nullcontext())
+    dtype = autocast_dtype or model.get_input_embeddings().weight.dtype
     was_training = model.training
     model.eval()
     try:
-        with precision, merged:
+        with precision, contextlib.ExitStack() as stack:
+            decoder, decode = None, "transformers' forward"
+            if lean_decode:
+                decoder, decode = _lean_decoder(model, prompts[0], dtype, layout if merge_lora else None, dequantize_4bit)
+            if decoder is None and merge_lora:  # transformers' forward on merged decode copies
+                stack.enter_context(lora_merged_for_decode(model, dequantize_4bit=dequantize_4bit, layout=layout))
             cache = RolloutCache(_num_layers(model), T if share_prefill and G > 1 else capacity)
             forward_kw = _forward_keywords(model, cache)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward_kw)
@@ -306,6 +384,10 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
                 cache.repeat_rows(G, capacity)
                 logits = logits.repeat_interleave(G, dim=0)                       # [N, V]
             del out
+            if decoder is not None:
+                cache.to_dtype(dtype)
+                add_mask = torch.zeros(N, 1, 1, capacity, dtype=dtype, device=device).masked_fill_(
+                    ~full_mask[:, None, None, :], -float("inf"))                  # [N, 1, 1, T + L]
 
             tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
             rows = torch.arange(N, device=device)          # the output row of each decoded row
@@ -330,8 +412,13 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
                         cache.select_rows(keep)
                         full_mask, next_position = full_mask[keep], next_position[keep]
                         token, rows, stopped = token[keep], rows[keep], stopped[keep]
-                logits = model(input_ids=token[:, None], attention_mask=full_mask[:, :T + steps],
-                               position_ids=next_position[:, None], **forward_kw).logits[:, -1].float()
+                        if decoder is not None:
+                            add_mask = add_mask[keep]
+                if decoder is not None:
+                    logits = decoder.step(token, next_position, cache, add_mask)
+                else:
+                    logits = model(input_ids=token[:, None], attention_mask=full_mask[:, :T + steps],
+                                   position_ids=next_position[:, None], **forward_kw).logits[:, -1].float()
                 next_position += 1
             # rows dropped by compaction had stopped
             finished = torch.ones(N, dtype=torch.bool, device=device).index_put_((rows,), stopped)
@@ -346,4 +433,4 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     for row in generated:
         end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         completions.append(row[:end])
-    return Rollouts(completion_ids=completions, truncated=[not f for f in finished], tokens=tokens)
+    return Rollouts(completion_ids=completions, truncated=[not f for f in finished], tokens=tokens, decode=decode)

@@ -76,16 +76,22 @@ def _copy_dtype(layer: LoRALinear) -> torch.dtype:
     return weight.quant_state.dtype if is_linear4bit(layer.base_layer) else weight.dtype
 
 
-def _merged_copy(layer: LoRALinear, layout: str) -> torch.Tensor:
-    """W + s*B@A summed in fp32, stored in W's dtype (a 4-bit base: W_hat's), as an [out, in]
-    tensor stored in `layout`. Plain fp32 LoRA as one addmm; otherwise the layer's own merge (DoRA:
-    its rescaled sum). in_out is then one transposing copy (PyTorch's blocked 2-D transpose:
-    faster than an addmm reading W^T strided)."""
+def merged_weight(layer: LoRALinear) -> torch.Tensor:
+    """What the layer's forward multiplies by, [out, in] in W's dtype (a 4-bit base: W_hat's):
+    W + s*B@A summed in fp32 (plain fp32 LoRA as one addmm; otherwise the layer's own merge, DoRA's
+    rescaled sum), or W alone where the adapter is switched off or already merged into W."""
     weight = dequantize_weight(layer.base_layer)                                  # [out, in]
+    if layer.merged or layer.disabled:
+        return weight
     if type(layer)._merged_weight is LoRALinear._merged_weight and weight.dtype == torch.float32:
-        merged = torch.addmm(weight, layer.lora_B.weight, layer.lora_A.weight, alpha=layer.scaling)
-    else:
-        merged = layer._merged_weight(weight).to(weight.dtype)
+        return torch.addmm(weight, layer.lora_B.weight, layer.lora_A.weight, alpha=layer.scaling)
+    return layer._merged_weight(weight).to(weight.dtype)
+
+
+def _merged_copy(layer: LoRALinear, layout: str) -> torch.Tensor:
+    """`merged_weight` stored in `layout`: in_out is one transposing copy (PyTorch's blocked 2-D
+    transpose: faster than an addmm reading W^T strided)."""
+    merged = merged_weight(layer)
     return merged.t().contiguous().t() if layout == "in_out" else merged
 
 

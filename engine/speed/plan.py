@@ -27,6 +27,10 @@ and exposes hooks; this module decides which fast implementation plugs into each
     rollout_dequantize      generate_rollouts(dequantize_4bit)        a 4-bit base gets a 16-bit merged decode copy
                             too (CPU: bitsandbytes dequantizes W in every call, ~1.6x per decode step;
                             a GPU keeps QLoRA's memory: off there)
+    rollout_lean_decode     generate_rollouts(lean_decode)            decode steps of 37 aten ops per layer instead
+                            of transformers' 98 (engine.model.lean_decode: q/k/v and gate/up as one GEMM
+                            each, RoPE on q and k together), for the families it computes, checked
+                            against the model's forward once per model
 
 `resolve` turns the user's `speed` config (auto / off, plus per-switch opt-outs) into a `SpeedPlan`
 for (device, precision, model, FSDP); `apply` swaps the implementations in and returns the
@@ -84,11 +88,12 @@ class SpeedPlan:
     offload_activations: bool = False
     rollout_merge: str = ""
     rollout_dequantize: bool = False
+    rollout_lean_decode: bool = False
     notes: tuple[str, ...] = ()
 
     SWITCHES = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention", "batch_short_documents",
                 "row_attention", "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory", "rollout_merge",
-                "rollout_dequantize")
+                "rollout_dequantize", "rollout_lean_decode")
     VALUED = ("short_attention", "row_attention", "varlen_attention", "rollout_merge")  # said with their value; off is 0 / ""
 
     def describe(self) -> str:
@@ -141,6 +146,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         # FSDP: the weights are DTensor shards outside the block's forward, a merged copy would be a shard
         rollout_merge="" if fsdp else "in_out" if device.type == "cpu" else "out_in",
         rollout_dequantize=device.type == "cpu" and not fsdp,
+        rollout_lean_decode=not fsdp,  # FSDP: the same (its copies would be built from shards)
         notes=tuple(notes))
     return plan.off(*cfg.disable) if cfg.disable else plan
 
@@ -192,7 +198,8 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
     return StepKernels(cross_entropy=compiled.compiled_cross_entropy() if plan.compile_loss else None,
                        max_chunk_bytes=host_memory.HEAP_BLOCK_LIMIT if plan.retain_host_memory else None,
                        rollout_merge=plan.rollout_merge,
-                       rollout_dequantize=bool(plan.rollout_merge) and plan.rollout_dequantize)
+                       rollout_dequantize=bool(plan.rollout_merge) and plan.rollout_dequantize,
+                       rollout_lean_decode=plan.rollout_lean_decode)
 
 
 def document_kernel(plan: SpeedPlan) -> tuple[str, object] | None:

@@ -49,12 +49,15 @@ class StepKernels:
     rollout_merge: GRPO's rollouts (engine/grpo/rollout.py): the layout of the merged LoRA decode
         copies ("in_out" | "out_in", engine/layers/decode_merge.py); "": LoRA decodes as a branch.
     rollout_dequantize: 4-bit bases get such a copy too (W_hat + s*B@A, 16-bit memory for the rollout).
+    rollout_lean_decode: the rollouts' decode steps run engine/model/lean_decode.py's step (its own
+        concatenated copies, in rollout_merge's layout) where the model's family is one it computes.
     """
 
     cross_entropy: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     max_chunk_bytes: int | None = None
     rollout_merge: str = ""
     rollout_dequantize: bool = False
+    rollout_lean_decode: bool = False
 
 
 EAGER = StepKernels()

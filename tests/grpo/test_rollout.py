@@ -197,19 +197,21 @@ def test_shared_prefill_equals_prefilling_every_row():
     assert shared.completion_ids == each.completion_ids
 
 
-def test_compacted_rows_give_the_same_tokens_and_stop_being_computed():
+@pytest.mark.parametrize("lean_decode", [False, True], ids=["transformers_forward", "lean_decode"])
+def test_compacted_rows_give_the_same_tokens_and_stop_being_computed(lean_decode):
     """Greedy rows stopping at different steps: with compact_rows the decoding batch shrinks at a
-    stop check (seen by the forwards' batch sizes) and every row's tokens stay the same."""
+    stop check (seen by the embedding's batch sizes: every forward and lean step reads it) and
+    every row's tokens stay the same."""
     model, tokenizer = lora_model("llama")
     prompts = random_prompts(model, lengths=(5, 11, 3, 8))
     stops = a_stop_inside(model, tokenizer, prompts, max_new_tokens=24)
+    kw = dict(G=3, max_new_tokens=24, stops=stops, check_every=2, lean_decode=lean_decode)
+    full = rollouts(model, tokenizer, prompts, compact_rows=False, **kw)
+    assert full.decode.startswith("lean decode" if lean_decode else "transformers' forward")
     batches = []
-    hook = model.register_forward_pre_hook(lambda m, args, kw: batches.append(kw["input_ids"].shape[0]),
-                                           with_kwargs=True)
-    compact = rollouts(model, tokenizer, prompts, G=3, max_new_tokens=24, stops=stops, check_every=2)
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    compact = rollouts(model, tokenizer, prompts, **kw)
     hook.remove()
-    full = rollouts(model, tokenizer, prompts, G=3, max_new_tokens=24, stops=stops, check_every=2,
-                    compact_rows=False)
     assert compact.completion_ids == full.completion_ids and compact.truncated == full.truncated
     assert torch.equal(compact.tokens, full.tokens[:, :compact.tokens.shape[1]])
     assert any(compact.truncated) and not all(compact.truncated)
@@ -253,6 +255,7 @@ def test_decoding_reads_the_device_once_per_check_not_per_token():
         return _syncs_during(lambda: rollouts(model, tokenizer, prompts, G=2, max_new_tokens=n, stops=[-1],
                                               temperature=1.0, generator=torch.Generator().manual_seed(0)))
 
+    run(8)  # the lean step's probe check reads the device once per model, before its first rollout
     short, long = run(16), run(32)
     assert sorted(long) == sorted(short + ["tolist", "tolist"]), (short, long)
     assert short.count("tolist") == 1 + 2  # one check (at 8; the 16th token ends the loop) + tokens, flags

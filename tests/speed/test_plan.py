@@ -27,6 +27,8 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert not plan.grouped_lora and plan.packed_attention and plan.fused_lora
     assert not plan.fused_blocks and plan.row_attention == 0  # FSDP shards; a GPU's rows take varlen
     assert plan.rollout_merge == "" and not plan.rollout_dequantize   # a merged copy of a shard: no
+    assert not plan.rollout_lean_decode                                 # its copies too
+    assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_lean_decode
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_merge == "out_in"
     assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == "in_out"
@@ -42,7 +44,7 @@ def test_rollout_switches_reach_the_rollouts_through_the_step_kernels_and_can_be
     inject_lora(model, "all-linear", 4, 8.0)
     on = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=CPU, precision="fp32")
     kernels = speed_plan.apply(on.off("compile_norms", "compile_loss"), model)
-    assert (kernels.rollout_merge, kernels.rollout_dequantize) == ("in_out", True)
+    assert (kernels.rollout_merge, kernels.rollout_dequantize, kernels.rollout_lean_decode) == ("in_out", True, True)
     config = SpeedConfig(disable=["rollout_merge"], retain_host_memory=False)
     config.validate()
     kernels = speed_plan.apply(speed_plan.resolve(config, device=CPU, precision="fp32"), model)
@@ -59,7 +61,7 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
     assert some.describe() == ("speed: fused_lora, fused_blocks, packed_attention, row_attention=256, compile_norms, "
-                               "compile_loss, rollout_merge=in_out, rollout_dequantize")  # no short-document kernel: rows of <= 256 tokens take row_attention
+                               "compile_loss, rollout_merge=in_out, rollout_dequantize, rollout_lean_decode")  # no short-document kernel: rows of <= 256 tokens take row_attention
 
 
 def test_off_names_an_unknown_switch():
