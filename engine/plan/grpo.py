@@ -18,7 +18,11 @@ to None, so generation does not pay for them):
                                 LoRA-targeted float weight merged once per rollout into a copy
                                 W + s*B@A in the base dtype, held for the whole rollout (a 4-bit
                                 base keeps its LoRA branch, no copy, unless rollout_dequantize:
-                                then a copy W_hat + s*B@A in the dtype it was quantized from)
+                                then a copy W_hat + s*B@A in the dtype it was quantized from);
+                                with rollout_lean_decode (engine/model/lean_decode.py) instead its
+                                own copies: every block linear (targeted or not; a 4-bit one only
+                                when dequantized) in the compute dtype, and the lm_head's where it
+                                is transposed (a CPU) or cast (a compute dtype not the base's)
     reference   beta > 0 (the k3 KL to the base) or num_iterations > 1 (the old policy's
                 log-probs): a no-grad forward over each micro-batch's packed rows before the step:
                 one block's largest intermediate + a chunk of fp32 logits ([C, V], C <= loss_chunk_size)
@@ -114,7 +118,7 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
                  seq_len: int, micro_batch: int, prompt_len: int | None = None, beta: float = 0.0,
                  num_iterations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  share_prefill: bool = True, share_prompt: bool = True, rollout_merge: bool = True,
-                 rollout_dequantize: bool = False, **settings) -> GRPOBreakdown:
+                 rollout_dequantize: bool = False, rollout_lean_decode: bool = False, **settings) -> GRPOBreakdown:
     """Predicted peak of one GRPO step (pure: config numbers in, bytes out).
 
     seq_len: data.max_seq_len, the packed training rows' length; a prompt holds at most
@@ -152,7 +156,10 @@ def predict_grpo(model_config, *, prompts_per_step: int, num_generations: int, m
                 else "sample" if not top_k else "top_p")   # top-k alone: topk values ~ a sort's
     # (one query per row: transformers' SDPA folds the query heads onto the KV heads, no K/V copy)
     out.decode_transient = N * shape.vocab * SAMPLING_BYTES_PER_LOGIT[sampling] + _forward_transient(shape, N, a, rs)
-    if rollout_merge and (settings.get("method", "qlora") == "lora" or rollout_dequantize):
+    float_base = settings.get("method", "qlora") == "lora" or rollout_dequantize
+    if rollout_lean_decode:
+        out.decode_weights = lean_copy_bytes_planned(shape, a, rs, blocks=rollout_merge and float_base, cpu=not cuda)
+    elif rollout_merge and float_base:
         out.decode_weights = decode_copy_bytes_planned(shape, settings.get("targets", "all-linear"), rs)
     out.rollout = out.static + out.decode_weights + out.rollout_dynamic
     if beta > 0 or num_iterations > 1:
@@ -178,6 +185,15 @@ def decode_copy_bytes_planned(shape, targets, weight_bytes: int) -> int:
     sizes = {name: fin * fout for name, fin, fout, _ in shape.linears}
     return weight_bytes * (sum(sizes[n] for layer in per_layer for n in layer)
                            + (shape.vocab * shape.hidden if head else 0))
+
+
+def lean_copy_bytes_planned(shape, copy_bytes: int, base_bytes: int, *, blocks: bool, cpu: bool) -> int:
+    """The lean decode step's copies (engine/model/lean_decode.py): every block linear in the compute
+    dtype when the blocks are copied (merged LoRA on a float base), and the lm_head's where the CPU's
+    in_out layout transposes it or the compute dtype is not the base's."""
+    block = shape.layers * sum(fin * fout for _, fin, fout, _ in shape.linears) if blocks else 0
+    head = shape.vocab * shape.hidden if cpu or copy_bytes != base_bytes else 0
+    return copy_bytes * (block + head)
 
 
 def grpo_plan_args(objective) -> dict | None:

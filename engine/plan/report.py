@@ -133,8 +133,9 @@ def run_plan(raw: dict) -> dict:
         # as speed.resolve decides: merged copies unless switched off; 4-bit bases dequantized on a CPU only
         merge = cfg.speed.mode != "off" and "rollout_merge" not in cfg.speed.disable and not cfg.train.fsdp
         dequantize = merge and not settings.get("cuda", True) and "rollout_dequantize" not in cfg.speed.disable
+        lean = cfg.speed.mode != "off" and "rollout_lean_decode" not in cfg.speed.disable and not cfg.train.fsdp
         b = predict_grpo(model_config, seq_len=cfg.data.max_seq_len, micro_batch=micro_batch, **grpo, **settings,
-                         rollout_merge=merge, rollout_dequantize=dequantize)
+                         rollout_merge=merge, rollout_dequantize=dequantize, rollout_lean_decode=lean)
         report["grpo"] = b.as_dict()
         text += "\n" + format_grpo(b, budget, grpo["prompts_per_step"])
     print(text)

@@ -33,11 +33,15 @@ def test_kv_cache_term_is_the_bytes_the_rollout_cache_allocates():
         kv_cache_bytes(model.config, P * G, T + L, 4)
 
 
-@pytest.mark.parametrize("top_p,share", [(1.0, True), (0.9, True), (1.0, False)])
-def test_rollout_prediction_bounds_the_measured_live_bytes(top_p, share):
+@pytest.mark.parametrize("top_p,share,lean", [(1.0, True, False), (0.9, True, False), (1.0, False, False),
+                                              (1.0, True, True), (0.9, False, True)])
+def test_rollout_prediction_bounds_the_measured_live_bytes(top_p, share, lean):
     """generate_rollouts on a tiny Llama under a live-bytes tracker: the predicted rollout bytes
-    (the merged LoRA decode copies + KV + the larger of prefill and decoding transients) cover the
-    measured peak, within 1.5x; the decode copies' term is exactly what the rollout merges."""
+    (the decode copies + KV + the larger of prefill and decoding transients) cover the measured
+    peak, within 1.5x; the decode copies' term is exactly what the rollout builds (the merged LoRA
+    copies, or the lean step's: every block linear and the transposed lm_head)."""
+    from engine.model.lean_decode import LeanDecoder
+
     model, tokenizer = make_tiny_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8,
                                        num_key_value_heads=2, num_hidden_layers=4)
     model.set_attn_implementation("sdpa")  # as engine.train runs it (eager attention keeps [T, T] scores)
@@ -49,15 +53,20 @@ def test_rollout_prediction_bounds_the_measured_live_bytes(top_p, share):
     tracker = LiveBytes()
     tracker.exclude([p for p in model.parameters()] + [b for b in model.buffers()])
     with tracker:
-        generate_rollouts(model, prompts, num_generations=G, max_new_tokens=L, temperature=1.0, top_p=top_p,
-                          stop_token_ids=[-1], pad_token_id=tokenizer.pad_token_id, share_prefill=share,
-                          generator=torch.Generator().manual_seed(0))
+        out = generate_rollouts(model, prompts, num_generations=G, max_new_tokens=L, temperature=1.0, top_p=top_p,
+                                stop_token_ids=[-1], pad_token_id=tokenizer.pad_token_id, share_prefill=share,
+                                generator=torch.Generator().manual_seed(0), lean_decode=lean)
+    assert out.decode.startswith("lean decode" if lean else "transformers' forward")
     b = predict_grpo(model.config, prompts_per_step=P, num_generations=G, max_completion_length=L, seq_len=T + L,
-                     micro_batch=1, top_p=top_p, share_prefill=share, **CPU_FP32)
+                     micro_batch=1, top_p=top_p, share_prefill=share, rollout_lean_decode=lean, **CPU_FP32)
     assert b.kv_cache == kv_cache_bytes(model.config, P * G, T + L, 4)
-    assert b.decode_weights == decode_copy_bytes(model) > 0
+    with torch.no_grad():
+        copies = LeanDecoder.build(model, torch.float32, "in_out", False).bytes if lean else decode_copy_bytes(model)
+    assert b.decode_weights == copies > 0
     predicted = b.decode_weights + b.rollout_dynamic
     assert tracker.peak <= predicted <= 1.5 * tracker.peak, (tracker.peak, b.as_dict())
+    if lean:
+        return
     unmerged = predict_grpo(model.config, prompts_per_step=P, num_generations=G, max_completion_length=L,
                             seq_len=T + L, micro_batch=1, top_p=top_p, share_prefill=share, rollout_merge=False,
                             **CPU_FP32)
@@ -76,6 +85,11 @@ def test_decode_copies_are_the_targeted_weights_and_4bit_bases_get_one_only_when
     qlora = {**CPU_FP32, "method": "qlora"}
     assert predict_grpo(config, **kw, **qlora).decode_weights == 0
     assert predict_grpo(config, **kw, **qlora, rollout_dequantize=True).decode_weights == lora.decode_weights
+    # the lean step's copies: every block linear whatever the targets, and the transposed lm_head (a CPU)
+    head = 4 * config.vocab_size * h
+    lean = predict_grpo(config, **kw, **{**CPU_FP32, "targets": ["q_proj"]}, rollout_lean_decode=True)
+    assert lean.decode_weights == lora.decode_weights + head
+    assert predict_grpo(config, **kw, **qlora, rollout_lean_decode=True).decode_weights == head
 
 
 def test_moments_scale_with_what_they_hold():
