@@ -147,7 +147,7 @@ throughput "$LLAMA" 110
 
 echo "== 3b. GRPO rollout generation: engine vs transformers' generate (benchmarks/rollout_generation.py)"
 step "$T_ROLLOUT" rollout_generation $PY benchmarks/rollout_generation.py "${ROLLOUT[@]}" \
-    --configs engine,engine_noshare,engine_nomerge,hf_generate --out-dir "$RES"
+    --configs engine,engine_nolean,engine_nomerge,hf_generate --out-dir "$RES"
 
 echo "== 4. longest context in 14.7 GiB, every memory switch on, several documents per row ($LLAMA)"
 step "$T_PROBE" "probe_${LLAMA#shape:}" $PY benchmarks/throughput.py "${DEVICE[@]}" --model "$LLAMA" \
