@@ -44,6 +44,10 @@ class Objective(Protocol):
 class CausalLM:
     """Next-token cross-entropy on the labelled tokens (chunked per `chunk_size`, None: full logits)."""
 
+    bucketed = True
+    """Its loss reads only input_ids, position_ids, labels and the packing context (label_mask
+    honoured), so a CUDA graph's bucket may pad its batches (engine/speed/cuda_graphs.py)."""
+
     def __init__(self, chunk_size: int | None = 1024, kernels: StepKernels = EAGER):
         self.chunk_size, self.kernels = chunk_size, kernels
 

@@ -1,0 +1,350 @@
+"""engine/speed/cuda_graphs.py: each micro-batch padded into a shape bucket's static buffers, the
+bucket's forward + backward captured once and replayed. On a CPU the same code runs in "eager
+replay" mode (the captured function run eagerly): bucketing, padding, buffers, gradient accumulation
+and the fallbacks are checked here; the real capture against eager in the `gpu`-marked test."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.config import SpeedConfig
+from engine.data.loader import Loader
+from engine.layers.inject import inject_lora
+from engine.layers.lora import lora_modules, mark_only_lora_trainable
+from engine.model.packing import PackingContext
+from engine.speed import cuda_attention, cuda_graphs
+from engine.speed import plan as speed_plan
+from engine.speed.cuda_graphs import BucketKey, GraphedForwardBackward, bucket_key, bucket_length
+from engine.training import amp
+from engine.training.loss import lm_head_loss
+from engine.training.objective import CausalLM
+from engine.training.optim import build_optimizer
+from engine.training.step import forward_backward, train_step
+from tests.conftest import apply_speed, assert_close_reduced, make_tiny_model
+
+CPU = torch.device("cpu")
+LENGTHS = [23, 9, 17, 30, 5, 12, 26, 8, 19, 14, 21, 7]   # packed into rows of <= 48 tokens
+
+
+def _docs(vocab: int, lengths=LENGTHS, seed: int = 0, prompt: int = 3) -> list[dict]:
+    """Documents as the tokenizer stage makes them: labels shifted, a prompt without loss."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        labels = ids[1:] + [-100]
+        labels[:prompt] = [-100] * prompt
+        docs.append({"input_ids": ids, "labels": labels})
+    return docs
+
+
+def _batches(vocab: int, lengths=LENGTHS, rows: int = 2, max_len: int = 48, seed: int = 0) -> list[dict]:
+    loader = Loader(_docs(vocab, lengths, seed), max_seq_len=max_len, micro_batch_size=rows, packing=True, seed=seed,
+                    pad_token_id=0, shuffle=False)
+    return list(loader.one_pass())
+
+
+def _model(precision: str = "fp32", family: str = "llama", **overrides):
+    """A tiny model with LoRA on every linear (B != 0), the CPU's speed plan applied, in training mode."""
+    model, _ = make_tiny_model(family, **overrides)
+    model.set_attn_implementation("sdpa")  # the plan then swaps in its packed attention (eager would stay)
+    inject_lora(model, "all-linear", 4, 8.0)
+    mark_only_lora_trainable(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    kernels = apply_speed(model, precision, off=("compile_norms", "compile_loss"))
+    return model.train(), CausalLM(chunk_size=16, kernels=kernels)  # chunks of 16: padding entries span chunks
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _run(fb, model, micro, objective, precision="fp32", scale=1.0):
+    count = sum(objective.count(b) for b in micro)
+    loss, _ = fb(model, micro, objective=objective, count=count, scale=scale, precision=precision, device=CPU)
+    return loss, _grads(model)
+
+
+def _assert_same(loss, grads, ref_loss, ref_grads, *, terms: int, dtype=torch.float32):
+    assert grads.keys() == ref_grads.keys() and grads
+    assert_close_reduced(loss, ref_loss, terms=terms, dtype=dtype, msg="loss sum")
+    for name in ref_grads:
+        assert_close_reduced(grads[name], ref_grads[name], terms=terms, dtype=dtype, msg=name)
+
+
+# ----------------------------------------------------------------------------- buckets
+
+def test_bucket_lengths_are_multiples_of_256_then_eight_per_octave():
+    assert [bucket_length(t) for t in (1, 48, 256, 257, 1000, 2048)] == [256, 256, 256, 512, 1024, 2048]
+    assert [bucket_length(t) for t in (2049, 2600, 4096, 4097, 9000)] == [2304, 2816, 4096, 4608, 9216]
+    for t in range(1, 20000, 97):  # never shorter than the row; above 2k under 1/8 of it padding
+        assert t <= bucket_length(t) and (t <= 2048 or bucket_length(t) - t < t / 8)
+    assert len({bucket_length(t) for t in range(2049, 4097)}) == 8   # eight buckets per octave
+
+
+def test_the_key_counts_documents_labels_and_the_attention_path():
+    batch = _batches(64)[0]
+    packing = batch["packing"]
+    B, T = batch["input_ids"].shape
+    key, why = bucket_key(batch)
+    documents = sum(len(row) for row in packing.doc_lengths) + B     # + one padding document per row
+    assert why == "" and key == BucketKey(B, 256, max(8, 1 << (documents - 1).bit_length()),
+                                          -(-packing.num_loss_tokens // (B * 256 // 8)) * (B * 256 // 8), True)
+    # rows exactly as long as the bucket with one document each: the single-document path, its own bucket
+    ids = torch.randint(1, 64, (2, 256))
+    labels = torch.roll(ids, -1, 1)
+    from engine.model.packing import packing_context
+    single = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(256).expand(2, -1),
+              "packing": packing_context(labels, [[256], [256]], num_tokens=512)}
+    assert bucket_key(single)[0] == BucketKey(2, 256, 8, 512, False)
+
+
+def test_a_batch_no_bucket_holds_says_why():
+    batch = _batches(64)[0]
+    assert bucket_key(batch, max_length=32) == (None, "a row longer than 32 tokens")
+    assert bucket_key(batch, max_documents=4) == (None, "more than 4 documents in a micro-batch")
+    padded = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    assert bucket_key(padded) == (None, "unpacked rows (a padding mask)")
+    p = batch["packing"]
+    trees = PackingContext(p.doc_lengths, p.label_index, p.label_targets, p.num_tokens, p.num_loss_tokens,
+                           trees=[[(1, (row[0] - 1,))] + [None] * (len(row) - 1) for row in p.doc_lengths])
+    assert bucket_key({**batch, "packing": trees}) == (None, "tree documents")
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_padded_buckets_give_the_unpadded_loss_and_lora_gradients(precision):
+    """Rows of <= 48 tokens padded to 256, labels padded to the bucket's count, cu_seqlens to its
+    documents: the loss sum and every LoRA gradient equal the eager step's on the same micro-batches
+    (two of them: the gradients accumulate outside the graph), to the dtype's rounding."""
+    model, objective = _model(precision)
+    assert model.config._attn_implementation.startswith("engine_packed")   # the plan's packed attention
+    micro = _batches(model.config.vocab_size)[:2]
+    assert all(b["input_ids"].shape[1] < 256 for b in micro)        # the buckets really pad
+    ref_loss, ref_grads = _run(forward_backward, model, micro, objective, precision, scale=3.0)
+    graphed = GraphedForwardBackward(capture=False)
+    loss, grads = _run(graphed, model, micro, objective, precision, scale=3.0)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    _assert_same(loss, grads, ref_loss, ref_grads, terms=256 * model.config.hidden_size, dtype=dtype)
+    assert sum(graphed.stats.values()) == 2 and not any(k.startswith("eager") for k in graphed.stats)
+    for key in graphed.buckets:
+        assert key.labels > 0 and key.length == 256
+
+
+def test_the_loss_ignores_padding_entries_by_their_mask():
+    """lm_head_loss over label_index padded with masked entries (spanning chunks) = over the real ones."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 32, bias=False)
+    hidden = torch.randn(2, 10, 8, requires_grad=True)
+    index, targets = torch.tensor([1, 4, 7, 12, 15]), torch.tensor([3, 9, 1, 30, 2])
+    real = PackingContext([[10], [10]], index, targets, 20, 5)
+    padded = PackingContext([[10], [10]], torch.cat([index, torch.zeros(6, dtype=torch.long)]),
+                            torch.cat([targets, torch.zeros(6, dtype=torch.long)]), 20, 5,
+                            label_mask=torch.tensor([1.0] * 5 + [0.0] * 6))
+    labels = torch.full((2, 10), -100)
+    out = []
+    for ctx in (real, padded):
+        loss = lm_head_loss(hidden, labels, head, chunk_size=3, packing=ctx)
+        g_hidden, g_head = torch.autograd.grad(loss * 2.0, (hidden, head.weight))
+        out.append((loss, g_hidden, g_head))
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- capture and replay counts
+
+def test_a_new_bucket_is_captured_once_and_later_batches_replay():
+    model, objective = _model()
+    short = _batches(model.config.vocab_size)                        # rows <= 48 tokens: T_b 256
+    long = _batches(model.config.vocab_size, [300, 280, 260, 290], rows=2, max_len=300)  # T_b 512
+    graphed = GraphedForwardBackward(capture=False)
+    for batch in short[:3]:
+        _run(graphed, model, [batch], objective)
+    keys = {bucket_key(b)[0] for b in short[:3]}
+    assert graphed.stats["captures"] == len(keys) and graphed.stats["replays"] == 3 - len(keys)
+    _run(graphed, model, [long[0]], objective)
+    assert graphed.stats["captures"] == len(keys) + 1 and max(k.length for k in graphed.buckets) == 512
+    _run(graphed, model, [long[1]], objective)                      # same bucket as long[0]: a replay
+    assert bucket_key(long[1])[0] == bucket_key(long[0])[0]
+    assert graphed.stats["replays"] == 3 - len(keys) + 1 and graphed.describe().startswith("cuda_graphs: ")
+
+
+def test_what_no_bucket_holds_runs_eagerly_counted_and_said_once(capsys):
+    """A row longer than the largest bucket, more documents than a bucket holds, a bucket past the
+    cap, an objective that is not bucketed: the eager step's numbers, each reason counted, said once."""
+    model, objective = _model()
+    micro = _batches(model.config.vocab_size)[:2]
+    ref_loss, ref_grads = _run(forward_backward, model, micro, objective)
+    cases = {"a row longer than 32 tokens": GraphedForwardBackward(capture=False, max_length=32),
+             "more than 4 documents in a micro-batch": GraphedForwardBackward(capture=False, max_documents=4)}
+    for why, graphed in cases.items():
+        for _ in range(2):
+            loss, grads = _run(graphed, model, micro, objective)
+            _assert_same(loss, grads, ref_loss, ref_grads, terms=1)   # the same eager code: equal
+        assert graphed.stats == {f"eager: {why}": 4} and not graphed.buckets
+        assert capsys.readouterr().err.count(why) == 1
+    capped = GraphedForwardBackward(capture=False, max_graphs=1)
+    long = _batches(model.config.vocab_size, [300, 280], rows=2, max_len=300)
+    _run(capped, model, [micro[0]], objective)
+    _run(capped, model, [long[0]], objective)
+    assert capped.stats == {"captures": 1, "eager: more than 1 buckets": 1}
+
+    class Pairs(CausalLM):  # a loss the buckets cannot pad (DPO / GRPO say no the same way)
+        bucketed = False
+
+    graphed = GraphedForwardBackward(capture=False)
+    loss, grads = _run(graphed, model, micro, Pairs(16, objective.kernels))
+    _assert_same(loss, grads, ref_loss, ref_grads, terms=1)
+    assert graphed.stats == {"eager: objective Pairs is not bucketed": 2}
+
+
+def test_train_step_takes_the_plans_forward_backward():
+    """train_step(forward_backward_fn=...): the same optimizer step as the eager one."""
+    results = []
+    for graphed in (None, GraphedForwardBackward(capture=False)):
+        model, objective = _model()
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        from engine.config import OptimConfig
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+        micro = _batches(model.config.vocab_size)[:2]
+        result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer, scheduler=None,
+                            scaler=amp.DynamicLossScaler(enabled=False, device=CPU), precision="fp32", device=CPU,
+                            max_grad_norm=1.0, forward_backward_fn=graphed)
+        results.append((result.loss_sum, result.grad_norm, {n: p.detach().clone() for n, p in params}))
+    (loss, norm, after), (g_loss, g_norm, g_after) = results
+    assert_close_reduced(g_loss, loss, terms=256 * 64)
+    assert_close_reduced(g_norm, norm, terms=256 * 64)
+    for name in after:
+        torch.testing.assert_close(g_after[name], after[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_gpu_attention_path_sees_the_bucket_and_computes_the_same(monkeypatch):
+    """With the flash varlen kernel (its op replaced by a checking reference, as tests/speed/
+    test_varlen_attention.py does): each call gets the bucket's cu_seqlens (D_b + 1 entries, zero-length
+    documents at the end) and max_seqlen = T_b, and the step equals the eager one."""
+    from torch.nn.attention import varlen
+
+    from engine.model.attention import register_packed_attention, set_attention
+    from tests.speed.test_varlen_attention import reference_varlen
+
+    model, objective = _model()
+    name = register_packed_attention("engine_packed_test_graphs",
+                                     cuda_attention.flash_varlen_kernel(dtypes=(torch.float32,)))
+    set_attention(model, name)
+    seen = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        seen.append((cu_q.numel(), max_q, q.shape[0]))
+        return reference_varlen(q, k, v, cu_q, scale=scale)
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
+    micro = _batches(model.config.vocab_size)[:1]
+    ref_loss, ref_grads = _run(forward_backward, model, micro, objective)
+    seen.clear()
+    graphed = GraphedForwardBackward(capture=False)
+    loss, grads = _run(graphed, model, micro, objective)
+    _assert_same(loss, grads, ref_loss, ref_grads, terms=256 * model.config.hidden_size)
+    (key,) = graphed.buckets
+    assert set(seen) == {(key.documents + 1, 256, key.rows * 256)}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def _gpu(monkeypatch, capability=(9, 0)):
+    monkeypatch.setattr(cuda_attention, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(cuda_attention, "torch_attention_features", lambda: cuda_attention.TorchAttention(True, True))
+    return torch.device("cuda")
+
+
+def test_auto_turns_cuda_graphs_on_where_it_can_capture_and_says_why_not(monkeypatch):
+    cuda = _gpu(monkeypatch)
+    on = speed_plan.resolve(SpeedConfig(), device=cuda, precision="bf16")
+    assert on.cuda_graphs and "cuda_graphs" in on.describe() and "cuda_graphs off" not in on.describe()
+    assert not speed_plan.resolve(SpeedConfig(), device=CPU, precision="bf16").cuda_graphs
+    cases = {"FSDP gathers": dict(fsdp=True), "offload_activations": dict(offload_activations=True),
+             "fp16: the fp16 guard": dict(precision="fp16"), "objective dpo": dict(objective="dpo"),
+             "objective grpo": dict(objective="grpo")}
+    for why, kwargs in cases.items():
+        plan = speed_plan.resolve(SpeedConfig(), device=cuda, **{"precision": "bf16", **kwargs})
+        assert not plan.cuda_graphs and f"cuda_graphs off: {why}" in plan.describe(), why
+    fp32 = speed_plan.resolve(SpeedConfig(), device=cuda, precision="fp32")      # no flash varlen in fp32
+    assert not fp32.cuda_graphs and "cuda_graphs off: needs flash varlen attention" in fp32.describe()
+    disabled = speed_plan.resolve(SpeedConfig(disable=["cuda_graphs"]), device=cuda, precision="bf16")
+    assert not disabled.cuda_graphs and "cuda_graphs" not in disabled.describe()
+    SpeedConfig(disable=["cuda_graphs"]).validate()
+    assert not speed_plan.resolve(SpeedConfig(mode="off"), device=cuda, precision="bf16").cuda_graphs
+
+
+def test_apply_hands_the_graphs_to_the_step_and_refuses_softcapping(monkeypatch, capsys):
+    cuda = _gpu(monkeypatch)
+    plan = speed_plan.resolve(SpeedConfig(), device=cuda, precision="bf16")
+    model, _ = make_tiny_model("llama")
+    inject_lora(model, "all-linear", 4, 8.0)
+    kernels = speed_plan.apply(plan, model)      # the model stays on the CPU: apply only swaps
+    assert isinstance(kernels.forward_backward, GraphedForwardBackward)
+    assert speed_plan.apply(plan.off("cuda_graphs"), model).forward_backward is None
+    gemma, _ = make_tiny_model("gemma2")
+    assert gemma.config.attn_logit_softcapping
+    assert speed_plan.apply(plan, gemma).forward_backward is None
+    assert "cuda_graphs off: attention logit softcapping" in capsys.readouterr().err
+    assert dataclasses.replace(plan, cuda_graphs=False).off().cuda_graphs is False
+
+
+# ----------------------------------------------------------------------------- a real GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_replays_equal_eager_steps_on_a_gpu():
+    """bf16, LoRA on every linear, activation checkpointing, the GPU's plan: three optimizer steps
+    with graphs (a capture, then replays across optimizer steps: the LoRA factor caches must be
+    remade inside the graph) against the same steps eagerly, losses and adapters after each step."""
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no bf16")
+    from engine.config import OptimConfig
+    from engine.model.build import enable_activation_checkpointing
+
+    cuda = torch.device("cuda")
+    runs = []
+    for use_graphs in (False, True):
+        model, _ = make_tiny_model("llama")
+        inject_lora(model, "all-linear", 4, 8.0)
+        mark_only_lora_trainable(model)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+        model = model.to(cuda).train()
+        enable_activation_checkpointing(model)
+        plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=cuda, precision="bf16")
+        kernels = speed_plan.apply(plan if use_graphs else plan.off("cuda_graphs"), model)
+        assert (kernels.forward_backward is not None) == use_graphs, plan.describe()
+        objective = CausalLM(16, kernels)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+        scaler = amp.DynamicLossScaler(enabled=False, device=cuda)
+        batches = _batches(model.config.vocab_size)
+        history = []
+        for step in range(3):
+            micro = batches[2 * step:2 * step + 2]
+            result = train_step(model, micro, objective=objective, params=params, optimizer=optimizer, scheduler=None,
+                                scaler=scaler, precision="bf16", device=cuda, max_grad_norm=1.0,
+                                forward_backward_fn=kernels.forward_backward)
+            history.append((result.loss_sum.float().cpu(), {n: p.detach().float().cpu() for n, p in params}))
+        if use_graphs:
+            stats = kernels.forward_backward.stats
+            assert stats["captures"] >= 1 and stats["replays"] >= 1, stats
+            assert not any(k.startswith("eager") for k in stats), stats
+        runs.append(history)
+    for (loss, after), (g_loss, g_after) in zip(*runs):
+        assert_close_reduced(g_loss, loss, terms=256 * 64, dtype=torch.bfloat16)
+        for name in after:
+            assert_close_reduced(g_after[name], after[name], terms=256 * 64, dtype=torch.bfloat16, msg=name)
