@@ -7,18 +7,20 @@ autograd run once per bucket, at capture.
 A graph replays fixed shapes and the host decisions taken at capture, so each micro-batch is padded,
 on the device, into the static buffers of its *bucket*:
 
-    key     (rows B, length T_b, documents D_b, labels N_b, several)
-    T_b     the row length T rounded up to a multiple of max(256, 2^floor(log2 T) / 8): 256, 512, ...,
-            2048, 2304, 2560, ..., 4096, 4608, ...: eight buckets per octave, so above 2k tokens the
-            padding is under 1/8 of the row (a short row pays more, but it is cheap on a GPU)
+    key     (rows B, length T_b, documents D_b, labels N_b, several, training)
+    T_b     the row length T rounded up to a multiple of max(128, 2^floor(log2 T) / 8): 128, 256, ...,
+            1024, 1152, 1280, ..., 2048, 2304, ...: eight buckets per octave, so above 1k tokens the
+            padding is under 1/8 of the row (a shorter row pays more, but it is cheap on a GPU)
     D_b     the documents (padding documents included) rounded up to a power of two, at least 8
     N_b     the labelled tokens rounded up to a multiple of B * T_b / 8 (at most 8 label buckets)
     several does some row hold more than one document (packed attention's varlen path) or not
             (one causal SDPA over the batch): a path decided in Python, so part of the key
+    training the model's training flag (dropout on or off): a replay keeps what its capture recorded
 
     row b before:  [ doc 0 | doc 1 | pad (p) ]                        T tokens
     row b after:   [ doc 0 | doc 1 | pad (p) | pad' (T_b - T) ]       T_b tokens; pad' is one more
-                   document (it attends only to itself, carries no label, positions 0 .. T_b-T-1)
+                   document (it attends only to itself, carries no label, token 0 at position 0:
+                   it never raises max(position_ids), which longrope reads to pick its frequencies)
     cu_seqlens     the padded rows' offsets, then the last offset repeated to D_b + 1 entries
                    (zero-length documents, which a varlen kernel skips)
     max_seqlen     T_b: packing.max_doc_length raised to the bound, the same at every replay (so a
@@ -103,15 +105,16 @@ class BucketKey:
     documents: int
     labels: int
     several: bool
+    training: bool = True
 
 
 def bucket_length(T: int) -> int:
-    """T rounded up to a multiple of max(256, 2^floor(log2 T) / 8) (see the module docstring)."""
-    step = max(256, (1 << (max(T, 1).bit_length() - 1)) // 8)
+    """T rounded up to a multiple of max(128, 2^floor(log2 T) / 8) (see the module docstring)."""
+    step = max(128, (1 << (max(T, 1).bit_length() - 1)) // 8)
     return -(-T // step) * step
 
 
-def bucket_key(batch: dict, *, max_length: int = MAX_LENGTH,
+def bucket_key(batch: dict, *, training: bool = True, max_length: int = MAX_LENGTH,
                max_documents: int = MAX_DOCUMENTS) -> tuple[BucketKey | None, str]:
     """(key, "") for a micro-batch a bucket can hold, else (None, why). Host facts only."""
     packing = batch.get("packing")
@@ -130,7 +133,7 @@ def bucket_key(batch: dict, *, max_length: int = MAX_LENGTH,
     quantum = max(1, B * T_b // 8)
     N_b = max(1, math.ceil(packing.label_index.numel() / quantum)) * quantum
     several = T_b > T or any(len(row) > 1 for row in packing.doc_lengths)
-    return BucketKey(B, T_b, D_b, N_b, several), ""
+    return BucketKey(B, T_b, D_b, N_b, several, training), ""
 
 
 class Bucket:
@@ -149,7 +152,6 @@ class Bucket:
         self.label_mask = buffer(key.labels, dtype=torch.float32)             # [N_b]
         self.cu_seqlens = buffer(key.documents + 1, dtype=torch.int32)       # [D_b + 1]
         self.weight = buffer(dtype=torch.float32)                             # 0-dim: scale / count
-        self.positions = torch.arange(T, device=device)                       # the padding's positions
         self.graph = None
         self.outputs = None   # (loss_sum, grads, metrics) of the captured run: static tensors
         self._rows: list[list[int]] = []
@@ -162,12 +164,10 @@ class Bucket:
         packing: PackingContext = batch["packing"]
         T, T_b = ids.shape[1], self.key.length
         pad = T_b - T
-        for buf, src, fill in ((self.input_ids, ids, 0), (self.position_ids, batch["position_ids"], None),
+        for buf, src, fill in ((self.input_ids, ids, 0), (self.position_ids, batch["position_ids"], 0),
                                (self.labels, batch["labels"], IGNORE_INDEX)):
             buf[:, :T].copy_(src)
-            if pad and fill is None:  # the tail may hold a longer batch's tokens: rewritten every time
-                buf[:, T:].copy_(self.positions[:pad])
-            elif pad:
+            if pad:  # the tail may hold a longer batch's tokens: rewritten every time
                 buf[:, T:].fill_(fill)
         index, N = packing.label_index, packing.label_index.numel()
         if pad:  # flat index b * T + t  ->  b * T_b + t
@@ -204,7 +204,8 @@ class Bucket:
 class GraphedForwardBackward:
     """`engine.training.step.forward_backward` with each micro-batch replayed from its bucket's graph
     (`StepKernels.forward_backward`; the module docstring says how). capture=None: capture where the
-    device is CUDA, eager replay elsewhere."""
+    device is CUDA, eager replay elsewhere. One per model (speed.apply makes one per model): a bucket
+    holds that model's trainable parameters."""
 
     def __init__(self, *, capture: bool | None = None, max_length: int = MAX_LENGTH,
                  max_documents: int = MAX_DOCUMENTS, max_graphs: int = MAX_GRAPHS, warmup: int = WARMUP_ITERS):
@@ -222,7 +223,7 @@ class GraphedForwardBackward:
         weight = scale / count   # a host float, or a device tensor (fp16's scale, a count over ranks)
         for batch in micro:
             batch = to_device(batch, device)
-            key, why = self._route(batch, objective)
+            key, why = self._route(model, batch, objective)
             graphed = None if key is None else self._graphed(key, model, batch, objective, weight, precision, device)
             if graphed is None:
                 self._count(f"eager: {why or self._failed()}")
@@ -239,12 +240,13 @@ class GraphedForwardBackward:
         parts = [f"{n} {what}" for what, n in sorted(self.stats.items())]
         return "cuda_graphs: " + (", ".join(parts) if parts else "no micro-batch yet")
 
-    def _route(self, batch: dict, objective) -> tuple[BucketKey | None, str]:
+    def _route(self, model: nn.Module, batch: dict, objective) -> tuple[BucketKey | None, str]:
         if self.broken:
             return None, self._failed()
         if not getattr(objective, "bucketed", False):
             return None, f"objective {type(objective).__name__} is not bucketed"
-        key, why = bucket_key(batch, max_length=self.max_length, max_documents=self.max_documents)
+        key, why = bucket_key(batch, training=model.training, max_length=self.max_length,
+                              max_documents=self.max_documents)
         if key is not None and key not in self.buckets and len(self.buckets) >= self.max_graphs:
             return None, f"more than {self.max_graphs} buckets"
         return key, why

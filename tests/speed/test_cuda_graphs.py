@@ -27,6 +27,7 @@ from tests.conftest import apply_speed, assert_close_reduced, make_tiny_model
 
 CPU = torch.device("cpu")
 LENGTHS = [23, 9, 17, 30, 5, 12, 26, 8, 19, 14, 21, 7]   # packed into rows of <= 48 tokens
+T_B = 128                                                  # their bucket length
 
 
 def _docs(vocab: int, lengths=LENGTHS, seed: int = 0, prompt: int = 3) -> list[dict]:
@@ -82,11 +83,11 @@ def _assert_same(loss, grads, ref_loss, ref_grads, *, terms: int, dtype=torch.fl
 
 # ----------------------------------------------------------------------------- buckets
 
-def test_bucket_lengths_are_multiples_of_256_then_eight_per_octave():
-    assert [bucket_length(t) for t in (1, 48, 256, 257, 1000, 2048)] == [256, 256, 256, 512, 1024, 2048]
-    assert [bucket_length(t) for t in (2049, 2600, 4096, 4097, 9000)] == [2304, 2816, 4096, 4608, 9216]
-    for t in range(1, 20000, 97):  # never shorter than the row; above 2k under 1/8 of it padding
-        assert t <= bucket_length(t) and (t <= 2048 or bucket_length(t) - t < t / 8)
+def test_bucket_lengths_are_multiples_of_128_then_eight_per_octave():
+    assert [bucket_length(t) for t in (1, 48, 128, 129, 1000, 1024)] == [128, 128, 128, 256, 1024, 1024]
+    assert [bucket_length(t) for t in (1025, 2049, 2600, 4096, 4097, 9000)] == [1152, 2304, 2816, 4096, 4608, 9216]
+    for t in range(1, 20000, 97):  # never shorter than the row; above 1k under 1/8 of it padding
+        assert t <= bucket_length(t) and (t <= 1024 or bucket_length(t) - t < t / 8)
     assert len({bucket_length(t) for t in range(2049, 4097)}) == 8   # eight buckets per octave
 
 
@@ -96,15 +97,17 @@ def test_the_key_counts_documents_labels_and_the_attention_path():
     B, T = batch["input_ids"].shape
     key, why = bucket_key(batch)
     documents = sum(len(row) for row in packing.doc_lengths) + B     # + one padding document per row
-    assert why == "" and key == BucketKey(B, 256, max(8, 1 << (documents - 1).bit_length()),
-                                          -(-packing.num_loss_tokens // (B * 256 // 8)) * (B * 256 // 8), True)
+    quantum = B * T_B // 8
+    assert why == "" and key == BucketKey(B, T_B, max(8, 1 << (documents - 1).bit_length()),
+                                          -(-packing.num_loss_tokens // quantum) * quantum, True, True)
+    assert bucket_key(batch, training=False)[0] == dataclasses.replace(key, training=False)
     # rows exactly as long as the bucket with one document each: the single-document path, its own bucket
     ids = torch.randint(1, 64, (2, 256))
     labels = torch.roll(ids, -1, 1)
     from engine.model.packing import packing_context
     single = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(256).expand(2, -1),
               "packing": packing_context(labels, [[256], [256]], num_tokens=512)}
-    assert bucket_key(single)[0] == BucketKey(2, 256, 8, 512, False)
+    assert bucket_key(single)[0] == BucketKey(2, 256, 8, 512, False, True)
 
 
 def test_a_batch_no_bucket_holds_says_why():
@@ -123,21 +126,21 @@ def test_a_batch_no_bucket_holds_says_why():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_padded_buckets_give_the_unpadded_loss_and_lora_gradients(precision):
-    """Rows of <= 48 tokens padded to 256, labels padded to the bucket's count, cu_seqlens to its
+    """Rows of <= 48 tokens padded to 128, labels padded to the bucket's count, cu_seqlens to its
     documents: the loss sum and every LoRA gradient equal the eager step's on the same micro-batches
     (two of them: the gradients accumulate outside the graph), to the dtype's rounding."""
     model, objective = _model(precision)
     assert model.config._attn_implementation.startswith("engine_packed")   # the plan's packed attention
     micro = _batches(model.config.vocab_size)[:2]
-    assert all(b["input_ids"].shape[1] < 256 for b in micro)        # the buckets really pad
+    assert all(b["input_ids"].shape[1] < T_B for b in micro)        # the buckets really pad
     ref_loss, ref_grads = _run(forward_backward, model, micro, objective, precision, scale=3.0)
     graphed = GraphedForwardBackward(capture=False)
     loss, grads = _run(graphed, model, micro, objective, precision, scale=3.0)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    _assert_same(loss, grads, ref_loss, ref_grads, terms=256 * model.config.hidden_size, dtype=dtype)
+    _assert_same(loss, grads, ref_loss, ref_grads, terms=T_B * model.config.hidden_size, dtype=dtype)
     assert sum(graphed.stats.values()) == 2 and not any(k.startswith("eager") for k in graphed.stats)
     for key in graphed.buckets:
-        assert key.labels > 0 and key.length == 256
+        assert key.labels > 0 and key.length == T_B
 
 
 def test_the_loss_ignores_padding_entries_by_their_mask():
@@ -164,18 +167,21 @@ def test_the_loss_ignores_padding_entries_by_their_mask():
 
 def test_a_new_bucket_is_captured_once_and_later_batches_replay():
     model, objective = _model()
-    short = _batches(model.config.vocab_size)                        # rows <= 48 tokens: T_b 256
-    long = _batches(model.config.vocab_size, [300, 280, 260, 290], rows=2, max_len=300)  # T_b 512
+    short = _batches(model.config.vocab_size)                        # rows <= 48 tokens: T_b 128
+    long = _batches(model.config.vocab_size, [300] * 4, rows=2, max_len=300)        # T_b 384, alike
     graphed = GraphedForwardBackward(capture=False)
     for batch in short[:3]:
         _run(graphed, model, [batch], objective)
     keys = {bucket_key(b)[0] for b in short[:3]}
     assert graphed.stats["captures"] == len(keys) and graphed.stats["replays"] == 3 - len(keys)
     _run(graphed, model, [long[0]], objective)
-    assert graphed.stats["captures"] == len(keys) + 1 and max(k.length for k in graphed.buckets) == 512
+    assert graphed.stats["captures"] == len(keys) + 1 and max(k.length for k in graphed.buckets) == 384
     _run(graphed, model, [long[1]], objective)                      # same bucket as long[0]: a replay
     assert bucket_key(long[1])[0] == bucket_key(long[0])[0]
     assert graphed.stats["replays"] == 3 - len(keys) + 1 and graphed.describe().startswith("cuda_graphs: ")
+    model.eval()                                                    # dropout off: another capture
+    _run(graphed, model, [long[1]], objective)
+    assert graphed.stats["captures"] == len(keys) + 2 and {k.training for k in graphed.buckets} == {True, False}
 
 
 def test_what_no_bucket_holds_runs_eagerly_counted_and_said_once(capsys):
@@ -221,8 +227,8 @@ def test_train_step_takes_the_plans_forward_backward():
                             max_grad_norm=1.0, forward_backward_fn=graphed)
         results.append((result.loss_sum, result.grad_norm, {n: p.detach().clone() for n, p in params}))
     (loss, norm, after), (g_loss, g_norm, g_after) = results
-    assert_close_reduced(g_loss, loss, terms=256 * 64)
-    assert_close_reduced(g_norm, norm, terms=256 * 64)
+    assert_close_reduced(g_loss, loss, terms=T_B * 64)
+    assert_close_reduced(g_norm, norm, terms=T_B * 64)
     for name in after:
         torch.testing.assert_close(g_after[name], after[name], atol=1e-6, rtol=1e-5, msg=name)
 
@@ -252,9 +258,9 @@ def test_the_gpu_attention_path_sees_the_bucket_and_computes_the_same(monkeypatc
     seen.clear()
     graphed = GraphedForwardBackward(capture=False)
     loss, grads = _run(graphed, model, micro, objective)
-    _assert_same(loss, grads, ref_loss, ref_grads, terms=256 * model.config.hidden_size)
+    _assert_same(loss, grads, ref_loss, ref_grads, terms=T_B * model.config.hidden_size)
     (key,) = graphed.buckets
-    assert set(seen) == {(key.documents + 1, 256, key.rows * 256)}
+    assert set(seen) == {(key.documents + 1, T_B, key.rows * T_B)}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -345,6 +351,6 @@ def test_captured_replays_equal_eager_steps_on_a_gpu():
             assert not any(k.startswith("eager") for k in stats), stats
         runs.append(history)
     for (loss, after), (g_loss, g_after) in zip(*runs):
-        assert_close_reduced(g_loss, loss, terms=256 * 64, dtype=torch.bfloat16)
+        assert_close_reduced(g_loss, loss, terms=T_B * 64, dtype=torch.bfloat16)
         for name in after:
-            assert_close_reduced(g_after[name], after[name], terms=256 * 64, dtype=torch.bfloat16, msg=name)
+            assert_close_reduced(g_after[name], after[name], terms=T_B * 64, dtype=torch.bfloat16, msg=name)
