@@ -32,17 +32,19 @@ on the device, into the static buffers of its *bucket*:
 The loss sum and the LoRA gradients are the unpadded batch's (tests/speed/test_cuda_graphs.py).
 
 How it is captured: `torch.cuda.graph` around one micro-batch's whole forward and backward, the
-gradients taken with `torch.autograd.grad` w.r.t. the trainable parameters into static outputs, and
+gradients taken with `torch.autograd.grad` w.r.t. the trainable parameters and copied, inside the
+graph, into one set of gradient buffers that every bucket shares (allocated once, outside the
+graphs: 32 buckets of an 8B model's r16 adapters would otherwise hold 32 x 168 MB of outputs), then
 added into `.grad` outside the graph (one multi-tensor add per micro-batch). Chosen over
 `torch.cuda.make_graphed_callables` because
   - one graph per bucket with forward and backward together: one replay per micro-batch, no autograd
     Function around it (make_graphed_callables captures two graphs, replayed from a Function);
   - the callable needs host facts beside tensors (the packing context: document lengths, the bound
     max_seqlen), and make_graphed_callables takes tensors only;
-  - every bucket's graph shares one memory pool: a micro-batch's outputs (its loss, its gradients)
-    are consumed before the next replay and graphs never run concurrently, so they can reuse each
-    other's activation memory (the pool holds about one micro-batch's activations, not one per
-    bucket);
+  - every bucket's graph shares one memory pool: a micro-batch's outputs (its loss, its gradients,
+    its metrics) are consumed before the next replay and graphs never run concurrently, so they can
+    reuse each other's activation memory (the pool holds about one micro-batch's activations, not
+    one per bucket);
   - AccumulateGrad stays out of the graph: `zero_grad(set_to_none=True)`, clipping, the fp16
     unscale and the optimizer (fused AdamW: a few multi-tensor kernels, eager) work as they do.
 Before a capture: warm-up iterations on a side stream, as PyTorch's CUDA graph notes require
@@ -137,11 +139,12 @@ def bucket_key(batch: dict, *, training: bool = True, max_length: int = MAX_LENG
 
 
 class Bucket:
-    """A bucket's static inputs (what a replay reads), its captured graph and its static outputs."""
+    """A bucket's static inputs (what a replay reads), its captured graph and which of the shared
+    gradient buffers it writes (None where a parameter gets no gradient)."""
 
-    def __init__(self, key: BucketKey, device: torch.device, params: list[nn.Parameter]):
+    def __init__(self, key: BucketKey, device: torch.device):
         B, T = key.rows, key.length
-        self.key, self.params = key, params
+        self.key = key
 
         def buffer(*shape, dtype=torch.long, fill=0):
             return torch.full(shape, fill, dtype=dtype, device=device)
@@ -153,7 +156,7 @@ class Bucket:
         self.cu_seqlens = buffer(key.documents + 1, dtype=torch.int32)       # [D_b + 1]
         self.weight = buffer(dtype=torch.float32)                             # 0-dim: scale / count
         self.graph = None
-        self.outputs = None   # (loss_sum, grads, metrics) of the captured run: static tensors
+        self.outputs = None   # (loss_sum, grads, metrics) of the captured run: what a replay rewrites
         self._rows: list[list[int]] = []
         self._host = (0, 0)   # num_tokens, num_loss_tokens of the loaded batch
 
@@ -215,6 +218,9 @@ class GraphedForwardBackward:
         self.stats: Counter = Counter()   # captures, replays, "eager: <why>"
         self.broken = ""                  # why a capture failed: every later micro-batch runs eagerly
         self.pool = None                  # the graphs' shared memory pool
+        self.params: list[nn.Parameter] = []        # the model's trainable parameters (first call)
+        self.grads: list[torch.Tensor] = []         # one gradient buffer per parameter, every bucket's output
+        self.loss = None                            # 0-dim: every bucket's loss output
 
     def __call__(self, model: nn.Module, micro: list[dict], *, objective, count, scale, precision: str,
                  device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -254,10 +260,14 @@ class GraphedForwardBackward:
     def _graphed(self, key, model, batch, objective, weight, precision, device):
         """(loss_sum, metrics) of `batch` run from its bucket (captured first if new); None when the
         capture failed (the caller runs it eagerly)."""
+        if not self.params:  # outside any graph's pool: the buffers every bucket writes its outputs into
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.grads = [torch.zeros_like(p) for p in self.params]
+            self.loss = torch.zeros((), device=device)
         bucket = self.buckets.get(key)
         new = bucket is None
         if new:
-            bucket = Bucket(key, device, [p for p in model.parameters() if p.requires_grad])
+            bucket = Bucket(key, device)
         bucket.load(batch, weight)
         capture = device.type == "cuda" if self.capture is None else self.capture
         if not capture:  # eager replay: the captured function, run as it is
@@ -274,15 +284,21 @@ class GraphedForwardBackward:
         if new:
             self.buckets[key] = bucket
         self.stats["captures" if new else "replays"] += 1
-        _accumulate(bucket.params, grads)
+        _accumulate(self.params, grads)
         return loss, batch_metrics
 
     def _run(self, model, bucket: Bucket, batch: dict, objective, precision: str, device: torch.device):
-        """What a graph holds: forward, loss, and the parameters' gradients (not accumulated)."""
+        """What a graph holds: forward, loss, and the parameters' gradients written into the shared
+        buffers (not accumulated): (loss buffer, [buffer or None per parameter], metrics)."""
         with amp.autocast(precision, device, cache_enabled=False):
             loss_sum, batch_metrics = objective.loss_sum(model, bucket.batch(batch))
-        grads = torch.autograd.grad(loss_sum * bucket.weight, bucket.params, allow_unused=True)
-        return loss_sum.detach(), grads, {k: v.detach() for k, v in batch_metrics.items()}
+        grads = torch.autograd.grad(loss_sum * bucket.weight, self.params, allow_unused=True)
+        used = [(out, g) for out, g in zip(self.grads, grads) if g is not None]
+        if used:
+            torch._foreach_copy_([out for out, _ in used], [g for _, g in used])
+        self.loss.copy_(loss_sum.detach())
+        outs = [out if g is not None else None for out, g in zip(self.grads, grads)]
+        return self.loss, outs, {k: v.detach() for k, v in batch_metrics.items()}
 
     def _capture(self, bucket: Bucket, model, batch: dict, objective, precision: str, device: torch.device) -> None:
         """Warm up on a side stream, then capture `_run` into the bucket's graph (shared pool)."""
@@ -318,8 +334,8 @@ class GraphedForwardBackward:
 
 def _accumulate(params: list[nn.Parameter], grads) -> None:
     """.grad += each gradient: a fresh copy where .grad is None (after zero_grad(set_to_none=True)),
-    one multi-tensor add where it exists. The graph's gradient outputs are overwritten by its next
-    replay, so they are never stored as .grad themselves."""
+    one multi-tensor add where it exists. The gradient buffers are overwritten by the next replay,
+    so they are never stored as .grad themselves."""
     fresh = [(p, g) for p, g in zip(params, grads) if g is not None and p.grad is None]
     held = [(p, g) for p, g in zip(params, grads) if g is not None and p.grad is not None]
     if fresh:

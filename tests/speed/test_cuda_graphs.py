@@ -322,6 +322,7 @@ def test_captured_replays_equal_eager_steps_on_a_gpu():
     runs = []
     for use_graphs in (False, True):
         model, _ = make_tiny_model("llama")
+        model.set_attn_implementation("sdpa")  # the plan then swaps in flash varlen
         inject_lora(model, "all-linear", 4, 8.0)
         mark_only_lora_trainable(model)
         g = torch.Generator().manual_seed(1)
@@ -333,11 +334,12 @@ def test_captured_replays_equal_eager_steps_on_a_gpu():
         plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=cuda, precision="bf16")
         kernels = speed_plan.apply(plan if use_graphs else plan.off("cuda_graphs"), model)
         assert (kernels.forward_backward is not None) == use_graphs, plan.describe()
+        assert plan.varlen_attention == "flash_varlen" and model.config._attn_implementation.startswith("engine_")
         objective = CausalLM(16, kernels)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
         scaler = amp.DynamicLossScaler(enabled=False, device=cuda)
-        batches = _batches(model.config.vocab_size)
+        batches = _batches(model.config.vocab_size, LENGTHS * 3)   # 7 micro-batches: 3 steps of 2
         history = []
         for step in range(3):
             micro = batches[2 * step:2 * step + 2]
