@@ -5,6 +5,7 @@ and the fallbacks are checked here; the real capture against eager in the `gpu`-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -261,6 +262,86 @@ def test_the_gpu_attention_path_sees_the_bucket_and_computes_the_same(monkeypatc
     _assert_same(loss, grads, ref_loss, ref_grads, terms=T_B * model.config.hidden_size)
     (key,) = graphed.buckets
     assert set(seen) == {(key.documents + 1, T_B, key.rows * T_B)}
+
+
+# ----------------------------------------------------------------------------- the capture path, CUDA faked
+
+class FakeCuda:
+    """torch.cuda's stream and graph calls as `_capture` makes them, on a CPU: the warm-ups and the
+    captured run execute eagerly, a replay only counts (so only a bucket's first micro-batch, computed
+    by its capture, has its numbers); `fail` makes entering the capture raise, as an op that cannot be
+    captured does."""
+
+    def __init__(self, monkeypatch, fail: str = ""):
+        self.fail, self.debug_mode, self.replays, self.captures, self.invalidated = fail, 1, 0, 0, 0
+        self.events: list[str] = []
+        fake = self
+
+        class Stream:
+            def __init__(self, *a, **k): ...
+
+            def wait_stream(self, other): fake.events.append("wait")
+
+        class Graph:
+            def replay(self): fake.replays += 1
+
+        class Capture:
+            def __init__(self, graph, pool=None): ...
+
+            def __enter__(self):
+                fake.events.append("capture")
+                if fake.fail:
+                    raise RuntimeError(fake.fail)
+
+            def __exit__(self, *exc): fake.captures += 1
+
+        def invalidate():
+            fake.invalidated += 1
+            fake.events.append("invalidate")
+
+        monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: self.debug_mode)
+        monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: setattr(self, "debug_mode", mode))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(cuda_graphs, "invalidate_factor_caches", invalidate)
+
+
+def test_capture_warms_up_invalidates_the_lora_caches_then_captures_and_replays(monkeypatch):
+    model, objective = _model()
+    fake = FakeCuda(monkeypatch)
+    calls = []
+    real_run = GraphedForwardBackward._run
+    monkeypatch.setattr(GraphedForwardBackward, "_run", lambda self, *a: calls.append(1) or real_run(self, *a))
+    short = _batches(model.config.vocab_size)
+    long = _batches(model.config.vocab_size, [300] * 4, rows=2, max_len=300)
+    graphed = GraphedForwardBackward(capture=True)
+    ref = _run(forward_backward, model, [short[0]], objective)
+    got = _run(graphed, model, [short[0]], objective)          # captured: its numbers come from the capture
+    _assert_same(*got, *ref, terms=T_B * model.config.hidden_size)
+    assert len(calls) == cuda_graphs.WARMUP_ITERS + 1 and fake.replays == 1 and fake.captures == 1
+    assert fake.events[-2:] == ["invalidate", "capture"] and fake.debug_mode == 1   # restored after the capture
+    calls.clear()
+    _run(graphed, model, [long[0]], objective)                  # a later bucket warms up once
+    assert len(calls) == 2 and fake.captures == 2 and fake.invalidated == 2
+    _run(graphed, model, [long[1]], objective)                  # its bucket again: a replay, no Python run
+    assert len(calls) == 2 and fake.replays == 3 and graphed.stats == {"captures": 2, "replays": 1}
+
+
+def test_a_failed_capture_leaves_the_run_eager_counted_and_said_once(monkeypatch, capsys):
+    model, objective = _model()
+    fake = FakeCuda(monkeypatch, fail="operation not permitted when stream is capturing")
+    micro = _batches(model.config.vocab_size)[:2]
+    ref = _run(forward_backward, model, micro, objective)
+    graphed = GraphedForwardBackward(capture=True)
+    for _ in range(2):
+        _assert_same(*_run(graphed, model, micro, objective), *ref, terms=1)   # the eager step's numbers
+    why = "eager: capture failed (RuntimeError: operation not permitted when stream is capturing)"
+    assert graphed.stats == {why: 4} and not graphed.buckets and fake.replays == 0
+    assert fake.debug_mode == 1 and capsys.readouterr().err.count("capture failed") == 1
 
 
 # ----------------------------------------------------------------------------- the plan
