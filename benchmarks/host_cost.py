@@ -54,6 +54,9 @@ import torch  # noqa: E402
 from engine.speed.measure import AtenOps, KernelTime  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+GRAPH_WARMUP_QUIET, GRAPH_WARMUP_MAX = 8, 60
+"""--cuda-graphs: engine steps before timing, until this many in a row captured no new bucket (at most
+the second number): the timed steps then replay, as a long run's steps do."""
 CPU_ONLY_SWITCHES = ("short_attention", "batch_short_documents", "compile_norms", "compile_loss",
                      "retain_host_memory")
 """What a CPU's plan adds to a GPU's: off here, so the engine runs what it runs on a GPU."""
@@ -272,6 +275,16 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda"
     for run in runs.values():  # warm-up: first-call costs (allocator, lazy imports)
         run.step(), run.step()
+    graphs = runs["engine"].graphs
+    if graphs is not None:  # steady state: every bucket the data reaches captured before timing
+        quiet = 0
+        for _ in range(GRAPH_WARMUP_MAX):
+            before = graphs.stats["captures"]
+            runs["engine"].step()
+            quiet = quiet + 1 if graphs.stats["captures"] == before else 0
+            if quiet == GRAPH_WARMUP_QUIET:
+                break
+        captured_before_timing = graphs.stats["captures"]
     for rep in range(args.repeats):
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for name in order:
@@ -307,7 +320,9 @@ def main(argv=None) -> int:
               "precision": args.precision, "checkpointing": args.checkpointing, "r": args.r,
               "seq_len": args.seq_len, "engine_rows": args.rows, "hf_batch": runs["hf_peft"].batch,
               "plan": runs["engine"].plan.describe(), "cuda_graphs": args.cuda_graphs,
-              "graph_counts": dict(runs["engine"].graphs.stats) if runs["engine"].graphs else None, "configs": {}}
+              "graph_counts": dict(graphs.stats) if graphs else None,
+              "captures_after_warmup": graphs.stats["captures"] - captured_before_timing if graphs else None,
+              "configs": {}}
     for k in runs:
         result["configs"][k] = {"ms_per_step": statistics.median(times[k]), "cpu_ms_per_step": statistics.median(cpu[k]),
                                 "gpu_ms_per_step": statistics.median(gpu[k]) if gpu[k] else None,
@@ -352,7 +367,8 @@ def write(result: dict, tag: str, out_dir: str = RESULTS) -> None:
              f"{result['precision']}, checkpointing={result['checkpointing']}, LoRA r{result['r']} on every block linear, "
              f"rows of {result['seq_len']} tokens (engine: {result['engine_rows']} packed rows; HF: "
              f"{result['hf_batch']} padded documents per step)", "", f"engine plan: `{result['plan']}`"
-             + (f"; CUDA graphs: {result['graph_counts']}" if result.get("cuda_graphs") else "; eager (no CUDA graphs)"), "",
+             + (f"; CUDA graphs: {result['graph_counts']} ({result['captures_after_warmup']} captures after the warm-up)"
+                if result.get("cuda_graphs") else "; eager (no CUDA graphs)"), "",
              "| | ms per step (host: wall; on a GPU the time to issue it) | CPU ms per step | of which in GEMMs "
              "(calls) | in attention kernels | CPU ms outside them | GPU ms per step | aten ops per step | ops per layer |",
              "|---|---|---|---|---|---|---|---|---|"]
