@@ -308,7 +308,10 @@ class GraphedForwardBackward:
             current = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device)
             side.wait_stream(current)  # the buffers were loaded on the current stream
-            with torch.cuda.stream(side):
+            # the warm-ups' dropout draws are given back: a run's random stream then depends only on
+            # the replays (a resumed run, which captures again, draws what an uninterrupted one does)
+            generators = [device] if device.type == "cuda" else []
+            with torch.cuda.stream(side), torch.random.fork_rng(devices=generators, device_type="cuda"):
                 for _ in range(self.warmup if not self.buckets else 1):
                     self._run(model, bucket, batch, objective, precision, device)
             current.wait_stream(side)
