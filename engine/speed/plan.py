@@ -178,8 +178,14 @@ def _compile_choice(mode, device: torch.device, fsdp: bool, precision: str, note
 def _cuda_graphs_choice(device: torch.device, precision: str, *, fsdp: bool, offload: bool, varlen: str,
                         compile_on: bool, objective: str, notes: list) -> bool:
     """cuda_graphs under auto: on a CUDA device unless something in the run cannot be captured per
-    bucket (each such reason said in the plan line). Data parallel without FSDP keeps it: the
-    gradient all-reduce runs after the replays, outside the graphs."""
+    bucket (each such reason said in the plan line). What keeps it, checked one by one: data parallel
+    without FSDP (the gradient all-reduce runs after the replays, outside the graphs); LoRA and
+    attention dropout (graph-safe Philox: new masks per replay); DoRA (its weight norm is device work
+    per forward, no cache, no sync); sequence tiling (its tiles follow the bucket's fixed length);
+    activation checkpointing (the RNG rewind is capturable since torch 2.10); NEFTune (its scale comes
+    from cu_seqlens on the device); QLoRA (bitsandbytes launches on the current stream: unverified).
+    What cannot be captured at run time (a model's own sync, dynamic RoPE's host branch) fails its
+    capture, and the run goes on eagerly, said once (engine/speed/cuda_graphs.py)."""
     if device.type != "cuda":
         return False
     why = ("FSDP gathers parameter shards inside the forward" if fsdp
