@@ -62,11 +62,17 @@ CUDA's sync debug mode suspended around it.
 Eager replay (`capture=False`, what a CPU runs in tests): the same bucketing, padding, static
 buffers and gradient accumulation, the captured function run eagerly at "capture" and "replay".
 
+Checked once per run: the first replay after an optimizer step is compared with the same
+micro-batch run eagerly right after it (loss and gradient norm, without dropout): a graph that
+missed a change made outside it since capture (a cache it found fresh) would show there; on a
+disagreement the run goes on eagerly.
+
 Fallback: a micro-batch no bucket can hold runs the eager `forward_backward`, its reason counted in
 `stats` and said once on stderr: unpacked rows (a padding mask), tree documents (GRPO's shared
 prompts), a row longer than `max_length`, more than `max_documents` documents, an objective whose
 loss is not bucketed (`bucketed` attribute: SFT's CausalLM has it), more than `max_graphs` buckets,
-or any error during a capture (then every later micro-batch too).
+any error during a capture, or a replay that disagreed with the eager step (these two: every later
+micro-batch too).
 Memory: the pool (one micro-batch's activations) sits beside the eager allocator's cache, so a run
 that also takes the eager path holds both.
 """
@@ -95,6 +101,9 @@ MAX_DOCUMENTS = 1024
 """Most documents (padding documents included) of one micro-batch a bucket holds."""
 MAX_GRAPHS = 32
 """Most buckets captured in one run (each costs a capture, warm-ups included, and its outputs)."""
+REPLAY_RTOL = 1e-2
+"""How far a replay's loss and gradient norm may be from the eager run's (relative): the same
+kernels on the same inputs differ only by atomics' order; a stale input differs by far more."""
 WARMUP_ITERS = 3
 """Eager iterations on a side stream before the run's first capture (PyTorch's examples use 3);
 later buckets warm up once: only their shapes' first calls are left to run."""
@@ -156,6 +165,7 @@ class Bucket:
         self.cu_seqlens = buffer(key.documents + 1, dtype=torch.int32)       # [D_b + 1]
         self.weight = buffer(dtype=torch.float32)                             # 0-dim: scale / count
         self.graph = None
+        self.captured_at = 0  # the runner's step count at capture
         self.outputs = None   # (loss_sum, grads, metrics) of the captured run: what a replay rewrites
         self._rows: list[list[int]] = []
         self._host = (0, 0)   # num_tokens, num_loss_tokens of the loaded batch
@@ -211,19 +221,23 @@ class GraphedForwardBackward:
     holds that model's trainable parameters."""
 
     def __init__(self, *, capture: bool | None = None, max_length: int = MAX_LENGTH,
-                 max_documents: int = MAX_DOCUMENTS, max_graphs: int = MAX_GRAPHS, warmup: int = WARMUP_ITERS):
+                 max_documents: int = MAX_DOCUMENTS, max_graphs: int = MAX_GRAPHS, warmup: int = WARMUP_ITERS,
+                 verify: bool = True):
         self.capture, self.max_length, self.max_documents = capture, max_length, max_documents
         self.max_graphs, self.warmup = max_graphs, warmup
         self.buckets: dict[BucketKey, Bucket] = {}
         self.stats: Counter = Counter()   # captures, replays, "eager: <why>"
-        self.broken = ""                  # why a capture failed: every later micro-batch runs eagerly
+        self.broken = ""                  # a failed capture or check: every later micro-batch runs eagerly
         self.pool = None                  # the graphs' shared memory pool
         self.params: list[nn.Parameter] = []        # the model's trainable parameters (first call)
         self.grads: list[torch.Tensor] = []         # one gradient buffer per parameter, every bucket's output
         self.loss = None                            # 0-dim: every bucket's loss output
+        self.calls = 0                              # steps seen (one call per train_step)
+        self.verify = verify                        # the first replay after an optimizer step still to check
 
     def __call__(self, model: nn.Module, micro: list[dict], *, objective, count, scale, precision: str,
                  device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.calls += 1
         step_loss = torch.zeros((), device=device)
         metrics: dict[str, torch.Tensor] = {}
         weight = scale / count   # a host float, or a device tensor (fp16's scale, a count over ranks)
@@ -232,7 +246,7 @@ class GraphedForwardBackward:
             key, why = self._route(model, batch, objective)
             graphed = None if key is None else self._graphed(key, model, batch, objective, weight, precision, device)
             if graphed is None:
-                self._count(f"eager: {why or self._failed()}")
+                self._count(f"eager: {why or self.broken}")
                 graphed = forward_backward(model, [batch], objective=objective, count=count, scale=scale,
                                            precision=precision, device=device)
             loss, batch_metrics = graphed
@@ -248,7 +262,7 @@ class GraphedForwardBackward:
 
     def _route(self, model: nn.Module, batch: dict, objective) -> tuple[BucketKey | None, str]:
         if self.broken:
-            return None, self._failed()
+            return None, self.broken
         if not getattr(objective, "bucketed", False):
             return None, f"objective {type(objective).__name__} is not bucketed"
         key, why = bucket_key(batch, training=model.training, max_length=self.max_length,
@@ -277,15 +291,47 @@ class GraphedForwardBackward:
                 try:
                     self._capture(bucket, model, batch, objective, precision, device)
                 except RuntimeError as e:  # an op that cannot be captured: this run stays eager from here
-                    self.broken = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                    self.broken = f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
                     return None
+                bucket.captured_at = self.calls
             bucket.graph.replay()
             loss, grads, batch_metrics = bucket.outputs
+            if self.verify and self.calls > bucket.captured_at and not _dropout_active(model):
+                self.verify = False  # once per run: the first replay after an optimizer step
+                disagree, eager = self._check_replay(model, bucket, batch, objective, precision, device)
+                if disagree:  # this micro-batch takes the eager run's outputs; every later one runs eagerly
+                    self.broken = disagree
+                    self._count(f"eager: {self.broken}")
+                    loss, grads, batch_metrics = eager
+                    _accumulate(self.params, grads)
+                    return loss, batch_metrics
         if new:
             self.buckets[key] = bucket
         self.stats["captures" if new else "replays"] += 1
         _accumulate(self.params, grads)
         return loss, batch_metrics
+
+    def _check_replay(self, model, bucket: Bucket, batch: dict, objective, precision: str,
+                      device: torch.device) -> tuple[str, tuple]:
+        """The replay's loss and gradient norm against the same micro-batch run eagerly right after
+        (the same kernels on the same buffers: they agree to atomics' order). A graph that missed a
+        change made outside it since its capture (a cache it found fresh, a replaced tensor) shows
+        here, at the first step after an optimizer step. The eager outputs replace the replay's in
+        the buffers. Returns (why they disagree or "", the eager run's outputs). Reads 4 numbers
+        back: a deliberate sync, once per run."""
+        replayed = torch.stack([self.loss.float(), _grad_norm(self.grads)])
+        eager = self._run(model, bucket, batch, objective, precision, device)
+        debug_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            (loss_r, norm_r), (loss_e, norm_e) = torch.stack([replayed, torch.stack(
+                [self.loss.float(), _grad_norm(self.grads)])]).tolist()
+        finally:
+            torch.cuda.set_sync_debug_mode(debug_mode)
+        if all(abs(r - e) <= REPLAY_RTOL * abs(e) + 1e-6 for r, e in ((loss_r, loss_e), (norm_r, norm_e))):
+            return "", eager
+        return (f"a replay disagreed with the eager step after an optimizer step (loss {loss_r:.6g} vs "
+                f"{loss_e:.6g}, gradient norm {norm_r:.6g} vs {norm_e:.6g})"), eager
 
     def _run(self, model, bucket: Bucket, batch: dict, objective, precision: str, device: torch.device):
         """What a graph holds: forward, loss, and the parameters' gradients written into the shared
@@ -325,14 +371,26 @@ class GraphedForwardBackward:
         finally:
             torch.cuda.set_sync_debug_mode(debug_mode)
 
-    def _failed(self) -> str:
-        return f"capture failed ({self.broken})"
 
     def _count(self, what: str) -> None:
         if what not in self.stats:
             print(f"speed: cuda_graphs: a micro-batch runs eagerly: {what[len('eager: '):]} "
                   "(said once; counted)", file=sys.stderr)
         self.stats[what] += 1
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all gradient buffers (0-dim fp32, on the device)."""
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def _dropout_active(model: nn.Module) -> bool:
+    """Does a training forward draw random masks (LoRA / hidden dropout, attention dropout)? Then a
+    replay and an eager run differ by their masks and cannot be compared."""
+    if not model.training:
+        return False
+    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
+    return attention > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _accumulate(params: list[nn.Parameter], grads) -> None:

@@ -327,8 +327,29 @@ def test_capture_warms_up_invalidates_the_lora_caches_then_captures_and_replays(
     calls.clear()
     _run(graphed, model, [long[0]], objective)                  # a later bucket warms up once
     assert len(calls) == 2 and fake.captures == 2 and fake.invalidated == 2
-    _run(graphed, model, [long[1]], objective)                  # its bucket again: a replay, no Python run
-    assert len(calls) == 2 and fake.replays == 3 and graphed.stats == {"captures": 2, "replays": 1}
+    _run(graphed, model, [long[0]], objective)   # its bucket again, a later step: the replay checked once
+    assert len(calls) == 3 and fake.replays == 3 and graphed.stats == {"captures": 2, "replays": 1}
+    _run(graphed, model, [long[0]], objective)                  # checked already: no Python run
+    assert len(calls) == 3 and fake.replays == 4 and graphed.stats == {"captures": 2, "replays": 2}
+    assert not graphed.broken and not graphed.verify
+
+
+def test_a_replay_that_disagrees_with_the_eager_step_leaves_the_run_eager(monkeypatch, capsys):
+    """The fake replay recomputes nothing, so a later step's replay of another micro-batch of the same
+    bucket returns the captured batch's numbers (as a graph that missed a change would): the check
+    sees it, the micro-batch takes the eager numbers, and the run goes on eagerly, counted."""
+    model, objective = _model()
+    FakeCuda(monkeypatch)
+    long = _batches(model.config.vocab_size, [300] * 4, rows=2, max_len=300)
+    assert bucket_key(long[0]) == bucket_key(long[1]) and not torch.equal(long[0]["input_ids"], long[1]["input_ids"])
+    graphed = GraphedForwardBackward(capture=True)
+    _run(graphed, model, [long[0]], objective)
+    for _ in range(2):
+        _assert_same(*_run(graphed, model, [long[1]], objective), *_run(forward_backward, model, [long[1]], objective),
+                     terms=1)
+    (why,) = [k for k in graphed.stats if k.startswith("eager")]
+    assert why.startswith("eager: a replay disagreed with the eager step after an optimizer step (loss ")
+    assert graphed.stats == {"captures": 1, why: 2} and capsys.readouterr().err.count("a replay disagreed") == 1
 
 
 def test_a_failed_capture_leaves_the_run_eager_counted_and_said_once(monkeypatch, capsys):
