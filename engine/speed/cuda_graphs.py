@@ -79,6 +79,7 @@ that also takes the eager path holds both.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections import Counter
@@ -321,13 +322,9 @@ class GraphedForwardBackward:
         back: a deliberate sync, once per run."""
         replayed = torch.stack([self.loss.float(), _grad_norm(self.grads)])
         eager = self._run(model, bucket, batch, objective, precision, device)
-        debug_mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
-        try:
+        with _deliberate_sync():
             (loss_r, norm_r), (loss_e, norm_e) = torch.stack([replayed, torch.stack(
                 [self.loss.float(), _grad_norm(self.grads)])]).tolist()
-        finally:
-            torch.cuda.set_sync_debug_mode(debug_mode)
         if all(abs(r - e) <= REPLAY_RTOL * abs(e) + 1e-6 for r, e in ((loss_r, loss_e), (norm_r, norm_e))):
             return "", eager
         return (f"a replay disagreed with the eager step after an optimizer step (loss {loss_r:.6g} vs "
@@ -348,9 +345,7 @@ class GraphedForwardBackward:
 
     def _capture(self, bucket: Bucket, model, batch: dict, objective, precision: str, device: torch.device) -> None:
         """Warm up on a side stream, then capture `_run` into the bucket's graph (shared pool)."""
-        debug_mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)  # capture synchronises, deliberately, once per bucket
-        try:
+        with _deliberate_sync():  # torch.cuda.graph synchronises on entry
             current = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device)
             side.wait_stream(current)  # the buffers were loaded on the current stream
@@ -368,8 +363,6 @@ class GraphedForwardBackward:
             with torch.cuda.graph(graph, pool=self.pool):
                 bucket.outputs = self._run(model, bucket, batch, objective, precision, device)
             bucket.graph = graph
-        finally:
-            torch.cuda.set_sync_debug_mode(debug_mode)
 
 
     def _count(self, what: str) -> None:
@@ -377,6 +370,18 @@ class GraphedForwardBackward:
             print(f"speed: cuda_graphs: a micro-batch runs eagerly: {what[len('eager: '):]} "
                   "(said once; counted)", file=sys.stderr)
         self.stats[what] += 1
+
+
+@contextlib.contextmanager
+def _deliberate_sync():
+    """CUDA's sync debug mode suspended around a sync made on purpose (a capture, once per bucket;
+    the replay check, once per run): tests/training/test_sync_free.py counts the others."""
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
