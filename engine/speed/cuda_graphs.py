@@ -55,7 +55,8 @@ autocast runs with cache_enabled=False (the notes' requirement). Nothing in the 
 device or branches on device data (the step is sync-free: tests/training/test_sync_free.py); what
 Python decides per batch (attention path, windows, loss chunks) depends only on the bucket key.
 Dropout draws new masks at every replay (graphs advance the Philox offset); activation checkpointing
-rewinds the RNG under capture (torch >= 2.10, pytorch#162505; older: the capture fails, see below).
+rewinds the RNG under capture (a torch with pytorch#162505, Sept. 2025; in an older one the capture
+fails, see below).
 torch.cuda.graph synchronises the device on entry: a deliberate sync, once per bucket, with
 CUDA's sync debug mode suspended around it.
 

@@ -182,7 +182,7 @@ def _cuda_graphs_choice(device: torch.device, precision: str, *, fsdp: bool, off
     without FSDP (the gradient all-reduce runs after the replays, outside the graphs); LoRA and
     attention dropout (graph-safe Philox: new masks per replay); DoRA (its weight norm is device work
     per forward, no cache, no sync); sequence tiling (its tiles follow the bucket's fixed length);
-    activation checkpointing (the RNG rewind is capturable since torch 2.10); NEFTune (its scale comes
+    activation checkpointing (the RNG rewind is capturable in a torch with pytorch#162505); NEFTune (its scale comes
     from cu_seqlens on the device); QLoRA (bitsandbytes launches on the current stream: unverified).
     What cannot be captured at run time (a model's own sync, dynamic RoPE's host branch) fails its
     capture, and the run goes on eagerly, said once (engine/speed/cuda_graphs.py)."""
