@@ -25,6 +25,7 @@ from engine.training.objective import CausalLM
 from engine.training.optim import build_optimizer
 from engine.training.step import forward_backward, train_step
 from tests.conftest import apply_speed, assert_close_reduced, make_tiny_model
+from tests.e2e.test_train import workdir  # noqa: F401  (a fixture: the tiny model dir and chat data)
 
 CPU = torch.device("cpu")
 LENGTHS = [23, 9, 17, 30, 5, 12, 26, 8, 19, 14, 21, 7]   # packed into rows of <= 48 tokens
@@ -458,3 +459,39 @@ def test_captured_replays_equal_eager_steps_on_a_gpu():
         assert_close_reduced(g_loss, loss, terms=T_B * 64, dtype=torch.bfloat16)
         for name in after:
             assert_close_reduced(g_after[name], after[name], terms=T_B * 64, dtype=torch.bfloat16, msg=name)
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def test_a_training_run_takes_the_plans_graphs_and_logs_the_eager_losses(workdir, monkeypatch):
+    """engine.train hands StepKernels.forward_backward to every train_step: a run whose plan carries the
+    graphed step (eager replay here) replays its buckets and logs the eager run's losses (fp32)."""
+    from engine import speed
+    from engine import train as train_mod
+    from tests.e2e.test_train import losses, make_cfg
+
+    train_mod.run_training(make_cfg(workdir, "graphs_eager", train={"max_steps": 3}))
+    graphed = GraphedForwardBackward(capture=False)
+    real_apply = speed_plan.apply
+
+    def apply(plan, model):
+        return dataclasses.replace(real_apply(plan, model), forward_backward=graphed)
+
+    monkeypatch.setattr(speed_plan, "apply", apply)
+    monkeypatch.setattr(speed, "apply", apply)
+    train_mod.run_training(make_cfg(workdir, "graphs_on", train={"max_steps": 3}))
+    root = workdir[0]
+    assert graphed.stats["captures"] + graphed.stats["replays"] == 3 * 2     # 3 steps x grad_accum 2
+    assert not any(k.startswith("eager") for k in graphed.stats) and graphed.stats["replays"] > 0
+    on, off = losses(root / "graphs_on"), losses(root / "graphs_eager")
+    assert on.keys() == off.keys() == {1, 2, 3}
+    for step in off:
+        assert abs(on[step] - off[step]) <= 1e-5 * abs(off[step]), (step, on[step], off[step])
+
+
+def test_the_label_mask_travels_with_the_packing_context():
+    p = _batches(64)[0]["packing"]
+    masked = PackingContext(p.doc_lengths, p.label_index, p.label_targets, p.num_tokens, p.num_loss_tokens,
+                            label_mask=torch.ones(p.label_index.numel()))
+    assert masked.to("cpu") is masked and masked.to("meta").label_mask.device.type == "meta"
+    assert p.to("meta").label_mask is None                     # a loader's context: every entry real
