@@ -33,6 +33,10 @@ from engine.training.loss import EAGER, StepKernels, causal_lm_loss
 
 
 class Objective(Protocol):
+    """Optionally `bucketed = True`: its loss reads only the batch's input_ids, position_ids, labels
+    and packing context (label_mask honoured), so speed.cuda_graphs may pad its micro-batches into
+    shape buckets; without it they run eagerly."""
+
     def count(self, batch: dict) -> int:
         """The host-side number of units `loss_sum` sums over (tokens, pairs)."""
 
