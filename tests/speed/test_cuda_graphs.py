@@ -39,7 +39,7 @@ def _docs(vocab: int, lengths=LENGTHS, seed: int = 0, prompt: int = 3) -> list[d
     for n in lengths:
         ids = torch.randint(1, vocab, (n,), generator=g).tolist()
         labels = ids[1:] + [-100]
-        labels[:prompt] = [-100] * prompt
+        labels[:prompt] = [-100] * min(prompt, n)
         docs.append({"input_ids": ids, "labels": labels})
     return docs
 
@@ -495,3 +495,21 @@ def test_the_label_mask_travels_with_the_packing_context():
                             label_mask=torch.ones(p.label_index.numel()))
     assert masked.to("cpu") is masked and masked.to("meta").label_mask.device.type == "meta"
     assert p.to("meta").label_mask is None                     # a loader's context: every entry real
+
+
+def test_a_micro_batch_without_labels_adds_nothing_through_its_bucket():
+    """Every label entry of the bucket is padding (mask 0): loss 0, gradients 0, next to one with labels."""
+    model, objective = _model()
+    vocab = model.config.vocab_size
+    loader = Loader(_docs(vocab, LENGTHS, prompt=64), max_seq_len=48, micro_batch_size=2, packing=True, seed=0,
+                    pad_token_id=0, shuffle=False)
+    empty = next(iter(loader.one_pass()))
+    assert empty["num_loss_tokens"] == 0 and bucket_key(empty)[0].labels > 0
+    micro = [empty, _batches(vocab)[1]]
+    ref_loss, ref_grads = _run(forward_backward, model, micro, objective)
+    loss, grads = _run(GraphedForwardBackward(capture=False), model, micro, objective)
+    _assert_same(loss, grads, ref_loss, ref_grads, terms=T_B * model.config.hidden_size)
+    alone, _ = GraphedForwardBackward(capture=False)(model, [empty], objective=objective, count=1, scale=1.0,
+                                                     precision="fp32", device=CPU)   # a rank's count clamped to 1
+    zero = _grads(model)
+    assert alone.item() == 0.0 and zero and all(g.abs().max() == 0 for g in zero.values())
