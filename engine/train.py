@@ -366,6 +366,8 @@ def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
                               "rerun the same command to resume", file=sys.stderr)
                     raise Stopped(stop.signum or signal.SIGINT)
     bar.close()
+    if kernels.forward_backward is not None and ctx.is_main:  # speed.cuda_graphs: captures, replays, eager
+        print(kernels.forward_backward.describe(), file=sys.stderr)
 
     eval_loss_after = evaluate(step)  # step: max_steps, or where early stopping ended the run
     amp.refuse_untrained(step - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,

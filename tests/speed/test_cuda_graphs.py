@@ -463,7 +463,7 @@ def test_captured_replays_equal_eager_steps_on_a_gpu():
 
 # ----------------------------------------------------------------------------- the training loop
 
-def test_a_training_run_takes_the_plans_graphs_and_logs_the_eager_losses(workdir, monkeypatch):
+def test_a_training_run_takes_the_plans_graphs_and_logs_the_eager_losses(workdir, monkeypatch, capsys):
     """engine.train hands StepKernels.forward_backward to every train_step: a run whose plan carries the
     graphed step (eager replay here) replays its buckets and logs the eager run's losses (fp32)."""
     from engine import speed
@@ -483,6 +483,8 @@ def test_a_training_run_takes_the_plans_graphs_and_logs_the_eager_losses(workdir
     root = workdir[0]
     assert graphed.stats["captures"] + graphed.stats["replays"] == 3 * 2     # 3 steps x grad_accum 2
     assert not any(k.startswith("eager") for k in graphed.stats) and graphed.stats["replays"] > 0
+    assert f"cuda_graphs: {graphed.stats['captures']} captures, {graphed.stats['replays']} replays" \
+        in capsys.readouterr().err                                    # said at the end of the run
     on, off = losses(root / "graphs_on"), losses(root / "graphs_eager")
     assert on.keys() == off.keys() == {1, 2, 3}
     for step in off:
