@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose_config(["output_dir=/tmp/grpo_update_bench", "train.resume=never", "data.eval_path=null",
                           f"train.precision={args.precision}", *args.overrides], experiment="quickstart_grpo")
     ctx = init_distributed(cfg.train.device)
-    model, tokenizer, *_, precision, objective, _guard = build_everything(cfg, ctx)
+    model, tokenizer, *_, precision, objective, _guard, _kernels = build_everything(cfg, ctx)
     o = cfg.objective
     if args.synthetic:  # no generation: the first prompts, random completions of exactly that length
         g = torch.Generator().manual_seed(0)

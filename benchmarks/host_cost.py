@@ -7,13 +7,18 @@
     python benchmarks/host_cost.py --no-checkpointing --precision fp32
     python benchmarks/host_cost.py --device cuda --shape phi-3-mini --hidden 0 --layers 8   # a GPU: real widths,
                                                                 # GPU ms (CUDA events) beside host ms (scripts/gpu_check.sh)
+    python benchmarks/host_cost.py --device cuda --hidden 0 --cuda-graphs   # the engine's micro-batches replayed
+                                                                # from CUDA graphs (speed.cuda_graphs; a GPU only)
 
 What it measures: the work the host issues per step when arithmetic is negligible. A real model's
 layer structure (32 decoder layers for Llama-3.1-8B) with every width shrunk (hidden 64, head_dim 16,
 heads and the MLP scaled by the real ratios, vocabulary 2,048), bf16 autocast, activation
 checkpointing, LoRA r16 on every linear of the decoder blocks, rows of 128 tokens, and the speed plan
-a GPU gets (no compile, no CPU attention kernels, no host-memory setting: `gpu_plan`). On a GPU these
-ops are kernel launches the host must issue; a GPU step shorter than this host time idles.
+a GPU gets (no compile, no CPU attention kernels, no host-memory setting: `gpu_plan`), eager: the
+plan's cuda_graphs switch off unless --cuda-graphs (then each engine micro-batch is replayed from the
+CUDA graph of its shape bucket, engine/speed/cuda_graphs.py: the warm-up steps capture, the timed
+steps replay; the capture / replay counts are in the results). On a GPU these ops are kernel
+launches the host must issue; a GPU step shorter than this host time idles.
 
 Configurations, alternated every repeat in this process (so load on the machine hits both):
   engine     engine.training.step.train_step with the GPU speed plan (packed rows of --seq-len)
@@ -49,6 +54,9 @@ import torch  # noqa: E402
 from engine.speed.measure import AtenOps, KernelTime  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+GRAPH_WARMUP_QUIET, GRAPH_WARMUP_MAX = 8, 60
+"""--cuda-graphs: engine steps before timing, until this many in a row captured no new bucket (at most
+the second number): the timed steps then replay, as a long run's steps do."""
 CPU_ONLY_SWITCHES = ("short_attention", "batch_short_documents", "compile_norms", "compile_loss",
                      "retain_host_memory")
 """What a CPU's plan adds to a GPU's: off here, so the engine runs what it runs on a GPU."""
@@ -102,13 +110,17 @@ def shrink_rope_factors(config, head_dim: int) -> None:
                 params[key] = [factors[i * len(factors) // pairs] for i in range(pairs)]
 
 
-def gpu_plan(disable: tuple[str, ...], precision: str, device: torch.device):
-    """The plan a GPU gets: on a GPU, its own; on a CPU, the CPU's without its CPU-only switches."""
+def gpu_plan(disable: tuple[str, ...], precision: str, device: torch.device, cuda_graphs: bool = False):
+    """The plan a GPU gets: on a GPU, its own; on a CPU, the CPU's without its CPU-only switches.
+    Eager unless `cuda_graphs` (which must then be on in the GPU's plan: SystemExit saying why not)."""
     from engine import speed
     from engine.config import SpeedConfig
 
     plan = speed.resolve(SpeedConfig(), device=device, precision=precision)
-    return plan.off(*(CPU_ONLY_SWITCHES if device.type == "cpu" else ()), *disable)
+    if cuda_graphs and not plan.cuda_graphs:
+        raise SystemExit(f"--cuda-graphs: this run's plan leaves cuda_graphs off: {plan.describe()}")
+    graphs = () if cuda_graphs else ("cuda_graphs",)
+    return plan.off(*(CPU_ONLY_SWITCHES if device.type == "cpu" else ()), *graphs, *disable)
 
 
 def build_base(config, precision: str, device: torch.device):
@@ -134,7 +146,7 @@ class EngineRun:
         from engine.training.optim import build_optimizer
 
         self.args, self.precision, self.device = args, args.precision, torch.device(args.device)
-        self.plan = gpu_plan(tuple(args.disable), args.precision, self.device)
+        self.plan = gpu_plan(tuple(args.disable), args.precision, self.device, args.cuda_graphs)
         seed_everything(0)
         model = build_base(config, args.precision, self.device)
         inject_lora(model, "all-linear", args.r, 2 * args.r)
@@ -148,6 +160,7 @@ class EngineRun:
         self.optimizer = build_optimizer(model, OptimConfig(lr=2e-4))
         self.scaler = amp.DynamicLossScaler(enabled=False, device=self.device)
         self.objective = CausalLM(1024, kernels)
+        self.graphs = kernels.forward_backward   # speed.cuda_graphs (None: eager)
         self.params = trainable_parameters(model)
 
     def step(self):
@@ -155,7 +168,7 @@ class EngineRun:
 
         return train_step(self.model, [next(self.loader)], objective=self.objective, params=self.params,
                           optimizer=self.optimizer, scheduler=None, scaler=self.scaler, precision=self.precision,
-                          device=self.device, max_grad_norm=1.0).loss_sum
+                          device=self.device, max_grad_norm=1.0, forward_backward_fn=self.graphs).loss_sum
 
 
 class HFRun:
@@ -239,9 +252,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (then GPU ms from CUDA events too)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="the engine's micro-batches replayed from CUDA graphs (speed.cuda_graphs; --device cuda)")
     ap.add_argument("--tag", default=None, help="write benchmarks/results/host_cost_TAG.{json,md}")
     ap.add_argument("--out-dir", default=RESULTS)
     args = ap.parse_args(argv)
+    if args.cuda_graphs and args.device != "cuda":
+        ap.error("--cuda-graphs needs --device cuda: CUDA graphs capture GPU work (on a CPU the switch is off "
+                 "and its bucketing is checked by tests/speed/test_cuda_graphs.py)")
     torch.set_num_threads(args.threads)
     from throughput_inputs import synthetic_docs
 
@@ -257,6 +275,16 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda"
     for run in runs.values():  # warm-up: first-call costs (allocator, lazy imports)
         run.step(), run.step()
+    graphs = runs["engine"].graphs
+    if graphs is not None:  # steady state: every bucket the data reaches captured before timing
+        quiet = 0
+        for _ in range(GRAPH_WARMUP_MAX):
+            before = graphs.stats["captures"]
+            runs["engine"].step()
+            quiet = quiet + 1 if graphs.stats["captures"] == before else 0
+            if quiet == GRAPH_WARMUP_QUIET:
+                break
+        captured_before_timing = graphs.stats["captures"]
     for rep in range(args.repeats):
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for name in order:
@@ -291,7 +319,10 @@ def main(argv=None) -> int:
                         "intermediate": config.intermediate_size, "vocab": config.vocab_size},
               "precision": args.precision, "checkpointing": args.checkpointing, "r": args.r,
               "seq_len": args.seq_len, "engine_rows": args.rows, "hf_batch": runs["hf_peft"].batch,
-              "plan": runs["engine"].plan.describe(), "configs": {}}
+              "plan": runs["engine"].plan.describe(), "cuda_graphs": args.cuda_graphs,
+              "graph_counts": dict(graphs.stats) if graphs else None,
+              "captures_after_warmup": graphs.stats["captures"] - captured_before_timing if graphs else None,
+              "configs": {}}
     for k in runs:
         result["configs"][k] = {"ms_per_step": statistics.median(times[k]), "cpu_ms_per_step": statistics.median(cpu[k]),
                                 "gpu_ms_per_step": statistics.median(gpu[k]) if gpu[k] else None,
@@ -335,7 +366,9 @@ def write(result: dict, tag: str, out_dir: str = RESULTS) -> None:
              f"{', '.join(f'{x:.2f}' for x in result['load_average'])} (a shared machine: both sides alternate)",
              f"{result['precision']}, checkpointing={result['checkpointing']}, LoRA r{result['r']} on every block linear, "
              f"rows of {result['seq_len']} tokens (engine: {result['engine_rows']} packed rows; HF: "
-             f"{result['hf_batch']} padded documents per step)", "", f"engine plan: `{result['plan']}`", "",
+             f"{result['hf_batch']} padded documents per step)", "", f"engine plan: `{result['plan']}`"
+             + (f"; CUDA graphs: {result['graph_counts']} ({result['captures_after_warmup']} captures after the warm-up)"
+                if result.get("cuda_graphs") else "; eager (no CUDA graphs)"), "",
              "| | ms per step (host: wall; on a GPU the time to issue it) | CPU ms per step | of which in GEMMs "
              "(calls) | in attention kernels | CPU ms outside them | GPU ms per step | aten ops per step | ops per layer |",
              "|---|---|---|---|---|---|---|---|---|"]

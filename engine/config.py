@@ -375,8 +375,8 @@ class SpeedConfig:
     disable: Any = field(default_factory=list)
     """Speed switches to turn off by name, e.g. [grouped_lora, compile_loss]: fused_lora, grouped_lora,
     fused_blocks, packed_attention, short_attention, batch_short_documents, row_attention, varlen_attention,
-    compile_norms, compile_loss, retain_host_memory, rollout_merge, rollout_dequantize, rollout_lean_decode (what each does:
-    engine/speed/plan.py)."""
+    compile_norms, compile_loss, retain_host_memory, rollout_merge, rollout_dequantize, rollout_lean_decode,
+    cuda_graphs (what each does: engine/speed/plan.py)."""
 
     def validate(self) -> None:
         _one_of("speed.mode", self.mode, ("auto", "off"))
@@ -385,8 +385,8 @@ class SpeedConfig:
         _one_of("speed.self_check", self.self_check, (True, False))
         known = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention",
                  "batch_short_documents", "row_attention", "varlen_attention", "compile_norms", "compile_loss",
-                 "retain_host_memory", "rollout_merge", "rollout_dequantize",
-                 "rollout_lean_decode")
+                 "retain_host_memory", "rollout_merge", "rollout_dequantize", "rollout_lean_decode",
+                 "cuda_graphs")
         if not isinstance(self.disable, (list, tuple)):
             _fail("speed.disable", f"must be a list of switch names, got {self.disable!r}")
         for name in self.disable:

@@ -69,13 +69,14 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
 # ---------------------------------------------------------------- setup
 def build_everything(cfg: RunConfig, ctx: DistContext):
-    """Model, tokenizer, data, loader, optimizer, schedule, scaler, objective: what the loop needs.
+    """Model, tokenizer, data, loader, optimizer, schedule, scaler, objective, fp16 guard and the speed
+    plan's StepKernels (its forward_backward goes to train_step): what the loop needs.
     The run's first lines say which precision and which speed plan it took, and why. The objective
     (engine/training/objective.py: build_objective) brings its own data, loader and loss."""
     device = ctx.device
     precision, why = amp.choose_precision(cfg.train.precision, device)
     plan = speed.resolve(cfg.speed, device=device, precision=precision, fsdp=cfg.train.fsdp,
-                         offload_activations=cfg.train.offload_activations)
+                         offload_activations=cfg.train.offload_activations, objective=cfg.objective.name)
     if ctx.is_main:
         print(f"precision: {precision} ({why})", file=sys.stderr)
         speed.announce(plan)
@@ -118,7 +119,7 @@ def build_everything(cfg: RunConfig, ctx: DistContext):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     scaler = amp.DynamicLossScaler(enabled=precision == "fp16", device=device)
     return (model, tokenizer, objective.train_set, objective.eval_set, objective.loader, optimizer, scheduler, scaler,
-            precision, objective, guard)
+            precision, objective, guard, kernels)
 
 
 def save_state(cfg: RunConfig, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -243,7 +244,7 @@ def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     (model, tokenizer, _, _, _, optimizer, scheduler, scaler,
-     precision, objective, guard) = build_everything(cfg, ctx)
+     precision, objective, guard, kernels) = build_everything(cfg, ctx)
     device, tc = ctx.device, cfg.train
     params = trainable_parameters(model)
     start_step, counters = maybe_resume(cfg, model, optimizer, scheduler, scaler, objective, ctx)
@@ -305,7 +306,8 @@ def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
             micro = batches.take()
             result = train_step(model, micro, objective=objective.loss, params=params, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, precision=precision, device=device,
-                                max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx)
+                                max_grad_norm=cfg.optim.max_grad_norm, ctx=ctx,
+                                forward_backward_fn=kernels.forward_backward)
             guard.watch(step, micro, result.loss_sum)  # host bookkeeping: no device op
             resume_point = {"loader": objective.state_dict(), "rng": checkpoint.capture_rng()}
             if step < tc.max_steps:
@@ -364,6 +366,8 @@ def _train(cfg: RunConfig, ctx: DistContext, trackers: Trackers) -> dict:
                               "rerun the same command to resume", file=sys.stderr)
                     raise Stopped(stop.signum or signal.SIGINT)
     bar.close()
+    if kernels.forward_backward is not None and ctx.is_main:  # speed.cuda_graphs: captures, replays, eager
+        print(kernels.forward_backward.describe(), file=sys.stderr)
 
     eval_loss_after = evaluate(step)  # step: max_steps, or where early stopping ended the run
     amp.refuse_untrained(step - start_step, counters["skipped_steps"] - skipped_at_start, eval_loss_after,

@@ -8,8 +8,9 @@
 # Steps, most important first; each bounded by `timeout`, and a step is skipped (SKIP, with the
 # reason) when the script's budget (GPU_CHECK_BUDGET_S, default 480 s) would be overrun:
 #   1. the GPU tests (pytest -m gpu): training runs under torch.cuda.set_sync_debug_mode with no
-#      synchronising call between log steps (LoRA / QLoRA, fp16 / bf16), one attention kernel call
-#      per layer per forward with the plan's varlen kernel, its numerics;
+#      synchronising call between log steps (LoRA / QLoRA, fp16 / bf16; bf16 on sm80+ replays CUDA
+#      graphs), one attention kernel call per layer per forward with the plan's varlen kernel, its
+#      numerics; CUDA graph replays against eager steps (tests/speed/test_cuda_graphs.py);
 #   1b. the speed plan's kernel self-check on this GPU (verdicts and cost, fp16 and bf16, one block of
 #      Gemma-2-2B / Llama-3.1-8B widths) and an fp16 LoRA run of a Gemma-2-shaped model whose MLP
 #      overflows fp16, with the guard (trains, follows fp32), without it (must fail), and in fp32
@@ -17,7 +18,9 @@
 #   1c. host cost per step (benchmarks/host_cost.py): host ms (time to issue the step), GPU ms (CUDA
 #      events) and aten ops per step, engine vs transformers + PEFT, bf16, checkpointing, LoRA r16 on
 #      every linear, 128-token rows, with and without the fused blocks (speed.disable=[fused_blocks]),
-#      on the Phi-3-mini and Llama-3.1-8B shapes (real widths);
+#      and with CUDA graphs (--cuda-graphs: each micro-batch replayed from its shape bucket's graph,
+#      speed.cuda_graphs; the eager rows are the "without"), on the Phi-3-mini and Llama-3.1-8B shapes
+#      (real widths);
 #   2. throughput in "T4 mode" (fp16, memory capped at 14.7 GiB, activation checkpointing, as every
 #      16 GB QLoRA recipe runs): engine vs HF Trainer + PEFT, padded and padding-free (the report
 #      names the best of the two), Phi-3-mini shape, random weights, synthetic documents of 1/16
@@ -120,19 +123,23 @@ save
 
 if [ "$DRY_RUN" = 0 ]; then
     echo "== 1. GPU tests: no sync between log steps, one attention kernel call per layer"
-    step 70 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
-        tests/speed/test_varlen_attention.py
+    step 85 gpu_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/training/test_sync_free.py \
+        tests/speed/test_varlen_attention.py tests/speed/test_cuda_graphs.py
 fi
 
 echo "== 1b. the kernel self-check's verdicts (Gemma-2-2B / Llama-3.1-8B widths) and an fp16 run of a Gemma-2-shaped model through the guard"
 if [ "$DRY_RUN" = 1 ]; then GUARD=(--dry-run); else GUARD=(); fi
 step 150 guard_check $PY scripts/gpu_guard_check.py --out "$RES/guard_check" "${GUARD[@]}"
-echo "== 1c. host cost per step, engine vs transformers + PEFT, with and without the fused blocks"
+echo "== 1c. host cost per step, engine vs transformers + PEFT, with and without the fused blocks, with CUDA graphs"
 for shape in phi-3-mini llama-3.1-8b; do
     step 40 "host_cost_$shape" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
         --tag "gpu_$shape" --out-dir "$RES"
     step 40 "host_cost_${shape}_unfused" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
         --disable fused_blocks --tag "gpu_${shape}_unfused" --out-dir "$RES"
+    if [ "$DRY_RUN" = 0 ]; then  # a GPU only: host_cost.py refuses --cuda-graphs on a CPU
+        step 45 "host_cost_${shape}_graphs" $PY benchmarks/host_cost.py --shape "$shape" "${HOST_COST[@]}" \
+            --cuda-graphs --tag "gpu_${shape}_graphs" --out-dir "$RES"
+    fi
 done
 
 throughput() {  # throughput MODEL SECONDS: engine vs HF + PEFT (padded, padding-free), T4 mode

@@ -177,6 +177,24 @@ def test_host_cost_benchmark_counts_ops_per_step_and_layer(tmp_path):
         assert c["other_cpu_ms"] == c["cpu_ms_per_step"] - c["gemm_cpu_ms"] - c["attention_cpu_ms"]
     assert engine["gemm_calls"] < hf["gemm_calls"]
     assert (tmp_path / "host_cost_t.md").read_text().count("|") > 20
+    assert result["cuda_graphs"] is False and result["graph_counts"] is None   # the eager rows
+    assert "eager (no CUDA graphs)" in (tmp_path / "host_cost_t.md").read_text()
+
+
+def test_host_cost_refuses_cuda_graphs_on_a_cpu(capsys):
+    """--cuda-graphs replays captured GPU work: on a CPU a clear refusal, not an eager row under its name."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import host_cost
+
+    with pytest.raises(SystemExit) as exit_info:
+        host_cost.main(["--cuda-graphs"])
+    assert exit_info.value.code == 2 and "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+    import torch
+
+    cuda = torch.device("cuda")   # a GPU whose plan leaves the switch off (here: no GPU, no flash varlen) says why
+    with pytest.raises(SystemExit, match="this run's plan leaves cuda_graphs off: .*cuda_graphs off: needs flash"):
+        host_cost.gpu_plan((), "bf16", cuda, cuda_graphs=True)
+    assert not host_cost.gpu_plan((), "bf16", cuda).cuda_graphs   # the eager rows
 
 
 def test_host_cost_skeleton_of_phi3_mini_resamples_its_longrope_factors_and_builds():

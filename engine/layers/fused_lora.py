@@ -80,6 +80,14 @@ def _count_optimizer_steps() -> None:
         _HOOK.append(register_optimizer_step_post_hook(counted))
 
 
+def invalidate_factor_caches() -> None:
+    """Make every `LoRAFactors` remake its compute-dtype copies at its next call, as after an
+    optimizer step. A captured CUDA graph (engine/speed/cuda_graphs.py) calls this right before
+    capture so the refresh is recorded in the graph and runs at every replay: a replay runs no
+    Python, so a cache that was fresh at capture would otherwise never see a later optimizer step."""
+    _OPTIMIZER_STEPS[0] += 1
+
+
 def stack_base_weights(members: list[LoRALinear]) -> None:
     """Make the members' frozen float weights (and biases) views of one stacked tensor, so the group's
     base GEMM is one call without a second copy of W. 4-bit or mixed bases are left as they are."""

@@ -9,11 +9,18 @@ A packed row holds several documents back to back; positions restart at each one
     doc_lengths    [[n0, n1, ...], ...]   per row, summing to the row's length T (padding counts
                                           as one more document of its own: it attends to nothing real)
     cu_seqlens     [0, n0, n0+n1, ...]    int32, over the flattened [B*T] tokens (every row's documents,
-                                          its padding included, one after another): what varlen kernels take
+                                          its padding included, one after another): what varlen kernels take;
+                                          a CUDA graph's bucket ends it with repeated offsets (zero-length
+                                          documents: its size is then fixed per bucket)
     max_doc_length / min_doc_length       host ints: the longest / shortest of them (varlen kernels'
-                                          max_seqlen; a nested tensor's bounds)
+                                          max_seqlen; a nested tensor's bounds); a graph's bucket raises
+                                          max_doc_length to its row length (an upper bound, the same
+                                          at every replay)
     label_index    [N]                    int64 flat indices (b*T + t) of the tokens that carry a label
     label_targets  [N]                    their labels (the next token)
+    label_mask     None, or [N] fp32: 1 for a real label, 0 for a padding entry (a captured CUDA
+                   graph's bucket pads label_index to a fixed N with entries the loss must ignore:
+                   engine/speed/cuda_graphs.py); None: every entry is real
     trees          None, or per row, per document: None (a plain document) or (prefix, branches),
                    a *tree document* (engine/model/prefix_tree.py): a shared prefix of `prefix`
                    tokens, then branches of the given lengths, each seeing the prefix and itself:
@@ -57,6 +64,7 @@ class PackingContext:
     num_loss_tokens: int
     packed: bool = True
     cu_seqlens: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
     trees: list[list[tuple[int, tuple[int, ...]] | None]] | None = None
     kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
     max_doc_length: int = field(init=False)
@@ -111,7 +119,8 @@ class PackingContext:
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackingContext":
         device = torch.device(device)
-        if self.label_index.device == device and self.cu_seqlens.device == device:
+        if (self.label_index.device == device and self.cu_seqlens.device == device
+                and (self.label_mask is None or self.label_mask.device == device)):
             return self
         return self._with(lambda t: t.to(device, non_blocking=non_blocking))
 
@@ -121,7 +130,8 @@ class PackingContext:
     def _with(self, move) -> "PackingContext":
         """This context with `move` applied to each tensor (and a fresh kernel cache)."""
         return PackingContext(self.doc_lengths, move(self.label_index), move(self.label_targets), self.num_tokens,
-                              self.num_loss_tokens, self.packed, cu_seqlens=move(self.cu_seqlens), trees=self.trees)
+                              self.num_loss_tokens, self.packed, cu_seqlens=move(self.cu_seqlens),
+                              label_mask=None if self.label_mask is None else move(self.label_mask), trees=self.trees)
 
 
 def _check_trees(trees, doc_lengths: list[list[int]]) -> None:

@@ -31,6 +31,12 @@ and exposes hooks; this module decides which fast implementation plugs into each
                             of transformers' 98 (engine.model.lean_decode: q/k/v and gate/up as one GEMM
                             each, RoPE on q and k together), for the families it computes, checked
                             against the model's forward once per model
+    cuda_graphs             StepKernels.forward_backward (engine.speed.cuda_graphs)   CUDA: each micro-batch's
+                            forward + backward padded to a shape bucket, captured once per bucket and
+                            replayed (one launch instead of thousands: a host-bound step stops idling the
+                            GPU). auto: on CUDA with flash varlen attention in bf16 / fp32 for SFT; off
+                            (said why) under FSDP, offload_activations, fp16, speed.compile and other
+                            objectives. Unmeasured on a GPU until scripts/gpu_check.sh runs
 
 `resolve` turns the user's `speed` config (auto / off, plus per-switch opt-outs) into a `SpeedPlan`
 for (device, precision, model, FSDP); `apply` swaps the implementations in and returns the
@@ -54,6 +60,7 @@ from engine.model.fused_blocks import set_fused_blocks
 from engine.model.attention import NAME, register_packed_attention, sdpa_per_document, set_attention
 import engine.speed.compiled as compiled
 import engine.speed.cuda_attention as cuda_attention
+import engine.speed.cuda_graphs as cuda_graphs
 import engine.speed.host_memory as host_memory
 from engine.speed.cpu_attention import short_document_kernel
 from engine.speed.row_attention import row_mask_kernel
@@ -89,11 +96,12 @@ class SpeedPlan:
     rollout_merge: str = ""
     rollout_dequantize: bool = False
     rollout_lean_decode: bool = False
+    cuda_graphs: bool = False
     notes: tuple[str, ...] = ()
 
     SWITCHES = ("fused_lora", "grouped_lora", "fused_blocks", "packed_attention", "short_attention", "batch_short_documents",
                 "row_attention", "varlen_attention", "compile_norms", "compile_loss", "retain_host_memory", "rollout_merge",
-                "rollout_dequantize", "rollout_lean_decode")
+                "rollout_dequantize", "rollout_lean_decode", "cuda_graphs")
     VALUED = ("short_attention", "row_attention", "varlen_attention", "rollout_merge")  # said with their value; off is 0 / ""
 
     def describe(self) -> str:
@@ -118,9 +126,10 @@ class SpeedPlan:
 
 
 def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: bool = False,
-            offload_activations: bool = False) -> SpeedPlan:
+            offload_activations: bool = False, objective: str = "sft") -> SpeedPlan:
     """The plan for this run: `cfg.mode=off` is the reference path (every switch off); `auto` turns
-    on what is measured to pay on this device (and possible here), minus `cfg.disable`."""
+    on what is measured to pay on this device (and possible here), minus `cfg.disable`.
+    `objective`: the run's objective.name (CUDA graphs bucket SFT's batches only)."""
     if cfg.mode == "off":
         return SpeedPlan(fused_lora=False, grouped_lora=False, fused_blocks=False, packed_attention=False,
                          offload_activations=offload_activations)
@@ -132,6 +141,9 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         notes.append(why)  # which kernel a GPU's packed rows take, said once with the plan
     compile_on = _compile_choice(cfg.compile, device, fsdp, precision, notes)
     retain = host_memory.choose(cfg.retain_host_memory, device.type, notes)
+    graphs = _cuda_graphs_choice(device, precision, fsdp=fsdp, offload=offload_activations, varlen=varlen,
+                                 compile_on=compile_on, objective=objective,
+                                 notes=notes if "cuda_graphs" not in cfg.disable else [])
     plan = SpeedPlan(
         fused_lora=True,
         grouped_lora=not fsdp,  # FSDP's parameters are DTensor shards outside the block's forward
@@ -147,6 +159,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         rollout_merge="" if fsdp else "in_out" if device.type == "cpu" else "out_in",
         rollout_dequantize=device.type == "cpu" and not fsdp,
         rollout_lean_decode=not fsdp,  # FSDP: the same (its copies would be built from shards)
+        cuda_graphs=graphs,
         notes=tuple(notes))
     return plan.off(*cfg.disable) if cfg.disable else plan
 
@@ -166,6 +179,33 @@ def _compile_choice(mode, device: torch.device, fsdp: bool, precision: str, note
     if reason:
         notes.append(f"compile off: {reason}")
     return reason is None
+
+
+def _cuda_graphs_choice(device: torch.device, precision: str, *, fsdp: bool, offload: bool, varlen: str,
+                        compile_on: bool, objective: str, notes: list) -> bool:
+    """cuda_graphs under auto: on a CUDA device unless something in the run cannot be captured per
+    bucket (each such reason said in the plan line). What keeps it, checked one by one: data parallel
+    without FSDP (the gradient all-reduce runs after the replays, outside the graphs); LoRA and
+    attention dropout (graph-safe Philox: new masks per replay); DoRA (its weight norm is device work
+    per forward, no cache, no sync); sequence tiling (its tiles follow the bucket's fixed length);
+    activation checkpointing (the RNG rewind is capturable in a torch with pytorch#162505); NEFTune (its scale comes
+    from cu_seqlens on the device); QLoRA (bitsandbytes launches on the current stream: unverified).
+    What cannot be captured at run time (a model's own sync, dynamic RoPE's host branch) fails its
+    capture, and the run goes on eagerly, said once (engine/speed/cuda_graphs.py)."""
+    if device.type != "cuda":
+        return False
+    why = ("FSDP gathers parameter shards inside the forward" if fsdp
+           else "offload_activations copies to host memory and waits on events inside the step" if offload
+           else "fp16: the fp16 guard may move modules to fp32 mid-run, which a captured graph would not follow"
+           if precision == "fp16"
+           else "needs flash varlen attention; a bucket's zero-length padding documents are unverified on "
+                "nested SDPA" if varlen != "flash_varlen"
+           else "speed.compile: inductor's kernels under capture are not measured" if compile_on
+           else f"objective {objective}: its batches are not bucketed" if objective != "sft"
+           else "")
+    if why:
+        notes.append(f"cuda_graphs off: {why}")
+    return not why
 
 
 def prepare(plan: SpeedPlan) -> None:
@@ -195,11 +235,19 @@ def apply(plan: SpeedPlan, model: nn.Module) -> StepKernels:
         print(f"speed: {blocks.describe()}", file=sys.stderr)
     if plan.offload_activations and not getattr(model, "_activation_offloader", None):
         install_offload(model, use_reentrant=False)
+    graphs = None
+    if plan.cuda_graphs:
+        why = cuda_graphs.unsupported_model_reason(model)
+        if why:
+            print(f"speed: cuda_graphs off: {why}", file=sys.stderr)
+        else:
+            graphs = cuda_graphs.GraphedForwardBackward()
     return StepKernels(cross_entropy=compiled.compiled_cross_entropy() if plan.compile_loss else None,
                        max_chunk_bytes=host_memory.HEAP_BLOCK_LIMIT if plan.retain_host_memory else None,
                        rollout_merge=plan.rollout_merge,
                        rollout_dequantize=bool(plan.rollout_merge) and plan.rollout_dequantize,
-                       rollout_lean_decode=plan.rollout_lean_decode)
+                       rollout_lean_decode=plan.rollout_lean_decode,
+                       forward_backward=graphs)
 
 
 def document_kernel(plan: SpeedPlan) -> tuple[str, object] | None:

@@ -87,11 +87,13 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def autocast(precision: str, device: torch.device):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
+def autocast(precision: str, device: torch.device, cache_enabled: bool = True):
+    """The autocast context for a resolved precision (a no-op for fp32). cache_enabled=False: no
+    cast cache (what CUDA graph capture needs: a cache made during capture would hold the graph's
+    pool tensors past the autocast exit)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision], cache_enabled=cache_enabled)
 
 
 class DynamicLossScaler:

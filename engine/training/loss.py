@@ -51,6 +51,9 @@ class StepKernels:
     rollout_dequantize: 4-bit bases get such a copy too (W_hat + s*B@A, 16-bit memory for the rollout).
     rollout_lean_decode: the rollouts' decode steps run engine/model/lean_decode.py's step (its own
         concatenated copies, in rollout_merge's layout) where the model's family is one it computes.
+    forward_backward: the step's micro-batch forward + backward, with the signature of
+        engine.training.step.forward_backward (speed.cuda_graphs: captured once per shape bucket and
+        replayed, engine/speed/cuda_graphs.py); None: that eager function.
     """
 
     cross_entropy: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
@@ -58,6 +61,7 @@ class StepKernels:
     rollout_merge: str = ""
     rollout_dequantize: bool = False
     rollout_lean_decode: bool = False
+    forward_backward: Callable | None = None
 
 
 EAGER = StepKernels()
@@ -93,8 +97,10 @@ def _logits_fp32(head: nn.Module, hidden: Tensor, transform) -> Tensor:
     return transform(logits) if transform is not None else logits
 
 
-def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: bool):
-    """(sum_i CE(z_i, y_i), softmax(z) - onehot(y) or None) for fp32 logits z [C, V], labels y [C].
+def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: bool, weight: Tensor | None = None):
+    """(sum_i CE(z_i, y_i), softmax(z) - onehot(y) or None) for fp32 logits z [C, V], labels y [C];
+    with `weight` [C] (1 = a real label, 0 = a graph bucket's padding entry) each row's loss and
+    gradient are multiplied by it (on the device: no row is dropped, the shapes stay fixed).
 
     loss_i = m_i + log sum_v exp(z_iv - m_i) - z_i[y_i] with m_i = max_v z_iv. in_place: the
     softmax is built in z's own storage (z - m, exp, / sum), so the chunk makes no [C, V] tensor
@@ -108,11 +114,14 @@ def _cross_entropy_and_grad(z: Tensor, y: Tensor, *, in_place: bool, need_grad: 
     m = z.amax(dim=-1, keepdim=True)                              # [C, 1]
     e = (z.sub_(m) if in_place else z - m).exp_()                 # [C, V] exp(z - m)
     total = e.sum(dim=-1, keepdim=True)                           # [C, 1]
-    loss = (m.squeeze(1) + total.squeeze(1).log() - target).sum()
+    per_row = m.squeeze(1) + total.squeeze(1).log() - target      # [C]
+    loss = (per_row * weight).sum() if weight is not None else per_row.sum()
     if not need_grad:
         return loss, None
     grad = e.div_(total)                                          # softmax, in e's storage
     grad[torch.arange(len(y), device=y.device), y] -= 1.0
+    if weight is not None:
+        grad.mul_(weight[:, None])
     return loss, grad
 
 
@@ -158,7 +167,8 @@ def _logit_row_bytes(head: nn.Module, hidden: Tensor, fused: bool) -> int:
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum CE(f(head(hidden)), labels) over rows, chunk by chunk, gradients computed in forward.
 
-    forward(hidden [N, H], labels [N], head, transform, chunk_size, kernels, *params) -> 0-dim fp32 sum.
+    forward(hidden [N, H], labels [N], mask [N] or None, head, transform, chunk_size, kernels, *params)
+    -> 0-dim fp32 sum (rows where mask is 0 add nothing: a CUDA graph bucket's padding entries).
     `params` are the head's trainable parameters (e.g. LoRA A/B on a targeted lm_head): they are
     inputs of the Function so autograd routes their gradients. For each chunk the forward runs
     the head under `enable_grad` on a detached slice, the cross-entropy and its gradient
@@ -173,16 +183,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, labels, head, transform, chunk_size, kernels, *params):
+    def forward(ctx, hidden, labels, mask, head, transform, chunk_size, kernels, *params):
         need_hidden = ctx.needs_input_grad[0]
-        need_params = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
+        need_params = [ctx.needs_input_grad[7 + i] for i in range(len(params))]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # parameter gradients accumulate over chunks: keep them in fp32, cast once at the end
         grad_params = [torch.zeros_like(p, dtype=torch.float32) if need else None
                        for p, need in zip(params, need_params)]
         wrt = [p for p, need in zip(params, need_params) if need]
-        fused = kernels.cross_entropy is not None and transform is None and bool(need_hidden or wrt)
+        # the fused kernel returns a sum: a masked chunk takes the eager path, which weights each row
+        fused = kernels.cross_entropy is not None and transform is None and bool(need_hidden or wrt) and mask is None
         for start, end in chunk_bounds(hidden.shape[0], chunk_size, _logit_row_bytes(head, hidden, fused),
                                        kernels.max_chunk_bytes):
             h = hidden[start:end].detach().requires_grad_(need_hidden)  # [C, H]
@@ -197,7 +208,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:
                 # cross-entropy by hand: dloss/dz_i = softmax(z_i) - onehot(y_i), built in z's
                 # storage; not with a logit transform, whose last op could have saved z for its backward
-                loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs))
+                loss, grad_z = _cross_entropy_and_grad(z, y, in_place=transform is None, need_grad=bool(inputs),
+                                                       weight=None if mask is None else mask[start:end])
             if inputs:
                 grads = list(torch.autograd.grad(logits, inputs, grad_outputs=grad_z))
                 del grad_z
@@ -218,7 +230,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_hidden = saved.pop(0)
         out = [grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.need_hidden else None,
-               None, None, None, None, None]
+               None, None, None, None, None, None]
         for need in ctx.need_params:
             out.append(saved.pop(0) * grad_output if need else None)
         return tuple(out)
@@ -249,14 +261,15 @@ def lm_head_loss(hidden: Tensor, labels: Tensor, head: nn.Module, *, transform=N
     if packing is not None:
         selected = hidden.flatten(0, 1).index_select(0, packing.label_index)  # [N, H]
         targets = packing.label_targets                                       # [N]
+        mask = packing.label_mask                                             # [N] or None
     else:
         labels = labels.to(hidden.device)
         keep = labels != IGNORE_INDEX  # [B, T]; boolean indexing: a host sync, deliberate (no loader here)
-        selected, targets = hidden[keep], labels[keep]
+        selected, targets, mask = hidden[keep], labels[keep], None
     # under no_grad (evaluation) no gradient is wanted, not even for a LoRA-targeted head's
     # parameters (the Function would otherwise compute theirs: its inputs still require grad)
     params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-    return _ChunkedLinearCrossEntropy.apply(selected, targets, head, transform, chunk_size, kernels, *params)
+    return _ChunkedLinearCrossEntropy.apply(selected, targets, mask, head, transform, chunk_size, kernels, *params)
 
 
 def decoder_hidden(model: nn.Module, batch: dict) -> Tensor:

@@ -33,6 +33,10 @@ from engine.training.loss import EAGER, StepKernels, causal_lm_loss
 
 
 class Objective(Protocol):
+    """Optionally `bucketed = True`: its loss reads only the batch's input_ids, position_ids, labels
+    and packing context (label_mask honoured), so speed.cuda_graphs may pad its micro-batches into
+    shape buckets; without it they run eagerly."""
+
     def count(self, batch: dict) -> int:
         """The host-side number of units `loss_sum` sums over (tokens, pairs)."""
 
@@ -43,6 +47,10 @@ class Objective(Protocol):
 
 class CausalLM:
     """Next-token cross-entropy on the labelled tokens (chunked per `chunk_size`, None: full logits)."""
+
+    bucketed = True
+    """Its loss reads only input_ids, position_ids, labels and the packing context (label_mask
+    honoured), so a CUDA graph's bucket may pad its batches (engine/speed/cuda_graphs.py)."""
 
     def __init__(self, chunk_size: int | None = 1024, kernels: StepKernels = EAGER):
         self.chunk_size, self.kernels = chunk_size, kernels

@@ -18,6 +18,7 @@ optimizer that cannot skip a step on the device (`DynamicLossScaler.step`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -68,8 +69,11 @@ def forward_backward(model: nn.Module, micro: list[dict], *, objective: Objectiv
 
 def train_step(model: nn.Module, micro: list[dict], *, objective: Objective, params: list[tuple[str, nn.Parameter]],
                optimizer, scheduler, scaler: amp.DynamicLossScaler, precision: str, device: torch.device,
-               max_grad_norm: float, ctx: DistContext | None = None) -> StepResult:
-    """One optimizer step over the micro-batches `micro` (see the module docstring)."""
+               max_grad_norm: float, ctx: DistContext | None = None,
+               forward_backward_fn: Callable | None = None) -> StepResult:
+    """One optimizer step over the micro-batches `micro` (see the module docstring).
+    `forward_backward_fn`: the speed plan's implementation of step 2 (StepKernels.forward_backward:
+    the same contract as `forward_backward`, e.g. replayed CUDA graphs); None: `forward_backward`."""
     # 1. every unit loss is divided by the global count: accumulation and ranks never weight a
     #    short sequence more than a long one (FIELD.md bug 1). Over ranks the sum stays on the
     #    device (clamped to 1: a global batch without targets then adds zero gradients)
@@ -81,8 +85,9 @@ def train_step(model: nn.Module, micro: list[dict], *, objective: Objective, par
     else:
         divisor = count
     # 2. loss_sum is an fp32 sum times the fp16 loss scale (1 otherwise)
-    loss_sum, metrics = forward_backward(model, micro, objective=objective, count=divisor, scale=scaler.loss_scale,
-                                         precision=precision, device=device)
+    loss_sum, metrics = (forward_backward_fn or forward_backward)(model, micro, objective=objective, count=divisor,
+                                                                  scale=scaler.loss_scale, precision=precision,
+                                                                  device=device)
     # 3. data parallel: the ranks' gradients summed (each already divided by the global count)
     if ctx is not None:
         all_reduce_grads_([p for _, p in params], ctx)

@@ -41,7 +41,7 @@ def _groups(optimizer) -> dict:
 
 @pytest.mark.parametrize("ratio", [0.0, 16.0])
 def test_build_everything_gives_two_learning_rates(workdir, ratio):
-    model, _, _, _, _, optimizer, scheduler, _, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=ratio),
+    model, _, _, _, _, optimizer, scheduler, _, _, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=ratio),
                                                                      init_distributed("cpu"))
     groups = _groups(optimizer)
     assert set(groups) == {"lora_A", "lora_B"}
@@ -60,7 +60,7 @@ def test_first_adam_step_moves_b_by_ratio_times_lr(workdir):
     """Adam's first update is lr * g / (|g| + eps) ~ lr * sign(g): B moves by 16 lr; A, whose grad
     is 0 while B = 0, does not move."""
     from engine.training.loss import causal_lm_loss
-    model, _, _, _, loader, optimizer, _, _, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=16.0),
+    model, _, _, _, loader, optimizer, _, _, _, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=16.0),
                                                                   init_distributed("cpu"))
     groups = _groups(optimizer)
     before = {g: [p.detach().clone() for p in groups[g]["params"]] for g in groups}
@@ -75,7 +75,7 @@ def test_first_adam_step_moves_b_by_ratio_times_lr(workdir):
 def test_dora_magnitudes_get_the_base_learning_rate(workdir):
     """The DoRA magnitude is neither A nor B: group "other" at lr (PEFT's create_loraplus_optimizer
     puts 1-D parameters with B, at ratio x lr; engine/training/optim.py does not)."""
-    model, _, _, _, _, optimizer, _, _, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=4.0, use_dora=True),
+    model, _, _, _, _, optimizer, _, _, _, _, _, _ = build_everything(_cfg(workdir, loraplus_ratio=4.0, use_dora=True),
                                                              init_distributed("cpu"))
     groups = _groups(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
