@@ -24,6 +24,8 @@ same work). Configurations (`--configs`), their order rotated every repeat:
                   rollout's merged decode copies W + s*B@A, engine/layers/decode_merge.py)
   engine_nodequant  (--method qlora) the same with dequantize_4bit=False: the 4-bit bases keep their LoRA
                   branch (the engine row gives them a merged 16-bit decode copy, as the CPU's speed plan does)
+  engine_in_out   the same with merged_layout="in_out" ([in, out] decode copies for MKL's GEMMs: what
+                  the CPU's default where oneDNN is there, its blocked layout, buys)
   engine_out_in   the same with merged_layout="out_in" (the decode copies stored as nn.Linear stores W,
                   not transposed: what the in_out layout, the CPU's default, buys)
   hf_generate     model.generate on the prompts repeated G times, left-padded, as TRL's GRPOTrainer
@@ -53,7 +55,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONFIGS = ("engine", "engine_noshare", "engine_nocompact", "engine_multinomial", "engine_nolean", "engine_nomerge", "engine_nodequant",
-           "engine_out_in", "hf_generate", "hf_static")
+           "engine_out_in", "engine_in_out", "hf_generate", "hf_static")
 NO_STOP = -1  # a token id no model emits: every row runs the full completion length
 
 
@@ -120,7 +122,7 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
                                   share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact",
                                   sampler="multinomial" if kind == "engine_multinomial" else "inverse_cdf",
                                   merge_lora=kind != "engine_nomerge", lean_decode=kind != "engine_nolean",
-                                  merged_layout="out_in" if kind == "engine_out_in" else None,
+                                  merged_layout={"engine_out_in": "out_in", "engine_in_out": "in_out"}.get(kind),
                                   dequantize_4bit=args.device == "cpu" and kind != "engine_nodequant")
         lengths = [len(c) for c in r.completion_ids]
     else:

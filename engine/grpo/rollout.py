@@ -57,7 +57,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from engine.layers.decode_merge import lora_merged_for_decode
-from engine.model.lean_decode import CHECK_TOLERANCE, LeanDecoder, NotRecognised
+from engine.model.lean_decode import CHECK_TOLERANCE, LeanDecoder, NotRecognised, default_layout
 
 
 COMPACT_BELOW = 0.75
@@ -267,7 +267,7 @@ PROBE_TOKENS = 8
 
 
 def _lean_decoder(model, probe: list[int], dtype: torch.dtype, layout: str | None,
-                  dequantize_4bit: bool) -> tuple[LeanDecoder | None, str]:
+                  dequantize_4bit: bool, rows: int = 8) -> tuple[LeanDecoder | None, str]:
     """(the rollout's LeanDecoder, its report line), or (None, why transformers' forward runs)."""
     try:
         with torch.autocast(next(model.parameters()).device.type, enabled=False):  # copies summed as stored
@@ -275,7 +275,7 @@ def _lean_decoder(model, probe: list[int], dtype: torch.dtype, layout: str | Non
                 _CHECKED[model] = _check_lean(model, probe)
             if _CHECKED[model] is not None:
                 raise NotRecognised(_CHECKED[model])
-            decoder = LeanDecoder.build(model, dtype, layout, dequantize_4bit)
+            decoder = LeanDecoder.build(model, dtype, layout, dequantize_4bit, rows)
     except NotRecognised as e:
         return None, f"transformers' forward (lean decode: {e})"
     return decoder, (f"lean decode: {len(decoder.layers)} layers, {decoder.bytes / 2**20:.0f} MiB of "
@@ -333,8 +333,9 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     W + s*B@A for the rollout (engine/layers/decode_merge.py: one GEMM per layer instead of the
     branch's several ops; the weights themselves are not touched); `dequantize_4bit` gives 4-bit
     bases such a copy too (16-bit memory for the rollout), else they keep the unmerged branch.
-    `merged_layout` (speed switch, device-specific): how the decode copies are stored, "in_out"
-    or "out_in" (`lora_merged_for_decode`, and the lean step's); None picks in_out on a CPU, out_in elsewhere.
+    `merged_layout` (speed switch, device-specific): how the decode copies are stored, "in_out",
+    "out_in" or (the lean step's only; transformers' forward then takes in_out) "onednn"
+    (engine/model/lean_decode.py); None: `default_layout`.
     `lean_decode` (speed switch): the decode steps run `LeanDecoder.step` (engine/model/lean_decode.py,
     37 aten ops per layer instead of transformers' 98) where the model is a family it computes and its
     probe check agrees, else transformers' forward; the decode copies are then its own (concatenated
@@ -365,7 +366,7 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     precision = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                  else contextlib.nullcontext())
 
-    layout = merged_layout or ("in_out" if device.type == "cpu" else "out_in")
+    layout = merged_layout or default_layout(device)
     dtype = autocast_dtype or model.get_input_embeddings().weight.dtype
     was_training = model.training
     model.eval()
@@ -373,9 +374,11 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
         with precision, contextlib.ExitStack() as stack:
             decoder, decode = None, "transformers' forward"
             if lean_decode:
-                decoder, decode = _lean_decoder(model, prompts[0], dtype, layout if merge_lora else None, dequantize_4bit)
+                decoder, decode = _lean_decoder(model, prompts[0], dtype, layout if merge_lora else None,
+                                                dequantize_4bit, N)
             if decoder is None and merge_lora:  # transformers' forward on merged decode copies
-                stack.enter_context(lora_merged_for_decode(model, dequantize_4bit=dequantize_4bit, layout=layout))
+                stack.enter_context(lora_merged_for_decode(model, dequantize_4bit=dequantize_4bit,
+                                                           layout="in_out" if layout == "onednn" else layout))
             cache = RolloutCache(_num_layers(model), T if share_prefill and G > 1 else capacity)
             forward_kw = _forward_keywords(model, cache)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward_kw)

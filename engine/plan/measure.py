@@ -44,6 +44,14 @@ class LiveBytes:
             self._before.add(t.untyped_storage().data_ptr())
 
     def _see(self, t) -> None:
+        if t.is_mkldnn:  # oneDNN's opaque layout has no storage to read: its logical bytes, freed with it
+            key = id(t)
+            if key not in self._sizes:
+                self._sizes[key] = t.numel() * t.element_size()
+                self.current += self._sizes[key]
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(t, self._free, key)
+            return
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._sizes or storage.data_ptr() in self._before or storage.nbytes() == 0:

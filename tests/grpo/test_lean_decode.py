@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.grpo.rollout import RolloutCache, _forward_keywords, _lean_decoder, generate_rollouts
 from engine.layers.inject import inject_lora
 from engine.layers.lora import lora_modules
-from engine.model.lean_decode import LeanDecoder
+from engine.model.lean_decode import LAYOUTS, LeanDecoder
 from tests.conftest import make_tiny_model
 from tests.grpo.test_rollout import lora_model, random_prompts, transformers_generate
 
@@ -38,11 +38,12 @@ def _rollouts(model, tokenizer, prompts, **kw):
 
 
 @pytest.mark.parametrize("family,overrides", LEAN, ids=_ids(LEAN))
-def test_lean_steps_give_transformers_logits_and_tokens(family, overrides):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lean_steps_give_transformers_logits_and_tokens(family, overrides, layout):
     model, tokenizer = lora_model(family, **overrides)
     model.eval()
     prompts = random_prompts(model)
-    lean = _rollouts(model, tokenizer, prompts)
+    lean = _rollouts(model, tokenizer, prompts, merged_layout=layout)
     assert lean.decode.startswith("lean decode: 2 layers"), lean.decode
     assert lean.completion_ids == _rollouts(model, tokenizer, prompts, lean_decode=False).completion_ids
     assert lean.completion_ids == transformers_generate(model, prompts, 2, 14, [tokenizer.eos_token_id],
@@ -50,7 +51,7 @@ def test_lean_steps_give_transformers_logits_and_tokens(family, overrides):
     # logits, step by step, on one prompt longer than any window: the lean step vs the model's forward
     ids = torch.tensor([random_prompts(model, lengths=(9,), seed=3)[0]])
     with torch.no_grad():
-        decoder, _ = _lean_decoder(model, ids[0].tolist(), torch.float32, "in_out", False)
+        decoder, _ = _lean_decoder(model, ids[0].tolist(), torch.float32, layout, False)
         lean_cache, ref_cache = RolloutCache(2, 16), RolloutCache(2, 16)
         for cache in (lean_cache, ref_cache):
             model(input_ids=ids[:, :5], **_forward_keywords(model, cache))
@@ -121,13 +122,14 @@ def test_dora_and_no_merged_copies_decode_the_same_tokens():
     assert merged.completion_ids == unmerged.completion_ids == want
 
 
-def test_bf16_autocast_logits_stay_close_to_transformers():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bf16_autocast_logits_stay_close_to_transformers(layout):
     """Under autocast the copies are bf16 and the residual stream stays in fp32, as transformers has it."""
     model, tokenizer = lora_model("llama")
     model.eval()
     ids = torch.tensor([random_prompts(model, lengths=(8,))[0]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        decoder, line = _lean_decoder(model, ids[0].tolist(), torch.bfloat16, "in_out", False)
+        decoder, line = _lean_decoder(model, ids[0].tolist(), torch.bfloat16, layout, False)
         assert decoder is not None, line
         assert decoder.layers[0].qkv.weight_t.dtype == torch.bfloat16
         lean_cache, ref_cache = RolloutCache(2, 8), RolloutCache(2, 8)
