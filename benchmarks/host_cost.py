@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         if k in layer_ops:
             total, names = layer_ops[k]
             result["configs"][k]["ops_per_layer"] = total
-            result["configs"][k]["ops_per_layer_by_name"] = dict(sorted(names.items(), key=lambda kv: -kv[1])[:int(os.environ.get("HOST_COST_TOP", 15))])
+            result["configs"][k]["ops_per_layer_by_name"] = dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])
     e, h = result["configs"]["engine"], result["configs"]["hf_peft"]
     result["ratio_ms"] = e["ms_per_step"] / h["ms_per_step"]
     result["ratio_cpu_ms"] = e["cpu_ms_per_step"] / h["cpu_ms_per_step"]
