@@ -36,8 +36,8 @@ forward takes a transformers cache works: sliding windows are applied by the mas
 prefix, not by dropping old keys.
 
 Per decode step the cost is the weights' GEMMs at a few rows (bandwidth-bound: SmolLM2-135M reads
-its ~540 MB of fp32 weights every token), plus ~2,300 small ops of transformers' blocks. The LoRA
-branch alone was ~1,500 more (A's matmul, B's addmm, views, per projection): with `merge_lora` each
+its ~540 MB of fp32 weights every token), plus ~3,000 small aten ops of transformers' blocks. The
+LoRA branch alone was ~1,500 more (A's matmul, B's addmm, views, per projection): with `merge_lora` each
 adapted layer decodes on a merged copy W + s*B@A built once per rollout (engine/layers/decode_merge.py),
 one GEMM per layer; the model's own weights are not touched. With `lean_decode` the prefill still
 runs the model's forward, and every decode step runs `LeanDecoder.step` (engine/model/lean_decode.py)
@@ -261,7 +261,7 @@ def _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_
 
 
 _CHECKED: WeakKeyDictionary = WeakKeyDictionary()
-"""model -> None (the lean step computes its forward) or why not: checked once per model."""
+"""model -> None (the lean step computes its forward) or why not (its structure, or its probe): once per model."""
 
 PROBE_TOKENS = 8
 
@@ -271,8 +271,11 @@ def _lean_decoder(model, probe: list[int], dtype: torch.dtype, layout: str | Non
     """(the rollout's LeanDecoder, its report line), or (None, why transformers' forward runs)."""
     try:
         with torch.autocast(next(model.parameters()).device.type, enabled=False):  # copies summed as stored
-            if model not in _CHECKED:
-                _CHECKED[model] = _check_lean(model, probe)
+            if model not in _CHECKED:  # a structure refused or a probe that disagreed: decided once
+                try:
+                    _CHECKED[model] = _check_lean(model, probe)
+                except NotRecognised as e:
+                    _CHECKED[model] = str(e)
             if _CHECKED[model] is not None:
                 raise NotRecognised(_CHECKED[model])
             decoder = LeanDecoder.build(model, dtype, layout, dequantize_4bit, rows)

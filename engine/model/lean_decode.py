@@ -2,9 +2,9 @@
 
 A GRPO rollout decodes one token per row per step, and at a few rows the step's arithmetic is
 small: on a CPU the weights' GEMMs are near the memory-bandwidth floor, and what is left is the
-host issuing transformers' ops: 98 per Llama layer even on merged decode copies (the cache's
-update, rotate_half's slices and cat, the MLP's three GEMMs, the residual adds...), ~2,300 per
-SmolLM2 token with the mask building and the head. This module decodes the same math from the
+host issuing transformers' ops: 98 aten ops per Llama layer even on merged decode copies (the
+cache's update, rotate_half's slices and cat, the MLP's three GEMMs, the residual adds...), ~3,000
+per SmolLM2 token with the mask building and the head. This module decodes the same math from the
 model's own weights in fewer, larger ops (tests/grpo/test_lean_decode.py counts them):
 
     per layer, x [N, E] (N rows, one token each):
@@ -27,8 +27,9 @@ as the layout says (a device choice, the speed plan's rollout_merge):
              `mkldnn._linear_pointwise` (the residual add fused in its binary form): the few-row
              GEMMs stream the weights ~15% faster than MKL's sgemm, which re-packs W every call
     in_out   [in, out] contiguous (a CPU without oneDNN: MKL's decode GEMMs read W^T faster so)
-    out_in   [out, in], as nn.Linear stores W (a GPU: cuBLAS) A 4-bit base the caller keeps in 4 bits (QLoRA on a GPU) is not copied: that group's
-members are called as modules, LoRA branch included.
+    out_in   [out, in], as nn.Linear stores W (a GPU: cuBLAS)
+A 4-bit base the caller keeps in 4 bits (QLoRA on a GPU) is not copied: that group's members are
+called as modules, LoRA branch included.
 
 What the step does not know is refused, never approximated: `LeanDecoder.build` recognises the
 structure (pre-norm blocks with `self_attn` and a gated `mlp`, half-split RoPE from the model's
@@ -48,7 +49,7 @@ from torch import nn
 
 from engine.layers.decode_merge import merged_weight
 from engine.layers.fused_mlp import ACTIVATIONS, activation_of
-from engine.layers.fused_norm import _eps, form_of
+from engine.layers.fused_norm import FusedNormForward, form_of
 from engine.layers.lora import LoRALinear
 from engine.layers.quant import dequantize_weight, is_linear4bit
 
@@ -74,20 +75,6 @@ def default_layout(device: torch.device) -> str:
 
 SCALES = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "scale_emb", "scale_depth")
 """Config scalars (Granite, MiniCPM) that multiply the embeddings, the residual branches or the logits."""
-
-
-class _Norm:
-    """An RMSNorm module's math from its weight: fp32 statistics, the family's form."""
-
-    def __init__(self, module: nn.Module, form: str):
-        self.weight, self.eps, self.offset = module.weight, _eps(module), form == "offset"
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
-        if self.offset:
-            return (n * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * n.to(x.dtype)
 
 
 class _Projections:
@@ -176,12 +163,12 @@ def _effective_weight(m: nn.Module) -> torch.Tensor:
 
 @dataclass
 class _Layer:
-    norm1: _Norm
+    norm1: FusedNormForward
     qkv: _Projections
-    q_norm: _Norm | None
-    k_norm: _Norm | None
+    q_norm: FusedNormForward | None
+    k_norm: FusedNormForward | None
     o: _Projections
-    norm2: _Norm
+    norm2: FusedNormForward
     gate_up: _Projections
     act: str
     down: _Projections
@@ -196,11 +183,13 @@ class NotRecognised(ValueError):
     """The model's decoder is not one the lean step computes; the message says what differs."""
 
 
-def _norm(module: nn.Module | None, what: str) -> _Norm:
+def _norm(module: nn.Module | None, what: str) -> FusedNormForward:
+    """The module's math from its weight (fp32 statistics, the family's form): the fused norm's
+    forward, called directly whatever the module's own forward was swapped for."""
     form = form_of(module) if module is not None else None
     if form is None:
         raise NotRecognised(f"{what} is not an RMSNorm of a known form")
-    return _Norm(module, form)
+    return FusedNormForward(module, form == "offset")
 
 
 def _attention_members(attn: nn.Module) -> list[nn.Module]:
@@ -236,10 +225,10 @@ def _window(attn: nn.Module, config, index: int) -> int | None:
 
 
 class LeanDecoder:
-    """The decode step of one rollout (see the module docstring). Build with `LeanDecoder.build`
-    inside the rollout's merge block; `step` once per generated token."""
+    """The decode step of one rollout (see the module docstring): `LeanDecoder.build` once per
+    rollout (it makes its own merged copies), `step` once per generated token."""
 
-    def __init__(self, embed: nn.Module, rotary: nn.Module, layers: list[_Layer], final_norm: _Norm,
+    def __init__(self, embed: nn.Module, rotary: nn.Module, layers: list[_Layer], final_norm: FusedNormForward,
                  lm_head: _Projections, dtype: torch.dtype):
         self.embed, self.rotary, self.layers = embed, rotary, layers
         self.final_norm, self.lm_head, self.dtype = final_norm, lm_head, dtype
