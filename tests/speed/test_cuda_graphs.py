@@ -50,16 +50,23 @@ def _batches(vocab: int, lengths=LENGTHS, rows: int = 2, max_len: int = 48, seed
     return list(loader.one_pass())
 
 
-def _model(precision: str = "fp32", family: str = "llama", **overrides):
-    """A tiny model with LoRA on every linear (B != 0), the CPU's speed plan applied, in training mode."""
+def _lora_model(family: str = "llama", **overrides):
+    """A tiny model with LoRA on every linear (B != 0), SDPA attention (a plan then swaps in its
+    packed attention; eager would stay), no speed plan yet."""
     model, _ = make_tiny_model(family, **overrides)
-    model.set_attn_implementation("sdpa")  # the plan then swaps in its packed attention (eager would stay)
+    model.set_attn_implementation("sdpa")
     inject_lora(model, "all-linear", 4, 8.0)
     mark_only_lora_trainable(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def _model(precision: str = "fp32", family: str = "llama", **overrides):
+    """`_lora_model` with the CPU's speed plan applied, in training mode, and its objective."""
+    model = _lora_model(family, **overrides)
     kernels = apply_speed(model, precision, off=("compile_norms", "compile_loss"))
     return model.train(), CausalLM(chunk_size=16, kernels=kernels)  # chunks of 16: padding entries span chunks
 
@@ -424,15 +431,7 @@ def test_captured_replays_equal_eager_steps_on_a_gpu():
     from engine.model.build import enable_activation_checkpointing
 
     cuda = torch.device("cuda")
-    model, _ = make_tiny_model("llama")
-    model.set_attn_implementation("sdpa")  # the plan then swaps in flash varlen
-    inject_lora(model, "all-linear", 4, 8.0)
-    mark_only_lora_trainable(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
-    model = model.to(cuda).train()
+    model = _lora_model().to(cuda).train()  # the plan then swaps in flash varlen
     enable_activation_checkpointing(model)
     plan = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=cuda, precision="bf16")
     kernels = speed_plan.apply(plan, model)
