@@ -12,7 +12,8 @@ adapter changes the tokens), one batch: `--prompts` prompts of exactly `--prompt
 sampled `--generations` times (temperature 1, top-p 1, top-k 0: GRPO's defaults), every row
 `--completion-len` tokens long (no stop token can end a row early, so every configuration does the
 same work). Configurations (`--configs`), their order rotated every repeat:
-  engine          generate_rollouts: the prompts prefilled once and their KV repeated G times,
+  engine          generate_rollouts with the decode-copy layout the speed plan picks (oneDNN's on a
+                  CPU that has it): the prompts prefilled once and their KV repeated G times,
                   the preallocated KV cache, sampling on the device (one uniform per row), a stop
                   check every 8 tokens, stopped rows compacted away
   engine_noshare  the same with share_prefill=False (each prompt prefilled G times: what sharing buys)
@@ -104,10 +105,14 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
     wall time, not them."""
     import torch
 
+    from engine import speed
+    from engine.config import SpeedConfig
     from engine.generate import left_pad
     from engine.grpo.rollout import generate_rollouts
 
     G, L = args.generations, args.completion_len
+    # the layout a training run's speed plan gives its rollouts (on a CPU with oneDNN: its blocked copies)
+    plan_layout = speed.resolve(SpeedConfig(), device=torch.device(args.device), precision=args.precision).rollout_merge
     autocast = (torch.autocast(device_type=args.device, dtype=getattr(torch, {"bf16": "bfloat16",
                                                                               "fp16": "float16"}[args.precision]))
                 if args.precision != "fp32" else torch.autocast(device_type=args.device, enabled=False))
@@ -122,7 +127,7 @@ def run_once(kind: str, model, prompts, args, pad: int, stops: list[int] | None 
                                   share_prefill=kind != "engine_noshare", compact_rows=kind != "engine_nocompact",
                                   sampler="multinomial" if kind == "engine_multinomial" else "inverse_cdf",
                                   merge_lora=kind != "engine_nomerge", lean_decode=kind != "engine_nolean",
-                                  merged_layout={"engine_out_in": "out_in", "engine_in_out": "in_out"}.get(kind),
+                                  merged_layout={"engine_out_in": "out_in", "engine_in_out": "in_out"}.get(kind, plan_layout),
                                   dequantize_4bit=args.device == "cpu" and kind != "engine_nodequant")
         lengths = [len(c) for c in r.completion_ids]
     else:

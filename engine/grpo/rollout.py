@@ -56,8 +56,8 @@ from weakref import WeakKeyDictionary
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from engine.layers.decode_merge import lora_merged_for_decode
-from engine.model.lean_decode import CHECK_TOLERANCE, LeanDecoder, NotRecognised, default_layout
+from engine.layers.decode_merge import LAYOUTS, lora_merged_for_decode
+from engine.model.lean_decode import CHECK_TOLERANCE, LeanDecoder, NotRecognised, default_layout, layouts
 
 
 COMPACT_BELOW = 0.75
@@ -337,8 +337,8 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     branch's several ops; the weights themselves are not touched); `dequantize_4bit` gives 4-bit
     bases such a copy too (16-bit memory for the rollout), else they keep the unmerged branch.
     `merged_layout` (speed switch, device-specific): how the decode copies are stored, "in_out",
-    "out_in" or (the lean step's only; transformers' forward then takes in_out) "onednn"
-    (engine/model/lean_decode.py); None: `default_layout`.
+    "out_in" or a packed layout the speed seam registered (the lean step's only, e.g. "onednn";
+    transformers' forward then takes in_out: engine/model/lean_decode.py); None: `default_layout`.
     `lean_decode` (speed switch): the decode steps run `LeanDecoder.step` (engine/model/lean_decode.py,
     37 aten ops per layer instead of transformers' 98) where the model is a family it computes and its
     probe check agrees, else transformers' forward; the decode copies are then its own (concatenated
@@ -348,6 +348,8 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
     _validate(prompts, num_generations, max_new_tokens, temperature, top_p, top_k, stop_token_ids, check_every)
     if sampler not in SAMPLERS:
         raise RolloutError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if merged_layout is not None and merged_layout not in layouts():
+        raise RolloutError(f"merged_layout must be one of {layouts()} (or None: the device's), got {merged_layout!r}")
     device = next(model.parameters()).device
     G, P = num_generations, len(prompts)
     N = P * G
@@ -381,7 +383,7 @@ def generate_rollouts(model, prompts: list[list[int]], *, num_generations: int, 
                                                 dequantize_4bit, N)
             if decoder is None and merge_lora:  # transformers' forward on merged decode copies
                 stack.enter_context(lora_merged_for_decode(model, dequantize_4bit=dequantize_4bit,
-                                                           layout="in_out" if layout == "onednn" else layout))
+                                                           layout=layout if layout in LAYOUTS else "in_out"))
             cache = RolloutCache(_num_layers(model), T if share_prefill and G > 1 else capacity)
             forward_kw = _forward_keywords(model, cache)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **forward_kw)

@@ -23,11 +23,10 @@ Weights: each group's members (q, k, v; gate, up) are concatenated into one deco
 rollout, LoRA merged in (W + s*B@A, DoRA's merge: `engine.layers.decode_merge.merged_weight`),
 in the rollout's compute dtype (the autocast dtype when there is one: no per-step casts), stored
 as the layout says (a device choice, the speed plan's rollout_merge):
-    onednn   (CPU, fp32 / bf16) reordered once into oneDNN's blocked layout, each call
-             `mkldnn._linear_pointwise` (the residual add fused in its binary form): the few-row
-             GEMMs stream the weights ~15% faster than MKL's sgemm, which re-packs W every call
-    in_out   [in, out] contiguous (a CPU without oneDNN: MKL's decode GEMMs read W^T faster so)
+    in_out   [in, out] contiguous (a CPU: MKL's decode GEMMs read W^T faster so)
     out_in   [out, in], as nn.Linear stores W (a GPU: cuBLAS)
+    packed   a device kernel's own layout, registered in PACKED_LAYOUTS by the speed seam
+             ("onednn": engine/speed/onednn_decode.py, the CPU's where oneDNN is there)
 A 4-bit base the caller keeps in 4 bits (QLoRA on a GPU) is not copied: that group's members are
 called as modules, LoRA branch included.
 
@@ -42,6 +41,7 @@ there and keeps transformers' forward, with the reason in the rollout's report l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +58,33 @@ CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-
 by compute dtype (the two paths round differently: concatenated GEMMs, fused RoPE)."""
 
 
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-"""The dtypes the "onednn" layout packs (oneDNN's CPU linear); others take in_out."""
+class PackedLinear(Protocol):
+    """A device kernel's own weight layout for the decode copies (registered in PACKED_LAYOUTS by
+    engine/speed/, which decides where it runs): the [out, in] copy packed once per rollout."""
 
-LAYOUTS = ("in_out", "out_in", "onednn")
+    dtypes: tuple[torch.dtype, ...]
+
+    def pack(self, weight: torch.Tensor, rows: int) -> torch.Tensor: ...
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def linear_add(self, x: torch.Tensor, residual: torch.Tensor, packed: torch.Tensor) -> torch.Tensor: ...
+
+
+PACKED_LAYOUTS: dict[str, PackedLinear] = {}
+"""Layout name -> its kernel, filled by the speed seam (engine/speed/onednn_decode.py: "onednn")."""
+
+
+def layouts() -> tuple[str, ...]:
+    """Every layout a decode copy can take here: the core's two and the registered packed ones."""
+    return ("in_out", "out_in", *PACKED_LAYOUTS)
 
 
 def default_layout(device: torch.device) -> str:
-    """The decode copies' layout where the caller names none: oneDNN's blocked layout on a CPU with
-    oneDNN (the lean step's; ~15% faster few-row GEMMs than MKL's), else [in, out] on a CPU, and
-    [out, in] (as nn.Linear stores W) on a GPU."""
-    if device.type == "cpu":
-        return "onednn" if torch.backends.mkldnn.is_available() else "in_out"
-    return "out_in"
+    """The decode copies' layout where the caller names none: [in, out] on a CPU (MKL's few-row
+    GEMMs read W^T faster so), [out, in] (as nn.Linear stores W) elsewhere. The speed plan picks a
+    packed layout where one pays (rollout_merge)."""
+    return "in_out" if device.type == "cpu" else "out_in"
 
 
 SCALES = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "scale_emb", "scale_depth")
@@ -85,23 +99,23 @@ class _Projections:
                  rows: int = 8):
         self.sizes = [m.out_features for m in members]
         self.modules = None
-        self.onednn = layout == "onednn" and dtype in ONEDNN_DTYPES
+        packer = PACKED_LAYOUTS.get(layout)
+        self.packer = packer if packer is not None and dtype in packer.dtypes else None
         if layout is None or any(_kept_as_module(m, dequantize_4bit) for m in members):
             self.modules, self.weight_t, self.bias = members, None, None
             return
         with torch.no_grad():
-            if layout == "in_out":  # [in, sum(out)] contiguous, each member written into its columns
+            if layout == "out_in" or self.packer is not None:  # the [out, in] copy: its transposed view, or packed
+                weights = [_effective_weight(m).to(dtype) for m in members]                 # [out_i, in]
+                weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+                self.weight_t = self.packer.pack(weight.contiguous(), rows) if self.packer else weight.t()
+            else:  # in_out (also a packed layout's dtype it cannot take): [in, sum(out)], each member in its columns
                 first = _base(members[0]).weight
                 self.weight_t = torch.empty(members[0].in_features, sum(self.sizes), dtype=dtype, device=first.device)
                 start = 0
                 for m, n in zip(members, self.sizes):
                     _write_transposed(self.weight_t[:, start:start + n], m)
                     start += n
-            else:  # the [out, in] copy: its transposed view, or (onednn) reordered into oneDNN's blocked layout
-                weights = [_effective_weight(m).to(dtype) for m in members]                 # [out_i, in]
-                weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-                self.weight_t = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows) if self.onednn
-                                 else weight.t())
             biases = [_base(m).bias for m in members]
             self.bias = None
             if any(b is not None for b in biases):
@@ -117,15 +131,15 @@ class _Projections:
             outs = [m(x) for m in self.modules]
             return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         x = x.to(self.weight_t.dtype)
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight_t, self.bias, "none", [], "")
+        if self.packer is not None:
+            return self.packer.linear(x, self.weight_t, self.bias)
         return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + self(x), in the residual's dtype: one addmm where nothing needs a cast."""
         if self.modules is None and self.bias is None and residual.dtype == x.dtype == self.weight_t.dtype:
-            if self.onednn:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight_t, None, "add")
+            if self.packer is not None:
+                return self.packer.linear_add(x, residual, self.weight_t)
             return torch.addmm(residual, x, self.weight_t)
         return residual + self(x).to(residual.dtype)
 
@@ -242,9 +256,9 @@ class LeanDecoder:
     @classmethod
     def build(cls, model: nn.Module, dtype: torch.dtype, layout: str | None, dequantize_4bit: bool,
               rows: int = 8) -> "LeanDecoder":
-        """`dtype` the rollout's compute dtype, `layout` one of LAYOUTS (the decode copies' storage;
+        """`dtype` the rollout's compute dtype, `layout` one of `layouts()` (the decode copies' storage;
         None: no copies, every projection called as its module), `dequantize_4bit` whether 4-bit bases
-        get a copy too, `rows` the rows decoded together (oneDNN's reorder is tuned for it; any count
+        get a copy too, `rows` the rows decoded together (a packed layout may tune for it; any count
         runs). Raises NotRecognised (with the reason) where the model is not a family the step computes."""
         inner = getattr(model, "model", None)
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config

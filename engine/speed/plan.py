@@ -23,9 +23,10 @@ and exposes hooks; this module decides which fast implementation plugs into each
     offload_activations     checkpointed blocks' inputs to pinned host    long context (a memory trick)
     rollout_merge           generate_rollouts(merge_lora, merged_layout)  GRPO rollouts decode on merged LoRA
                             copies W + s*B@A, one GEMM per layer (engine.layers.decode_merge), stored
-                            in oneDNN's blocked layout on a CPU that has it (the lean step's GEMMs ~15%
-                            faster than MKL's; transformers' forward takes [in, out] then: MKL's decode
-                            GEMMs 15-25% faster than [out, in]), [out, in] on a GPU
+                            in oneDNN's blocked layout on a CPU that has it (engine.speed.onednn_decode:
+                            the lean step's GEMMs ~15% faster than MKL's; transformers' forward takes
+                            [in, out] then: MKL's decode GEMMs 15-25% faster than [out, in]), [out, in]
+                            on a GPU
     rollout_dequantize      generate_rollouts(dequantize_4bit)        a 4-bit base gets a 16-bit merged decode copy
                             too (CPU: bitsandbytes dequantizes W in every call, ~1.6x per decode step;
                             a GPU keeps QLoRA's memory: off there)
@@ -65,6 +66,7 @@ import engine.speed.compiled as compiled
 import engine.speed.cuda_attention as cuda_attention
 import engine.speed.cuda_graphs as cuda_graphs
 import engine.speed.host_memory as host_memory
+import engine.speed.onednn_decode as onednn_decode
 from engine.speed.cpu_attention import short_document_kernel
 from engine.speed.row_attention import row_mask_kernel
 from engine.speed.offload import install_offload
@@ -159,7 +161,7 @@ def resolve(cfg: SpeedConfig, *, device: torch.device, precision: str, fsdp: boo
         compile_norms=compile_on, compile_loss=compile_on,
         retain_host_memory=retain, offload_activations=offload_activations,
         # FSDP: the weights are DTensor shards outside the block's forward, a merged copy would be a shard
-        rollout_merge="" if fsdp else default_layout(device),
+        rollout_merge="" if fsdp else onednn_decode.NAME if onednn_decode.available(device) else default_layout(device),
         rollout_dequantize=device.type == "cpu" and not fsdp,
         rollout_lean_decode=not fsdp,  # FSDP: the same (its copies would be built from shards)
         cuda_graphs=graphs,

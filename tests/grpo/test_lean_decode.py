@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.grpo.rollout import RolloutCache, _forward_keywords, _lean_decoder, generate_rollouts
 from engine.layers.inject import inject_lora
 from engine.layers.lora import lora_modules
-from engine.model.lean_decode import LAYOUTS, LeanDecoder
+import engine.speed.onednn_decode  # noqa: F401 (registers the "onednn" layout, as the speed plan does)
+from engine.model.lean_decode import LeanDecoder, layouts
 from tests.conftest import make_tiny_model
 from tests.grpo.test_rollout import lora_model, random_prompts, transformers_generate
 
@@ -38,7 +39,7 @@ def _rollouts(model, tokenizer, prompts, **kw):
 
 
 @pytest.mark.parametrize("family,overrides", LEAN, ids=_ids(LEAN))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", layouts())
 def test_lean_steps_give_transformers_logits_and_tokens(family, overrides, layout):
     model, tokenizer = lora_model(family, **overrides)
     model.eval()
@@ -122,7 +123,7 @@ def test_dora_and_no_merged_copies_decode_the_same_tokens():
     assert merged.completion_ids == unmerged.completion_ids == want
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", layouts())
 def test_bf16_autocast_logits_stay_close_to_transformers(layout):
     """Under autocast the copies are bf16 and the residual stream stays in fp32, as transformers has it."""
     model, tokenizer = lora_model("llama")

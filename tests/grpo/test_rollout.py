@@ -311,6 +311,7 @@ def test_bf16_autocast_runs_and_gives_tokens():
     (dict(top_k=-1), "top_k >= 0"),
     (dict(stop_token_ids=[]), "stop_token_ids is empty"),
     (dict(sampler="gumbel"), "sampler must be one of"),
+    (dict(merged_layout="packed"), r"merged_layout must be one of \('in_out', 'out_in', 'onednn'\).*'packed'"),
 ])
 def test_bad_arguments_are_refused(kw, message):
     model, tokenizer = make_tiny_model("llama")

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from engine.config import SpeedConfig
-from engine.model.lean_decode import default_layout
 from engine.speed import plan as speed_plan
 from engine.training import amp
 
 CPU = torch.device("cpu")
+CPU_LAYOUT = "onednn" if torch.backends.mkldnn.is_available() else "in_out"
+"""The rollout decode copies' layout a CPU's plan picks (engine/speed/onednn_decode.py where it can)."""
 
 
 def test_auto_on_a_cpu_under_bf16_takes_every_cpu_switch():
@@ -32,8 +33,7 @@ def test_a_gpu_plan_has_no_cpu_kernels_and_fsdp_no_groups():
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_lean_decode
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").fused_blocks
     assert speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="bf16").rollout_merge == "out_in"
-    assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == default_layout(CPU)
-    assert default_layout(CPU) == ("onednn" if torch.backends.mkldnn.is_available() else "in_out")
+    assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_merge == CPU_LAYOUT
     assert speed_plan.resolve(SpeedConfig(), device=CPU, precision="fp32").rollout_dequantize   # QLoRA: CPU only
     assert not speed_plan.resolve(SpeedConfig(), device=torch.device("cuda"), precision="fp16").rollout_dequantize
 
@@ -46,7 +46,7 @@ def test_rollout_switches_reach_the_rollouts_through_the_step_kernels_and_can_be
     inject_lora(model, "all-linear", 4, 8.0)
     on = speed_plan.resolve(SpeedConfig(retain_host_memory=False), device=CPU, precision="fp32")
     kernels = speed_plan.apply(on.off("compile_norms", "compile_loss"), model)
-    assert (kernels.rollout_merge, kernels.rollout_dequantize, kernels.rollout_lean_decode) == (default_layout(CPU), True, True)
+    assert (kernels.rollout_merge, kernels.rollout_dequantize, kernels.rollout_lean_decode) == (CPU_LAYOUT, True, True)
     config = SpeedConfig(disable=["rollout_merge"], retain_host_memory=False)
     config.validate()
     kernels = speed_plan.apply(speed_plan.resolve(config, device=CPU, precision="fp32"), model)
@@ -63,7 +63,7 @@ def test_off_is_the_reference_path_and_disable_turns_single_switches_off():
                               device=CPU, precision="bf16")
     assert not some.grouped_lora and some.short_attention == 0 and some.fused_lora
     assert some.describe() == ("speed: fused_lora, fused_blocks, packed_attention, row_attention=256, compile_norms, "
-                               f"compile_loss, rollout_merge={default_layout(CPU)}, rollout_dequantize, rollout_lean_decode")
+                               f"compile_loss, rollout_merge={CPU_LAYOUT}, rollout_dequantize, rollout_lean_decode")
     # no short-document kernel: rows of <= 256 tokens take row_attention
 
 
